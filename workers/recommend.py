@@ -1,0 +1,181 @@
+"""Recommendation worker: request batches -> user state (one Redis pipeline) -> Recommender -> responses.
+
+Run as ``python -m workers.recommend``. Responses are produced (and acked by
+the broker) before the request offsets are committed, so a crash re-answers
+rather than drops. A batch whose recommendation step fails answers every
+request in it with an error response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Sequence
+
+from aiokafka import AIOKafkaProducer, ConsumerRecord
+
+from model.blending import BlendingRecommender
+from model.reasons import explain
+from model.recommender import Recommender
+from stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap
+from stream.events import InvalidEvent
+from stream.rec_messages import RecItem, RecRequest, RecResponse, best_effort_ids, parse_request
+from stream.settings import Settings, get_settings
+from stream.state_store import StateStore, UserState
+from workers.batch_consumer import BatchConsumer
+from workers.dead_letters import DeadLetter, DeadLetters
+from workers.faust_app import make_app, run_worker
+from workers.stack import announce_gone, announce_ready
+
+log = logging.getLogger(__name__)
+STATS_KEY = "rt:stats:recommend"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class RecommendWorker:
+    """Answers a batch of raw request records."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis_client,
+        producer: AIOKafkaProducer,
+        dead_letters: DeadLetters,
+        recommender: Recommender,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis_client
+        self.producer = producer
+        self.dead_letters = dead_letters
+        self.recommender = recommender
+        self.store = StateStore(settings)
+        self.answered = 0
+        self.errors = 0
+        self.batches = 0
+
+    async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        valid: list[tuple[ConsumerRecord, RecRequest]] = []
+        responses: list[tuple[ConsumerRecord, RecResponse, str | None]] = []
+        bad: list[DeadLetter] = []
+        for rec in records:
+            try:
+                valid.append((rec, parse_request(rec.value, self.settings)))
+            except InvalidEvent as exc:
+                bad.append(DeadLetter(rec, exc.reason, exc.detail))
+                request_id, user_id = best_effort_ids(rec.value or b"")
+                responses.append((rec, self._error(request_id, user_id, f"invalid request: {exc}"), None))
+        if valid:
+            responses += await self._answer(valid)
+        responses.sort(key=lambda r: (r[0].topic, r[0].partition, r[0].offset))  # request order
+        await self.dead_letters.publish(bad)
+        await self._publish(responses)
+        self.batches += 1
+        await self.redis.hincrby(STATS_KEY, "batches", 1)
+        await self.redis.hincrby(STATS_KEY, "requests", len(records))
+
+    async def _answer(self, valid: list[tuple[ConsumerRecord, RecRequest]]):
+        version = self.recommender.version
+        try:
+            states = await self.store.fetch_async(self.redis, [req.user_id for _, req in valid])
+            for state, (_, req) in zip(states, valid):
+                if req.exclude_seen:
+                    state.exclude = frozenset(e.item_id for e in state.sequence) | state.purchased
+            k = max(req.k for _, req in valid)
+            ranked = await asyncio.to_thread(self.recommender.recommend_batch, states, k)
+        except Exception as exc:  # the batch is answered with errors, never dropped
+            log.exception("recommendation batch failed")
+            return [(rec, self._error(req.request_id, req.user_id, f"{type(exc).__name__}: {exc}"), req.reply_topic)
+                    for rec, req in valid]
+        out = []
+        for (rec, req), state, items in zip(valid, states, ranked):
+            out.append((rec, self._response(rec, req, state, items[: req.k], version), req.reply_topic))
+        return out
+
+    def _response(self, rec: ConsumerRecord, req: RecRequest, state: UserState, items, version: str) -> RecResponse:
+        return RecResponse(
+            request_id=req.request_id,
+            user_id=req.user_id,
+            items=[RecItem(item, score, explain(state, item)) for item, score in items],
+            model_version=version if state.known else f"{version}/trending",
+            fallback=not state.known,
+        )
+
+    def _error(self, request_id: str, user_id: str, message: str) -> RecResponse:
+        return RecResponse(request_id, user_id, [], self.recommender.version, error=message)
+
+    async def _publish(self, responses) -> None:
+        futures = []
+        for rec, resp, reply_topic in responses:
+            if not resp.request_id and resp.error:
+                continue  # uncorrelatable garbage: the dead letter is its only trace
+            resp.generated_at = now_ms()
+            resp.latency_ms = float(resp.generated_at - rec.timestamp)
+            if resp.error:
+                self.errors += 1
+            futures.append(
+                await self.producer.send(
+                    reply_topic or self.settings.topic_responses,
+                    key=resp.user_id.encode(),
+                    value=resp.to_json(),
+                )
+            )
+        for fut in futures:
+            await fut
+        self.answered += len(futures)
+
+
+def build_app(settings: Settings | None = None, recommender: Recommender | None = None):
+    settings = settings or get_settings()
+    app = make_app("rtrec-recommend-app", settings)
+
+    @app.task
+    async def answer_requests() -> None:
+        redis_client = async_redis_client(settings)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=kafka_bootstrap(settings),
+            acks="all",
+            linger_ms=1,
+            **aiokafka_auth(settings),
+        )
+        await producer.start()
+        consumer = BatchConsumer(
+            settings,
+            [settings.topic_requests],
+            settings.recommend_group,
+            settings.rec_batch_max,
+            settings.rec_batch_wait_ms,
+            client_id="rtrec-recommend",
+        )
+        worker = RecommendWorker(
+            settings,
+            redis_client,
+            producer,
+            DeadLetters(settings, producer, redis_client),
+            recommender or BlendingRecommender(settings),
+        )
+        await consumer.start()
+        await announce_ready(redis_client, "recommend")
+        log.warning("recommend worker answering %s as %s", settings.topic_requests, settings.recommend_group)
+        try:
+            await consumer.run(worker.handle)
+        finally:
+            await announce_gone(redis_client, "recommend")
+            await consumer.stop()
+            await producer.stop()
+            await redis_client.aclose()
+
+    return app
+
+
+def main() -> None:
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level)
+    run_worker(build_app(settings), settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""State worker: events topic -> validated -> user state in Redis (idempotent), bad input -> DLQ.
+
+Run as ``python -m workers.state`` (``rtrec up`` starts it). Scale out by running
+more of them: they share the consumer group, Kafka spreads the partitions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+from aiokafka import AIOKafkaProducer, ConsumerRecord
+
+from stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap
+from stream.events import Event, InvalidEvent, parse_event
+from stream.settings import Settings, get_settings
+from stream.state_store import StateStore
+from workers.batch_consumer import BatchConsumer
+from workers.dead_letters import DeadLetter, DeadLetters
+from workers.faust_app import make_app, run_worker
+from workers.stack import announce_gone, announce_ready
+
+log = logging.getLogger(__name__)
+LATENCY_KEY = "rt:lat:ingest"
+
+
+class StateWorker:
+    """Turns a batch of raw records into state updates and dead letters."""
+
+    def __init__(self, settings: Settings, redis_client, dead_letters: DeadLetters) -> None:
+        self.settings = settings
+        self.redis = redis_client
+        self.store = StateStore(settings)
+        self.dead_letters = dead_letters
+        self.applied = 0
+        self.duplicates = 0
+
+    def split(self, records: Sequence[ConsumerRecord]) -> tuple[list[Event], list[int], list[DeadLetter]]:
+        """Valid events (with their broker timestamps) and dead letters."""
+        now_ms = int(time.time() * 1000)
+        events: list[Event] = []
+        stamps: list[int] = []
+        bad: list[DeadLetter] = []
+        for rec in records:
+            try:
+                events.append(parse_event(rec.value, self.settings, now_ms))
+                stamps.append(rec.timestamp)
+            except InvalidEvent as exc:
+                bad.append(DeadLetter(rec, exc.reason, exc.detail))
+        return events, stamps, bad
+
+    async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        events, stamps, bad = self.split(records)
+        await self.dead_letters.publish(bad)
+        flags = await self.store.apply_async(self.redis, events)
+        visible_ms = time.time() * 1000
+        new = sum(flags)
+        self.applied += new
+        self.duplicates += len(flags) - new
+        if self.settings.record_latency and events:
+            samples = [round(visible_ms - ts, 3) for ts, ok in zip(stamps, flags) if ok]
+            if samples:
+                await self.redis.rpush(LATENCY_KEY, *samples)
+
+
+def build_app(settings: Settings | None = None):
+    """The Faust app of the state worker, with its consuming task."""
+    settings = settings or get_settings()
+    app = make_app("rtrec-state-app", settings)
+
+    @app.task
+    async def consume_events() -> None:
+        redis_client = async_redis_client(settings)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=kafka_bootstrap(settings), acks="all", **aiokafka_auth(settings)
+        )
+        await producer.start()
+        consumer = BatchConsumer(
+            settings,
+            [settings.topic_events],
+            settings.state_group,
+            settings.state_batch_max,
+            settings.state_batch_wait_ms,
+            client_id="rtrec-state",
+        )
+        worker = StateWorker(settings, redis_client, DeadLetters(settings, producer, redis_client))
+        await consumer.start()
+        await announce_ready(redis_client, "state")
+        log.warning("state worker consuming %s as %s", settings.topic_events, settings.state_group)
+        try:
+            await consumer.run(worker.handle)
+        finally:
+            await announce_gone(redis_client, "state")
+            await consumer.stop()
+            await producer.stop()
+            await redis_client.aclose()
+
+    return app
+
+
+def main() -> None:
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level)
+    run_worker(build_app(settings), settings)
+
+
+if __name__ == "__main__":
+    main()
