@@ -1,0 +1,237 @@
+"""The `rtrec` command line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stream.settings import Settings, get_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="rtrec: streaming real-time recommender")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures (not tests).")
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+
+def connected_settings() -> Settings:
+    """Settings with server addresses from the environment or a running `rtrec up`."""
+    from stream.connections import NotConfigured
+    from workers.stack import adopt_running_stack
+
+    settings = adopt_running_stack(get_settings())
+    if not settings.kafka_bootstrap or not settings.redis_url:
+        console.print(f"[red]{NotConfigured('start the stack with `rtrec up` or set RTREC_KAFKA_BOOTSTRAP and RTREC_REDIS_URL')}")
+        raise typer.Exit(2)
+    return settings
+
+
+@app.command()
+def up(
+    state_workers: int = typer.Option(1, help="state worker processes (they share partitions)"),
+    recommend_workers: int = typer.Option(1, help="recommendation worker processes"),
+) -> None:
+    """Start broker, Redis and workers (embedded unless RTREC_KAFKA_BOOTSTRAP/RTREC_REDIS_URL are set); Ctrl-C stops all."""
+    from workers.stack import Stack
+
+    stack = Stack(get_settings())
+    stopping = False
+
+    def _stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        s = stack.start(state_workers, recommend_workers)
+        console.print(f"[green]rtrec is up[/]  kafka={s.kafka_bootstrap}  redis={s.redis_url}  run dir={stack.run_dir}")
+        for proc in stack.servers + stack.workers:
+            console.print(f"  {proc.name:<12} pid {proc.proc.pid:<8} log {proc.log_path}")
+        console.print("Ctrl-C to stop.")
+        while not stopping:
+            for proc in stack.servers + stack.workers:
+                if not proc.alive():
+                    console.print(f"[red]{proc.name} exited[/]\n{proc.log_tail()}")
+                    stopping = True
+            time.sleep(0.5)
+    finally:
+        console.print("stopping ...")
+        stack.stop()
+        console.print("stopped.")
+
+
+@app.command()
+def demo(users: int = typer.Option(3, help="users to show before/after")) -> None:
+    """Start the embedded stack, replay the bundled sample, show recommendations change with new events."""
+    from workers.demo import run_demo
+
+    run_demo(get_settings(), users, console)
+
+
+@app.command()
+def generate(
+    out: Path = typer.Argument(..., help="output file (.jsonl/.csv, optionally .gz)"),
+    events: int = typer.Option(20_000, help="number of events"),
+    users: int = typer.Option(300),
+    items: int = typer.Option(1000),
+    clusters: int = typer.Option(20),
+    days: float = typer.Option(14.0, help="event-time span"),
+    seed: int = typer.Option(7),
+    sample: bool = typer.Option(False, help="write the bundled demo sample instead"),
+) -> None:
+    """Write deterministic synthetic events (tastes, Zipf popularity, funnels, drifting trends)."""
+    from stream.eventfile import write_events
+    from stream.sample import SAMPLE_CONFIG
+    from stream.synthetic import SyntheticConfig, generate_events
+
+    cfg = SAMPLE_CONFIG if sample else SyntheticConfig(
+        n_users=users, n_items=items, n_clusters=clusters, n_events=events,
+        duration_ms=int(days * 86_400_000), seed=seed,
+    )
+    n = write_events(out, generate_events(cfg))
+    console.print(f"wrote {n} events to {out}")
+
+
+@app.command()
+def produce(
+    user: Optional[str] = typer.Option(None, help="user_id (one event from options)"),
+    item: Optional[str] = typer.Option(None, help="item_id"),
+    type: str = typer.Option("click", "--type", help="browse | click | purchase"),
+    ts: Optional[int] = typer.Option(None, help="event time, ms since epoch (default now)"),
+    event_id: Optional[str] = typer.Option(None, help="default: a new uuid"),
+    file: Optional[Path] = typer.Option(None, help="JSON lines / CSV file; '-' or no options: stdin"),
+) -> None:
+    """Send one event from options, or JSON lines from stdin/a file. Invalid events are reported, not sent."""
+    import uuid
+
+    from stream.events import InvalidEvent
+    from stream.producer import EventProducer
+    from stream.replay import replay_events, replay_file
+
+    settings = connected_settings()
+    with EventProducer(settings) as producer:
+        if user is not None or item is not None:
+            event = {"event_id": event_id or uuid.uuid4().hex, "user_id": user, "item_id": item,
+                     "type": type, "ts": ts if ts is not None else int(time.time() * 1000)}
+            try:
+                producer.send(event)
+            except InvalidEvent as exc:
+                console.print(f"[red]invalid event: {exc}")
+                raise typer.Exit(1)
+            console.print(f"sent {json.dumps(event)}")
+            return
+        if file is not None and str(file) != "-":
+            report = replay_file(producer, file, progress=False)
+        else:
+            report = replay_events(producer, (json.loads(line) for line in sys.stdin if line.strip()), progress=False)
+    console.print(f"sent {report.sent}, rejected {report.rejected} {report.reasons or ''}")
+    if report.rejected:
+        raise typer.Exit(1)
+
+
+@app.command()
+def replay(
+    file: Path = typer.Argument(..., help="JSON lines or CSV event file (optionally .gz)"),
+    rate: float = typer.Option(0.0, help="events per second (0 = as fast as possible)"),
+    speedup: float = typer.Option(0.0, help="replay event-time gaps divided by this (0 = ignore event time)"),
+    shift_to_now: bool = typer.Option(False, help="shift timestamps so the last event is 'now'"),
+) -> None:
+    """Replay an event file onto the events topic with a progress bar."""
+    from stream.eventfile import read_events
+    from stream.producer import EventProducer
+    from stream.replay import replay_events
+
+    settings = connected_settings()
+    shift, total = 0, None
+    if shift_to_now:
+        stamps = [e["ts"] for e in read_events(file) if isinstance(e.get("ts"), int)]
+        total = len(stamps)
+        shift = int(time.time() * 1000) - 60_000 - max(stamps) if stamps else 0
+    with EventProducer(settings) as producer:
+        report = replay_events(producer, read_events(file), rate=rate, speedup=speedup,
+                               total=total, ts_shift_ms=shift)
+    console.print(f"sent {report.sent} events in {report.seconds:.1f}s ({report.rate:,.0f}/s), "
+                  f"rejected {report.rejected} {report.reasons or ''}")
+
+
+@app.command()
+def recommend(
+    user: str = typer.Argument(..., help="user_id"),
+    k: int = typer.Option(10, "-k", help="how many items"),
+    include_seen: bool = typer.Option(False, help="allow items the user already interacted with"),
+    as_json: bool = typer.Option(False, "--json", help="print the raw response"),
+    timeout: float = typer.Option(30.0, help="seconds to wait for the answer"),
+) -> None:
+    """Send a recommendation request and print its response."""
+    from stream.rec_client import RecClient
+
+    settings = connected_settings()
+    with RecClient(settings) as client:
+        resp = client.recommend(user, k=k, exclude_seen=not include_seen, timeout_s=timeout)
+    if as_json:
+        print(json.dumps(resp, indent=2))
+        return
+    print_response(resp)
+
+
+def print_response(resp: dict, title: str | None = None) -> None:
+    table = Table(title=title or f"user {resp['user_id']}  model {resp['model_version']}  "
+                  f"latency {resp['latency_ms']:.1f} ms{'  (fallback)' if resp.get('fallback') else ''}")
+    table.add_column("#", justify="right")
+    table.add_column("item")
+    table.add_column("score", justify="right")
+    table.add_column("reason")
+    for n, it in enumerate(resp["items"], 1):
+        table.add_row(str(n), it["item_id"], f"{it['score']:.3f}", it.get("reason", ""))
+    if resp.get("error"):
+        console.print(f"[red]error: {resp['error']}")
+    console.print(table)
+
+
+@app.command()
+def state(user: str = typer.Argument(..., help="user_id")) -> None:
+    """Print a user's state as stored in Redis."""
+    from stream.connections import redis_client
+    from stream.state_store import StateStore
+
+    settings = connected_settings()
+    [st] = StateStore(settings).fetch(redis_client(settings), [user])
+    console.print(f"user {user}: counts {st.counts}, first_ts {st.first_ts}, last_ts {st.last_ts}")
+    console.print(f"recent: {[(e.type, e.item_id) for e in st.sequence[-10:]]}")
+    top = sorted(st.affinities.items(), key=lambda kv: -kv[1])[:10]
+    console.print(f"affinities: {[(i, round(a, 3)) for i, a in top]}")
+    console.print(f"purchased: {sorted(st.purchased)}")
+
+
+@app.command()
+def dlq() -> None:
+    """Dead-lettered messages counted so far, by reason."""
+    from stream.connections import redis_client
+    from workers.dead_letters import dlq_counts
+
+    counts = dlq_counts(redis_client(connected_settings()))
+    console.print(counts or "no dead letters")
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    events: int = typer.Option(50_000, help="synthetic events to replay"),
+    baseline_events: int = typer.Option(10_000, help="events for the naive baseline"),
+    plot: Optional[Path] = typer.Option(Path("bench-ingest.png"), help="latency histogram PNG"),
+) -> None:
+    """Events/s and event->Redis-visible latency through broker + state worker, vs a naive consumer."""
+    from workers.bench_ingest import run_bench
+
+    run_bench(get_settings(), events, baseline_events, plot, console)
+
+
+if __name__ == "__main__":
+    app()

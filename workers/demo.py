@@ -1,0 +1,132 @@
+"""`rtrec demo`: the whole loop on the embedded stack, in a minute.
+
+1. start Tansu, Redis, a state worker and a recommendation worker;
+2. replay the bundled sample (shifted so that it ends a minute ago);
+3. ask for recommendations for a few active users;
+4. each of them now browses and clicks in a category they never visited;
+5. ask again: the answers follow the new interest, with reasons.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from stream.connections import redis_client
+from stream.eventfile import read_events
+from stream.producer import EventProducer
+from stream.rec_client import RecClient
+from stream.replay import replay_events
+from stream.sample import SAMPLE_CONFIG, SAMPLE_PATH
+from stream.settings import Settings
+from stream.state_store import StateStore
+from stream.synthetic import item_cluster_map, trending_items
+from workers.stack import Stack
+
+K = 8
+
+
+def _wait_applied(store: StateStore, client, target: int, timeout_s: float = 120) -> None:
+    """Progress bar until the state worker has processed `target` events (new or duplicate)."""
+    with tqdm(total=target, unit="ev", desc="state worker") as bar:
+        deadline = time.monotonic() + timeout_s
+        done = 0
+        while done < target and time.monotonic() < deadline:
+            stats = store.stats(client)
+            done = stats.get("applied", 0) + stats.get("duplicates", 0)
+            bar.update(min(done, target) - bar.n)
+            time.sleep(0.1)
+
+
+def _new_interest(events: list[dict], users: list[str], clusters: dict[str, int]) -> dict[str, list[str]]:
+    """For each user, popular items of the category they touched least.
+
+    Items that were trending at some point are skipped: everyone views those, so
+    they say little about a category.
+    """
+    trending = {item for period in trending_items(SAMPLE_CONFIG) for item in period}
+    popular_by_cluster: dict[int, list[str]] = {}
+    for item, _ in Counter(e["item_id"] for e in events).most_common():
+        if item not in trending:
+            popular_by_cluster.setdefault(clusters[item], []).append(item)
+    plan = {}
+    for user in users:
+        touched = Counter(clusters[e["item_id"]] for e in events if e["user_id"] == user)
+        fresh = min(popular_by_cluster, key=lambda c: (touched.get(c, 0), c))
+        plan[user] = popular_by_cluster[fresh][:4]
+    return plan
+
+
+def run_demo(settings: Settings, n_users: int, console: Console) -> None:
+    console.rule("[bold]1. start the embedded stack")
+    with Stack(settings) as stack:
+        s = stack.start()
+        console.print(f"kafka {s.kafka_bootstrap}   redis {s.redis_url}   workers ready")
+        client = redis_client(s)
+        store = StateStore(s)
+        before_stats = store.stats(client)
+        already = before_stats.get("applied", 0) + before_stats.get("duplicates", 0)
+
+        console.rule("[bold]2. replay the bundled sample")
+        events = list(read_events(SAMPLE_PATH))
+        shift = int(time.time() * 1000) - 60_000 - max(e["ts"] for e in events)
+        with EventProducer(s) as producer:
+            report = replay_events(producer, events, ts_shift_ms=shift, total=len(events))
+        console.print(f"sent {report.sent} events ({report.rate:,.0f}/s)")
+        _wait_applied(store, client, already + report.sent)
+
+        clusters = item_cluster_map(SAMPLE_CONFIG)
+        users = [u for u, _ in Counter(e["user_id"] for e in events).most_common(n_users)]
+        plan = _new_interest(events, users, clusters)
+
+        with RecClient(s) as rc:
+            console.rule("[bold]3. recommendations now")
+            before = rc.collect([rc.send(u, K) for u in users])
+            before = {r["user_id"]: r for r in before.values()}
+
+            console.rule("[bold]4. new events: each user explores a category new to them")
+            now = int(time.time() * 1000)
+            with EventProducer(s) as producer:
+                for user, items in plan.items():
+                    for n, item in enumerate(items):
+                        for etype in ("browse", "click") if n < 2 else ("browse",):
+                            producer.send({"event_id": uuid.uuid4().hex, "user_id": user, "item_id": item,
+                                           "type": etype, "ts": now + n * 1000})
+                    console.print(f"{user}: browses {', '.join(items)} (category {clusters[items[0]]})")
+            sent_at = time.monotonic()
+            expected = {u: int(client.hget(f"rt:u:{u}:h", "n")) + len(plan[u]) + 2 for u in users}
+            while any(int(client.hget(f"rt:u:{u}:h", "n")) < expected[u] for u in users):
+                time.sleep(0.005)
+            visible_ms = (time.monotonic() - sent_at) * 1000
+            console.print(f"all new events visible in Redis {visible_ms:.0f} ms after the producer flushed")
+
+            console.rule("[bold]5. recommendations after the new events")
+            after = rc.collect([rc.send(u, K) for u in users])
+            after = {r["user_id"]: r for r in after.values()}
+
+        for user in users:
+            _show(console, user, before[user], after[user], clusters, clusters[plan[user][0]])
+        console.print("Done: stopping the stack.")
+
+
+def _show(console: Console, user: str, before: dict, after: dict, clusters: dict[str, int], fresh: int) -> None:
+    table = Table(title=f"{user}: before -> after exploring category {fresh}  (model {after['model_version']})")
+    table.add_column("#", justify="right")
+    table.add_column("before (category)")
+    table.add_column("after (category)")
+    table.add_column("reason (after)")
+    for n in range(K):
+        b = before["items"][n] if n < len(before["items"]) else None
+        a = after["items"][n] if n < len(after["items"]) else None
+        mark = lambda it: (f"[bold green]{it['item_id']} ({clusters.get(it['item_id'], '?')})[/]"  # noqa: E731
+                           if clusters.get(it["item_id"]) == fresh else f"{it['item_id']} ({clusters.get(it['item_id'], '?')})")
+        table.add_row(str(n + 1), mark(b) if b else "", mark(a) if a else "", a["reason"] if a else "")
+    console.print(table)
+    count = lambda r: sum(clusters.get(it["item_id"]) == fresh for it in r["items"])  # noqa: E731
+    console.print(f"items from category {fresh}: before {count(before)}/{K}, after {count(after)}/{K}; "
+                  f"response latency {after['latency_ms']:.0f} ms\n")
