@@ -22,6 +22,7 @@ from stream.connections import aiokafka_auth, async_redis_client, kafka_bootstra
 from stream.events import InvalidEvent
 from stream.rec_messages import RecItem, RecRequest, RecResponse, best_effort_ids, parse_request
 from stream.settings import Settings, get_settings
+from stream.topics import ensure_topics
 from stream.state_store import StateStore, UserState
 from workers.batch_consumer import BatchConsumer
 from workers.dead_letters import DeadLetter, DeadLetters
@@ -134,6 +135,7 @@ def build_app(settings: Settings | None = None, recommender: Recommender | None 
 
     @app.task
     async def answer_requests() -> None:
+        await asyncio.to_thread(ensure_topics, settings)  # idempotent; an external Kafka may be bare
         redis_client = async_redis_client(settings)
         producer = AIOKafkaProducer(
             bootstrap_servers=kafka_bootstrap(settings),

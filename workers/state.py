@@ -6,6 +6,7 @@ more of them: they share the consumer group, Kafka spreads the partitions.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Sequence
@@ -15,6 +16,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap
 from stream.events import Event, InvalidEvent, parse_event
 from stream.settings import Settings, get_settings
+from stream.topics import ensure_topics
 from stream.state_store import StateStore
 from workers.batch_consumer import BatchConsumer
 from workers.dead_letters import DeadLetter, DeadLetters
@@ -71,6 +73,7 @@ def build_app(settings: Settings | None = None):
 
     @app.task
     async def consume_events() -> None:
+        await asyncio.to_thread(ensure_topics, settings)  # idempotent; an external Kafka may be bare
         redis_client = async_redis_client(settings)
         producer = AIOKafkaProducer(
             bootstrap_servers=kafka_bootstrap(settings), acks="all", **aiokafka_auth(settings)
