@@ -57,6 +57,7 @@ class Stack:
     # ---- servers -------------------------------------------------------------------
     def start_servers(self) -> Settings:
         """Start the embedded broker/Redis where none is configured; create topics."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         update: dict[str, object] = {}
         if not self.settings.kafka_bootstrap:
             proc, bootstrap = start_tansu(self.run_dir, self.settings.kafka_port)

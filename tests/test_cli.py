@@ -1,0 +1,152 @@
+"""The command line as a user runs it: real subprocesses against real servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stream.embedded import start_redis, start_tansu
+from stream.eventfile import read_events, write_events
+from stream.sample import SAMPLE_CONFIG, SAMPLE_PATH
+from stream.settings import Settings
+from stream.synthetic import generate_events
+from tests.conftest import wait_for
+
+RTREC = [sys.executable, "-m", "workers.cli"]
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, stdin: str | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(RTREC + args, env={**os.environ, **(env or {})}, input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def stack_env(settings: Settings) -> dict[str, str]:
+    return {"RTREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "RTREC_REDIS_URL": settings.redis_url}
+
+
+def test_bundled_sample_is_the_documented_generator_output():
+    assert list(read_events(SAMPLE_PATH)) == generate_events(SAMPLE_CONFIG)
+
+
+def test_generate_is_deterministic(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.csv"
+    for out in (a, b):
+        res = run_cli(["generate", str(out), "--events", "500", "--users", "20", "--items", "100",
+                       "--clusters", "5", "--seed", "3"])
+        assert res.returncode == 0, res.stderr
+    assert list(read_events(a)) == [
+        {k: v for k, v in e.items()} for e in read_events(b)
+    ]
+    assert len(list(read_events(a))) == 500
+
+
+@pytest.mark.integration
+def test_replay_and_produce_reach_redis(settings, redis, uid, tmp_path):
+    user = uid("cli")
+    events = [{"user_id": user, "item_id": f"i{n}", "type": "browse", "ts": 1_767_225_600_000 + n}
+              for n in range(20)]
+    events.append({"user_id": user, "item_id": "i1", "type": "dance", "ts": 1_767_225_600_000})
+    path = tmp_path / "events.csv"
+    write_events(path, events)
+    res = run_cli(["replay", str(path), "--rate", "1000"], env=stack_env(settings))
+    assert res.returncode == 0, res.stderr
+    assert "sent 20 events" in res.stdout and "rejected 1" in res.stdout
+    wait_for(lambda: redis.hget(f"rt:u:{user}:h", "n") == "20", what="replayed events")
+
+    again = run_cli(["replay", str(path)], env=stack_env(settings))  # derived ids: no double count
+    assert again.returncode == 0
+    line = json.dumps({"event_id": uid("p"), "user_id": user, "item_id": "i99", "type": "purchase",
+                       "ts": 1_767_225_700_000})
+    res = run_cli(["produce"], env=stack_env(settings), stdin=line + "\n")
+    assert res.returncode == 0, res.stderr
+    wait_for(lambda: redis.hget(f"rt:u:{user}:h", "n") == "21", what="produced event")
+    assert redis.hget(f"rt:u:{user}:h", "browse") == "20"
+
+    bad = run_cli(["produce", "--user", user, "--item", "i1", "--type", "like"], env=stack_env(settings))
+    assert bad.returncode == 1 and "unknown_type" in bad.stdout
+
+
+def _start_up(run_dir: Path, env: dict[str, str]) -> subprocess.Popen:
+    proc = subprocess.Popen(RTREC + ["up"], env={**os.environ, "RTREC_RUN_DIR": str(run_dir), **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.monotonic() + 90
+    for line in proc.stdout:
+        lines.append(line)
+        if "Ctrl-C to stop" in line:
+            return proc
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise AssertionError("rtrec up did not come up:\n" + "".join(lines))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.integration
+def test_up_serves_requests_and_ctrl_c_stops_everything(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start_up(run_dir, {})
+    info = json.loads((run_dir / "stack.json").read_text())
+    pids = list(info["servers"].values()) + [int(p.read_text()) for p in run_dir.glob("*-1.pid")]
+    assert set(info["servers"]) == {"tansu", "redis"} and len(pids) == 4
+
+    # another command finds the running stack through the run directory
+    res = run_cli(["recommend", "nobody", "-k", "3", "--json"], env={"RTREC_RUN_DIR": str(run_dir)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads(res.stdout)["fallback"] is True
+
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+    assert not any(_alive(pid) for pid in pids)
+    assert not (run_dir / "stack.json").exists()
+
+
+@pytest.mark.integration
+def test_up_uses_external_servers_and_leaves_them_running(tmp_path):
+    servers = tmp_path / "servers"
+    tansu, bootstrap = start_tansu(servers)
+    redis_proc, url = start_redis(Settings(), servers)
+    try:
+        proc = _start_up(tmp_path / "run", {"RTREC_KAFKA_BOOTSTRAP": bootstrap, "RTREC_REDIS_URL": url})
+        info = json.loads((tmp_path / "run" / "stack.json").read_text())
+        assert info["servers"] == {} and info["kafka_bootstrap"] == bootstrap and info["redis_url"] == url
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert tansu.alive() and redis_proc.alive()
+    finally:
+        tansu.stop()
+        redis_proc.stop()
+
+
+@pytest.mark.integration
+def test_demo_shows_recommendations_following_new_events(tmp_path):
+    res = run_cli(["demo"], env={"RTREC_RUN_DIR": str(tmp_path / "run")}, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summaries = [line for line in res.stdout.splitlines() if line.startswith("items from category")]
+    assert len(summaries) == 3
+    # the users' new interest shows up after their events (the demo's whole point)
+    gained = 0
+    for line in summaries:
+        before = int(line.split("before ")[1].split("/")[0])
+        after = int(line.split("after ")[1].split("/")[0])
+        gained += after - before
+    assert gained > 0
+    assert "model blend-v1" in res.stdout
