@@ -73,7 +73,7 @@ def canonical_id(value: Any, name: str) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise InvalidEvent("wrong_type", f"{name} must be a string or integer")
-    if not ID_PATTERN.match(value):
+    if not ID_PATTERN.fullmatch(value):
         raise InvalidEvent("bad_id", f"{name} must match {ID_PATTERN.pattern}")
     return value
 
@@ -97,6 +97,10 @@ def _check_optional(data: dict[str, Any], settings: Settings) -> dict[str, Any]:
     if price is not None:
         if isinstance(price, bool) or not isinstance(price, (int, float)):
             raise InvalidEvent("wrong_type", "price must be a number")
+        try:
+            price = float(price)
+        except OverflowError:
+            raise InvalidEvent("bad_value", "price is out of range") from None
         if not math.isfinite(price) or price < 0:
             raise InvalidEvent("bad_value", "price must be finite and >= 0")
         out["price"] = float(price)
@@ -159,6 +163,8 @@ def decode_json(raw: bytes, max_bytes: int) -> Any:
         raise InvalidEvent("malformed_json", "nesting too deep") from None
     except json.JSONDecodeError as exc:
         raise InvalidEvent("malformed_json", f"{exc.msg} at position {exc.pos}") from None
+    except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
+        raise InvalidEvent("malformed_json", str(exc)[:200]) from None
 
 
 def parse_event(raw: bytes, settings: Settings, now_ms: int | None = None) -> Event:

@@ -96,7 +96,7 @@ def parse_request(raw: bytes, settings: Settings) -> RecRequest:
         raise InvalidEvent("wrong_type", "exclude_seen must be a boolean")
     reply_topic = data.get("reply_topic")
     if reply_topic is not None and (
-        not isinstance(reply_topic, str) or not TOPIC_PATTERN.match(reply_topic)
+        not isinstance(reply_topic, str) or not TOPIC_PATTERN.fullmatch(reply_topic)
     ):
         raise InvalidEvent("bad_value", "reply_topic must be a valid topic name")
     return RecRequest(
@@ -119,5 +119,6 @@ def best_effort_ids(raw: bytes) -> tuple[str, str]:
     ids = []
     for name in ("request_id", "user_id"):
         value = data.get(name)
-        ids.append(str(value)[:64] if isinstance(value, (str, int)) else "")
+        usable = isinstance(value, (str, int)) and not isinstance(value, bool)
+        ids.append(str(value)[:64] if usable else "")
     return ids[0], ids[1]

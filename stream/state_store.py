@@ -58,11 +58,9 @@ local applied, dups = 0, 0
 
 local function fmt(x) return string.format('%.17g', x) end
 
--- add w*2^((t-L)/hl) to member of zset; L lives in a hash field or a string key
+-- add w*2^((t-L)/hl) to member of zset (the caller moved L forward first if t is far ahead)
 local function decayed_add(zkey, member, w, t, hl, L)
-  local e = (t - L) / hl
-  redis.call('ZINCRBY', zkey, fmt(w * math.pow(2, e)), member)
-  return e
+  redis.call('ZINCRBY', zkey, fmt(w * math.pow(2, (t - L) / hl)), member)
 end
 
 local function rescale(zkey, factor)
@@ -115,11 +113,12 @@ for i = 0, n - 1 do
     -- time-decayed affinity (per-user landmark)
     local L = tonumber(redis.call('HGET', h, 'aff_L'))
     if not L then L = ts; redis.call('HSET', h, 'aff_L', ts) end
-    local e = decayed_add(aff, item, w, ts, aff_hl, L)
-    if e > rescale_after then
-      rescale(aff, math.pow(2, -e))
+    if (ts - L) / aff_hl > rescale_after then
+      rescale(aff, math.pow(2, -(ts - L) / aff_hl))
+      L = ts
       redis.call('HSET', h, 'aff_L', ts)
     end
+    decayed_add(aff, item, w, ts, aff_hl, L)
 
     if etype == 'purchase' then
       redis.call('ZADD', u .. ':bought', 'GT', ts, item)
@@ -132,11 +131,12 @@ for i = 0, n - 1 do
     -- global trending popularity (global landmark) and raw counts
     local PL = tonumber(redis.call('GET', pop_L_key))
     if not PL then PL = ts; redis.call('SET', pop_L_key, ts) end
-    local pe = decayed_add(pop_key, item, w, ts, pop_hl, PL)
-    if pe > rescale_after then
-      rescale(pop_key, math.pow(2, -pe))
+    if (ts - PL) / pop_hl > rescale_after then
+      rescale(pop_key, math.pow(2, -(ts - PL) / pop_hl))
+      PL = ts
       redis.call('SET', pop_L_key, ts)
     end
+    decayed_add(pop_key, item, w, ts, pop_hl, PL)
     redis.call('ZINCRBY', P .. ':items:n', 1, item)
   else
     dups = dups + 1

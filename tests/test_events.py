@@ -318,11 +318,6 @@ def test_bad_id(field: str, value) -> None:
     assert reason_of(with_(**{field: value})) == "bad_id"
 
 
-@pytest.mark.xfail(
-    reason="BUG: ID_PATTERN ends in '$', which also matches before a trailing newline, "
-    "so 'u1\\n' passes re.match and ends up inside Redis keys (use fullmatch or \\Z)",
-    strict=True,
-)
 @pytest.mark.parametrize("field", ["event_id", "user_id", "item_id"])
 def test_id_with_trailing_newline_is_rejected(field: str) -> None:
     assert reason_of(with_(**{field: "u1\n"})) == "bad_id"
@@ -354,11 +349,6 @@ def test_price_overflowing_to_infinity_is_rejected() -> None:
     assert reason_of(raw) == "bad_value"
 
 
-@pytest.mark.xfail(
-    reason="BUG: events.py _check_optional calls math.isfinite(price) on a JSON integer "
-    "too large for a float (e.g. 1 followed by 400 zeros) and OverflowError escapes",
-    strict=True,
-)
 def test_huge_integer_price_is_a_clean_rejection() -> None:
     raw = encode(VALID)[:-1] + b',"price":1' + b"0" * 400 + b"}"
     assert reason_of(raw) == "bad_value"
@@ -420,11 +410,6 @@ def test_deep_nesting_inside_context() -> None:
     assert reason_of(raw) == "malformed_json"
 
 
-@pytest.mark.xfail(
-    reason="BUG: events.py decode_json only catches JSONDecodeError/RecursionError; an integer "
-    "literal over 4300 digits (Python's int-string limit) raises a plain ValueError",
-    strict=True,
-)
 def test_integer_literal_over_4300_digits_is_a_clean_invalid_event() -> None:
     raw = encode(VALID)[:-1] + b',"quantity":' + b"9" * 5000 + b"}"
     assert len(raw) <= CFG.max_event_bytes
@@ -446,7 +431,7 @@ def test_invalid_event_is_a_value_error_with_reason_and_detail() -> None:
 json_scalars = (
     st.none()
     | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**63)  # huge ints: see the xfail tests above
+    | st.integers(min_value=-(2**63), max_value=2**63)  # huge ints: see the huge-integer tests above
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=70)
 )

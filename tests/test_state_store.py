@@ -1,0 +1,485 @@
+"""StateStore against a real Redis: idempotence, order independence, decay, covis, fetch."""
+
+from __future__ import annotations
+
+import math
+import random
+import uuid
+
+import pytest
+
+from stream.events import Event
+from stream.settings import Settings
+from stream.state_store import RESCALE_AFTER_HALF_LIVES, SeqEntry, StateStore
+
+BASE = Settings(
+    kafka_bootstrap=None,
+    redis_url=None,
+    sequence_length=50,
+    covis_fanout=5,
+    covis_window_ms=3_600_000,
+    affinity_half_life_ms=7 * 86_400_000,
+    trend_half_life_ms=6 * 3_600_000,
+    weight_browse=1.0,
+    weight_click=2.0,
+    weight_purchase=4.0,
+    dedupe_ttl_s=7 * 86_400,
+    blend_recent_items=10,
+    trending_pool=200,
+)
+T0 = 1_767_225_600_000
+MINUTE = 60_000
+HOUR = 3_600_000
+
+
+def new_store(**overrides) -> StateStore:
+    """A store under a fresh key prefix, so tests sharing the server never see each other's keys."""
+    return StateStore(BASE.model_copy(update=overrides), prefix=f"t{uuid.uuid4().hex}")
+
+
+_counter = iter(range(10**9))
+
+
+def ev(user: str, item: str, ts: int, etype: str = "browse", eid: str | None = None) -> Event:
+    return Event(eid or f"e{next(_counter)}", user, item, etype, ts)
+
+
+def dump(client, store: StateStore, skip_stats: bool = True) -> dict:
+    """Every key under the store's prefix with its value, the prefix itself stripped off."""
+    out = {}
+    for key in client.scan_iter(match=f"{store.prefix}:*", count=1000):
+        name = key[len(store.prefix) :]
+        if skip_stats and name == ":stats":
+            continue
+        kind = client.type(key)
+        if kind == "zset":
+            out[name] = client.zrange(key, 0, -1, withscores=True)
+        elif kind == "hash":
+            out[name] = client.hgetall(key)
+        elif kind == "string":
+            out[name] = client.get(key)
+        else:  # pragma: no cover - the layout has no other types
+            raise AssertionError(f"unexpected {kind} at {key}")
+    return out
+
+
+def covis(client, store: StateStore, item: str) -> dict[str, float]:
+    return dict(client.zrange(f"{store.prefix}:covis:{item}", 0, -1, withscores=True))
+
+
+def raw_scores(client, key: str) -> list[float]:
+    return [score for _, score in client.zrange(key, 0, -1, withscores=True)]
+
+
+def one(client, store: StateStore, user: str):
+    [state] = store.fetch(client, [user])
+    return state
+
+
+# ---- apply: new / duplicate ---------------------------------------------------------------------
+
+
+def test_apply_returns_new_flags_and_counts_stats(redis_only) -> None:
+    store = new_store()
+    a, b = ev("u", "i1", T0), ev("u", "i2", T0 + 1)
+    assert store.apply(redis_only, [a, b]) == [True, True]
+    assert store.apply(redis_only, [b, ev("u", "i3", T0 + 2)]) == [False, True]
+    assert store.stats(redis_only) == {"applied": 3, "duplicates": 1}
+    assert store.apply(redis_only, []) == []
+
+
+def test_duplicate_in_the_same_batch_changes_nothing(redis_only) -> None:
+    events = [ev("u", "a", T0), ev("u", "b", T0 + MINUTE, "purchase"), ev("v", "a", T0 + 2 * MINUTE)]
+    once, twice = new_store(), new_store()
+    assert once.apply(redis_only, events) == [True] * 3
+    assert twice.apply(redis_only, events + [events[1], events[0]]) == [True] * 3 + [False] * 2
+    assert dump(redis_only, twice) == dump(redis_only, once)
+    assert twice.stats(redis_only) == {"applied": 3, "duplicates": 2}
+
+
+def test_duplicate_in_a_later_batch_changes_nothing(redis_only) -> None:
+    store = new_store()
+    events = [ev("u", f"i{n % 4}", T0 + n * MINUTE, ("browse", "click", "purchase")[n % 3]) for n in range(12)]
+    store.apply(redis_only, events)
+    before = dump(redis_only, store)
+    assert store.apply(redis_only, list(reversed(events))) == [False] * 12
+    assert dump(redis_only, store) == before
+    assert store.stats(redis_only) == {"applied": 12, "duplicates": 12}
+
+
+def test_same_event_id_with_different_content_is_still_a_duplicate(redis_only) -> None:
+    store = new_store()
+    store.apply(redis_only, [ev("u", "a", T0, eid="x1")])
+    before = dump(redis_only, store)
+    assert store.apply(redis_only, [ev("u", "b", T0 + 1, "purchase", eid="x1")]) == [False]
+    assert dump(redis_only, store) == before
+
+
+def test_dedupe_marker_expires_after_the_ttl(redis_only) -> None:
+    store = new_store(dedupe_ttl_s=1234)
+    store.apply(redis_only, [ev("u", "a", T0, eid="m1")])
+    ttl = redis_only.ttl(f"{store.prefix}:dedupe:m1")
+    assert 1230 <= ttl <= 1234
+
+
+def test_batches_larger_than_one_chunk(redis_only) -> None:
+    store = new_store()
+    n = StateStore.CHUNK * 2 + 17
+    events = [ev(f"u{i % 7}", f"i{i % 13}", T0 + i) for i in range(n)]
+    flags = store.apply(redis_only, events + events[:3])
+    assert flags == [True] * n + [False] * 3
+    assert sum(raw_scores(redis_only, f"{store.prefix}:items:n")) == n
+    assert store.stats(redis_only) == {"applied": n, "duplicates": 3}
+
+
+# ---- sequence and counts ------------------------------------------------------------------------------
+
+
+def test_sequence_is_capped_keeping_the_newest_by_ts(redis_only) -> None:
+    store = new_store(sequence_length=5)
+    offsets = list(range(12))
+    random.Random(5).shuffle(offsets)  # arrive out of order
+    events = [ev("u", f"i{k}", T0 + k * MINUTE, eid=f"e{k}") for k in offsets]
+    store.apply(redis_only, events)
+    state = one(redis_only, store, "u")
+    assert state.sequence == [SeqEntry(f"i{k}", "browse", T0 + k * MINUTE, f"e{k}") for k in range(7, 12)]
+    assert redis_only.zcard(f"{store.prefix}:u:u:seq") == 5
+    assert state.counts["n"] == 12  # counts are not capped
+
+
+def test_counts_first_and_last_ts(redis_only) -> None:
+    store = new_store()
+    store.apply(
+        redis_only,
+        [
+            ev("u", "a", T0 + 5 * MINUTE, "click"),
+            ev("u", "b", T0 + 9 * MINUTE, "browse"),
+            ev("u", "a", T0 + 1 * MINUTE, "purchase"),  # late, and the oldest
+            ev("u", "c", T0 + 7 * MINUTE, "click"),
+        ],
+    )
+    state = one(redis_only, store, "u")
+    assert state.known
+    assert state.counts == {"browse": 1, "click": 2, "purchase": 1, "n": 4}
+    assert (state.first_ts, state.last_ts) == (T0 + MINUTE, T0 + 9 * MINUTE)
+    assert [e.item_id for e in state.sequence] == ["a", "a", "c", "b"]
+    assert [e.type for e in state.sequence] == ["purchase", "click", "click", "browse"]
+
+
+def test_bought_set(redis_only) -> None:
+    store = new_store()
+    store.apply(
+        redis_only,
+        [
+            ev("u", "a", T0, "purchase"),
+            ev("u", "b", T0 + 1, "browse"),
+            ev("u", "c", T0 + 2, "click"),
+            ev("u", "d", T0 + 3, "purchase"),
+            ev("u", "a", T0 + 4, "purchase"),
+            ev("other", "e", T0 + 5, "purchase"),
+        ],
+    )
+    assert one(redis_only, store, "u").purchased == {"a", "d"}
+    assert redis_only.zscore(f"{store.prefix}:u:u:bought", "a") == T0 + 4  # latest purchase
+    store.apply(redis_only, [ev("u", "a", T0 - 100, "purchase")])  # an older, late purchase
+    assert redis_only.zscore(f"{store.prefix}:u:u:bought", "a") == T0 + 4
+
+
+# ---- forward decay: order independence ------------------------------------------------------------
+
+
+def random_events(seed: int, n: int = 200) -> list[Event]:
+    rng = random.Random(seed)
+    types = ["browse"] * 6 + ["click"] * 3 + ["purchase"]
+    return [
+        Event(
+            f"e{seed}-{k}",
+            f"u{rng.randrange(4)}",
+            f"i{rng.randrange(25)}",
+            rng.choice(types),
+            T0 + rng.randrange(3 * 86_400_000),  # three days: twelve trend half-lives
+        )
+        for k in range(n)
+    ]
+
+
+def test_out_of_order_arrival_gives_the_same_state(redis_only) -> None:
+    events = random_events(seed=11)
+    in_order = sorted(events, key=lambda e: e.ts)
+    shuffled = events[:]
+    random.Random(42).shuffle(shuffled)
+    assert [e.ts for e in shuffled] != [e.ts for e in in_order]
+
+    ordered_store, shuffled_store = new_store(sequence_length=20), new_store(sequence_length=20)
+    ordered_store.apply(redis_only, in_order)
+    for start in range(0, len(shuffled), 37):  # several batches, too
+        shuffled_store.apply(redis_only, shuffled[start : start + 37])
+
+    users = sorted({e.user_id for e in events})
+    for a, b in zip(ordered_store.fetch(redis_only, users), shuffled_store.fetch(redis_only, users)):
+        assert a.known and len(a.sequence) == 20
+        assert b.sequence == a.sequence
+        assert b.counts == a.counts
+        assert (b.first_ts, b.last_ts) == (a.first_ts, a.last_ts)
+        assert b.purchased == a.purchased
+        assert b.affinities == pytest.approx(a.affinities, rel=1e-9)
+        assert dict(b.trending) == pytest.approx(dict(a.trending), rel=1e-9)
+
+    def counts(store):
+        return dict(redis_only.zrange(f"{store.prefix}:items:n", 0, -1, withscores=True))
+
+    assert counts(shuffled_store) == counts(ordered_store)
+    now = T0 + 4 * 86_400_000
+    pop_ordered = ordered_store.decayed_popularity(redis_only, now)
+    assert len(pop_ordered) == len({e.item_id for e in events})
+    assert shuffled_store.decayed_popularity(redis_only, now) == pytest.approx(pop_ordered, rel=1e-9)
+
+
+def test_decayed_popularity_matches_the_closed_form(redis_only) -> None:
+    store = new_store()
+    events = random_events(seed=3, n=120)
+    random.Random(1).shuffle(events)
+    store.apply(redis_only, events)
+    now = T0 + 5 * 86_400_000
+    weights = BASE.type_weights()
+    expected: dict[str, float] = {}
+    for e in events:
+        expected[e.item_id] = expected.get(e.item_id, 0.0) + weights[e.type] * 2 ** (
+            -(now - e.ts) / BASE.trend_half_life_ms
+        )
+    assert store.decayed_popularity(redis_only, now) == pytest.approx(expected, rel=1e-9)
+
+
+def test_decayed_popularity_of_an_empty_store(redis_only) -> None:
+    assert new_store().decayed_popularity(redis_only, T0) == {}
+
+
+def test_affinity_half_life(redis_only) -> None:
+    store = new_store()
+    hl = BASE.affinity_half_life_ms
+    store.apply(redis_only, [ev("u", "late", T0 + hl), ev("u", "early", T0)])
+    state = one(redis_only, store, "u")
+    assert state.affinities["late"] == pytest.approx(1.0)
+    assert state.affinities["early"] == pytest.approx(0.5, rel=1e-9)
+
+
+def test_popularity_half_life(redis_only) -> None:
+    store = new_store()
+    hl = BASE.trend_half_life_ms
+    store.apply(redis_only, [ev("u", "early", T0), ev("v", "late", T0 + hl)])
+    assert store.decayed_popularity(redis_only, T0 + hl) == pytest.approx({"early": 0.5, "late": 1.0}, rel=1e-9)
+    assert store.decayed_popularity(redis_only, T0 + 3 * hl) == pytest.approx(
+        {"early": 0.125, "late": 0.25}, rel=1e-9
+    )
+
+
+def test_event_types_are_weighted(redis_only) -> None:
+    store = new_store()
+    store.apply(redis_only, [ev("u", "b", T0, "browse"), ev("u", "c", T0, "click"), ev("u", "p", T0, "purchase")])
+    assert one(redis_only, store, "u").affinities == pytest.approx({"p": 1.0, "c": 0.5, "b": 0.25})
+    assert store.decayed_popularity(redis_only, T0) == pytest.approx({"b": 1.0, "c": 2.0, "p": 4.0})
+
+
+def test_affinities_are_per_user_and_max_normalised(redis_only) -> None:
+    store = new_store()
+    store.apply(redis_only, [ev("u", "a", T0), ev("u", "a", T0 + 1), ev("u", "b", T0 + 2), ev("v", "b", T0)])
+    [u, v] = store.fetch(redis_only, ["u", "v"])
+    assert u.affinities == pytest.approx({"a": 1.0, "b": 0.5}, rel=1e-6)
+    assert v.affinities == {"b": 1.0}
+
+
+# ---- rescaling over many half-lives ------------------------------------------------------------------
+
+HL = 1000  # one second: a few dozen events span hundreds of half-lives
+
+
+def test_rescaling_keeps_ratios_and_scores_finite(redis_only) -> None:
+    store = new_store(trend_half_life_ms=HL, affinity_half_life_ms=HL)
+    # one item per step, 10 half-lives apart, over 300 half-lives; then three close to the end
+    steps = [ev("u", f"s{k}", T0 + k * 10 * HL) for k in range(31)]
+    end = T0 + 300 * HL
+    tail = [ev("u", "p", end - HL, "purchase"), ev("u", "q", end - 2 * HL), ev("u", "r", end - 3 * HL, "click")]
+    store.apply(redis_only, steps[:20])
+    store.apply(redis_only, steps[20:] + tail)
+
+    landmark = int(redis_only.get(f"{store.prefix}:pop:L"))
+    assert landmark > T0 + RESCALE_AFTER_HALF_LIVES * HL  # the landmark moved forward
+    for key in (f"{store.prefix}:pop", f"{store.prefix}:u:u:aff"):
+        scores = raw_scores(redis_only, key)
+        assert all(math.isfinite(s) and 0 <= s < 2 ** (RESCALE_AFTER_HALF_LIVES + 3) for s in scores)
+
+    pop = store.decayed_popularity(redis_only, end)
+    assert pop["s30"] == pytest.approx(1.0, rel=1e-9)
+    assert pop["p"] == pytest.approx(4 * 0.5, rel=1e-9)
+    assert pop["q"] == pytest.approx(0.25, rel=1e-9)
+    assert pop["r"] == pytest.approx(2 * 0.125, rel=1e-9)
+    assert pop["s29"] == pytest.approx(2.0**-10, rel=1e-9)
+    assert pop["s25"] == pytest.approx(2.0**-50, rel=1e-9)
+
+    aff = one(redis_only, store, "u").affinities  # relative to the top item, p (4 * 0.5 = 2)
+    assert aff["p"] == 1.0
+    assert aff["s30"] == pytest.approx(1.0 / 2, rel=1e-9)
+    assert aff["q"] == pytest.approx(0.25 / 2, rel=1e-9)
+    assert aff["r"] == pytest.approx(0.25 / 2, rel=1e-9)
+    assert aff["s28"] == pytest.approx(2.0**-20 / 2, rel=1e-9)
+
+
+def test_out_of_order_arrival_across_rescales(redis_only) -> None:
+    events = [ev(f"u{k % 3}", f"i{k % 7}", T0 + k * 5 * HL, ("browse", "click")[k % 2]) for k in range(60)]
+    shuffled = events[:]
+    random.Random(9).shuffle(shuffled)
+    a = new_store(trend_half_life_ms=HL, affinity_half_life_ms=HL)
+    b = new_store(trend_half_life_ms=HL, affinity_half_life_ms=HL)
+    a.apply(redis_only, events)
+    b.apply(redis_only, shuffled)
+    now = T0 + 300 * HL
+    pa, pb = a.decayed_popularity(redis_only, now), b.decayed_popularity(redis_only, now)
+    assert set(pa) == set(pb) == {f"i{k}" for k in range(7)}
+    assert pb == pytest.approx(pa, rel=1e-9)
+    assert max(pa.values()) / min(pa.values()) > 2**20  # the values really span many half-lives
+    for user in ("u0", "u1", "u2"):
+        assert one(redis_only, b, user).affinities == pytest.approx(
+            one(redis_only, a, user).affinities, rel=1e-9
+        )
+    assert all(math.isfinite(s) for s in raw_scores(redis_only, f"{b.prefix}:pop"))
+
+
+def test_a_single_jump_of_thousands_of_half_lives(redis_only) -> None:
+    store = new_store(trend_half_life_ms=HL, affinity_half_life_ms=HL)
+    store.apply(redis_only, [ev("u", "old", T0)])
+    store.apply(redis_only, [ev("u", "new", T0 + 2000 * HL), ev("u", "near", T0 + 1999 * HL)])
+    assert all(math.isfinite(s) for s in raw_scores(redis_only, f"{store.prefix}:pop"))
+    pop = store.decayed_popularity(redis_only, T0 + 2000 * HL)
+    assert pop["new"] == pytest.approx(1.0)
+    assert pop["near"] == pytest.approx(0.5)
+    assert one(redis_only, store, "u").affinities["new"] == pytest.approx(1.0)
+
+
+def test_old_first_event_does_not_break_popularity_of_current_ones(redis_only) -> None:
+    store = StateStore(Settings(kafka_bootstrap=None, redis_url=None), prefix=f"t{uuid.uuid4().hex}")
+    store.apply(redis_only, [ev("u", "ancient", 1_000)])
+    store.apply(redis_only, [ev("u", "current", T0)])
+    assert store.decayed_popularity(redis_only, T0)["current"] == pytest.approx(1.0)
+
+
+# ---- co-visitation ---------------------------------------------------------------------------------
+
+
+def test_covis_is_symmetric_and_counts_pairs(redis_only) -> None:
+    store = new_store()
+    store.apply(redis_only, [ev("u", "a", T0), ev("u", "b", T0 + MINUTE)])
+    store.apply(redis_only, [ev("v", "a", T0), ev("v", "b", T0 + MINUTE)])
+    assert covis(redis_only, store, "a") == {"b": 2.0}
+    assert covis(redis_only, store, "b") == {"a": 2.0}
+
+
+def test_covis_never_pairs_an_item_with_itself_or_counts_it_twice(redis_only) -> None:
+    store = new_store()
+    store.apply(redis_only, [ev("u", "a", T0), ev("u", "a", T0 + 1), ev("u", "b", T0 + 2), ev("u", "b", T0 + 3)])
+    # 2nd a: only a before it; 1st b: a (twice in the sequence, counted once); 2nd b: a (b skipped)
+    assert covis(redis_only, store, "a") == {"b": 2.0}
+    assert covis(redis_only, store, "b") == {"a": 2.0}
+
+
+def test_covis_fanout_is_bounded(redis_only) -> None:
+    store = new_store(covis_fanout=3)
+    store.apply(redis_only, [ev("u", f"i{k}", T0 + k * MINUTE) for k in range(8)])
+    store.apply(redis_only, [ev("u", "new", T0 + 9 * MINUTE)])
+    assert set(covis(redis_only, store, "new")) == {"i7", "i6", "i5"}  # the three most recent
+    assert all(len(covis(redis_only, store, f"i{k}")) <= 3 + 3 for k in range(8))
+    assert len(covis(redis_only, store, "i0")) == 3  # paired with i1..i3 when they arrived
+
+
+def test_covis_fanout_zero_disables_covis(redis_only) -> None:
+    store = new_store(covis_fanout=0)
+    store.apply(redis_only, [ev("u", f"i{k}", T0 + k) for k in range(5)])
+    assert not list(redis_only.scan_iter(match=f"{store.prefix}:covis:*"))
+
+
+def test_covis_window_is_respected(redis_only) -> None:
+    window = 10 * MINUTE
+    store = new_store(covis_window_ms=window)
+    store.apply(
+        redis_only,
+        [
+            ev("u", "far", T0),
+            ev("u", "near", T0 + window + MINUTE),  # more than a window after "far"
+            ev("u", "x", T0 + window + 2 * MINUTE),  # within a window of "near" only
+        ],
+    )
+    assert covis(redis_only, store, "far") == {}
+    assert covis(redis_only, store, "near") == {"x": 1.0}
+    assert covis(redis_only, store, "x") == {"near": 1.0}
+
+
+def test_late_event_pairs_with_its_neighbours_in_event_time(redis_only) -> None:
+    window = 10 * MINUTE
+    store = new_store(covis_window_ms=window)
+    store.apply(redis_only, [ev("u", "a", T0), ev("u", "b", T0 + 30 * MINUTE)])
+    store.apply(redis_only, [ev("u", "late", T0 + 25 * MINUTE)])  # arrives last, belongs next to b
+    assert covis(redis_only, store, "late") == {"b": 1.0}
+
+
+def test_fetch_returns_covis_of_recent_items(redis_only) -> None:
+    store = new_store()
+    store.apply(redis_only, [ev("v", "a", T0), ev("v", "x", T0 + 1), ev("v", "b", T0 + 2), ev("v", "y", T0 + 3)])
+    store.apply(redis_only, [ev("u", "a", T0 + HOUR * 5), ev("u", "b", T0 + HOUR * 10)])
+    state = one(redis_only, store, "u")
+    assert set(state.covis) == {"a", "b"}
+    assert dict(state.covis["b"]) == {"x": 1.0, "y": 1.0, "a": 1.0}
+    assert dict(state.covis["a"]) == {"x": 1.0, "b": 1.0, "y": 1.0}
+
+
+# ---- fetch --------------------------------------------------------------------------------------------
+
+
+def test_fetch_unknown_user(redis_only) -> None:
+    store = new_store()
+    store.apply(redis_only, [ev("someone", "hot", T0, "purchase"), ev("someone", "warm", T0)])
+    state = one(redis_only, store, "nobody")
+    assert state.user_id == "nobody"
+    assert not state.known
+    assert state.sequence == [] and state.counts == {} and state.affinities == {}
+    assert state.purchased == set() and state.covis == {}
+    assert (state.first_ts, state.last_ts) == (None, None)
+    assert state.exclude == frozenset()
+    assert state.trending == [("hot", 1.0), ("warm", 0.25)]  # trending is there even for strangers
+
+
+def test_fetch_on_an_empty_store(redis_only) -> None:
+    [state] = new_store().fetch(redis_only, ["u"])
+    assert not state.known and state.trending == []
+
+
+def test_fetch_many_users_in_one_call(redis_only) -> None:
+    store = new_store()
+    users = [f"user{n}" for n in range(30)]
+    store.apply(redis_only, [ev(u, f"item{n}", T0 + n, "click") for n, u in enumerate(users)])
+    asked = users + ["ghost"] + users[:2]
+    states = store.fetch(redis_only, asked)
+    assert [s.user_id for s in states] == asked
+    for n, s in enumerate(states[:30]):
+        assert [e.item_id for e in s.sequence] == [f"item{n}"]
+        assert s.counts == {"click": 1, "n": 1}
+    assert not states[30].known
+    assert states[31].sequence == states[0].sequence
+    assert all(s.trending == states[0].trending for s in states)
+    assert store.fetch(redis_only, []) == []
+
+
+def test_trending_is_capped_by_the_pool_size(redis_only) -> None:
+    store = new_store(trending_pool=5)
+    store.apply(redis_only, [ev("u", f"i{n:02d}", T0 + n) for n in range(12)])
+    trending = one(redis_only, store, "u").trending
+    assert len(trending) == 5
+    assert [item for item, _ in trending] == ["i11", "i10", "i09", "i08", "i07"]
+    assert trending[0][1] == 1.0
+    assert all(a[1] >= b[1] for a, b in zip(trending, trending[1:]))
+
+
+def test_stores_with_different_prefixes_do_not_share_state(redis_only) -> None:
+    a, b = new_store(), new_store()
+    a.apply(redis_only, [ev("u", "x", T0, eid="shared-id")])
+    assert b.apply(redis_only, [ev("u", "y", T0, eid="shared-id")]) == [True]
+    assert [e.item_id for e in one(redis_only, a, "u").sequence] == ["x"]
+    assert [e.item_id for e in one(redis_only, b, "u").sequence] == ["y"]
