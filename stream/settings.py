@@ -98,6 +98,36 @@ class Settings(BaseSettings):
     blend_recent_items: int = Field(10, description="recent items whose neighbours are used")
     trending_pool: int = Field(200, description="trending items fetched as candidates")
 
+    # --- generative model (model/) -----------------------------------------------------
+    recommender: Literal["generative", "blend"] = Field(
+        "generative", description="generative model when a checkpoint exists, else the blend"
+    )
+    backend: Literal["torch", "vllm"] = "torch"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    checkpoint_dir: Path = Field(Path(".rtrec/checkpoints"), description="versioned checkpoints")
+    model_family: Literal["llama", "qwen2", "t5"] = "llama"
+    model_layout: Literal["item_type", "item"] = Field(
+        "item_type", description="tokens per event: item then type, or item only"
+    )
+    model_hidden: int = 128
+    model_layers: int = 2
+    model_heads: int = Field(2, description="head_dim = hidden/heads; vLLM on CPU needs >= 64")
+    model_intermediate: int = 512
+    model_dropout: float = 0.1
+    model_max_events: int = Field(50, description="history length the model reads")
+    model_item_capacity: int = Field(4096, description="reserved item rows")
+    model_hash_buckets: int = Field(64, description="shared rows for items beyond capacity")
+    train_epochs: int = 40
+    train_batch_size: int = 64
+    train_lr: float = 2e-3
+    train_weight_decay: float = 0.01
+    train_patience: int = Field(5, description="epochs without validation gain before stopping")
+    train_seed: int = 0
+    t5_targets_per_sequence: int = Field(8, description="prefixes sampled per sequence per epoch")
+    diversity_max_per_category: int = Field(
+        0, description="re-rank so at most N items share a category (0 = off)"
+    )
+
     # --- observability ---------------------------------------------------------------
     record_latency: bool = Field(
         False, description="state worker keeps event->visible latency samples in Redis"

@@ -1,0 +1,221 @@
+"""Event loading and the leave-one-out split used by offline evaluation and training.
+
+Everything here produces rtrec's wire-format event dicts, so the same events can be
+replayed through ``StateStore`` (what the live system does) and fed to offline models.
+
+MovieLens has ratings, not typed events. ``RATING_TO_TYPE`` is the one place the mapping
+lives; the original rating stays on each event as an extra ``"rating"`` key (strip it
+before ``stream.events.event_from_dict``-style validation if a consumer objects).
+
+>>> events = [
+...     {"event_id": "a", "user_id": "u", "item_id": "x", "type": "browse", "ts": 1},
+...     {"event_id": "b", "user_id": "u", "item_id": "y", "type": "click", "ts": 2},
+...     {"event_id": "c", "user_id": "u", "item_id": "z", "type": "purchase", "ts": 3},
+... ]
+>>> split = leave_one_out(events)
+>>> split.test_users, split.target("u"), split.valid_target("u")
+(['u'], 'z', 'y')
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stream.eventfile import read_events
+
+RATING_TO_TYPE: dict[int, str] = {5: "purchase", 4: "click", 3: "browse", 2: "browse", 1: "browse"}
+"""MovieLens rating -> rtrec event type: 5 = purchase (strongest), 4 = click, 3 or less = browse.
+
+An explicit, documented choice (MovieLens has no types): a 5-star rating is the closest thing
+to a conversion, a 4 to a positive interaction, anything lower to having merely looked.
+"""
+
+ML100K_FILE = "u.data"
+ML1M_FILES = ("ratings.dat", "ratings.dat.gz")
+SHARED_DATASETS: dict[str, tuple[str, ...]] = {
+    "ml-100k": (ML100K_FILE,),
+    "ml-1m-partial": ML1M_FILES,
+}
+
+Event = dict[str, Any]
+
+
+def rating_type(rating: int) -> str:
+    """The event type of a MovieLens rating (see ``RATING_TO_TYPE``); half stars round down."""
+    return RATING_TO_TYPE[min(max(int(rating), 1), 5)]
+
+
+def _ml_event(user: str, item: str, rating: str, ts: str) -> Event:
+    r = int(rating)
+    return {
+        "event_id": f"ml-{user}-{item}",
+        "user_id": user,
+        "item_id": item,
+        "type": rating_type(r),
+        "ts": int(ts) * 1000,
+        "rating": r,
+    }
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="latin-1") as f:  # MovieLens files predate UTF-8
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                yield lineno, line.rstrip("\r\n")
+
+
+def _parse(path: Path, sep: str) -> list[Event]:
+    events = []
+    for lineno, line in _lines(path):
+        parts = line.split(sep)
+        if len(parts) != 4:
+            raise ValueError(f"{path}:{lineno}: expected user{sep}item{sep}rating{sep}ts, got {line[:60]!r}")
+        try:
+            events.append(_ml_event(parts[0].strip(), parts[1].strip(), parts[2].strip(), parts[3].strip()))
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: rating and timestamp must be integers: {line[:60]!r}") from None
+    return events
+
+
+def _resolve(path: str | Path, names: Iterable[str]) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        for name in names:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path}: holds none of {', '.join(names)}")
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    return path
+
+
+def load_movielens_100k(path: str | Path) -> list[Event]:
+    """Events from MovieLens-100K ``u.data`` (``user \\t item \\t rating \\t unix_ts``), file order."""
+    return _parse(_resolve(path, (ML100K_FILE,)), "\t")
+
+
+def load_movielens_1m(path: str | Path) -> list[Event]:
+    """Events from MovieLens-1M ``ratings.dat[.gz]`` (``user::item::rating::unix_ts``), file order."""
+    return _parse(_resolve(path, ML1M_FILES), "::")
+
+
+def _movielens_kind(path: Path) -> str | None:
+    """'100k' / '1m' when the path is (or is a folder holding) a MovieLens ratings file."""
+    name = path.name.lower()
+    if path.is_file():
+        return "100k" if name == ML100K_FILE else "1m" if name in ML1M_FILES else None
+    if path.is_dir():
+        if (path / ML100K_FILE).is_file():
+            return "100k"
+        if any((path / n).is_file() for n in ML1M_FILES):
+            return "1m"
+    return None
+
+
+def sort_events(events: Iterable[Event]) -> list[Event]:
+    """Events by ts; equal timestamps keep their input order (Python's sort is stable)."""
+    return sorted(events, key=lambda e: e["ts"])
+
+
+def load_events(source: str | Path) -> list[Event]:
+    """MovieLens files/folders or any rtrec event file (jsonl/csv[.gz]), sorted by (ts, input order)."""
+    path = Path(source)
+    kind = _movielens_kind(path)
+    if kind == "100k":
+        events = load_movielens_100k(path)
+    elif kind == "1m":
+        events = load_movielens_1m(path)
+    elif path.is_dir():
+        raise ValueError(f"{path}: a folder, but holds no {ML100K_FILE} or {'/'.join(ML1M_FILES)}")
+    else:
+        events = list(read_events(path))
+    return sort_events(events)
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def shared_dataset(name: str) -> Path | None:
+    """Folder of a developer-only shared dataset ("ml-100k", "ml-1m-partial"), or None if absent.
+
+    Looks in ``$RTREC_SHARED_DATA`` (the ``data`` folder, or the shared root holding it), then
+    ``../shared/data`` next to the repo and next to the working directory. These datasets are
+    never available to users: callers must skip with a clear message on None.
+    """
+    if name not in SHARED_DATASETS:
+        raise ValueError(f"unknown shared dataset {name!r}; known: {', '.join(SHARED_DATASETS)}")
+    roots: list[Path] = []
+    env = os.environ.get("RTREC_SHARED_DATA")
+    if env:
+        roots += [Path(env), Path(env) / "data"]
+    roots += [_repo_root().parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    for root in roots:
+        folder = root / name
+        if any((folder / f).is_file() for f in SHARED_DATASETS[name]):
+            return folder
+    return None
+
+
+@dataclass
+class Split:
+    """Leave-one-out split: per evaluated user, the last event is test, the one before it valid.
+
+    ``train_events`` (all but each evaluated user's last event) is what baselines learn from
+    and what test-time history is built from; ``fit_events`` (all but the last two) is what a
+    model with early stopping trains on, validating on ``valid_target``. All lists keep the
+    global (ts, input order) order; ``test_users`` are in the order of their first event.
+    """
+
+    events: list[Event]
+    train_events: list[Event]
+    fit_events: list[Event]
+    test_users: list[str]
+    items: list[str]
+    item_popularity: dict[str, int]
+    _by_user: dict[str, list[Event]] = field(repr=False)
+
+    def history(self, user: str) -> list[Event]:
+        """The user's events the test target is predicted from (all but the last)."""
+        return self._by_user[user][:-1]
+
+    def target(self, user: str) -> str:
+        return self._by_user[user][-1]["item_id"]
+
+    def valid_history(self, user: str) -> list[Event]:
+        return self._by_user[user][:-2]
+
+    def valid_target(self, user: str) -> str:
+        return self._by_user[user][-2]["item_id"]
+
+    def __repr__(self) -> str:
+        return (
+            f"Split(events={len(self.events)}, train={len(self.train_events)}, "
+            f"fit={len(self.fit_events)}, test_users={len(self.test_users)}, items={len(self.items)})"
+        )
+
+
+def leave_one_out(events: Iterable[Event], min_events: int = 3) -> Split:
+    """Split events per user; users with fewer than ``min_events`` stay in training, unevaluated."""
+    if min_events < 2:
+        raise ValueError("min_events must be >= 2 (a user needs a history and a target)")
+    ordered = sort_events(events)
+    positions: dict[str, list[int]] = {}
+    for pos, e in enumerate(ordered):
+        positions.setdefault(e["user_id"], []).append(pos)
+    test_users = [u for u, p in positions.items() if len(p) >= min_events]
+    last = {positions[u][-1] for u in test_users}
+    second = {positions[u][-2] for u in test_users}
+    train = [e for pos, e in enumerate(ordered) if pos not in last]
+    fit = [e for pos, e in enumerate(ordered) if pos not in last and pos not in second]
+    by_user = {u: [ordered[p] for p in positions[u]] for u in test_users}
+    items = sorted({e["item_id"] for e in ordered})
+    popularity = dict(Counter(e["item_id"] for e in train))
+    return Split(ordered, train, fit, test_users, items, popularity, by_user)

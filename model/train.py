@@ -1,0 +1,195 @@
+"""Next-item training: full softmax over the vocabulary, AdamW, early stopping on a held-out item.
+
+Deterministic for a seed on CPU. On a GPU the forward/backward runs under
+bf16 autocast (mixed precision). Progress is a tqdm bar per epoch; the loss and
+validation curves are returned (and plotted by the CLI).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+from model.sequence_model import is_encoder_decoder, next_item_logits, top_items
+from model.tokens import History, encode, item_labels, right_padded
+from model.vocab import ItemVocab
+from stream.settings import Settings
+
+
+@dataclass
+class ValidationCase:
+    history: History
+    target: str
+    exclude: frozenset[str]
+
+
+@dataclass
+class TrainReport:
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
+    best_epoch: int = 0
+    best: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    examples: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def user_histories(events: Iterable[dict[str, Any]]) -> dict[str, list[tuple[str, str]]]:
+    """(item, type) per user in the order given (callers pass time-ordered events)."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for e in events:
+        out.setdefault(str(e["user_id"]), []).append((str(e["item_id"]), str(e["type"])))
+    return out
+
+
+def vocab_for(histories: Iterable[History], settings: Settings) -> ItemVocab:
+    """A vocabulary holding every item seen, with at least 25 % spare rows for the stream."""
+    items: dict[str, None] = {}
+    for hist in histories:
+        for item, _ in hist:
+            items.setdefault(item, None)
+    capacity = max(settings.model_item_capacity, math.ceil(len(items) * 1.25))
+    vocab = ItemVocab(capacity=capacity, hash_buckets=settings.model_hash_buckets)
+    for item in items:
+        vocab.add(item)
+    return vocab
+
+
+def decoder_examples(histories: Iterable[History], vocab: ItemVocab, layout: str, max_events: int) -> list[list[int]]:
+    """Each history cut into windows of `max_events` (newest first); every item is a target."""
+    out = []
+    for hist in histories:
+        for end in range(len(hist), 1, -max_events):
+            out.append(encode(hist[max(0, end - max_events) : end], vocab, layout, max_events, grow=True))
+    return out
+
+
+def t5_examples(histories: Sequence[History], vocab: ItemVocab, layout: str, max_events: int,
+                per_sequence: int, rng: random.Random) -> list[tuple[list[int], int]]:
+    """(history prefix, next item) pairs: `per_sequence` random cut points per history."""
+    out = []
+    for hist in histories:
+        if len(hist) < 2:
+            continue
+        cuts = rng.sample(range(1, len(hist)), min(per_sequence, len(hist) - 1))
+        for j in cuts:
+            target = vocab.add(hist[j][0])
+            if target in vocab.item_token_range():
+                out.append((encode(hist[max(0, j - max_events) : j], vocab, layout, max_events, grow=True), target))
+    return out
+
+
+def evaluate_cases(model: PreTrainedModel, vocab: ItemVocab, cases: Sequence[ValidationCase], layout: str,
+                   max_events: int, device: torch.device, k: int = 10, batch_size: int = 256) -> dict[str, float]:
+    """HR@k and NDCG@k of the next item, full ranking over all items."""
+    model.eval()
+    hits = ndcg = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(cases), batch_size):
+            chunk = cases[start : start + batch_size]
+            seqs = [encode(c.history, vocab, layout, max_events) for c in chunk]
+            ranked = top_items(next_item_logits(model, seqs, device), vocab, [c.exclude for c in chunk], k)
+            for case, items in zip(chunk, ranked):
+                ids = [i for i, _ in items]
+                if case.target in ids:
+                    hits += 1
+                    ndcg += 1 / math.log2(ids.index(case.target) + 2)
+    n = max(1, len(cases))
+    return {f"HR@{k}": hits / n, f"NDCG@{k}": ndcg / n}
+
+
+def _batches(examples: list, batch_size: int, rng: random.Random) -> list[list]:
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    return [[examples[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+
+
+def train_model(
+    model: PreTrainedModel,
+    vocab: ItemVocab,
+    histories: Sequence[History],
+    settings: Settings,
+    device: torch.device,
+    validation: Sequence[ValidationCase] = (),
+    epochs: int | None = None,
+    progress: bool = True,
+) -> TrainReport:
+    """Train in place; with validation cases, keep the best epoch's weights (early stopping)."""
+    s = settings
+    seed_everything(s.train_seed)
+    rng = random.Random(s.train_seed)
+    layout, max_events = s.model_layout, s.model_max_events
+    seq2seq = is_encoder_decoder(model)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.train_lr, weight_decay=s.train_weight_decay)
+    use_bf16 = device.type == "cuda"
+    report = TrainReport()
+    best_score, best_state, stale = -1.0, None, 0
+    started = time.monotonic()
+    fixed = None if seq2seq else decoder_examples(histories, vocab, layout, max_events)
+    step = 0
+    for epoch in range(1, (epochs or s.train_epochs) + 1):
+        examples = fixed or t5_examples(histories, vocab, layout, max_events, s.t5_targets_per_sequence, rng)
+        report.examples = len(examples)
+        model.train()
+        total, count = 0.0, 0
+        bar = tqdm(_batches(examples, s.train_batch_size, rng), desc=f"epoch {epoch}", unit="batch",
+                   disable=not progress, leave=False)
+        for batch in bar:
+            warmup = min(1.0, (step + 1) / 100)
+            for group in optimizer.param_groups:
+                group["lr"] = s.train_lr * warmup
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = _loss(model, batch, vocab, seq2seq, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            total += loss.item() * len(batch)
+            count += len(batch)
+            bar.set_postfix(loss=f"{total / count:.3f}")
+        row = {"epoch": epoch, "loss": total / max(1, count), "seconds": time.monotonic() - started}
+        if validation:
+            row.update(evaluate_cases(model, vocab, validation, layout, max_events, device))
+            score = row["NDCG@10"]
+            if score > best_score:
+                best_score, stale = score, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                report.best_epoch, report.best = epoch, dict(row)
+            else:
+                stale += 1
+        report.history.append(row)
+        if progress:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds"))
+            tqdm.write(f"epoch {epoch}: {shown}")
+        if validation and stale >= s.train_patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    if not validation:
+        report.best_epoch, report.best = len(report.history), dict(report.history[-1]) if report.history else {}
+    report.seconds = time.monotonic() - started
+    model.eval()
+    return report
+
+
+def _loss(model: PreTrainedModel, batch: list, vocab: ItemVocab, seq2seq: bool, device: torch.device) -> torch.Tensor:
+    if seq2seq:
+        inputs = right_padded([ids for ids, _ in batch], device=device)
+        labels = torch.tensor([[target] for _, target in batch], dtype=torch.long, device=device)
+        return model(**inputs, labels=labels).loss
+    inputs = right_padded(batch, [item_labels(ids, vocab) for ids in batch], device=device)
+    return model(**inputs).loss
