@@ -52,6 +52,19 @@ def build_model(settings: Settings, vocab: ItemVocab) -> PreTrainedModel:
     return LlamaForCausalLM(LlamaConfig(**common))
 
 
+def resize_for(model: PreTrainedModel, vocab: ItemVocab) -> bool:
+    """Give the model one embedding row per vocabulary row after `vocab.grow()`.
+
+    Rows keep their ids (the layout only ever appends), so every existing item
+    keeps its learned embedding; new rows start from the mean embedding.
+    """
+    current = model.get_input_embeddings().num_embeddings
+    if current >= vocab.size:
+        return False
+    model.resize_token_embeddings(vocab.size, mean_resizing=True)
+    return True
+
+
 def is_encoder_decoder(model: PreTrainedModel) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
@@ -187,9 +188,25 @@ def train_model(
 
 
 def _loss(model: PreTrainedModel, batch: list, vocab: ItemVocab, seq2seq: bool, device: torch.device) -> torch.Tensor:
+    """Cross-entropy of the next item, a full softmax over the assigned item tokens only.
+
+    Only positions followed by an item are projected (half of them in the
+    item_type layout), and only onto item rows: cheaper than the full-vocabulary
+    head and exactly the distribution that serving ranks.
+    """
+    items = vocab.item_token_range()
+    head = model.get_output_embeddings().weight[items.start : items.stop]
     if seq2seq:
         inputs = right_padded([ids for ids, _ in batch], device=device)
-        labels = torch.tensor([[target] for _, target in batch], dtype=torch.long, device=device)
-        return model(**inputs, labels=labels).loss
+        start = torch.full((len(batch), 1), model.config.decoder_start_token_id, dtype=torch.long, device=device)
+        out = model(**inputs, decoder_input_ids=start, output_hidden_states=True)
+        hidden = out.decoder_hidden_states[-1][:, 0]
+        if model.config.tie_word_embeddings:  # T5 rescales before its tied head
+            hidden = hidden * (model.config.d_model**-0.5)
+        targets = torch.tensor([t for _, t in batch], dtype=torch.long, device=device)
+        return F.cross_entropy((hidden @ head.T).float(), targets - items.start)
     inputs = right_padded(batch, [item_labels(ids, vocab) for ids in batch], device=device)
-    return model(**inputs).loss
+    labels = inputs.pop("labels")[:, 1:]
+    hidden = model.base_model(**inputs).last_hidden_state[:, :-1]
+    keep = labels != -100
+    return F.cross_entropy((hidden[keep] @ head.T).float(), labels[keep] - items.start)

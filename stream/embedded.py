@@ -157,11 +157,21 @@ def start_redis(
 
 
 def python_env(settings: Settings, **overrides: str) -> dict[str, str]:
-    """Environment for a worker subprocess: this one plus the resolved server addresses."""
+    """Environment for a worker subprocess: this one plus every explicitly set setting.
+
+    Settings set in code (resolved server addresses, a test's checkpoint
+    directory, ...) reach the child as RTREC_* variables, so parent and worker
+    processes agree on the whole configuration, not just the addresses.
+    """
     env = dict(os.environ)
-    if settings.kafka_bootstrap:
-        env["RTREC_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
-    if settings.redis_url:
-        env["RTREC_REDIS_URL"] = settings.redis_url
+    for name in settings.model_fields_set:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[f"RTREC_{name.upper()}"] = str(value)
     env.update(overrides)
     return env

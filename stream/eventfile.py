@@ -21,7 +21,7 @@ CSV_COLUMNS = ("event_id", "user_id", "item_id", "type", "ts", "session_id", "pr
 CSV_REQUIRED = ("user_id", "item_id", "type", "ts")
 
 
-def _format(path: Path) -> tuple[str, bool]:
+def file_format(path: Path) -> tuple[str, bool]:
     """('json' | 'csv', gzipped?) from the file name, or ValueError for anything else."""
     name = path.name.lower()
     gz = name.endswith(".gz")
@@ -36,7 +36,7 @@ def _format(path: Path) -> tuple[str, bool]:
     )
 
 
-def _open(path: Path, gz: bool, write: bool) -> IO[str]:
+def open_text(path: Path, gz: bool, write: bool) -> IO[str]:
     """Text handle; newline='' leaves line endings to the csv module and json lines alike."""
     if not gz:
         return open(path, "w" if write else "r", encoding="utf-8" if write else "utf-8-sig", newline="")
@@ -48,12 +48,12 @@ def _open(path: Path, gz: bool, write: bool) -> IO[str]:
 def read_events(path: str | Path) -> Iterator[dict[str, Any]]:
     """Yield the event dicts in a file, lazily, in file order (the format is checked at once)."""
     path = Path(path)
-    kind, gz = _format(path)
+    kind, gz = file_format(path)
     return _read_json(path, gz) if kind == "json" else _read_csv(path, gz)
 
 
 def _read_json(path: Path, gz: bool) -> Iterator[dict[str, Any]]:
-    with _open(path, gz, write=False) as f:
+    with open_text(path, gz, write=False) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -81,7 +81,7 @@ _CONVERT = {"ts": _to_int, "quantity": _to_int, "price": float, "context": json.
 
 
 def _read_csv(path: Path, gz: bool) -> Iterator[dict[str, Any]]:
-    with _open(path, gz, write=False) as f:
+    with open_text(path, gz, write=False) as f:
         reader = csv.reader(f)
         header = [name.strip() for name in next(reader, [])]
         if not header:
@@ -112,9 +112,9 @@ def _read_csv(path: Path, gz: bool) -> Iterator[dict[str, Any]]:
 def write_events(path: str | Path, events: Iterable[dict[str, Any]]) -> int:
     """Write events in the format the file name asks for; returns how many were written."""
     path = Path(path)
-    kind, gz = _format(path)
+    kind, gz = file_format(path)
     count = 0
-    with _open(path, gz, write=True) as f:
+    with open_text(path, gz, write=True) as f:
         if kind == "json":
             for event in events:
                 f.write(json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n")

@@ -33,6 +33,8 @@ class RecClient:
             fetch_max_wait_ms=20,
             **kafka_python_auth(settings),
         )
+        self.responses: dict[str, dict[str, Any]] = {}
+        self.arrivals: dict[str, float] = {}
         partitions = self._partitions()
         self.consumer.assign(partitions)
         self.consumer.seek_to_end(*partitions)
@@ -60,19 +62,25 @@ class RecClient:
         self.producer.send(self.settings.topic_requests, key=user_id.encode(), value=request.to_json())
         return request.request_id
 
+    def poll(self, timeout_ms: int = 50) -> None:
+        """Read whatever responses arrived; remember them and when they arrived (perf_counter)."""
+        for records in self.consumer.poll(timeout_ms=timeout_ms).values():
+            now = time.perf_counter()
+            for rec in records:
+                resp = json.loads(rec.value)
+                rid = resp.get("request_id")
+                if rid and rid not in self.responses:
+                    self.responses[rid] = resp
+                    self.arrivals[rid] = now
+
     def collect(self, request_ids: Sequence[str], timeout_s: float = 30) -> dict[str, dict[str, Any]]:
         """Wait for the responses to `request_ids`; returns those that arrived in time."""
         self.producer.flush()
         wanted = set(request_ids)
-        got: dict[str, dict[str, Any]] = {}
         deadline = time.monotonic() + timeout_s
-        while wanted - got.keys() and time.monotonic() < deadline:
-            for records in self.consumer.poll(timeout_ms=50).values():
-                for rec in records:
-                    resp = json.loads(rec.value)
-                    if resp.get("request_id") in wanted:
-                        got[resp["request_id"]] = resp
-        return got
+        while wanted - self.responses.keys() and time.monotonic() < deadline:
+            self.poll()
+        return {rid: self.responses[rid] for rid in wanted if rid in self.responses}
 
     def recommend(self, user_id: str, k: int = 10, exclude_seen: bool = True, timeout_s: float = 30) -> dict[str, Any]:
         request_id = self.send(user_id, k, exclude_seen)

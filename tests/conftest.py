@@ -23,7 +23,9 @@ def _settings(**kw) -> Settings:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Stack:
-    st = Stack(_settings(), run_dir=tmp_path_factory.mktemp("stack"))
+    # an empty checkpoint directory: these workers serve the blending baseline
+    run_dir = tmp_path_factory.mktemp("stack")
+    st = Stack(_settings(checkpoint_dir=run_dir / "no-checkpoints"), run_dir=run_dir)
     try:
         st.start(state_workers=1, recommend_workers=1)
         yield st

@@ -150,3 +150,44 @@ def test_demo_shows_recommendations_following_new_events(tmp_path):
         gained += after - before
     assert gained > 0
     assert "model blend-v1" in res.stdout
+
+
+TINY_MODEL_ENV = {"RTREC_MODEL_HIDDEN": "64", "RTREC_MODEL_HEADS": "1", "RTREC_MODEL_LAYERS": "1",
+                  "RTREC_MODEL_INTERMEDIATE": "128", "RTREC_MODEL_MAX_EVENTS": "20",
+                  "RTREC_MODEL_ITEM_CAPACITY": "200", "RTREC_TRAIN_EPOCHS": "2"}
+
+
+def test_train_writes_a_promoted_checkpoint_and_eval_writes_the_table(tmp_path):
+    events = tmp_path / "events.jsonl"
+    assert run_cli(["generate", str(events), "--events", "2000", "--users", "40", "--items", "120",
+                    "--clusters", "4"]).returncode == 0
+    root = tmp_path / "ck"
+    res = run_cli(["train", "--events", str(events), "--out", str(root)], env=TINY_MODEL_ENV, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    version = (root / "CURRENT").read_text()
+    manifest = json.loads((root / version / "manifest.json").read_text())
+    assert manifest["training_window"]["events"] == 2000 and "HR@10" in manifest["metrics"]
+    assert (root / f"{version}-training.png").exists()
+
+    out = tmp_path / "eval"
+    res = run_cli(["eval", "--events", str(events), "--families", "llama,t5", "--out", str(out)],
+                  env=TINY_MODEL_ENV, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    [csv_path] = list(out.glob("*.csv"))
+    names = [line.split(",")[0] for line in csv_path.read_text().splitlines()[1:]]
+    assert names == ["generative-llama", "generative-t5", "blending", "popularity", "river-BiasedMF"]
+    assert list(out.glob("*.png")) and (out / "training-curves.png").exists()
+
+
+@pytest.mark.integration
+def test_train_from_the_events_topic(settings, producer, redis, tmp_path, uid):
+    for n in range(30):
+        producer.send({"event_id": uid(f"t{n}"), "user_id": uid(f"tu{n % 5}"), "item_id": f"topic-i{n % 7}",
+                       "type": "browse", "ts": 1_767_225_600_000 + n})
+    producer.flush()
+    root = tmp_path / "ck"
+    res = run_cli(["train", "--from-topic", "--out", str(root)], env={**stack_env(settings), **TINY_MODEL_ENV},
+                  timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    manifest = json.loads((root / (root / "CURRENT").read_text() / "manifest.json").read_text())
+    assert manifest["training_window"]["events"] >= 30

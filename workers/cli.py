@@ -221,6 +221,68 @@ def dlq() -> None:
     console.print(counts or "no dead letters")
 
 
+@app.command()
+def train(
+    events: Optional[Path] = typer.Option(None, help="event file (JSON lines/CSV, or a MovieLens file)"),
+    from_topic: bool = typer.Option(False, help="train on the events topic instead of a file"),
+    since_hours: float = typer.Option(0.0, help="with --from-topic: only events this recent (0 = all)"),
+    out: Optional[Path] = typer.Option(None, help="checkpoint root (default RTREC_CHECKPOINT_DIR)"),
+    family: Optional[str] = typer.Option(None, help="llama | qwen2 | t5 (default RTREC_MODEL_FAMILY)"),
+    epochs: Optional[int] = typer.Option(None, help="max epochs (early stopping on each user's last event)"),
+    promote: bool = typer.Option(True, help="point CURRENT at the new checkpoint"),
+) -> None:
+    """Train the generative model and write a versioned checkpoint (safetensors + vocab + manifest)."""
+    from model.checkpoint import set_current
+    from model.datasets import load_events
+    from model.pipeline import plot_training, train_checkpoint
+
+    settings = get_settings()
+    update = {k: v for k, v in {"model_family": family, "train_epochs": epochs}.items() if v is not None}
+    settings = settings.model_copy(update=update)
+    if from_topic:
+        from stream.topic_window import read_topic_events
+
+        data = read_topic_events(connected_settings(), since_ms=int(since_hours * 3_600_000) or None)
+    elif events is not None:
+        data = load_events(events)
+    else:
+        console.print("[red]give --events FILE or --from-topic")
+        raise typer.Exit(2)
+    root = out or settings.checkpoint_dir
+    path, report = train_checkpoint(settings, data, root)
+    if promote:
+        set_current(root, path.name)
+    curves = plot_training({settings.model_family: report}, path.parent / f"{path.name}-training.png")
+    console.print(f"checkpoint {path}  best epoch {report.best_epoch}  "
+                  f"validation {{k: round(v, 4) for k, v in report.best.items() if '@' in k}}  "
+                  f"{report.seconds:.0f}s  curves {curves}")
+
+
+@app.command("eval")
+def evaluate_cmd(
+    events: str = typer.Option(..., help="event file, MovieLens file/folder, or ml-100k / ml-1m-partial"),
+    families: str = typer.Option("llama,t5", help="generative families to train and compare"),
+    out: Path = typer.Option(Path("eval-out"), help="CSV, bar chart and training curves go here"),
+    epochs: Optional[int] = typer.Option(None, help="max epochs per family"),
+) -> None:
+    """Leave-one-out HR@10/NDCG@10/Recall@20/coverage/novelty: generative vs blending, popularity, BiasedMF."""
+    from model.pipeline import run_eval
+
+    settings = get_settings()
+    if epochs is not None:
+        settings = settings.model_copy(update={"train_epochs": epochs})
+    run_eval(settings, events, [f for f in families.split(",") if f], out, console)
+
+
+@app.command()
+def catalog(file: Path = typer.Argument(..., help="JSON lines/CSV with item_id and category")) -> None:
+    """Load item categories into Redis (used by diversity re-ranking)."""
+    from stream.catalog import load_catalog
+
+    n = load_catalog(connected_settings(), file)
+    console.print(f"loaded {n} item categories")
+
+
 @bench_app.command("ingest")
 def bench_ingest(
     events: int = typer.Option(50_000, help="synthetic events to replay"),
@@ -231,6 +293,19 @@ def bench_ingest(
     from workers.bench_ingest import run_bench
 
     run_bench(get_settings(), events, baseline_events, plot, console)
+
+
+@bench_app.command("generate")
+def bench_generate(
+    batches: str = typer.Option("1,8,32,128", help="batch sizes to time"),
+    rate: float = typer.Option(200.0, help="requests/s for the over-Kafka latency run"),
+    seconds: float = typer.Option(10.0, help="duration of the over-Kafka run"),
+    plot: Optional[Path] = typer.Option(Path("bench-generate.png"), help="latency histogram PNG"),
+) -> None:
+    """recs/s and per-batch latency of the default model on this machine, and request->response over Kafka."""
+    from workers.bench_generate import run_bench as run_generate_bench
+
+    run_generate_bench(get_settings(), [int(b) for b in batches.split(",")], rate, seconds, plot, console)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`rtrec demo`: the whole loop on the embedded stack, in a minute.
 
-1. start Tansu, Redis, a state worker and a recommendation worker;
+0. train the generative model on the bundled sample (once; later runs reuse the checkpoint);
+1. start Tansu, Redis, a state worker and a recommendation worker serving that model;
 2. replay the bundled sample (shifted so that it ends a minute ago);
 3. ask for recommendations for a few active users;
 4. each of them now browses and clicks in a category they never visited;
@@ -13,10 +14,15 @@ import time
 import uuid
 from collections import Counter
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
+from model.checkpoint import latest_checkpoint, set_current
+from model.pipeline import train_checkpoint
+from stream.catalog import store_categories
 from stream.connections import redis_client
 from stream.eventfile import read_events
 from stream.producer import EventProducer
@@ -25,7 +31,7 @@ from stream.replay import replay_events
 from stream.sample import SAMPLE_CONFIG, SAMPLE_PATH
 from stream.settings import Settings
 from stream.state_store import StateStore
-from stream.synthetic import item_cluster_map, trending_items
+from stream.synthetic import item_catalog, item_cluster_map, trending_items
 from workers.stack import Stack
 
 K = 8
@@ -62,11 +68,28 @@ def _new_interest(events: list[dict], users: list[str], clusters: dict[str, int]
     return plan
 
 
+def ensure_demo_checkpoint(settings: Settings, root: Path, console: Console) -> Path:
+    """Train on the bundled sample unless a checkpoint is already there."""
+    existing = latest_checkpoint(root)
+    if existing is not None:
+        console.print(f"reusing checkpoint {existing} (delete {root} to retrain)")
+        return existing
+    path, report = train_checkpoint(settings, list(read_events(SAMPLE_PATH)), root)
+    set_current(root, path.name)
+    console.print(f"trained {path.name} in {report.seconds:.0f}s (best epoch {report.best_epoch}, "
+                  f"validation HR@10 {report.best.get('HR@10', 0):.3f})")
+    return path
+
+
 def run_demo(settings: Settings, n_users: int, console: Console) -> None:
+    console.rule("[bold]0. the generative model")
+    root = settings.run_dir.parent / "demo-checkpoints"
+    ensure_demo_checkpoint(settings, root, console)
     console.rule("[bold]1. start the embedded stack")
-    with Stack(settings) as stack:
+    with Stack(settings.model_copy(update={"checkpoint_dir": root})) as stack:
         s = stack.start()
         console.print(f"kafka {s.kafka_bootstrap}   redis {s.redis_url}   workers ready")
+        store_categories(s, ((item["item_id"], str(item["cluster"])) for item in item_catalog(SAMPLE_CONFIG)))
         client = redis_client(s)
         store = StateStore(s)
         before_stats = store.stats(client)

@@ -16,6 +16,7 @@ from typing import Sequence
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from model.blending import BlendingRecommender
+from model.loader import load_recommender
 from model.reasons import explain
 from model.recommender import Recommender
 from stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap
@@ -31,6 +32,7 @@ from workers.stack import announce_gone, announce_ready
 
 log = logging.getLogger(__name__)
 STATS_KEY = "rt:stats:recommend"
+CATEGORY_KEY = "rt:item:category"
 
 
 def now_ms() -> int:
@@ -47,12 +49,14 @@ class RecommendWorker:
         producer: AIOKafkaProducer,
         dead_letters: DeadLetters,
         recommender: Recommender,
+        fallback: Recommender | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis_client
         self.producer = producer
         self.dead_letters = dead_letters
         self.recommender = recommender
+        self.fallback = fallback or BlendingRecommender(settings)  # trending for unknown users
         self.store = StateStore(settings)
         self.answered = 0
         self.errors = 0
@@ -79,29 +83,64 @@ class RecommendWorker:
         await self.redis.hincrby(STATS_KEY, "requests", len(records))
 
     async def _answer(self, valid: list[tuple[ConsumerRecord, RecRequest]]):
-        version = self.recommender.version
+        recommender = self.recommender  # one model per batch, even if a swap happens meanwhile
         try:
             states = await self.store.fetch_async(self.redis, [req.user_id for _, req in valid])
             for state, (_, req) in zip(states, valid):
                 if req.exclude_seen:
                     state.exclude = frozenset(e.item_id for e in state.sequence) | state.purchased
-            k = max(req.k for _, req in valid)
-            ranked = await asyncio.to_thread(self.recommender.recommend_batch, states, k)
+            want = max(req.k for _, req in valid) * (3 if self.settings.diversity_max_per_category else 1)
+            ranked = await asyncio.to_thread(self._rank, recommender, states, want)
+            if self.settings.diversity_max_per_category:
+                ranked = await self._diversify(ranked)
         except Exception as exc:  # the batch is answered with errors, never dropped
             log.exception("recommendation batch failed")
             return [(rec, self._error(req.request_id, req.user_id, f"{type(exc).__name__}: {exc}"), req.reply_topic)
                     for rec, req in valid]
         out = []
         for (rec, req), state, items in zip(valid, states, ranked):
-            out.append((rec, self._response(rec, req, state, items[: req.k], version), req.reply_topic))
+            version = recommender.version if state.known else "trending"
+            out.append((rec, self._response(req, state, items[: req.k], version), req.reply_topic))
         return out
 
-    def _response(self, rec: ConsumerRecord, req: RecRequest, state: UserState, items, version: str) -> RecResponse:
+    def _rank(self, recommender: Recommender, states: list[UserState], k: int) -> list:
+        """Known users go to the model in one batch; users without history to the trending fallback."""
+        known = [i for i, s in enumerate(states) if s.known]
+        unknown = [i for i, s in enumerate(states) if not s.known]
+        ranked: list = [None] * len(states)
+        if known:
+            for i, items in zip(known, recommender.recommend_batch([states[i] for i in known], k)):
+                ranked[i] = items
+        if unknown:
+            for i, items in zip(unknown, self.fallback.recommend_batch([states[i] for i in unknown], k)):
+                ranked[i] = items
+        return ranked
+
+    async def _diversify(self, ranked: list) -> list:
+        """At most N items per category (categories from `rtrec catalog`); unknown categories are free."""
+        cap = self.settings.diversity_max_per_category
+        items = sorted({item for row in ranked for item, _ in row})
+        categories = dict(zip(items, await self.redis.hmget(CATEGORY_KEY, items))) if items else {}
+        out = []
+        for row in ranked:
+            seen: dict[str, int] = {}
+            kept = []
+            for item, score in row:
+                category = categories.get(item)
+                if category is not None:
+                    if seen.get(category, 0) >= cap:
+                        continue
+                    seen[category] = seen.get(category, 0) + 1
+                kept.append((item, score))
+            out.append(kept)
+        return out
+
+    def _response(self, req: RecRequest, state: UserState, items, version: str) -> RecResponse:
         return RecResponse(
             request_id=req.request_id,
             user_id=req.user_id,
             items=[RecItem(item, score, explain(state, item)) for item, score in items],
-            model_version=version if state.known else f"{version}/trending",
+            model_version=version,
             fallback=not state.known,
         )
 
@@ -157,7 +196,7 @@ def build_app(settings: Settings | None = None, recommender: Recommender | None 
             redis_client,
             producer,
             DeadLetters(settings, producer, redis_client),
-            recommender or BlendingRecommender(settings),
+            recommender or load_recommender(settings),
         )
         await consumer.start()
         await announce_ready(redis_client, "recommend")

@@ -1,0 +1,31 @@
+"""Choosing the recommender a worker serves: the generative model when a checkpoint exists."""
+
+from __future__ import annotations
+
+import logging
+
+from model.blending import BlendingRecommender
+from model.checkpoint import latest_checkpoint
+from model.recommender import Recommender
+from stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_recommender(settings: Settings) -> Recommender:
+    """Generative model on the configured backend, or the blending baseline (logged why)."""
+    if settings.recommender == "blend":
+        return BlendingRecommender(settings)
+    path = latest_checkpoint(settings.checkpoint_dir)
+    if path is None:
+        log.warning("no checkpoint under %s: serving the blending baseline", settings.checkpoint_dir)
+        return BlendingRecommender(settings)
+    if settings.backend == "vllm":
+        from model.vllm_backend import VllmGenerator
+
+        return VllmGenerator.from_path(path, device=settings.device)
+    from model.generator import TorchGenerator
+
+    generator = TorchGenerator.from_path(path, device=settings.device)
+    log.warning("serving %s on %s (torch)", generator.version, generator.device)
+    return generator

@@ -1,0 +1,143 @@
+"""Train-and-save and train-and-evaluate, shared by the CLI, the demo and the benches."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from model.checkpoint import Checkpoint, save_checkpoint
+from model.datasets import Split, leave_one_out
+from model.generator import TorchGenerator, resolve_device
+from model.sequence_model import build_model
+from model.train import TrainReport, ValidationCase, train_model, user_histories, vocab_for
+from stream.settings import Settings
+
+
+def model_meta(settings: Settings) -> dict[str, Any]:
+    """What serving needs besides the weights: how histories become tokens."""
+    return {"family": settings.model_family, "layout": settings.model_layout,
+            "max_events": settings.model_max_events}
+
+
+def _cases(split: Split, users: Sequence[str], valid: bool) -> list[ValidationCase]:
+    out = []
+    for u in users:
+        hist = split.valid_history(u) if valid else split.history(u)
+        target = split.valid_target(u) if valid else split.target(u)
+        out.append(ValidationCase([(e["item_id"], e["type"]) for e in hist], target,
+                                  frozenset(e["item_id"] for e in hist)))
+    return out
+
+
+def train_generator(settings: Settings, split: Split, progress: bool = True) -> tuple[TorchGenerator, TrainReport]:
+    """Train on all but each user's last two events, early-stop on the second-to-last."""
+    device = resolve_device(settings.device)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    vocab = vocab_for(user_histories(split.events).values(), settings)
+    model = build_model(settings, vocab)
+    report = train_model(model, vocab, list(user_histories(split.fit_events).values()), settings, device,
+                         validation=_cases(split, split.test_users, valid=True), progress=progress)
+    manifest = {"version": f"{settings.model_family}-{settings.model_layout}", "meta": model_meta(settings)}
+    return TorchGenerator(Checkpoint(model, vocab, manifest, Path(".")), device), report
+
+
+def train_checkpoint(settings: Settings, events: list[dict], root: Path,
+                     progress: bool = True) -> tuple[Path, TrainReport]:
+    """Train on an event log (validation: each user's last event) and save a versioned checkpoint."""
+    split = leave_one_out(events)
+    started = time.monotonic()
+    generator, report = train_generator(settings, split, progress)
+    ck = generator.checkpoint
+    window = {"events": len(events), "first_ts": events[0]["ts"] if events else None,
+              "last_ts": events[-1]["ts"] if events else None, "users": len(split.test_users)}
+    metrics = {k: v for k, v in report.best.items() if k.startswith(("HR", "NDCG"))}
+    metrics.update(train_seconds=round(time.monotonic() - started, 1), best_epoch=report.best_epoch)
+    path = save_checkpoint(ck.model, ck.vocab, root, model_meta(settings), metrics=metrics, training_window=window)
+    return path, report
+
+
+def plot_training(reports: dict[str, TrainReport], path: Path) -> Path:
+    """Loss and validation NDCG@10 per epoch, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, report in reports.items():
+        epochs = [r["epoch"] for r in report.history]
+        ax_loss.plot(epochs, [r["loss"] for r in report.history], label=name)
+        if report.history and "NDCG@10" in report.history[0]:
+            ax_val.plot(epochs, [r["NDCG@10"] for r in report.history], label=name)
+    ax_loss.set(title="training loss", xlabel="epoch")
+    ax_val.set(title="validation NDCG@10", xlabel="epoch")
+    for ax in (ax_loss, ax_val):
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_eval(settings: Settings, source: str, families: Sequence[str], out_dir: Path, console: Any,
+             baselines: bool = True) -> list[dict[str, Any]]:
+    """Leave-one-out table: generative families vs blending, popularity and river BiasedMF.
+
+    `source` is an event file in rtrec's format or a MovieLens file/folder, or the
+    name of a dataset in ../shared/data (ml-100k, ml-1m-partial).
+    """
+    import tempfile
+
+    from model.blending import BlendingRecommender
+    from model.datasets import load_events, shared_dataset
+    from model.evaluate import (BiasedMFRecommender, PopularityRecommender, build_states, evaluate,
+                                print_table, published_reference, write_report)
+    from stream.connections import redis_client
+    from stream.embedded import start_redis
+
+    path = Path(source)
+    if not path.exists():
+        found = shared_dataset(source)
+        if found is None:
+            raise FileNotFoundError(f"{source}: no such file, and no dataset of that name in ../shared/data")
+        path = found
+    events = load_events(path)
+    split = leave_one_out(events)
+    console.print(f"{path}: {len(events):,} events, {len(split.test_users):,} test users, {len(split.items):,} items")
+
+    generators, reports, train_seconds = {}, {}, {}
+    for family in families:
+        fs = settings.model_copy(update={"model_family": family})
+        started = time.monotonic()
+        generators[f"generative-{family}"], reports[family] = train_generator(fs, split)
+        train_seconds[f"generative-{family}"] = time.monotonic() - started
+        console.print(f"generative-{family}: trained in {train_seconds[f'generative-{family}']:.0f}s, "
+                      f"best epoch {reports[family].best_epoch}")
+
+    # every recommender ranks from the same states, built by the real store in a real Redis
+    state_settings = settings.model_copy(update={"sequence_length": max(settings.sequence_length, settings.model_max_events)})
+    with tempfile.TemporaryDirectory(prefix="rtrec-eval-") as tmp:
+        server, url = start_redis(settings, Path(tmp))
+        try:
+            client = redis_client(settings.model_copy(update={"redis_url": url}))
+            states = build_states(split, state_settings, client)
+        finally:
+            server.stop()
+    recommenders: dict[str, Any] = dict(generators)
+    if baselines:
+        recommenders["blending"] = BlendingRecommender(settings)
+        recommenders["popularity"] = PopularityRecommender(split)
+        recommenders["river-BiasedMF"] = BiasedMFRecommender(split)
+    rows = evaluate(recommenders, states, split)
+    for row in rows:
+        row["train_seconds"] = round(train_seconds.get(row["name"], 0.0), 1)
+    title = f"eval {path.stem if path.is_file() else path.name}"
+    csv_path, png_path = write_report(rows, out_dir, title)
+    curves = plot_training({f: r for f, r in reports.items()}, out_dir / "training-curves.png") if reports else None
+    print_table(rows, console, published_reference() if "ml-1m" in str(path) else None)
+    console.print(f"table: {csv_path}  chart: {png_path}" + (f"  curves: {curves}" if curves else ""))
+    return rows

@@ -1,0 +1,142 @@
+"""The recommendation worker with the generative model, run in-process on the real broker and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import pytest
+import torch
+from aiokafka import AIOKafkaProducer, ConsumerRecord
+from kafka import KafkaConsumer, TopicPartition
+
+from model.checkpoint import save_checkpoint
+from model.generator import TorchGenerator
+from model.pipeline import model_meta
+from model.sequence_model import build_model
+from model.train import train_model, user_histories, vocab_for
+from stream.connections import async_redis_client, kafka_bootstrap
+from stream.rec_messages import RecRequest
+from stream.synthetic import SyntheticConfig, generate_events
+from stream.topics import ensure_topics
+from tests.conftest import wait_for
+from workers.dead_letters import DeadLetters
+from workers.recommend import CATEGORY_KEY, RecommendWorker
+
+pytestmark = pytest.mark.integration
+
+
+class Broken:
+    version = "broken-1"
+
+    def recommend_batch(self, states, k):
+        raise RuntimeError("model exploded")
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return generate_events(SyntheticConfig(n_users=30, n_items=80, n_clusters=4, n_events=1500, seed=4))
+
+
+@pytest.fixture(scope="module")
+def generator(synthetic, tmp_path_factory):
+    from stream.settings import Settings
+
+    s = Settings(model_hidden=64, model_heads=1, model_layers=1, model_intermediate=128,
+                 model_max_events=20, model_item_capacity=120, train_epochs=2)
+    hist = list(user_histories(synthetic).values())
+    vocab = vocab_for(hist, s)
+    torch.manual_seed(0)
+    model = build_model(s, vocab)
+    train_model(model, vocab, hist, s, torch.device("cpu"), progress=False)
+    path = save_checkpoint(model, vocab, tmp_path_factory.mktemp("ck"), model_meta(s))
+    return TorchGenerator.from_path(path, device="cpu")
+
+
+def run_batch(settings, recommender, requests: list[bytes], diversity: int = 0,
+              expected: int | None = None) -> list[dict]:
+    """Hand `requests` to a RecommendWorker as one batch; return the responses from its topic."""
+    topic = f"responses-{uuid.uuid4().hex[:8]}"
+    s = settings.model_copy(update={"topic_responses": topic, "diversity_max_per_category": diversity})
+    ensure_topics(s)
+
+    async def go():
+        redis = async_redis_client(s)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap(s))
+        await producer.start()
+        try:
+            worker = RecommendWorker(s, redis, producer, DeadLetters(s, producer, redis), recommender)
+            now = int(time.time() * 1000)
+            records = [ConsumerRecord(s.topic_requests, 0, n, now, 0, b"k", raw, None, len(b"k"), len(raw), [])
+                       for n, raw in enumerate(requests)]
+            await worker.handle(records)
+        finally:
+            await producer.stop()
+            await redis.aclose()
+
+    asyncio.run(go())
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap(s), group_id=None, auto_offset_reset="earliest")
+    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    out: list = []
+    deadline = time.monotonic() + 20
+    while len(out) < (expected or len(requests)) and time.monotonic() < deadline:
+        for recs in consumer.poll(timeout_ms=200).values():
+            out += [json.loads(r.value) for r in recs]
+    consumer.close()
+    return out
+
+
+def request(user: str, k: int = 5, **kw) -> bytes:
+    return RecRequest(uuid.uuid4().hex, user, k, **kw).to_json()
+
+
+def test_a_failing_model_answers_every_request_with_an_error(settings, producer, redis, uid):
+    user = uid("known")
+    producer.send({"event_id": uid("e"), "user_id": user, "item_id": "i1", "type": "click",
+                   "ts": int(time.time() * 1000)})
+    producer.flush()
+    wait_for(lambda: redis.hget(f"rt:u:{user}:h", "n"), what="user state")
+    responses = run_batch(settings, Broken(), [request(user), request(user), request(user)])
+    assert len(responses) == 3
+    assert all("model exploded" in r["error"] and r["items"] == [] for r in responses)
+
+
+def test_generative_model_answers_known_users_with_its_version(settings, producer, redis, synthetic, generator):
+    user = synthetic[-1]["user_id"]
+    mine = [e for e in synthetic if e["user_id"] == user][-5:]
+    tag = uuid.uuid4().hex[:6]
+    for e in mine:  # this user's recent history, under fresh event ids
+        producer.send({**e, "event_id": f"{e['event_id']}-{tag}", "user_id": f"{user}-{tag}"})
+    producer.flush()
+    wait_for(lambda: redis.hget(f"rt:u:{user}-{tag}:h", "n") == "5", what="history applied")
+    [known, unknown] = run_batch(settings, generator, [request(f"{user}-{tag}", k=5),
+                                                       request(f"nobody-{tag}", k=5)])
+    assert known["model_version"] == generator.version and known["fallback"] is False
+    assert len(known["items"]) == 5 and all(it["reason"] for it in known["items"])
+    seen = {e["item_id"] for e in mine}
+    assert not seen & {it["item_id"] for it in known["items"]}  # exclude_seen
+    assert unknown["fallback"] is True and unknown["model_version"] == "trending"
+
+
+def test_responses_keep_request_order(settings, generator):
+    ids = [uuid.uuid4().hex for _ in range(12)]
+    user = "order-" + uuid.uuid4().hex[:6]  # one key: one response partition, read back in offset order
+    raws = [RecRequest(rid, user, 3).to_json() for rid in ids]
+    raws.insert(5, b"{broken")  # an invalid request in the middle does not reorder the others
+    responses = run_batch(settings, generator, raws, expected=len(ids))
+    assert [r["request_id"] for r in responses] == ids
+
+
+def test_diversity_caps_items_per_category(settings, redis, generator):
+    vocab_items = generator.checkpoint.vocab.items
+    redis.hset(CATEGORY_KEY, mapping={item: "same" if n % 2 == 0 else f"c{n}" for n, item in enumerate(vocab_items)})
+    user = "div-" + uuid.uuid4().hex[:6]
+    [plain] = run_batch(settings, generator, [request(user, k=10)])  # unknown user: trending fallback
+    [capped] = run_batch(settings, generator, [request(user, k=10)], diversity=1)
+    categories = redis.hmget(CATEGORY_KEY, [it["item_id"] for it in capped["items"]])
+    assert categories.count("same") <= 1
+    assert len(capped["items"]) >= 1 and plain["items"]

@@ -1,0 +1,207 @@
+"""The generative model: vocabulary growth, checkpoints, batching/padding, training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, set_current
+from model.generator import TorchGenerator
+from model.pipeline import model_meta, train_generator
+from model.sequence_model import build_model, resize_for
+from model.datasets import leave_one_out
+from model.train import ValidationCase, evaluate_cases, train_model, user_histories, vocab_for
+from model.vocab import BOS, N_SPECIAL, TYPE_TOKENS, ItemVocab
+from stream.settings import Settings
+from stream.state_store import SeqEntry, UserState
+from stream.synthetic import SyntheticConfig, generate_events
+
+TINY = dict(model_hidden=64, model_heads=1, model_layers=1, model_intermediate=128, model_max_events=20,
+            model_item_capacity=300, train_batch_size=32, train_epochs=2)
+
+
+def tiny(**kw) -> Settings:
+    return Settings(**{**TINY, **kw})
+
+
+@pytest.fixture(scope="module")
+def events() -> list[dict]:
+    return generate_events(SyntheticConfig(n_users=40, n_items=150, n_clusters=6, n_events=2500, seed=11))
+
+
+def state(user: str, items: list[tuple[str, str]], exclude=frozenset()) -> UserState:
+    seq = [SeqEntry(item, etype, n, f"{user}-{n}") for n, (item, etype) in enumerate(items)]
+    return UserState(user, sequence=seq, exclude=frozenset(exclude))
+
+
+# ---- vocabulary -----------------------------------------------------------------------------
+def test_new_items_take_free_rows_without_reshaping():
+    vocab = ItemVocab(capacity=3, hash_buckets=4)
+    size = vocab.size
+    tokens = [vocab.add(i) for i in ("a", "b", "c")]
+    assert tokens == [vocab.item_offset, vocab.item_offset + 1, vocab.item_offset + 2]
+    assert vocab.size == size  # reserved rows: the embedding never changed shape
+    assert vocab.add("a") == tokens[0] and vocab.item(tokens[1]) == "b"
+
+
+def test_beyond_capacity_items_share_hash_buckets_until_grow():
+    vocab = ItemVocab(capacity=2, hash_buckets=4)
+    vocab.add("a"), vocab.add("b")
+    overflow = vocab.add("c")
+    assert N_SPECIAL <= overflow < vocab.item_offset  # a bucket row
+    assert vocab.add("c") == overflow == vocab.token("c")  # deterministic
+    assert vocab.item(overflow) is None  # buckets are never recommended
+    assert list(vocab.item_token_range()) == [vocab.item_offset, vocab.item_offset + 1]
+    old = {i: vocab.token(i) for i in ("a", "b")}
+    assert vocab.grow(min_free=10) is True
+    assert vocab.free_rows >= 10 and {i: vocab.token(i) for i in ("a", "b")} == old
+    assert vocab.add("c") == vocab.item_offset + 2  # now a real row
+    assert vocab.grow(min_free=1) is False
+
+
+def test_vocab_round_trip(tmp_path):
+    vocab = ItemVocab(capacity=10, hash_buckets=3)
+    for i in ("x", "y"):
+        vocab.add(i)
+    vocab.save(tmp_path / "v.json")
+    again = ItemVocab.load(tmp_path / "v.json")
+    assert again.items == ["x", "y"] and again.size == vocab.size and again.token("y") == vocab.token("y")
+
+
+def test_resize_after_growth_keeps_learned_rows():
+    settings = tiny()
+    vocab = ItemVocab(capacity=4, hash_buckets=2)
+    for i in "abcd":
+        vocab.add(i)
+    model = build_model(settings, vocab)
+    before = model.get_input_embeddings().weight[vocab.token("c")].detach().clone()
+    vocab.grow(min_free=4)
+    assert resize_for(model, vocab) is True
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == vocab.size
+    assert torch.equal(emb[vocab.token("c")], before)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    settings = tiny()
+    vocab = ItemVocab(capacity=20, hash_buckets=2)
+    for n in range(10):
+        vocab.add(f"i{n}")
+    model = build_model(settings, vocab)
+    return save_checkpoint(model, vocab, tmp_path / "ck", model_meta(settings), metrics={"HR@10": 0.1})
+
+
+def test_checkpoint_manifest_lists_every_file_with_sha256(checkpoint):
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    names = {p.name for p in checkpoint.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == names
+    assert "model.safetensors" in names and "vocab.json" in names
+    assert manifest["version"] == checkpoint.name and manifest["metrics"] == {"HR@10": 0.1}
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
+    assert load_checkpoint(checkpoint).vocab.items[:2] == ["i0", "i1"]
+
+
+def test_tampered_checkpoint_is_refused(checkpoint):
+    weights = checkpoint / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256 mismatch for model.safetensors"):
+        load_checkpoint(checkpoint)
+
+
+def test_unlisted_file_is_refused(checkpoint):
+    (checkpoint / "pytorch_model.bin").write_bytes(b"not a pickle you should load")
+    with pytest.raises(CheckpointError, match="differ from the manifest"):
+        load_checkpoint(checkpoint)
+
+
+def test_missing_manifest_is_refused(checkpoint):
+    (checkpoint / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="no manifest"):
+        load_checkpoint(checkpoint)
+
+
+def test_current_pointer_selects_the_version(tmp_path, checkpoint):
+    root = checkpoint.parent
+    other = save_checkpoint(load_checkpoint(checkpoint).model, load_checkpoint(checkpoint).vocab, root,
+                            model_meta(tiny()))
+    assert latest_checkpoint(root) == other  # newest when no CURRENT
+    set_current(root, checkpoint.name)
+    assert latest_checkpoint(root) == checkpoint
+
+
+# ---- inference --------------------------------------------------------------------------------
+def test_batch_results_do_not_depend_on_padding(checkpoint):
+    gen = TorchGenerator.from_path(checkpoint, device="cpu")
+    short = state("s", [("i1", "click")])
+    long = state("l", [(f"i{n % 10}", "browse") for n in range(15)])
+    alone = gen.recommend_batch([short], 5)[0]
+    together = gen.recommend_batch([long, short, state("m", [("i3", "purchase")] * 4)], 5)[1]
+    assert [i for i, _ in alone] == [i for i, _ in together]
+    for (_, a), (_, b) in zip(alone, together):
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_excluded_and_non_item_tokens_are_never_recommended(checkpoint):
+    gen = TorchGenerator.from_path(checkpoint, device="cpu")
+    excluded = {f"i{n}" for n in range(7)}
+    [ranked] = gen.recommend_batch([state("u", [("i1", "click"), ("new-item", "browse")], excluded)], 10)
+    items = [i for i, _ in ranked]
+    assert set(items) == {"i7", "i8", "i9"}  # only 3 recommendable items remain
+    assert all(0 < p <= 1 for _, p in ranked)
+    assert sum(p for _, p in ranked) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_prompt_layout_is_item_then_type(checkpoint):
+    gen = TorchGenerator.from_path(checkpoint, device="cpu")
+    ids = gen.token_ids(state("u", [("i2", "browse"), ("i5", "purchase")]))
+    vocab = gen.checkpoint.vocab
+    assert ids == [BOS, vocab.token("i2"), TYPE_TOKENS["browse"], vocab.token("i5"), TYPE_TOKENS["purchase"]]
+
+
+# ---- training ---------------------------------------------------------------------------------
+def _cases(events):
+    hist = user_histories(events)
+    return [ValidationCase(h[:-1], h[-1][0], frozenset()) for h in hist.values() if len(h) > 2]
+
+
+def test_training_is_deterministic_for_a_seed(events):
+    weights = []
+    for _ in range(2):
+        settings = tiny(train_epochs=1)
+        hist = list(user_histories(events).values())
+        vocab = vocab_for(hist, settings)
+        model = build_model(settings, vocab) if not weights else None
+        torch.manual_seed(0)
+        model = build_model(settings, vocab)
+        train_model(model, vocab, hist, settings, torch.device("cpu"), progress=False)
+        weights.append(model.get_input_embeddings().weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "t5"])
+def test_training_beats_the_untrained_model(events, family):
+    settings = tiny(model_family=family, train_epochs=6, train_lr=3e-3)
+    hist = list(user_histories(events).values())
+    vocab = vocab_for(hist, settings)
+    torch.manual_seed(0)
+    model = build_model(settings, vocab)
+    cases = _cases(events)
+    before = evaluate_cases(model, vocab, cases, settings.model_layout, settings.model_max_events, torch.device("cpu"))
+    report = train_model(model, vocab, [h[:-1] for h in hist], settings, torch.device("cpu"), progress=False)
+    after = evaluate_cases(model, vocab, cases, settings.model_layout, settings.model_max_events, torch.device("cpu"))
+    assert report.history[-1]["loss"] < report.history[0]["loss"]
+    assert after["HR@10"] > before["HR@10"] + 0.05
+
+
+def test_early_stopping_keeps_the_best_epoch(events):
+    settings = tiny(train_epochs=4, train_patience=1)
+    generator, report = train_generator(settings, leave_one_out(events), progress=False)
+    assert 1 <= report.best_epoch <= len(report.history)
+    assert report.best["NDCG@10"] == max(r["NDCG@10"] for r in report.history)

@@ -1,0 +1,149 @@
+"""`rtrec bench generate`: generative-model throughput per batch size, and request->response over Kafka.
+
+Part 1 times `TorchGenerator.recommend_batch` directly for each batch size on
+the default model size (weights initialised from the config: speed does not
+depend on training). Part 2 saves that model as a checkpoint, starts the
+stack with a recommendation worker serving it, fills Redis with synthetic
+histories, sends requests at a steady rate and measures each request's
+send -> response-received time at the client.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from model.checkpoint import Checkpoint, save_checkpoint
+from model.generator import TorchGenerator, resolve_device
+from model.pipeline import model_meta
+from model.sequence_model import build_model
+from model.vocab import ItemVocab
+from stream.producer import EventProducer
+from stream.rec_client import RecClient
+from stream.replay import Pacer
+from stream.connections import redis_client
+from stream.settings import Settings
+from stream.state_store import StateStore
+from stream.state_store import SeqEntry, UserState
+from stream.synthetic import SyntheticConfig, generate_events
+from workers.stack import Stack
+
+N_ITEMS = 3000
+
+
+def default_generator(settings: Settings) -> TorchGenerator:
+    vocab = ItemVocab(capacity=settings.model_item_capacity, hash_buckets=settings.model_hash_buckets)
+    for n in range(N_ITEMS):
+        vocab.add(f"i{n}")
+    torch.manual_seed(0)
+    model = build_model(settings, vocab).eval()
+    device = resolve_device(settings.device)
+    manifest = {"version": "bench-untrained", "meta": model_meta(settings)}
+    return TorchGenerator(Checkpoint(model.to(device), vocab, manifest, Path(".")), device)
+
+
+def _states(n: int, length: int, rng: np.random.Generator) -> list[UserState]:
+    types = ("browse", "click", "purchase")
+    out = []
+    for u in range(n):
+        seq = [SeqEntry(f"i{rng.integers(N_ITEMS)}", types[rng.integers(3)], t, f"e{t}") for t in range(length)]
+        out.append(UserState(f"u{u}", sequence=seq, exclude=frozenset(e.item_id for e in seq)))
+    return out
+
+
+def time_batches(generator: TorchGenerator, batch_sizes: list[int], length: int, repeats: int = 20) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in batch_sizes:
+        states = _states(size, length, rng)
+        generator.recommend_batch(states, 10)  # warm-up
+        lat = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            generator.recommend_batch(states, 10)
+            lat.append((time.perf_counter() - t0) * 1000)
+        p50, p99 = np.percentile(lat, [50, 99])
+        rows.append({"batch": size, "recs_per_s": size / (np.mean(lat) / 1000), "p50_ms": p50, "p99_ms": p99})
+    return rows
+
+
+def kafka_latency(settings: Settings, generator: TorchGenerator, rate: float, seconds: float,
+                  console: Console) -> np.ndarray:
+    with tempfile.TemporaryDirectory(prefix="rtrec-bench-gen-") as tmp:
+        root = Path(tmp) / "checkpoints"
+        ck = generator.checkpoint
+        save_checkpoint(ck.model, ck.vocab, root, ck.manifest["meta"])
+        with Stack(settings.model_copy(update={"checkpoint_dir": root}), run_dir=Path(tmp) / "run") as stack:
+            s = stack.start()
+            events = generate_events(SyntheticConfig(n_users=500, n_items=N_ITEMS, n_events=20_000, seed=5))
+            with EventProducer(s) as producer:
+                producer.send_many(events)
+            redis = redis_client(s)
+            while StateStore(s).stats(redis).get("applied", 0) < len(events):
+                time.sleep(0.05)
+            users = sorted({e["user_id"] for e in events})
+            n = int(rate * seconds)
+            sent: dict[str, float] = {}
+            pacer = Pacer(rate=rate)
+            with RecClient(s) as client:
+                client.collect([client.send(users[0])], timeout_s=60)  # model warm, partitions assigned
+                for i in tqdm(range(n), desc=f"requests at {rate:.0f}/s", unit="req"):
+                    pacer.wait(None)
+                    started = time.perf_counter()
+                    rid = client.send(users[i % len(users)], k=10)
+                    client.producer.flush()
+                    sent[rid] = started
+                    client.poll(timeout_ms=0)
+                got = client.collect(list(sent), timeout_s=60)
+                arrivals = dict(client.arrivals)
+            missing = len(sent) - len(got)
+            if missing:
+                console.print(f"[red]{missing} requests unanswered")
+            return np.array([(arrivals[r] - sent[r]) * 1000 for r in got])
+
+
+def run_bench(settings: Settings, batch_sizes: list[int], rate: float, seconds: float,
+              plot: Path | None, console: Console) -> dict:
+    generator = default_generator(settings)
+    params = sum(p.numel() for p in generator.checkpoint.model.parameters())
+    console.rule(f"1. {settings.model_family} ({params / 1e6:.2f} M parameters) on {generator.device}, "
+                 f"{settings.model_max_events}-event histories")
+    rows = time_batches(generator, batch_sizes, settings.model_max_events)
+    table = Table(title=f"rtrec bench generate ({torch.get_num_threads()} threads)")
+    for col in ("batch", "recs/s", "p50 ms", "p99 ms"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["batch"]), f"{r['recs_per_s']:,.0f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}")
+    console.print(table)
+
+    console.rule(f"2. request -> response over Kafka at {rate:.0f} req/s for {seconds:.0f}s")
+    lat = kafka_latency(settings, generator, rate, seconds, console)
+    p50, p99 = np.percentile(lat, [50, 99]) if len(lat) else (float("nan"), float("nan"))
+    console.print(f"answered {len(lat)} requests: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    if plot is not None and len(lat):
+        _plot(lat, rate, plot)
+        console.print(f"latency histogram: {plot}")
+    return {"batches": rows, "kafka_p50_ms": p50, "kafka_p99_ms": p99, "answered": len(lat)}
+
+
+def _plot(lat_ms: np.ndarray, rate: float, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    ax.hist(lat_ms, bins=60, color="#37a")
+    for q, style in ((50, "--"), (99, ":")):
+        v = np.percentile(lat_ms, q)
+        ax.axvline(v, color="k", linestyle=style, label=f"p{q} {v:.1f} ms")
+    ax.set(xlabel="request -> response (ms, at the client)", ylabel="requests",
+           title=f"generative recommendations over Kafka at {rate:.0f} req/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
