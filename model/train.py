@@ -176,7 +176,7 @@ def train_model(
         if progress:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds"))
             tqdm.write(f"epoch {epoch}: {shown}")
-        if validation and stale >= s.train_patience:
+        if validation and stale >= s.train_patience and epoch >= s.train_min_epochs:
             break
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     max_k: int = Field(100, ge=1, description="largest k a request may ask for")
 
     # --- user state semantics ---------------------------------------------------------
-    sequence_length: int = Field(50, ge=1, description="recent events kept per user")
+    sequence_length: int = Field(200, ge=1, description="recent events kept per user")
     covis_fanout: int = Field(5, ge=0, description="recent items paired with each new event")
     covis_window_ms: int = Field(3_600_000, description="only pair events this close in time")
     affinity_half_life_ms: int = Field(7 * 86_400_000, description="user affinity decay")
@@ -107,21 +107,22 @@ class Settings(BaseSettings):
     checkpoint_dir: Path = Field(Path(".rtrec/checkpoints"), description="versioned checkpoints")
     model_family: Literal["llama", "qwen2", "t5"] = "llama"
     model_layout: Literal["item_type", "item"] = Field(
-        "item_type", description="tokens per event: item then type, or item only"
+        "item", description="tokens per event: item only (measured better), or item then type"
     )
-    model_hidden: int = 128
+    model_hidden: int = 64
     model_layers: int = 2
-    model_heads: int = Field(2, description="head_dim = hidden/heads; vLLM on CPU needs >= 64")
-    model_intermediate: int = 512
+    model_heads: int = Field(1, description="head_dim = hidden/heads; vLLM's CPU kernels need 32/64/80/...")
+    model_intermediate: int = 256
     model_dropout: float = 0.1
-    model_max_events: int = Field(50, description="history length the model reads")
+    model_max_events: int = Field(200, description="history length the model reads")
     model_item_capacity: int = Field(4096, description="reserved item rows")
     model_hash_buckets: int = Field(64, description="shared rows for items beyond capacity")
-    train_epochs: int = 40
-    train_batch_size: int = 64
+    train_epochs: int = 60
+    train_batch_size: int = 128
     train_lr: float = 2e-3
     train_weight_decay: float = 0.01
-    train_patience: int = Field(5, description="epochs without validation gain before stopping")
+    train_min_epochs: int = Field(10, description="no early stop before this many epochs")
+    train_patience: int = Field(6, description="epochs without validation gain before stopping")
     train_seed: int = 0
     t5_targets_per_sequence: int = Field(8, description="prefixes sampled per sequence per epoch")
     diversity_max_per_category: int = Field(

