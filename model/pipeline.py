@@ -32,8 +32,16 @@ def _cases(split: Split, users: Sequence[str], valid: bool) -> list[ValidationCa
     return out
 
 
+def family_settings(settings: Settings) -> Settings:
+    """Per-family adjustments: T5 pays one encoder pass per target, so it reads shorter histories."""
+    if settings.model_family == "t5":
+        return settings.model_copy(update={"model_max_events": settings.t5_max_events})
+    return settings
+
+
 def train_generator(settings: Settings, split: Split, progress: bool = True) -> tuple[TorchGenerator, TrainReport]:
     """Train on all but each user's last two events, early-stop on the second-to-last."""
+    settings = family_settings(settings)
     device = resolve_device(settings.device)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     vocab = vocab_for(user_histories(split.events).values(), settings)
@@ -55,7 +63,7 @@ def train_checkpoint(settings: Settings, events: list[dict], root: Path,
               "last_ts": events[-1]["ts"] if events else None, "users": len(split.test_users)}
     metrics = {k: v for k, v in report.best.items() if k.startswith(("HR", "NDCG"))}
     metrics.update(train_seconds=round(time.monotonic() - started, 1), best_epoch=report.best_epoch)
-    path = save_checkpoint(ck.model, ck.vocab, root, model_meta(settings), metrics=metrics, training_window=window)
+    path = save_checkpoint(ck.model, ck.vocab, root, ck.manifest["meta"], metrics=metrics, training_window=window)
     return path, report
 
 

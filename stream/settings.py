@@ -124,7 +124,10 @@ class Settings(BaseSettings):
     train_min_epochs: int = Field(10, description="no early stop before this many epochs")
     train_patience: int = Field(6, description="epochs without validation gain before stopping")
     train_seed: int = 0
-    t5_targets_per_sequence: int = Field(8, description="prefixes sampled per sequence per epoch")
+    t5_targets_per_sequence: int = Field(4, description="prefixes sampled per sequence per epoch")
+    t5_max_events: int = Field(
+        50, description="T5 reads shorter histories: one encoder pass per target makes it costly"
+    )
     diversity_max_per_category: int = Field(
         0, description="re-rank so at most N items share a category (0 = off)"
     )

@@ -9,7 +9,8 @@ Key layout (``{u}`` is a validated user id, ``{i}`` an item id)::
 
     rt:dedupe:{event_id}   marker with TTL (idempotence)
     rt:u:{u}:h             hash: browse/click/purchase/n counts, first_ts, last_ts, aff_L
-    rt:u:{u}:seq           zset: "item|type|event_id" scored by ts (capped, ts-ordered)
+    rt:u:{u}:seq           zset: "item|type|event_id" scored by ts*1000 + arrival number mod 1000
+                           (capped; ordered by event time, equal times in arrival order)
     rt:u:{u}:aff           zset: item -> forward-decayed affinity (landmark aff_L)
     rt:u:{u}:bought        zset: purchased item -> latest purchase ts (capped)
     rt:covis:{i}           zset: co-visited item -> count
@@ -39,6 +40,7 @@ from stream.settings import Settings
 PREFIX = "rt"
 BOUGHT_CAP = 500
 RESCALE_AFTER_HALF_LIVES = 60.0
+TIE_SLOTS = 1000  # sequence score = ts * 1000 + arrival number: equal timestamps keep arrival order
 
 APPLY_LUA = r"""
 local seq_len = tonumber(ARGV[1])
@@ -51,7 +53,8 @@ local weights = {browse = tonumber(ARGV[7]), click = tonumber(ARGV[8]), purchase
 local rescale_after = tonumber(ARGV[10])
 local bought_cap = tonumber(ARGV[11])
 local P = ARGV[12]
-local FIRST = 13
+local TIE = tonumber(ARGV[13])
+local FIRST = 14
 local n = (#ARGV - FIRST + 1) / 5
 local flags = {}
 local applied, dups = 0, 0
@@ -82,7 +85,8 @@ for i = 0, n - 1 do
 
     -- co-visitation with the user's events near this one in time (bounded fan-out)
     if fanout > 0 then
-      local near = redis.call('ZREVRANGEBYSCORE', seq, ts + window, ts - window, 'LIMIT', 0, fanout * 3)
+      local near = redis.call('ZREVRANGEBYSCORE', seq, (ts + window) * TIE + TIE - 1, (ts - window) * TIE,
+                              'LIMIT', 0, fanout * 3)
       local seen, k = {}, 0
       for _, m in ipairs(near) do
         local other = string.match(m, '^([^|]+)|')
@@ -96,15 +100,17 @@ for i = 0, n - 1 do
       end
     end
 
-    -- recent sequence, ordered by event time, capped
-    redis.call('ZADD', seq, ts, item .. '|' .. etype .. '|' .. eid)
+    -- counts first: the user's event number breaks ties between equal timestamps
+    redis.call('HINCRBY', h, etype, 1)
+    local nth = redis.call('HINCRBY', h, 'n', 1)
+
+    -- recent sequence, ordered by event time then arrival, capped
+    redis.call('ZADD', seq, ts * TIE + (nth % TIE), item .. '|' .. etype .. '|' .. eid)
     if redis.call('ZCARD', seq) > seq_len then
       redis.call('ZREMRANGEBYRANK', seq, 0, -(seq_len + 1))
     end
 
-    -- counts and first/last seen
-    redis.call('HINCRBY', h, etype, 1)
-    redis.call('HINCRBY', h, 'n', 1)
+    -- first/last seen
     local last = tonumber(redis.call('HGET', h, 'last_ts'))
     if not last or ts > last then redis.call('HSET', h, 'last_ts', ts) end
     local first = tonumber(redis.call('HGET', h, 'first_ts'))
@@ -227,6 +233,7 @@ class StateStore:
             RESCALE_AFTER_HALF_LIVES,
             BOUGHT_CAP,
             prefix,
+            TIE_SLOTS,
         ]
 
     # ---- writing ---------------------------------------------------------------
@@ -268,7 +275,7 @@ class StateStore:
         seq = []
         for member, score in _pairs(raw[1]):
             item, etype, eid = member.split("|", 2)
-            seq.append(SeqEntry(item, etype, int(score), eid))
+            seq.append(SeqEntry(item, etype, int(score) // TIE_SLOTS, eid))
         aff = _pairs(raw[2])
         top = aff[0][1] if aff and aff[0][1] > 0 else 1.0
         covis = {raw[i]: _pairs(raw[i + 1]) for i in range(4, len(raw), 2)}

@@ -483,3 +483,13 @@ def test_stores_with_different_prefixes_do_not_share_state(redis_only) -> None:
     assert b.apply(redis_only, [ev("u", "y", T0, eid="shared-id")]) == [True]
     assert [e.item_id for e in one(redis_only, a, "u").sequence] == ["x"]
     assert [e.item_id for e in one(redis_only, b, "u").sequence] == ["y"]
+
+
+def test_equal_timestamps_keep_arrival_order(redis_only) -> None:
+    """MovieLens-style histories stamp many events in the same second: the sequence keeps file order."""
+    store = new_store()
+    items = ["z", "a", "m", "b"]
+    store.apply(redis_only, [ev("u", item, T0, eid=f"tie-{n}") for n, item in enumerate(items)])
+    state = one(redis_only, store, "u")
+    assert [e.item_id for e in state.sequence] == items
+    assert {e.ts for e in state.sequence} == {T0}
