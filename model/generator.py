@@ -26,21 +26,23 @@ def resolve_device(preference: str = "auto") -> torch.device:
 class TorchGenerator:
     """Recommender over a checkpoint: bf16 on GPU, fp32 on CPU, inference mode."""
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device) -> None:
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, max_events: int | None = None) -> None:
         self.checkpoint = checkpoint
         self.device = device
         self.version = checkpoint.version
+        # serving may read fewer events than training did: the cost per request is linear in it
+        self.max_events = min(checkpoint.max_events, max_events or checkpoint.max_events)
 
     @classmethod
-    def from_path(cls, path: Path, device: str = "auto") -> "TorchGenerator":
+    def from_path(cls, path: Path, device: str = "auto", max_events: int | None = None) -> "TorchGenerator":
         dev = resolve_device(device)
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        return cls(load_checkpoint(path, device=dev, dtype=dtype), dev)
+        return cls(load_checkpoint(path, device=dev, dtype=dtype), dev, max_events)
 
     def token_ids(self, state: UserState) -> list[int]:
         """The prompt for one user: their recent (item, type) events as tokens."""
         ck = self.checkpoint
-        return encode([(e.item_id, e.type) for e in state.sequence], ck.vocab, ck.layout, ck.max_events)
+        return encode([(e.item_id, e.type) for e in state.sequence], ck.vocab, ck.layout, self.max_events)
 
     def recommend_batch(self, states: Sequence[UserState], k: int) -> list[Scored]:
         if not states:

@@ -23,9 +23,11 @@ def load_recommender(settings: Settings) -> Recommender:
     if settings.backend == "vllm":
         from model.vllm_backend import VllmGenerator
 
-        return VllmGenerator.from_path(path, device=settings.device)
+        vllm_generator = VllmGenerator.from_path(path, device=settings.device)
+        vllm_generator.max_events = min(vllm_generator.max_events, settings.serve_max_events)
+        return vllm_generator
     from model.generator import TorchGenerator
 
-    generator = TorchGenerator.from_path(path, device=settings.device)
+    generator = TorchGenerator.from_path(path, device=settings.device, max_events=settings.serve_max_events)
     log.warning("serving %s on %s (torch)", generator.version, generator.device)
     return generator

@@ -12,7 +12,7 @@ from model.checkpoint import Checkpoint, save_checkpoint
 from model.datasets import Split, leave_one_out
 from model.generator import TorchGenerator, resolve_device
 from model.sequence_model import build_model
-from model.train import TrainReport, ValidationCase, train_model, user_histories, vocab_for
+from model.train import TrainReport, ValidationCase, seed_everything, train_model, user_histories, vocab_for
 from stream.settings import Settings
 
 
@@ -45,6 +45,7 @@ def train_generator(settings: Settings, split: Split, progress: bool = True) -> 
     device = resolve_device(settings.device)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     vocab = vocab_for(user_histories(split.events).values(), settings)
+    seed_everything(settings.train_seed)  # weight initialisation too, so a run is reproducible
     model = build_model(settings, vocab)
     report = train_model(model, vocab, list(user_histories(split.fit_events).values()), settings, device,
                          validation=_cases(split, split.test_users, valid=True), progress=progress)

@@ -2,24 +2,43 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from stream.state_store import UserState
 
 VERB = {"browse": "browsed", "click": "clicked", "purchase": "bought"}
 
 
-def explain(state: UserState, item_id: str) -> str:
-    """Why `item_id` is shown: its strongest link to what the user did, else trending."""
-    latest_type = {}
+def explain_all(state: UserState, item_ids: Sequence[str]) -> list[str]:
+    """Why each item is shown: its link to the most recent thing the user did, else trending.
+
+    The lookups are built once per user (not per item), so a response costs
+    O(history + neighbours) however many items it carries.
+    """
+    latest_type: dict[str, str] = {}
     for entry in state.sequence:  # oldest -> newest: the last write wins
         latest_type[entry.item_id] = entry.type
+    linked_to: dict[str, str] = {}  # neighbour -> the most recent history item it is co-visited with
     for entry in reversed(state.sequence):
-        neighbours = state.covis.get(entry.item_id)
-        if neighbours and any(other == item_id for other, _ in neighbours):
-            if latest_type.get(entry.item_id) == "purchase":
-                return f"bought together with {entry.item_id}"
-            return f"because you {VERB[latest_type[entry.item_id]]} {entry.item_id}"
-    if item_id in latest_type:
-        return f"you {VERB[latest_type[item_id]]} it recently"
-    if any(other == item_id for other, _ in state.trending[:50]):
-        return "trending now"
-    return "popular pick"
+        for other, _ in state.covis.get(entry.item_id) or ():
+            linked_to.setdefault(other, entry.item_id)
+    trending = {item for item, _ in state.trending[:50]}
+    reasons = []
+    for item in item_ids:
+        anchor = linked_to.get(item)
+        if anchor is not None:
+            kind = latest_type[anchor]
+            reasons.append(f"bought together with {anchor}" if kind == "purchase"
+                           else f"because you {VERB[kind]} {anchor}")
+        elif item in latest_type:
+            reasons.append(f"you {VERB[latest_type[item]]} it recently")
+        elif item in trending:
+            reasons.append("trending now")
+        else:
+            reasons.append("popular pick")
+    return reasons
+
+
+def explain(state: UserState, item_id: str) -> str:
+    """The reason for one item (see explain_all)."""
+    return explain_all(state, [item_id])[0]

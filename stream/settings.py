@@ -114,7 +114,10 @@ class Settings(BaseSettings):
     model_heads: int = Field(1, description="head_dim = hidden/heads; vLLM's CPU kernels need 32/64/80/...")
     model_intermediate: int = 256
     model_dropout: float = 0.1
-    model_max_events: int = Field(200, description="history length the model reads")
+    model_max_events: int = Field(200, description="history length the model trains on")
+    serve_max_events: int = Field(
+        50, description="history length read when serving (<= training): per-request cost is linear in it"
+    )
     model_item_capacity: int = Field(4096, description="reserved item rows")
     model_hash_buckets: int = Field(64, description="shared rows for items beyond capacity")
     train_epochs: int = 60

@@ -46,7 +46,8 @@ def default_generator(settings: Settings) -> TorchGenerator:
     model = build_model(settings, vocab).eval()
     device = resolve_device(settings.device)
     manifest = {"version": "bench-untrained", "meta": model_meta(settings)}
-    return TorchGenerator(Checkpoint(model.to(device), vocab, manifest, Path(".")), device)
+    return TorchGenerator(Checkpoint(model.to(device), vocab, manifest, Path(".")), device,
+                          max_events=settings.serve_max_events)
 
 
 def _states(n: int, length: int, rng: np.random.Generator) -> list[UserState]:
@@ -97,8 +98,7 @@ def kafka_latency(settings: Settings, generator: TorchGenerator, rate: float, se
                 for i in tqdm(range(n), desc=f"requests at {rate:.0f}/s", unit="req"):
                     pacer.wait(None)
                     started = time.perf_counter()
-                    rid = client.send(users[i % len(users)], k=10)
-                    client.producer.flush()
+                    rid = client.send(users[i % len(users)], k=10)  # linger 0: sent at once
                     sent[rid] = started
                     client.poll(timeout_ms=0)
                 got = client.collect(list(sent), timeout_s=60)
@@ -114,8 +114,8 @@ def run_bench(settings: Settings, batch_sizes: list[int], rate: float, seconds: 
     generator = default_generator(settings)
     params = sum(p.numel() for p in generator.checkpoint.model.parameters())
     console.rule(f"1. {settings.model_family} ({params / 1e6:.2f} M parameters) on {generator.device}, "
-                 f"{settings.model_max_events}-event histories")
-    rows = time_batches(generator, batch_sizes, settings.model_max_events)
+                 f"{generator.max_events}-event histories (RTREC_SERVE_MAX_EVENTS)")
+    rows = time_batches(generator, batch_sizes, generator.max_events)
     table = Table(title=f"rtrec bench generate ({torch.get_num_threads()} threads)")
     for col in ("batch", "recs/s", "p50 ms", "p99 ms"):
         table.add_column(col, justify="right")

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from model.blending import BlendingRecommender
 from model.loader import load_recommender
-from model.reasons import explain
+from model.reasons import explain_all
 from model.recommender import Recommender
 from stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap
 from stream.events import InvalidEvent
@@ -139,7 +139,8 @@ class RecommendWorker:
         return RecResponse(
             request_id=req.request_id,
             user_id=req.user_id,
-            items=[RecItem(item, score, explain(state, item)) for item, score in items],
+            items=[RecItem(item, score, reason)
+                   for (item, score), reason in zip(items, explain_all(state, [i for i, _ in items]))],
             model_version=version,
             fallback=not state.known,
         )
