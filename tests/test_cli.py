@@ -149,7 +149,7 @@ def test_demo_shows_recommendations_following_new_events(tmp_path):
         after = int(line.split("after ")[1].split("/")[0])
         gained += after - before
     assert gained > 0
-    assert "(model gen-" in res.stdout  # the generative model answers
+    assert "trained gen-" in res.stdout and "gen-" in res.stdout.split("5. recommendations after")[1]
 
 
 TINY_MODEL_ENV = {"RTREC_MODEL_HIDDEN": "64", "RTREC_MODEL_HEADS": "1", "RTREC_MODEL_LAYERS": "1",

@@ -14,6 +14,7 @@ from model.pipeline import model_meta, train_generator
 from model.sequence_model import build_model, resize_for
 from model.datasets import leave_one_out
 from model.train import ValidationCase, evaluate_cases, train_model, user_histories, vocab_for
+from model.tokens import encode
 from model.vocab import BOS, N_SPECIAL, TYPE_TOKENS, ItemVocab
 from stream.settings import Settings
 from stream.state_store import SeqEntry, UserState
@@ -158,11 +159,15 @@ def test_excluded_and_non_item_tokens_are_never_recommended(checkpoint):
     assert sum(p for _, p in ranked) == pytest.approx(1.0, rel=1e-4)
 
 
-def test_prompt_layout_is_item_then_type(checkpoint):
+def test_prompt_layouts(checkpoint):
     gen = TorchGenerator.from_path(checkpoint, device="cpu")
-    ids = gen.token_ids(state("u", [("i2", "browse"), ("i5", "purchase")]))
+    history = [("i2", "browse"), ("i5", "purchase")]
     vocab = gen.checkpoint.vocab
-    assert ids == [BOS, vocab.token("i2"), TYPE_TOKENS["browse"], vocab.token("i5"), TYPE_TOKENS["purchase"]]
+    assert gen.checkpoint.layout == "item"  # the measured default
+    assert gen.token_ids(state("u", history)) == [BOS, vocab.token("i2"), vocab.token("i5")]
+    assert encode(history, vocab, "item_type", 10) == [
+        BOS, vocab.token("i2"), TYPE_TOKENS["browse"], vocab.token("i5"), TYPE_TOKENS["purchase"]]
+    assert encode(history * 10, vocab, "item", 3) == [BOS] + [vocab.token(i) for i, _ in (history * 10)[-3:]]
 
 
 # ---- training ---------------------------------------------------------------------------------
