@@ -113,8 +113,10 @@ def test_generative_model_answers_known_users_with_its_version(settings, produce
         producer.send({**e, "event_id": f"{e['event_id']}-{tag}", "user_id": f"{user}-{tag}"})
     producer.flush()
     wait_for(lambda: redis.hget(f"rt:u:{user}-{tag}:h", "n") == "5", what="history applied")
-    [known, unknown] = run_batch(settings, generator, [request(f"{user}-{tag}", k=5),
-                                                       request(f"nobody-{tag}", k=5)])
+    responses = run_batch(settings, generator, [request(f"{user}-{tag}", k=5), request(f"nobody-{tag}", k=5)])
+    # responses are keyed by user, so two users' answers may sit on different partitions
+    by_user = {r["user_id"]: r for r in responses}
+    known, unknown = by_user[f"{user}-{tag}"], by_user[f"nobody-{tag}"]
     assert known["model_version"] == generator.version and known["fallback"] is False
     assert len(known["items"]) == 5 and all(it["reason"] for it in known["items"])
     seen = {e["item_id"] for e in mine}
