@@ -29,5 +29,9 @@ def load_recommender(settings: Settings) -> Recommender:
     from model.generator import TorchGenerator
 
     generator = TorchGenerator.from_path(path, device=settings.device, max_events=settings.serve_max_events)
+    if generator.device.type == "cpu" and settings.serve_torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.serve_torch_threads)
     log.warning("serving %s on %s (torch)", generator.version, generator.device)
     return generator

@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     model_intermediate: int = 256
     model_dropout: float = 0.1
     model_max_events: int = Field(200, description="history length the model trains on")
+    reason_recent_items: int = Field(
+        5, ge=0, description="recent items whose co-visited neighbours explain a model's recommendations"
+    )
+    serve_torch_threads: int = Field(
+        1, ge=0, description="CPU threads per serving worker (0: torch's default); one avoids OpenMP spin "
+        "on small batches and leaves cores to the broker and Redis; scale out with more workers"
+    )
     serve_max_events: int = Field(
         50, description="history length read when serving (<= training): per-request cost is linear in it"
     )

@@ -181,6 +181,21 @@ return out
 
 
 @dataclass(frozen=True, slots=True)
+class StateReads:
+    """How much of a user's state a read returns; a recommender that needs less asks for less.
+
+    Reading co-visitation neighbours for many recent items is the costly part
+    of a read: the blending baseline scores with them, while the generative
+    model only needs a few for its reasons.
+    """
+
+    sequence: int  # newest events of the item sequence
+    recent_items: int  # distinct recent items whose co-visited neighbours are read
+    neighbours: int = 50  # neighbours per such item
+    affinities: int = 100  # top affinities
+
+
+@dataclass(frozen=True, slots=True)
 class SeqEntry:
     item_id: str
     type: str
@@ -266,9 +281,12 @@ class StateStore:
         return [bool(f) for flags in await pipe.execute() for f in flags]
 
     # ---- reading ---------------------------------------------------------------
-    def _read_args(self, user_id: str) -> list:
+    def default_reads(self) -> StateReads:
         s = self.settings
-        return [self.prefix, user_id, s.sequence_length, 100, s.blend_recent_items, 50]
+        return StateReads(sequence=s.sequence_length, recent_items=s.blend_recent_items)
+
+    def _read_args(self, user_id: str, reads: StateReads) -> list:
+        return [self.prefix, user_id, reads.sequence, reads.affinities, reads.recent_items, reads.neighbours]
 
     def _build(self, user_id: str, raw: list, trending: list[tuple[str, float]]) -> UserState:
         h = dict(zip(raw[0][0::2], raw[0][1::2]))
@@ -296,23 +314,26 @@ class StateStore:
         top = pairs[0][1] if pairs and pairs[0][1] > 0 else 1.0
         return [(item, score / top) for item, score in pairs]
 
-    def fetch(self, client: redis.Redis, user_ids: Sequence[str]) -> list[UserState]:
+    def fetch(self, client: redis.Redis, user_ids: Sequence[str], reads: StateReads | None = None) -> list[UserState]:
         """Users' states and the trending list in one pipelined round-trip."""
+        reads = reads or self.default_reads()
         script = client.register_script(READ_LUA)
         pipe = client.pipeline(transaction=False)
         pipe.zrevrange(f"{self.prefix}:pop", 0, self.settings.trending_pool - 1, withscores=True)
         for uid in user_ids:
-            script(args=self._read_args(uid), client=pipe)
+            script(args=self._read_args(uid, reads), client=pipe)
         res = pipe.execute()
         trending = self._trending([x for pair in res[0] for x in pair])
         return [self._build(uid, raw, trending) for uid, raw in zip(user_ids, res[1:])]
 
-    async def fetch_async(self, client: "redis.asyncio.Redis", user_ids: Sequence[str]) -> list[UserState]:
+    async def fetch_async(self, client: "redis.asyncio.Redis", user_ids: Sequence[str],
+                          reads: StateReads | None = None) -> list[UserState]:
+        reads = reads or self.default_reads()
         script = client.register_script(READ_LUA)
         pipe = client.pipeline(transaction=False)
         pipe.zrevrange(f"{self.prefix}:pop", 0, self.settings.trending_pool - 1, withscores=True)
         for uid in user_ids:
-            await script(args=self._read_args(uid), client=pipe)
+            await script(args=self._read_args(uid, reads), client=pipe)
         res = await pipe.execute()
         trending = self._trending([x for pair in res[0] for x in pair])
         return [self._build(uid, raw, trending) for uid, raw in zip(user_ids, res[1:])]

@@ -10,7 +10,7 @@ import pytest
 
 from stream.events import Event
 from stream.settings import Settings
-from stream.state_store import RESCALE_AFTER_HALF_LIVES, SeqEntry, StateStore
+from stream.state_store import RESCALE_AFTER_HALF_LIVES, SeqEntry, StateStore, StateReads
 
 BASE = Settings(
     kafka_bootstrap=None,
@@ -493,3 +493,17 @@ def test_equal_timestamps_keep_arrival_order(redis_only) -> None:
     state = one(redis_only, store, "u")
     assert [e.item_id for e in state.sequence] == items
     assert {e.ts for e in state.sequence} == {T0}
+
+
+def test_a_smaller_read_returns_the_newest_events_and_fewer_neighbour_lists(redis_only) -> None:
+    store = new_store()
+    others = [ev(f"o{n}", f"item{n}", T0 + n) for n in range(8)] + [ev(f"o{n}", "shared", T0 + 100 + n) for n in range(8)]
+    mine = [ev("me", f"item{n}", T0 + 1000 + n) for n in range(8)]
+    store.apply(redis_only, others + mine)
+    [full] = store.fetch(redis_only, ["me"])
+    [small] = store.fetch(redis_only, ["me"], StateReads(sequence=3, recent_items=2, neighbours=1))
+    assert [e.item_id for e in full.sequence] == [f"item{n}" for n in range(8)]
+    assert [e.item_id for e in small.sequence] == ["item5", "item6", "item7"]  # the newest, oldest first
+    assert set(small.covis) == {"item7", "item6"}  # neighbours only for the two most recent items
+    assert all(len(v) <= 1 for v in small.covis.values())
+    assert len(full.covis) == 8

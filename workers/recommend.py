@@ -24,7 +24,7 @@ from stream.events import InvalidEvent
 from stream.rec_messages import RecItem, RecRequest, RecResponse, best_effort_ids, parse_request
 from stream.settings import Settings, get_settings
 from stream.topics import ensure_topics
-from stream.state_store import StateStore, UserState
+from stream.state_store import StateReads, StateStore, UserState
 from workers.batch_consumer import BatchConsumer
 from workers.dead_letters import DeadLetter, DeadLetters
 from workers.faust_app import make_app, run_worker
@@ -85,7 +85,8 @@ class RecommendWorker:
     async def _answer(self, valid: list[tuple[ConsumerRecord, RecRequest]]):
         recommender = self.recommender  # one model per batch, even if a swap happens meanwhile
         try:
-            states = await self.store.fetch_async(self.redis, [req.user_id for _, req in valid])
+            states = await self.store.fetch_async(self.redis, [req.user_id for _, req in valid],
+                                                  self._reads(recommender))
             for state, (_, req) in zip(states, valid):
                 if req.exclude_seen:
                     state.exclude = frozenset(e.item_id for e in state.sequence) | state.purchased
@@ -102,6 +103,13 @@ class RecommendWorker:
             version = recommender.version if state.known else "trending"
             out.append((rec, self._response(req, state, items[: req.k], version), req.reply_topic))
         return out
+
+    def _reads(self, recommender: Recommender) -> StateReads:
+        """What to read per user: a generative model reads its window and a few reason anchors."""
+        max_events = getattr(recommender, "max_events", None)
+        if max_events is None:  # the blending baseline scores with the full default read
+            return self.store.default_reads()
+        return StateReads(sequence=max_events, recent_items=self.settings.reason_recent_items, neighbours=20)
 
     def _rank(self, recommender: Recommender, states: list[UserState], k: int) -> list:
         """Known users go to the model in one batch; users without history to the trending fallback."""
