@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from model.blending import BlendingRecommender
 from model.checkpoint import latest_checkpoint
 from model.recommender import Recommender
 from stream.settings import Settings
+from stream.state_store import SeqEntry, UserState
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +22,13 @@ def load_recommender(settings: Settings) -> Recommender:
     if path is None:
         log.warning("no checkpoint under %s: serving the blending baseline", settings.checkpoint_dir)
         return BlendingRecommender(settings)
+    generator = load_generator(settings, path)
+    log.warning("serving %s on %s (%s)", generator.version, getattr(generator, "device", "?"), settings.backend)
+    return generator
+
+
+def load_generator(settings: Settings, path: Path) -> Recommender:
+    """A verified checkpoint on the configured backend (raises CheckpointError if it must be refused)."""
     if settings.backend == "vllm":
         from model.vllm_backend import VllmGenerator
 
@@ -33,5 +42,12 @@ def load_recommender(settings: Settings) -> Recommender:
         import torch
 
         torch.set_num_threads(settings.serve_torch_threads)
-    log.warning("serving %s on %s (torch)", generator.version, generator.device)
     return generator
+
+
+def warm_up(recommender: Recommender) -> None:
+    """One small batch through the model, so the first real batch after a swap is not the slow one."""
+    vocab = getattr(recommender, "vocab", None) or getattr(getattr(recommender, "checkpoint", None), "vocab", None)
+    items = vocab.items[:3] if vocab is not None else []
+    state = UserState("warm-up", sequence=[SeqEntry(item, "click", 0, f"w{n}") for n, item in enumerate(items)])
+    recommender.recommend_batch([state], 10)

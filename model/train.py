@@ -149,7 +149,7 @@ def train_model(
         bar = tqdm(_batches(examples, s.train_batch_size, rng), desc=f"epoch {epoch}", unit="batch",
                    disable=not progress, leave=False)
         for batch in bar:
-            warmup = min(1.0, (step + 1) / 100)
+            warmup = min(1.0, (step + 1) / s.train_warmup_steps) if s.train_warmup_steps else 1.0
             for group in optimizer.param_groups:
                 group["lr"] = s.train_lr * warmup
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):

@@ -134,6 +134,26 @@ class Settings(BaseSettings):
     train_min_epochs: int = Field(10, description="no early stop before this many epochs")
     train_patience: int = Field(6, description="epochs without validation gain before stopping")
     train_seed: int = 0
+    train_warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up (0: none)")
+
+    # --- incremental trainer (rtrec trainer) ----------------------------------------------
+    topic_model_updates: str = Field("model-updates", description="promotions are announced here")
+    trainer_group: str = "rtrec-trainer"
+    trainer_every_events: int = Field(5000, ge=1, description="fine-tune after this many new events")
+    trainer_every_s: float = Field(600.0, gt=0, description="... or after this long with new events")
+    trainer_min_events: int = Field(100, ge=1, description="smallest window a timer or drift trigger trains on")
+    finetune_lr: float = 5e-4
+    finetune_epochs: int = Field(3, ge=1, description="passes over a window when continuing a checkpoint")
+    finetune_first_epochs: int = Field(20, ge=1, description="epochs when there is no checkpoint yet")
+    finetune_replay_users: int = Field(200, ge=0, description="older users' histories replayed per fine-tune")
+    finetune_min_history: int = Field(3, ge=2, description="events a window user needs to give a held-out case")
+    promote_tolerance: float = Field(0.005, ge=0, description="candidate NDCG@10 may be this much lower")
+    promote_min_cases: int = Field(20, ge=1, description="held-out cases needed to judge a candidate")
+    checkpoint_keep: int = Field(5, ge=2, description="versions kept (plus CURRENT and its rollback target)")
+    drift_head_items: int = Field(50, ge=1, description="drift watch: share of events on these top items")
+    drift_delta: float = Field(0.002, gt=0, description="river ADWIN confidence; smaller fires less")
+    drift_enabled: bool = True
+    model_check_s: float = Field(5.0, gt=0, description="how often a serving worker compares CURRENT with its model")
     t5_targets_per_sequence: int = Field(4, description="prefixes sampled per sequence per epoch")
     t5_max_events: int = Field(
         50, description="T5 reads shorter histories: one encoder pass per target makes it costly"

@@ -17,6 +17,7 @@ def topic_names(settings: Settings) -> list[str]:
         settings.topic_requests,
         settings.topic_responses,
         settings.topic_dead_letters,
+        settings.topic_model_updates,
     ]
 
 

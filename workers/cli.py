@@ -18,6 +18,8 @@ from stream.settings import Settings, get_settings
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="rtrec: streaming real-time recommender")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures (not tests).")
 app.add_typer(bench_app, name="bench")
+model_app = typer.Typer(no_args_is_help=True, help="The checkpoint store: list, promote, roll back.")
+app.add_typer(model_app, name="model")
 console = Console()
 
 
@@ -37,6 +39,7 @@ def connected_settings() -> Settings:
 def up(
     state_workers: int = typer.Option(1, help="state worker processes (they share partitions)"),
     recommend_workers: int = typer.Option(1, help="recommendation worker processes"),
+    trainer: bool = typer.Option(True, help="run the incremental trainer (fine-tunes and promotes models)"),
 ) -> None:
     """Start broker, Redis and workers (embedded unless RTREC_KAFKA_BOOTSTRAP/RTREC_REDIS_URL are set); Ctrl-C stops all."""
     from workers.stack import Stack
@@ -51,7 +54,7 @@ def up(
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        s = stack.start(state_workers, recommend_workers)
+        s = stack.start(state_workers, recommend_workers, trainer=trainer)
         console.print(f"[green]rtrec is up[/]  kafka={s.kafka_bootstrap}  redis={s.redis_url}  run dir={stack.run_dir}")
         for proc in stack.servers + stack.workers:
             console.print(f"  {proc.name:<12} pid {proc.proc.pid:<8} log {proc.log_path}")
@@ -232,8 +235,8 @@ def train(
     promote: bool = typer.Option(True, help="point CURRENT at the new checkpoint"),
 ) -> None:
     """Train the generative model and write a versioned checkpoint (safetensors + vocab + manifest)."""
-    from model.checkpoint import set_current
     from model.datasets import load_events
+    from model.store import CheckpointStore
     from model.pipeline import plot_training, train_checkpoint
 
     settings = get_settings()
@@ -251,7 +254,7 @@ def train(
     root = out or settings.checkpoint_dir
     path, report = train_checkpoint(settings, data, root)
     if promote:
-        set_current(root, path.name)
+        CheckpointStore(root).promote(path.name, reason="rtrec train")
     curves = plot_training({settings.model_family: report}, path.parent / f"{path.name}-training.png")
     console.print(f"checkpoint {path}  best epoch {report.best_epoch}  "
                   f"validation {{k: round(v, 4) for k, v in report.best.items() if '@' in k}}  "
@@ -272,6 +275,83 @@ def evaluate_cmd(
     if epochs is not None:
         settings = settings.model_copy(update={"train_epochs": epochs})
     run_eval(settings, events, [f for f in families.split(",") if f], out, console)
+
+
+@app.command()
+def trainer() -> None:
+    """Run the incremental trainer in the foreground (fine-tune on new events, gate, promote, announce)."""
+    from workers.trainer import build_app
+    from workers.faust_app import run_worker
+
+    settings = connected_settings()
+    run_worker(build_app(settings), settings)
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """Versions in the checkpoint store, oldest first; CURRENT marked."""
+    from model.store import CheckpointStore
+
+    store = CheckpointStore(get_settings().checkpoint_dir)
+    table = Table(title=f"checkpoints in {store.root}")
+    for col in ("", "version", "created", "HR@10", "NDCG@10", "window events", "trigger"):
+        table.add_column(col)
+    for v in store.versions():
+        m, w = v.metrics, v.training_window
+        table.add_row("*" if v.current else "", v.version, v.created_at,
+                      f"{m['HR@10']:.4f}" if "HR@10" in m else "", f"{m['NDCG@10']:.4f}" if "NDCG@10" in m else "",
+                      str(w.get("events", "")), str(w.get("trigger", "")))
+    console.print(table)
+    decisions = store.decisions()
+    if decisions:
+        last = decisions[-1]
+        console.print(f"last trainer decision ({last['at']}): "
+                      f"{'promoted ' + last['version'] if last.get('promoted') else 'kept current'} - {last['reason']}")
+
+
+def _announce(version: str, reason: str) -> None:
+    from workers.stack import adopt_running_stack
+    from workers.trainer import announce_sync
+
+    settings = adopt_running_stack(get_settings())
+    if settings.kafka_bootstrap:
+        try:
+            announce_sync(settings, version, reason)
+            console.print(f"announced on {settings.topic_model_updates}")
+            return
+        except Exception as exc:  # noqa: BLE001 - workers still follow CURRENT
+            console.print(f"[yellow]could not announce ({exc})")
+    console.print(f"workers switch within RTREC_MODEL_CHECK_S ({settings.model_check_s:g} s)")
+
+
+@model_app.command("promote")
+def model_promote(version: str = typer.Argument(..., help="a version from `rtrec model list`")) -> None:
+    """Verify VERSION and make it CURRENT; serving workers hot-swap to it."""
+    from model.checkpoint import CheckpointError
+    from model.store import CheckpointStore
+
+    try:
+        path = CheckpointStore(get_settings().checkpoint_dir).promote(version, reason="rtrec model promote")
+    except CheckpointError as exc:
+        console.print(f"[red]refused: {exc}")
+        raise typer.Exit(1)
+    console.print(f"CURRENT -> {path.name}")
+    _announce(path.name, "promote")
+
+
+@model_app.command("rollback")
+def model_rollback() -> None:
+    """Make the previously served version CURRENT again; serving workers hot-swap back."""
+    from model.checkpoint import CheckpointError
+    from model.store import CheckpointStore
+
+    try:
+        path = CheckpointStore(get_settings().checkpoint_dir).rollback()
+    except CheckpointError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(1)
+    console.print(f"CURRENT -> {path.name} (rolled back)")
+    _announce(path.name, "rollback")
 
 
 @app.command()

@@ -28,6 +28,7 @@ from stream.state_store import StateReads, StateStore, UserState
 from workers.batch_consumer import BatchConsumer
 from workers.dead_letters import DeadLetter, DeadLetters
 from workers.faust_app import make_app, run_worker
+from workers.model_watch import ModelWatcher
 from workers.stack import announce_gone, announce_ready
 
 log = logging.getLogger(__name__)
@@ -207,12 +208,18 @@ def build_app(settings: Settings | None = None, recommender: Recommender | None 
             DeadLetters(settings, producer, redis_client),
             recommender or load_recommender(settings),
         )
+        watcher = ModelWatcher(settings, worker, redis_client, STATS_KEY)
         await consumer.start()
+        await watcher.start()
+        watching = asyncio.create_task(watcher.run()) if settings.recommender != "blend" else None
         await announce_ready(redis_client, "recommend")
         log.warning("recommend worker answering %s as %s", settings.topic_requests, settings.recommend_group)
         try:
             await consumer.run(worker.handle)
         finally:
+            if watching is not None:
+                watching.cancel()
+            await watcher.stop()
             await announce_gone(redis_client, "recommend")
             await consumer.stop()
             await producer.stop()

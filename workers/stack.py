@@ -20,7 +20,7 @@ from stream.settings import Settings
 from stream.topics import ensure_topics
 
 READY_KEY = "rt:workers:{kind}"
-WORKER_MODULES = {"state": "workers.state", "recommend": "workers.recommend"}
+WORKER_MODULES = {"state": "workers.state", "recommend": "workers.recommend", "trainer": "workers.trainer"}
 EMBEDDED_SESSION_TIMEOUT_MS = 3000  # Tansu accepts it; group joins take ~2 s instead of ~8 s
 
 
@@ -86,7 +86,7 @@ class Stack:
 
     # ---- workers -------------------------------------------------------------------
     def start_worker(self, kind: str, **env: str) -> ManagedProcess:
-        """Spawn one worker process (`state` or `recommend`) reading this stack's settings."""
+        """Spawn one worker process (`state`, `recommend` or `trainer`) reading this stack's settings."""
         n = sum(1 for w in self.workers if w.name.startswith(kind)) + 1
         environment = python_env(
             self.settings,
@@ -117,14 +117,19 @@ class Stack:
         alive = {str(w.proc.pid) for w in self.workers if w.name.startswith(kind) and w.alive()}
         return alive & client.smembers(READY_KEY.format(kind=kind))
 
-    def start(self, state_workers: int = 1, recommend_workers: int = 1) -> Settings:
+    def start(self, state_workers: int = 1, recommend_workers: int = 1, trainer: bool = False) -> Settings:
+        """Servers, then workers; `rtrec up` adds the trainer (one: it owns the checkpoint store)."""
         self.start_servers()
         for _ in range(state_workers):
             self.start_worker("state")
         for _ in range(recommend_workers):
             self.start_worker("recommend")
+        if trainer:
+            self.start_worker("trainer")
         self.wait_ready("state", state_workers)
         self.wait_ready("recommend", recommend_workers)
+        if trainer:
+            self.wait_ready("trainer", 1)
         return self.settings
 
     def stop_worker(self, proc: ManagedProcess, kill: bool = False) -> None:

@@ -1,0 +1,133 @@
+"""Hot-swap for the recommendation worker: follow promotions, load off the event loop, swap between batches.
+
+The served model always converges to the store's CURRENT version. A
+`model-updates` message is the fast path (the swap starts within one poll);
+a periodic look at CURRENT covers announcements missed while the worker
+started and rollbacks made without Kafka. The new checkpoint is loaded and
+verified (sha256 of the manifest against the announcement, then of every file)
+and warmed up in a thread; only then does one attribute assignment swap it in.
+The worker reads that attribute once per batch, so a batch in flight finishes
+on the old model and every response names the version that produced it. A
+checkpoint that cannot be loaded is refused with the reason logged and
+counted, and the current model keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+
+from model.checkpoint import MANIFEST, CheckpointError, sha256_file
+from model.loader import load_generator, warm_up
+from model.store import CheckpointStore
+from stream.connections import aiokafka_auth, kafka_bootstrap
+from stream.settings import Settings
+
+log = logging.getLogger(__name__)
+SERVING_KEY = "rt:model:serving"  # worker pid -> version it serves (ops reads it)
+
+
+class ModelWatcher:
+    """Keeps `worker.recommender` on the CURRENT checkpoint."""
+
+    def __init__(self, settings: Settings, worker: Any, redis_client, stats_key: str) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.redis = redis_client
+        self.stats_key = stats_key
+        self.store = CheckpointStore(settings.checkpoint_dir)
+        self.swaps = 0
+        self.refused: list[str] = []
+        self._lock = asyncio.Lock()
+        self.consumer = AIOKafkaConsumer(
+            settings.topic_model_updates, bootstrap_servers=kafka_bootstrap(settings), group_id=None,
+            auto_offset_reset="latest", client_id="rtrec-model-watch", fetch_max_wait_ms=200,
+            **aiokafka_auth(settings),
+        )
+
+    @property
+    def serving(self) -> str:
+        return self.worker.recommender.version
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        await self.publish_serving()
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+        await self.redis.hdel(SERVING_KEY, str(os.getpid()))
+
+    async def publish_serving(self) -> None:
+        await self.redis.hset(SERVING_KEY, str(os.getpid()), self.serving)
+
+    async def run(self) -> None:
+        last_look = 0.0
+        while True:
+            batch = await self.consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for rec in records:
+                    await self.on_message(rec.value)
+            if time.monotonic() - last_look >= self.settings.model_check_s:
+                last_look = time.monotonic()
+                await self.follow_current()
+
+    async def on_message(self, raw: bytes) -> None:
+        try:
+            msg = json.loads(raw)
+            version, sha = str(msg["version"]), str(msg["sha256"])
+        except (ValueError, KeyError, TypeError) as exc:
+            await self._refuse("?", f"unreadable model-updates message ({exc})")
+            return
+        if version != self.store.current_version():
+            log.warning("ignoring announcement of %s: CURRENT is %s", version, self.store.current_version())
+            return
+        await self.swap_to(version, expected_sha256=sha)
+
+    async def follow_current(self) -> None:
+        current = self.store.current_version()
+        if current and current != self.serving and current not in self.refused:
+            await self.swap_to(current)
+
+    async def swap_to(self, version: str, expected_sha256: str | None = None) -> bool:
+        """Load, verify and warm `version` in a thread; swap it in. False (and logged) if refused."""
+        async with self._lock:
+            if version == self.serving:
+                return True
+            started = time.monotonic()
+            try:
+                recommender = await asyncio.to_thread(self._load, version, expected_sha256)
+            except Exception as exc:  # corrupt, tampered, wrong shape, unreadable: keep serving
+                await self._refuse(version, f"{type(exc).__name__}: {exc}")
+                return False
+            old, self.worker.recommender = self.worker.recommender, recommender  # between batches
+            load_ms = (time.monotonic() - started) * 1000
+            self.swaps += 1
+            await self.redis.hincrby(self.stats_key, "swaps", 1)
+            await self.redis.hset(self.stats_key, mapping={"last_swap_ms": round(load_ms, 1),
+                                                           "last_swap_version": version})
+            await self.publish_serving()
+            log.warning("hot-swapped %s -> %s (loaded and warmed in %.0f ms)", old.version, version, load_ms)
+            close = getattr(old, "close", None)
+            if close is not None:  # a vLLM engine holds memory; torch models are garbage-collected
+                await asyncio.to_thread(close)
+            return True
+
+    def _load(self, version: str, expected_sha256: str | None):
+        path = self.store.path_of(version)  # resolved in our store: a message never names a file to load
+        if expected_sha256 is not None and sha256_file(path / MANIFEST) != expected_sha256:
+            raise CheckpointError(f"{path}: manifest sha256 differs from the announcement")
+        recommender = load_generator(self.settings, path)
+        warm_up(recommender)
+        return recommender
+
+    async def _refuse(self, version: str, reason: str) -> None:
+        self.refused.append(version)
+        log.error("refused model %s: %s (still serving %s)", version, reason, self.serving)
+        await self.redis.hincrby(self.stats_key, "swaps_refused", 1)
+        await self.redis.hset(self.stats_key, "last_refusal", f"{version}: {reason}"[:500])

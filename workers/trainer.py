@@ -1,0 +1,324 @@
+"""Incremental trainer: windows of the events topic -> fine-tune -> gate -> promote + announce.
+
+Run as ``python -m workers.trainer`` or ``rtrec trainer`` (``rtrec up`` starts
+it). It reads the events topic in its own consumer group. A window closes
+after `trainer_every_events` events, after `trainer_every_s` seconds with at
+least `trainer_min_events`, or early when the drift watch fires. The window's
+offsets are committed only after its decision is on disk, and every decision
+records the offsets it covered: on restart the trainer starts from the later
+of the committed offsets and the last decision's, so no window is skipped and
+none is trained on twice, even if it stopped between the two writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+
+from model.checkpoint import MANIFEST, load_checkpoint, save_checkpoint, sha256_file
+from model.drift import DriftWatch
+from model.finetune import FineTuneData, build_data, fine_tune, gate
+from model.generator import resolve_device
+from model.store import CheckpointStore
+from stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap, redis_client
+from stream.events import InvalidEvent, parse_event
+from stream.settings import Settings, get_settings
+from stream.state_store import StateReads, StateStore
+from stream.topics import ensure_topics
+from workers.faust_app import make_app, run_worker
+from workers.stack import announce_gone, announce_ready
+
+log = logging.getLogger(__name__)
+STATS_KEY = "rt:stats:trainer"
+
+
+@dataclass
+class Window:
+    """Events read since the last decision, and the offsets just past them."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    next_offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> offset
+    opened: float = field(default_factory=time.monotonic)
+
+    def add(self, topic: str, partition: int, offset: int, event: dict[str, Any] | None) -> None:
+        if event is not None:
+            self.events.append(event)
+        self.next_offsets[f"{topic}:{partition}"] = offset + 1
+
+
+class Trainer:
+    """One window -> one decision: fine-tune the current checkpoint, gate it, promote or keep."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = CheckpointStore(settings.checkpoint_dir)
+        self.state = StateStore(settings)
+        self.device = resolve_device(settings.device)
+        self.windows = 0
+
+    # ---- data for one window -------------------------------------------------------------
+    def context(self, client, window: Sequence[dict[str, Any]], max_events: int) -> dict[str, list]:
+        """Each window user's events from Redis that came before the window (the model's context)."""
+        first_ts: dict[str, int] = {}
+        ids = {e["event_id"] for e in window}
+        for e in window:
+            first_ts.setdefault(str(e["user_id"]), int(e["ts"]))
+        users = list(first_ts)
+        reads = StateReads(sequence=max_events, recent_items=0, neighbours=1, affinities=1)
+        out = {}
+        for start in range(0, len(users), 500):
+            chunk = users[start : start + 500]
+            for st in self.state.fetch(client, chunk, reads):
+                out[st.user_id] = [(s.item_id, s.type) for s in st.sequence
+                                   if s.event_id not in ids and s.ts <= first_ts[st.user_id]]
+        return out
+
+    def replay(self, client, exclude: set[str], max_events: int) -> list[list]:
+        """Histories of a sample of other users, so a fine-tune does not forget them."""
+        n = self.settings.finetune_replay_users
+        if n <= 0:
+            return []
+        prefix = f"{self.state.prefix}:u:"
+        candidates = []
+        for key in client.scan_iter(match=f"{prefix}*:h", count=1000):
+            user = key[len(prefix) : -2]
+            if user not in exclude:
+                candidates.append(user)
+            if len(candidates) >= 5 * n:
+                break
+        rng = random.Random(self.settings.train_seed + self.windows)
+        chosen = rng.sample(candidates, min(n, len(candidates)))
+        reads = StateReads(sequence=max_events, recent_items=0, neighbours=1, affinities=1)
+        return [[(s.item_id, s.type) for s in st.sequence] for st in self.state.fetch(client, chosen, reads)]
+
+    # ---- the decision ---------------------------------------------------------------------
+    def run_window(self, window: Sequence[dict[str, Any]], trigger: str,
+                   offsets: dict[str, int] | None = None) -> dict[str, Any]:
+        """Fine-tune, gate, and (if not worse) save + promote; returns the recorded decision."""
+        s = self.settings
+        started = time.monotonic()
+        self.windows += 1
+        current_path = self.store.current_path()
+        current = load_checkpoint(current_path) if current_path else None
+        max_events = current.max_events if current else s.model_max_events
+        client = redis_client(s)
+        try:
+            context = self.context(client, window, max_events)
+            replay = self.replay(client, set(context), max_events)
+            decision = self._decide(window, trigger, offsets, current, context, replay)
+            client.hincrby(STATS_KEY, "promoted" if decision["promoted"] else "kept", 1)
+            client.hset(STATS_KEY, mapping={"last_decision": json.dumps(decision, default=str),
+                                            "last_decision_at": int(time.time() * 1000)})
+        finally:
+            client.close()
+        decision["seconds"] = round(time.monotonic() - started, 2)
+        return decision
+
+    def _decide(self, window, trigger, offsets, current, context, replay) -> dict[str, Any]:
+        s = self.settings
+        current_path = current.path if current else None
+        data: FineTuneData = build_data(window, context, replay, s)
+        if not data.train:
+            decision = {"promoted": False, "reason": "no history of two or more events to train on",
+                        "trigger": trigger, "current": current.version if current else None,
+                        "offsets": offsets or {}, "window": {"events": len(window)}}
+            self.store.record_decision(decision)
+            return decision
+        candidate, report = fine_tune(current_path, data, s, self.device)
+        result = gate(candidate, current, data.holdout, s.promote_tolerance, self.device, s.promote_min_cases)
+        train_window = {
+            "events": len(window), "users": data.window_users, "held_out": len(data.holdout),
+            "replayed": len(replay), "first_ts": window[0]["ts"] if window else None,
+            "last_ts": window[-1]["ts"] if window else None, "trigger": trigger, "offsets": offsets or {},
+            "parent": current.version if current else None,
+        }
+        decision: dict[str, Any] = {
+            "promoted": result.promote, "reason": result.reason, "trigger": trigger,
+            "candidate_metrics": result.candidate, "current_metrics": result.current,
+            "current": current.version if current else None, "window": train_window,
+            "offsets": offsets or {}, "train_seconds": round(report.seconds, 2),
+        }
+        if result.promote:
+            metrics = {**result.candidate, "held_out": len(data.holdout), "train_seconds": round(report.seconds, 2)}
+            path = save_checkpoint(candidate.model, candidate.vocab, self.store.root, candidate.manifest["meta"],
+                                   metrics=metrics, training_window=train_window)
+            self.store.promote(path.name, reason=f"trainer: {trigger}")
+            decision["version"] = path.name
+            decision["pruned"] = self.store.prune(s.checkpoint_keep)
+        self.store.record_decision(decision)
+        return decision
+
+    def resume_offsets(self) -> dict[str, int]:
+        """Offsets covered by the last recorded decision ({} when there is none)."""
+        decisions = self.store.decisions()
+        return dict(decisions[-1].get("offsets") or {}) if decisions else {}
+
+
+def announcement(store: CheckpointStore, version: str, extra: dict[str, Any] | None = None) -> bytes:
+    """The `model-updates` message: version, path, sha256 of the manifest (which hashes every file), metrics."""
+    path = store.path_of(version)
+    manifest = json.loads((path / MANIFEST).read_text())
+    return json.dumps({"version": version, "path": str(path.resolve()), "sha256": sha256_file(path / MANIFEST),
+                       "metrics": manifest.get("metrics", {}), "created_at": manifest.get("created_at"),
+                       **(extra or {})}).encode()
+
+
+def announce_sync(settings: Settings, version: str, reason: str) -> None:
+    """Publish a promotion or rollback from a CLI (kafka-python, waits for the ack)."""
+    from stream.producer import make_kafka_producer
+
+    producer = make_kafka_producer(settings, linger_ms=0, client_id="rtrec-model-cli")
+    try:
+        producer.send(settings.topic_model_updates, value=announcement(CheckpointStore(settings.checkpoint_dir),
+                                                                       version, {"reason": reason}))
+        producer.flush(timeout=10)
+    finally:
+        producer.close()
+
+
+class _SeekPastDecisions(ConsumerRebalanceListener):
+    """On assignment, skip what the last decision already covered (if the commit was lost)."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, covered: dict[str, int]) -> None:
+        self.consumer = consumer
+        self.covered = covered
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        for tp in assigned:
+            done = self.covered.get(f"{tp.topic}:{tp.partition}")
+            if done is None:
+                continue
+            committed = await self.consumer.committed(tp)
+            if committed is None or committed < done:
+                log.warning("trainer: %s resumes at %d (last decision), not %s (committed)", tp, done, committed)
+                self.consumer.seek(tp, done)
+
+
+class TrainerLoop:
+    """Consume the events topic, close windows on count/time/drift, decide, then commit."""
+
+    def __init__(self, settings: Settings, trainer: Trainer | None = None) -> None:
+        self.settings = settings
+        self.trainer = trainer or Trainer(settings)
+        self.drift = DriftWatch(settings.drift_head_items, settings.drift_delta) if settings.drift_enabled else None
+        self.window = Window()
+        self.decisions: list[dict[str, Any]] = []
+        self._stopping = asyncio.Event()
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=kafka_bootstrap(settings), group_id=settings.trainer_group, client_id="rtrec-trainer",
+            enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=settings.heartbeat_interval_ms, max_poll_interval_ms=3_600_000,
+            fetch_max_wait_ms=200, **aiokafka_auth(settings),
+        )
+        self.producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap(settings), acks="all",
+                                         **aiokafka_auth(settings))
+
+    async def start(self) -> None:
+        await self.producer.start()
+        await self.consumer.start()
+        covered = self.trainer.resume_offsets()
+        self.consumer.subscribe([self.settings.topic_events], listener=_SeekPastDecisions(self.consumer, covered))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await self.consumer.stop()
+        await self.producer.stop()
+
+    def due(self) -> str | None:
+        """Why the open window should close now, or None."""
+        s, n = self.settings, len(self.window.events)
+        if n >= s.trainer_every_events:
+            return f"every {s.trainer_every_events} events"
+        if n >= s.trainer_min_events and time.monotonic() - self.window.opened >= s.trainer_every_s:
+            return f"every {s.trainer_every_s:g} s"
+        if n >= s.trainer_min_events and self.drift is not None and self.drift.fired:
+            return self.drift.describe()
+        return None
+
+    async def poll_once(self, timeout_ms: int = 500) -> str | None:
+        batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=5000)
+        now_ms = int(time.time() * 1000)
+        for tp, records in batch.items():
+            for rec in records:
+                try:
+                    event = parse_event(rec.value, self.settings, now_ms).to_dict()
+                except InvalidEvent:
+                    event = None  # the state worker dead-letters it; here it only moves the offset
+                self.window.add(tp.topic, tp.partition, rec.offset, event)
+                if event is not None and self.drift is not None:
+                    self.drift.update(event["item_id"])
+        return self.due()
+
+    async def close_window(self, trigger: str) -> dict[str, Any]:
+        window, self.window = self.window, Window()
+        window.events.sort(key=lambda e: e["ts"])
+        decision = await asyncio.to_thread(self.trainer.run_window, window.events, trigger, window.next_offsets)
+        await self._commit(window.next_offsets)
+        if decision.get("version"):
+            await self.producer.send_and_wait(
+                self.settings.topic_model_updates,
+                announcement(self.trainer.store, decision["version"], {"trigger": trigger}))
+        if self.drift is not None:
+            self.drift.reset(window.events)
+        self.decisions.append(decision)
+        log.warning("trainer: %s -> %s (%s)", trigger, decision.get("version") or "kept current", decision["reason"])
+        return decision
+
+    async def _commit(self, offsets: dict[str, int]) -> None:
+        assigned = self.consumer.assignment()
+        commit = {}
+        for key, offset in offsets.items():
+            topic, part = key.rsplit(":", 1)
+            tp = TopicPartition(topic, int(part))
+            if tp in assigned:
+                commit[tp] = offset
+        if commit:
+            await self.consumer.commit(commit)
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            trigger = await self.poll_once()
+            if trigger:
+                await self.close_window(trigger)
+
+
+def build_app(settings: Settings | None = None):
+    settings = settings or get_settings()
+    app = make_app("rtrec-trainer-app", settings)
+
+    @app.task
+    async def train_continuously() -> None:
+        await asyncio.to_thread(ensure_topics, settings)
+        redis = async_redis_client(settings)
+        loop = TrainerLoop(settings)
+        await loop.start()
+        await announce_ready(redis, "trainer")
+        log.warning("trainer consuming %s as %s", settings.topic_events, settings.trainer_group)
+        try:
+            await loop.run()
+        finally:
+            await announce_gone(redis, "trainer")
+            await loop.stop()
+            await redis.aclose()
+
+    return app
+
+
+def main() -> None:
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level)
+    run_worker(build_app(settings), settings)
+
+
+if __name__ == "__main__":
+    main()
