@@ -388,5 +388,20 @@ def bench_generate(
     run_generate_bench(get_settings(), [int(b) for b in batches.split(",")], rate, seconds, plot, console)
 
 
+@bench_app.command("hotswap")
+def bench_hotswap(
+    rate: float = typer.Option(100.0, help="steady requests/s"),
+    seconds: float = typer.Option(20.0, help="duration of the load"),
+    swaps: int = typer.Option(3, help="promotions during the load"),
+    plot: Optional[Path] = typer.Option(Path("bench-hotswap.png"), help="latency-over-time PNG"),
+) -> None:
+    """Requests sent/answered/failed and latency before/during/after several promotions."""
+    from workers.bench_hotswap import run_bench as run_hotswap_bench
+
+    result = run_hotswap_bench(get_settings(), rate, seconds, swaps, plot, console)
+    if result["failed"] or result["unanswered"]:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()
