@@ -9,6 +9,7 @@ it, and candidate and current model are both scored on it before promotion.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -66,7 +67,7 @@ def _tuning_settings(settings: Settings, layout: str, max_events: int) -> Settin
     })
 
 
-def fine_tune(current: Path | None, data: FineTuneData, settings: Settings, device: torch.device,
+def fine_tune(current: Path | Checkpoint | None, data: FineTuneData, settings: Settings, device: torch.device,
               progress: bool = False) -> tuple[Checkpoint, TrainReport]:
     """Continue training a fresh copy of `current` (or a new model when there is none) on `data`.
 
@@ -82,7 +83,10 @@ def fine_tune(current: Path | None, data: FineTuneData, settings: Settings, devi
                 "max_events": settings.model_max_events}
         parent = None
     else:
-        ck = load_checkpoint(current, device="cpu")
+        if isinstance(current, Checkpoint):  # in memory (stream eval): train a copy, keep the original
+            ck = Checkpoint(copy.deepcopy(current.model), copy.deepcopy(current.vocab), current.manifest, current.path)
+        else:
+            ck = load_checkpoint(current, device="cpu")
         model, vocab, meta, parent = ck.model, ck.vocab, dict(ck.manifest["meta"]), ck.version
         new_items = {i for i in data.items if i not in vocab._index}
         if vocab.grow(len(new_items)):

@@ -68,6 +68,19 @@ def train_checkpoint(settings: Settings, events: list[dict], root: Path,
     return path, report
 
 
+def resolve_source(source: str) -> Path:
+    """An existing path, or the folder of a shared dataset of that name (ml-100k, ml-1m-partial)."""
+    from model.datasets import shared_dataset
+
+    path = Path(source)
+    if path.exists():
+        return path
+    found = shared_dataset(source)
+    if found is None:
+        raise FileNotFoundError(f"{source}: no such file, and no dataset of that name in ../shared/data")
+    return found
+
+
 def plot_training(reports: dict[str, TrainReport], path: Path) -> Path:
     """Loss and validation NDCG@10 per epoch, one line per model."""
     import matplotlib
@@ -102,18 +115,13 @@ def run_eval(settings: Settings, source: str, families: Sequence[str], out_dir: 
     import tempfile
 
     from model.blending import BlendingRecommender
-    from model.datasets import load_events, shared_dataset
+    from model.datasets import load_events
     from model.evaluate import (BiasedMFRecommender, PopularityRecommender, build_states, evaluate,
                                 print_table, published_reference, write_report)
     from stream.connections import redis_client
     from stream.embedded import start_redis
 
-    path = Path(source)
-    if not path.exists():
-        found = shared_dataset(source)
-        if found is None:
-            raise FileNotFoundError(f"{source}: no such file, and no dataset of that name in ../shared/data")
-        path = found
+    path = resolve_source(source)
     events = load_events(path)
     split = leave_one_out(events)
     console.print(f"{path}: {len(events):,} events, {len(split.test_users):,} test users, {len(split.items):,} items")

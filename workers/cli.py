@@ -261,20 +261,49 @@ def train(
                   f"{report.seconds:.0f}s  curves {curves}")
 
 
-@app.command("eval")
+eval_app = typer.Typer(help="Offline evaluation: leave-one-out table, or a prequential stream replay.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.callback(invoke_without_command=True)
 def evaluate_cmd(
-    events: str = typer.Option(..., help="event file, MovieLens file/folder, or ml-100k / ml-1m-partial"),
+    ctx: typer.Context,
+    events: Optional[str] = typer.Option(None, help="event file, MovieLens file/folder, or ml-100k / ml-1m-partial"),
     families: str = typer.Option("llama,t5", help="generative families to train and compare"),
     out: Path = typer.Option(Path("eval-out"), help="CSV, bar chart and training curves go here"),
     epochs: Optional[int] = typer.Option(None, help="max epochs per family"),
 ) -> None:
     """Leave-one-out HR@10/NDCG@10/Recall@20/coverage/novelty: generative vs blending, popularity, BiasedMF."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if events is None:
+        console.print("[red]give --events FILE (or use `rtrec eval stream`)")
+        raise typer.Exit(2)
     from model.pipeline import run_eval
 
     settings = get_settings()
     if epochs is not None:
         settings = settings.model_copy(update={"train_epochs": epochs})
     run_eval(settings, events, [f for f in families.split(",") if f], out, console)
+
+
+@eval_app.command("stream")
+def evaluate_stream(
+    events: str = typer.Option(..., help="event file, MovieLens file/folder, or ml-100k / ml-1m-partial"),
+    every: str = typer.Option("7,28", help="fine-tune intervals to compare, in days of stream time"),
+    period_days: float = typer.Option(7.0, help="scoring period (the shortest interval)"),
+    initial_frac: float = typer.Option(0.3, help="share of the stream's time span used for the first model"),
+    sample: float = typer.Option(0.2, help="share of events predicted (all are learned)"),
+    out: Path = typer.Option(Path("eval-stream-out"), help="CSV and PNG go here"),
+) -> None:
+    """Prequential replay in time order: frozen model vs fine-tuning every T vs blending (HR@10 over time)."""
+    from model.datasets import load_events
+    from model.pipeline import resolve_source
+    from model.stream_eval import run_stream_eval
+
+    data = load_events(resolve_source(events))
+    run_stream_eval(get_settings(), data, [float(x) for x in every.split(",") if x], period_days, initial_frac,
+                    sample, out, console)
 
 
 @app.command()
