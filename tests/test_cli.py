@@ -106,7 +106,8 @@ def test_up_serves_requests_and_ctrl_c_stops_everything(tmp_path):
     proc = _start_up(run_dir, {})
     info = json.loads((run_dir / "stack.json").read_text())
     pids = list(info["servers"].values()) + [int(p.read_text()) for p in run_dir.glob("*-1.pid")]
-    assert set(info["servers"]) == {"tansu", "redis"} and len(pids) == 4
+    assert set(info["servers"]) == {"tansu", "redis"} and len(pids) == 5  # + state, recommend, trainer
+    assert (run_dir / "trainer-1.pid").exists()
 
     # another command finds the running stack through the run directory
     res = run_cli(["recommend", "nobody", "-k", "3", "--json"], env={"RTREC_RUN_DIR": str(run_dir)})
@@ -191,3 +192,23 @@ def test_train_from_the_events_topic(settings, producer, redis, tmp_path, uid):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     manifest = json.loads((root / (root / "CURRENT").read_text() / "manifest.json").read_text())
     assert manifest["training_window"]["events"] >= 30
+
+
+def test_model_list_promote_and_rollback(tmp_path):
+    from tests.test_trainer import tiny_checkpoint
+    from stream.synthetic import SyntheticConfig, generate_events
+
+    events = generate_events(SyntheticConfig(n_users=10, n_items=20, n_events=200, seed=3))
+    root = tmp_path / "ck"
+    first, second = tiny_checkpoint(root, events).name, tiny_checkpoint(root, events, seed=1).name
+    env = {"RTREC_CHECKPOINT_DIR": str(root), "RTREC_RUN_DIR": str(tmp_path / "no-stack"), "COLUMNS": "200"}
+    for version in (first, second):
+        res = run_cli(["model", "promote", version], env=env)
+        assert res.returncode == 0 and f"CURRENT -> {version}" in res.stdout, res.stdout + res.stderr
+    assert (root / "CURRENT").read_text() == second
+    listing = run_cli(["model", "list"], env=env).stdout
+    assert first in listing and second in listing
+    res = run_cli(["model", "rollback"], env=env)
+    assert res.returncode == 0 and (root / "CURRENT").read_text() == first, res.stdout
+    res = run_cli(["model", "promote", "no-such-version"], env=env)
+    assert res.returncode == 1 and "refused" in res.stdout
