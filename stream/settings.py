@@ -128,7 +128,8 @@ class Settings(BaseSettings):
     model_item_capacity: int = Field(4096, description="reserved item rows")
     model_hash_buckets: int = Field(64, description="shared rows for items beyond capacity")
     train_epochs: int = 60
-    train_batch_size: int = 128
+    train_batch_size: int = Field(128, description="largest batch; smaller data gets smaller batches")
+    train_min_steps: int = Field(30, ge=1, description="optimizer steps per epoch the batch size leaves room for")
     train_lr: float = 2e-3
     train_weight_decay: float = 0.01
     train_min_epochs: int = Field(10, description="no early stop before this many epochs")

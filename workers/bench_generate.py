@@ -98,7 +98,7 @@ def kafka_latency(settings: Settings, generator: TorchGenerator, rate: float, se
             with RecClient(s) as client:
                 client.collect([client.send(users[0])], timeout_s=60)  # model warm, partitions assigned
                 stop = threading.Event()
-                reader = threading.Thread(target=_read_until, args=(client, stop), daemon=True)
+                reader = threading.Thread(target=read_responses_until, args=(client, stop), daemon=True)
                 reader.start()  # responses are stamped as they arrive, not when the sender has time
                 for i in tqdm(range(n), desc=f"requests at {rate:.0f}/s", unit="req"):
                     pacer.wait(None)
@@ -119,7 +119,8 @@ def kafka_latency(settings: Settings, generator: TorchGenerator, rate: float, se
             return np.array([(arrivals[r] - sent[r]) * 1000 for r in got]), worker_ms
 
 
-def _read_until(client: RecClient, stop: threading.Event) -> None:
+def read_responses_until(client: RecClient, stop: threading.Event) -> None:
+    """Poll responses on a thread of its own, so each is stamped as it arrives."""
     while not stop.is_set():
         client.poll(timeout_ms=20)
 

@@ -30,7 +30,7 @@ from stream.replay import Pacer
 from stream.settings import Settings
 from stream.state_store import StateStore
 from stream.synthetic import SyntheticConfig, generate_events
-from workers.bench_generate import N_ITEMS, default_generator
+from workers.bench_generate import N_ITEMS, default_generator, read_responses_until
 from workers.stack import Stack
 from workers.trainer import announce_sync
 
@@ -60,7 +60,7 @@ def run_bench(settings: Settings, rate: float, seconds: float, swaps: int, plot:
             with RecClient(s) as client:
                 client.collect([client.send(users[0])], timeout_s=60)  # warm, partitions assigned
                 stop = threading.Event()
-                reader = threading.Thread(target=_read_until, args=(client, stop), daemon=True)
+                reader = threading.Thread(target=read_responses_until, args=(client, stop), daemon=True)
                 reader.start()
                 pacer = Pacer(rate=rate)
                 for i in tqdm(range(n), desc=f"requests at {rate:.0f}/s, {swaps} swaps", unit="req"):
@@ -78,11 +78,6 @@ def run_bench(settings: Settings, rate: float, seconds: float, swaps: int, plot:
                 responses, arrivals = dict(client.responses), dict(client.arrivals)
             worker_swap_ms = float(redis.hget("rt:stats:recommend", "last_swap_ms") or "nan")
     return _report(sent, responses, arrivals, swap_at, worker_swap_ms, rate, plot, console)
-
-
-def _read_until(client: RecClient, stop: threading.Event) -> None:
-    while not stop.is_set():
-        client.poll(timeout_ms=20)
 
 
 def _report(sent, responses, arrivals, swap_at, worker_swap_ms, rate, plot, console) -> dict:

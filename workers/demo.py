@@ -35,7 +35,8 @@ from stream.synthetic import item_catalog, item_cluster_map, trending_items
 from workers.stack import Stack
 
 K = 8
-DEMO_TRAINING = {"model_max_events": 50, "train_epochs": 25, "train_min_epochs": 5, "train_patience": 4}
+DEMO_TRAINING = {"model_max_events": 50, "train_epochs": 25, "train_min_epochs": 5, "train_patience": 4,
+                 "train_min_steps": 1}  # full 128 batches: the demo trains in ~40 s
 
 
 def _wait_applied(store: StateStore, client, target: int, timeout_s: float = 120) -> None:
