@@ -306,6 +306,56 @@ def evaluate_stream(
                     sample, out, console)
 
 
+def _lag_table(rows, problems) -> Table:
+    from workers.lag import summarize
+
+    table = Table(title=f"consumer lag at {time.strftime('%H:%M:%S')}")
+    for col in ("group", "topic", "partition", "committed", "end", "lag", "lag s"):
+        table.add_column(col, justify="right" if col not in ("group", "topic") else "left")
+    for r in rows:
+        table.add_row(r.group, r.topic, str(r.partition), "-" if r.committed is None else str(r.committed),
+                      str(r.end), str(r.lag), f"{r.lag_seconds:.1f}")
+    for group, g in summarize(rows).items():
+        table.add_row(f"[b]{group}", "all", "", "", "", f"[b]{int(g['lag'])}", f"[b]{g['max_lag_seconds']:.1f}")
+    if problems:
+        table.caption = "[red]" + "; ".join(problems)
+    return table
+
+
+@app.command()
+def lag(
+    watch: float = typer.Option(0.0, help="refresh every this many seconds (0: print once)"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    max_lag: Optional[int] = typer.Option(None, help="exit 1 when a group is more messages behind"),
+    max_lag_seconds: Optional[float] = typer.Option(None, help="exit 1 when a group is more seconds behind"),
+) -> None:
+    """Consumer lag of rtrec's groups per partition, in messages and seconds (exit 1 above a threshold)."""
+    from rich.live import Live
+
+    from workers.lag import LagMonitor, breaches, summarize
+
+    with LagMonitor(connected_settings()) as monitor:
+        rows = monitor.measure()
+        problems = breaches(rows, max_lag, max_lag_seconds)
+        if watch > 0:
+            with Live(_lag_table(rows, problems), console=console, refresh_per_second=4) as live:
+                try:
+                    while True:
+                        time.sleep(watch)
+                        rows = monitor.measure()
+                        problems = breaches(rows, max_lag, max_lag_seconds)
+                        live.update(_lag_table(rows, problems))
+                except KeyboardInterrupt:
+                    pass
+        elif as_json:
+            print(json.dumps({"partitions": [r.to_dict() for r in rows], "groups": summarize(rows),
+                              "breaches": problems}))
+        else:
+            console.print(_lag_table(rows, problems))
+    if problems:
+        raise typer.Exit(1)
+
+
 @app.command()
 def trainer() -> None:
     """Run the incremental trainer in the foreground (fine-tune on new events, gate, promote, announce)."""
