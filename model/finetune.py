@@ -88,7 +88,7 @@ def fine_tune(current: Path | Checkpoint | None, data: FineTuneData, settings: S
         else:
             ck = load_checkpoint(current, device="cpu")
         model, vocab, meta, parent = ck.model, ck.vocab, dict(ck.manifest["meta"]), ck.version
-        new_items = {i for i in data.items if i not in vocab._index}
+        new_items = {i for i in data.items if i not in vocab}
         if vocab.grow(len(new_items)):
             resize_for(model, vocab)
         s = _tuning_settings(settings, ck.layout, ck.max_events)

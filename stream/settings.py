@@ -154,6 +154,9 @@ class Settings(BaseSettings):
     drift_head_items: int = Field(50, ge=1, description="drift watch: share of events on these top items")
     drift_delta: float = Field(0.002, gt=0, description="river ADWIN confidence; smaller fires less")
     drift_enabled: bool = True
+    metrics: bool = Field(True, description="`rtrec up` gives each worker a /metrics, /healthz, /readyz port")
+    metrics_port: int = Field(0, ge=0, description="this worker's metrics/health port (0: none)")
+    lag_interval_s: float = Field(5.0, gt=0, description="how often the ops worker measures consumer lag")
     model_check_s: float = Field(5.0, gt=0, description="how often a serving worker compares CURRENT with its model")
     t5_targets_per_sequence: int = Field(4, description="prefixes sampled per sequence per epoch")
     t5_max_events: int = Field(

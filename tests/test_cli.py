@@ -106,7 +106,8 @@ def test_up_serves_requests_and_ctrl_c_stops_everything(tmp_path):
     proc = _start_up(run_dir, {})
     info = json.loads((run_dir / "stack.json").read_text())
     pids = list(info["servers"].values()) + [int(p.read_text()) for p in run_dir.glob("*-1.pid")]
-    assert set(info["servers"]) == {"tansu", "redis"} and len(pids) == 5  # + state, recommend, trainer
+    assert set(info["servers"]) == {"tansu", "redis"} and len(pids) == 6  # + state, recommend, trainer, ops
+    assert set(info["metrics"]) == {"state-1", "recommend-1", "trainer-1", "ops-1"}
     assert (run_dir / "trainer-1.pid").exists()
 
     # another command finds the running stack through the run directory

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -28,13 +29,22 @@ def test_lag_grows_while_the_state_worker_is_down_and_returns_to_zero(settings, 
     now = int(time.time() * 1000)
     events = [{"event_id": f"{tag}-{n}", "user_id": f"lag-{n % 7}", "item_id": f"i{n % 11}", "type": "click",
                "ts": now + n} for n in range(60)]
-    stack = Stack(s, run_dir=tmp_path / "run")
+    stack = Stack(s.model_copy(update={"lag_interval_s": 0.3, "recommend_group": f"none-{tag}",
+                                       "trainer_group": f"none-{tag}"}), run_dir=tmp_path / "run")
     worker = stack.start_worker("state")
+    ops = stack.start_worker("ops")
     with LagMonitor(s, groups) as monitor, EventProducer(s) as producer:
         stack.wait_ready("state")
+        stack.wait_ready("ops")
         producer.send_many(events[:10])
         producer.flush()
         wait_for(lambda: sum(r.lag for r in monitor.measure()) == 0 and monitor.measure(), what="caught up")
+        state_metrics = scrape(stack.metrics_ports[worker.name])
+        assert state_metrics["rtrec_events_processed_total"] == 10
+        assert state_metrics["rtrec_event_to_state_seconds_count"] == 10
+        assert 0 < state_metrics["rtrec_event_to_state_seconds_sum"] < 10 * 5  # seconds, plausibly small
+        ready = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports[worker.name]}/readyz", timeout=5)
+        assert json.loads(ready.read()) == {"broker": True, "redis": True}
         stack.stop_worker(worker)
 
         producer.send_many(events[10:])
@@ -45,6 +55,12 @@ def test_lag_grows_while_the_state_worker_is_down_and_returns_to_zero(settings, 
         later = monitor.measure()
         assert max(r.lag_seconds for r in later) >= max(r.lag_seconds for r in first) + 0.9  # growing
         assert breaches(later, max_lag=10, max_lag_seconds=None)
+        lag_line = f'kafka_consumergroup_group_max_lag{{group="{s.state_group}"}}'
+        wait_for(lambda: scrape(stack.metrics_ports[ops.name]).get(lag_line, 0) >= 1, what="exported lag")
+        exported = scrape(stack.metrics_ports[ops.name])
+        assert sum(v for k, v in exported.items()
+                   if k.startswith("kafka_consumergroup_group_lag{") and s.state_group in k) == 50
+        assert exported[f'kafka_consumergroup_group_max_lag_seconds{{group="{s.state_group}"}}'] > 0
 
         res = run_cli(["lag", "--json", "--max-lag", "10"], env=env)
         assert res.returncode == 1, res.stdout + res.stderr
@@ -57,3 +73,40 @@ def test_lag_grows_while_the_state_worker_is_down_and_returns_to_zero(settings, 
     res = run_cli(["lag", "--max-lag", "10", "--max-lag-seconds", "30"], env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     stack.stop()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A worker's /metrics as {'name{labels}': value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_compose_services_run_modules_that_exist_and_metric_names_are_exported():
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).parent.parent / "docker-compose.yml").read_text())
+    rtrec = {name: svc for name, svc in compose["services"].items() if svc.get("build")}
+    assert {"state", "recommend", "trainer", "ops"} <= set(rtrec)
+    for name, svc in rtrec.items():
+        python, flag, module = svc["command"]
+        assert (python, flag) == ("python", "-m")
+        assert callable(importlib.import_module(module).main), name
+    from prometheus_client import REGISTRY
+
+    import workers.metrics  # noqa: F401 - registers the metrics
+
+    names = {m.name for m in REGISTRY.collect()}
+    for required in ("kafka_consumergroup_group_lag", "kafka_consumergroup_group_lag_seconds",
+                     "kafka_consumergroup_group_max_lag_seconds", "kafka_partition_latest_offset",
+                     "rtrec_events_processed", "rtrec_dead_letters", "rtrec_event_to_state_seconds",
+                     "rtrec_request_latency_seconds", "rtrec_batch_size", "rtrec_model_info",
+                     "rtrec_model_swaps", "rtrec_model_swaps_refused", "rtrec_freshness_seconds"):
+        assert required in names, required

@@ -54,10 +54,12 @@ def up(
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        s = stack.start(state_workers, recommend_workers, trainer=trainer)
+        s = stack.start(state_workers, recommend_workers, trainer=trainer, ops=True)
         console.print(f"[green]rtrec is up[/]  kafka={s.kafka_bootstrap}  redis={s.redis_url}  run dir={stack.run_dir}")
         for proc in stack.servers + stack.workers:
-            console.print(f"  {proc.name:<12} pid {proc.proc.pid:<8} log {proc.log_path}")
+            port = stack.metrics_ports.get(proc.name)
+            metrics = f"  metrics http://127.0.0.1:{port}/metrics" if port else ""
+            console.print(f"  {proc.name:<12} pid {proc.proc.pid:<8} log {proc.log_path}{metrics}")
         console.print("Ctrl-C to stop.")
         while not stopping:
             for proc in stack.servers + stack.workers:

@@ -10,6 +10,8 @@ marker, so a redelivered bad message is not counted twice.
 
 from __future__ import annotations
 
+from workers.metrics import DEAD_LETTERS
+
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
@@ -67,6 +69,8 @@ class DeadLetters:
             )
         for fut in futures:
             await fut
+        for dl in letters:
+            DEAD_LETTERS.labels(reason=dl.reason).inc()
         pipe = self.redis.pipeline(transaction=False)
         for dl in letters:
             rec = dl.record

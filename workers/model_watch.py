@@ -28,6 +28,7 @@ from model.loader import load_generator, warm_up
 from model.store import CheckpointStore
 from stream.connections import aiokafka_auth, kafka_bootstrap
 from stream.settings import Settings
+from workers.metrics import MODEL_REFUSED, MODEL_SWAPS, set_model
 
 log = logging.getLogger(__name__)
 SERVING_KEY = "rt:model:serving"  # worker pid -> version it serves (ops reads it)
@@ -108,6 +109,8 @@ class ModelWatcher:
             old, self.worker.recommender = self.worker.recommender, recommender  # between batches
             load_ms = (time.monotonic() - started) * 1000
             self.swaps += 1
+            MODEL_SWAPS.inc()
+            set_model(version)
             await self.redis.hincrby(self.stats_key, "swaps", 1)
             await self.redis.hset(self.stats_key, mapping={"last_swap_ms": round(load_ms, 1),
                                                            "last_swap_version": version})
@@ -128,6 +131,7 @@ class ModelWatcher:
 
     async def _refuse(self, version: str, reason: str) -> None:
         self.refused.append(version)
+        MODEL_REFUSED.inc()
         log.error("refused model %s: %s (still serving %s)", version, reason, self.serving)
         await self.redis.hincrby(self.stats_key, "swaps_refused", 1)
         await self.redis.hset(self.stats_key, "last_refusal", f"{version}: {reason}"[:500])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from typing import Sequence
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
@@ -28,12 +29,14 @@ from stream.state_store import StateReads, StateStore, UserState
 from workers.batch_consumer import BatchConsumer
 from workers.dead_letters import DeadLetter, DeadLetters
 from workers.faust_app import make_app, run_worker
+from workers.metrics import BATCH_SIZE, FRESHNESS, REQUEST_LATENCY, REQUESTS, readiness, serve, set_model
 from workers.model_watch import ModelWatcher
 from workers.stack import announce_gone, announce_ready
 
 log = logging.getLogger(__name__)
 STATS_KEY = "rt:stats:recommend"
 CATEGORY_KEY = "rt:item:category"
+FRESHNESS_USERS = 100_000  # users whose last reflected event the worker remembers
 
 
 def now_ms() -> int:
@@ -59,6 +62,7 @@ class RecommendWorker:
         self.recommender = recommender
         self.fallback = fallback or BlendingRecommender(settings)  # trending for unknown users
         self.store = StateStore(settings)
+        self._reflected: OrderedDict[str, int] = OrderedDict()  # user -> newest event ts already answered from
         self.answered = 0
         self.errors = 0
         self.batches = 0
@@ -80,6 +84,7 @@ class RecommendWorker:
         await self.dead_letters.publish(bad)
         await self._publish(responses)
         self.batches += 1
+        BATCH_SIZE.labels(worker="recommend").observe(len(records))
         await self.redis.hincrby(STATS_KEY, "batches", 1)
         await self.redis.hincrby(STATS_KEY, "requests", len(records))
 
@@ -99,11 +104,24 @@ class RecommendWorker:
             log.exception("recommendation batch failed")
             return [(rec, self._error(req.request_id, req.user_id, f"{type(exc).__name__}: {exc}"), req.reply_topic)
                     for rec, req in valid]
+        self._observe_freshness(states)
         out = []
         for (rec, req), state, items in zip(valid, states, ranked):
             version = recommender.version if state.known else "trending"
             out.append((rec, self._response(req, state, items[: req.k], version), req.reply_topic))
         return out
+
+    def _observe_freshness(self, states: Sequence[UserState]) -> None:
+        """Event time of each user's newest event -> the first response computed from it."""
+        now = now_ms()
+        for st in states:
+            if st.last_ts is None or self._reflected.get(st.user_id) == st.last_ts:
+                continue
+            FRESHNESS.observe(max(0.0, now - st.last_ts) / 1000)
+            self._reflected[st.user_id] = st.last_ts
+            self._reflected.move_to_end(st.user_id)
+            if len(self._reflected) > FRESHNESS_USERS:
+                self._reflected.popitem(last=False)
 
     def _reads(self, recommender: Recommender) -> StateReads:
         """What to read per user: a generative model reads its window and a few reason anchors."""
@@ -166,6 +184,8 @@ class RecommendWorker:
             resp.latency_ms = float(resp.generated_at - rec.timestamp)
             if resp.error:
                 self.errors += 1
+            REQUESTS.labels(model_version=resp.model_version, outcome="error" if resp.error else "ok").inc()
+            REQUEST_LATENCY.observe(max(0.0, resp.latency_ms) / 1000)
             futures.append(
                 await self.producer.send(
                     reply_topic or self.settings.topic_responses,
@@ -211,6 +231,9 @@ def build_app(settings: Settings | None = None, recommender: Recommender | None 
         watcher = ModelWatcher(settings, worker, redis_client, STATS_KEY)
         await consumer.start()
         await watcher.start()
+        set_model(worker.recommender.version)
+        metrics_server = await serve(settings.metrics_port, lambda: readiness(
+            consumer, redis_client, model=worker.recommender is not None))
         watching = asyncio.create_task(watcher.run()) if settings.recommender != "blend" else None
         await announce_ready(redis_client, "recommend")
         log.warning("recommend worker answering %s as %s", settings.topic_requests, settings.recommend_group)
@@ -220,6 +243,8 @@ def build_app(settings: Settings | None = None, recommender: Recommender | None 
             if watching is not None:
                 watching.cancel()
             await watcher.stop()
+            if metrics_server is not None:
+                await metrics_server.cleanup()
             await announce_gone(redis_client, "recommend")
             await consumer.stop()
             await producer.stop()

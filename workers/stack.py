@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 from stream.connections import redis_client
-from stream.embedded import ManagedProcess, python_env, start_redis, start_tansu
+from stream.embedded import ManagedProcess, free_port, python_env, start_redis, start_tansu
 from stream.settings import Settings
 from stream.topics import ensure_topics
 
 READY_KEY = "rt:workers:{kind}"
-WORKER_MODULES = {"state": "workers.state", "recommend": "workers.recommend", "trainer": "workers.trainer"}
+WORKER_MODULES = {"state": "workers.state", "recommend": "workers.recommend", "trainer": "workers.trainer",
+                  "ops": "workers.ops"}
 EMBEDDED_SESSION_TIMEOUT_MS = 3000  # Tansu accepts it; group joins take ~2 s instead of ~8 s
 
 
@@ -53,6 +54,7 @@ class Stack:
         self.servers: list[ManagedProcess] = []
         self.workers: list[ManagedProcess] = []
         self.embedded_broker = False
+        self.metrics_ports: dict[str, int] = {}  # worker name -> its /metrics, /healthz, /readyz port
 
     # ---- servers -------------------------------------------------------------------
     def start_servers(self) -> Settings:
@@ -81,6 +83,7 @@ class Stack:
             "redis_url": self.settings.redis_url,
             "pid": os.getpid(),
             "servers": {p.name: p.proc.pid for p in self.servers},
+            "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in self.metrics_ports.items()},
         }
         stack_file(self.run_dir).write_text(json.dumps(info, indent=2))
 
@@ -88,16 +91,22 @@ class Stack:
     def start_worker(self, kind: str, **env: str) -> ManagedProcess:
         """Spawn one worker process (`state`, `recommend` or `trainer`) reading this stack's settings."""
         n = sum(1 for w in self.workers if w.name.startswith(kind)) + 1
+        port = free_port() if self.settings.metrics else 0
         environment = python_env(
             self.settings,
             RTREC_RUN_DIR=str(self.run_dir),
             RTREC_SESSION_TIMEOUT_MS=str(self.settings.session_timeout_ms),
+            RTREC_METRICS_PORT=str(port),
             **env,
         )
         proc = ManagedProcess.spawn(
             f"{kind}-{n}", [sys.executable, "-m", WORKER_MODULES[kind]], self.run_dir, env=environment
         )
         self.workers.append(proc)
+        if port:
+            self.metrics_ports[proc.name] = port
+            if stack_file(self.run_dir).exists():
+                self._write_stack_file()
         return proc
 
     def wait_ready(self, kind: str, count: int = 1, timeout_s: float = 60) -> None:
@@ -117,8 +126,9 @@ class Stack:
         alive = {str(w.proc.pid) for w in self.workers if w.name.startswith(kind) and w.alive()}
         return alive & client.smembers(READY_KEY.format(kind=kind))
 
-    def start(self, state_workers: int = 1, recommend_workers: int = 1, trainer: bool = False) -> Settings:
-        """Servers, then workers; `rtrec up` adds the trainer (one: it owns the checkpoint store)."""
+    def start(self, state_workers: int = 1, recommend_workers: int = 1, trainer: bool = False,
+              ops: bool = False) -> Settings:
+        """Servers, then workers; `rtrec up` adds the trainer (one: it owns the checkpoint store) and ops."""
         self.start_servers()
         for _ in range(state_workers):
             self.start_worker("state")
@@ -126,10 +136,14 @@ class Stack:
             self.start_worker("recommend")
         if trainer:
             self.start_worker("trainer")
+        if ops:
+            self.start_worker("ops")
         self.wait_ready("state", state_workers)
         self.wait_ready("recommend", recommend_workers)
         if trainer:
             self.wait_ready("trainer", 1)
+        if ops:
+            self.wait_ready("ops", 1)
         return self.settings
 
     def stop_worker(self, proc: ManagedProcess, kill: bool = False) -> None:

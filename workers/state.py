@@ -21,6 +21,8 @@ from stream.state_store import StateStore
 from workers.batch_consumer import BatchConsumer
 from workers.dead_letters import DeadLetter, DeadLetters
 from workers.faust_app import make_app, run_worker
+from workers.metrics import (BATCH_SIZE, EVENT_TO_STATE, EVENTS_DUPLICATE, EVENTS_PROCESSED, readiness,
+                             serve)
 from workers.stack import announce_gone, announce_ready
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,12 @@ class StateWorker:
         new = sum(flags)
         self.applied += new
         self.duplicates += len(flags) - new
+        EVENTS_PROCESSED.inc(new)
+        EVENTS_DUPLICATE.inc(len(flags) - new)
+        BATCH_SIZE.labels(worker="state").observe(len(records))
+        for stamp, ok in zip(stamps, flags):
+            if ok:
+                EVENT_TO_STATE.observe(max(0.0, visible_ms - stamp) / 1000)
         if self.settings.record_latency and events:
             samples = [round(visible_ms - ts, 3) for ts, ok in zip(stamps, flags) if ok]
             if samples:
@@ -89,11 +97,14 @@ def build_app(settings: Settings | None = None):
         )
         worker = StateWorker(settings, redis_client, DeadLetters(settings, producer, redis_client))
         await consumer.start()
+        metrics_server = await serve(settings.metrics_port, lambda: readiness(consumer, redis_client))
         await announce_ready(redis_client, "state")
         log.warning("state worker consuming %s as %s", settings.topic_events, settings.state_group)
         try:
             await consumer.run(worker.handle)
         finally:
+            if metrics_server is not None:
+                await metrics_server.cleanup()
             await announce_gone(redis_client, "state")
             await consumer.stop()
             await producer.stop()

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
-from model.checkpoint import MANIFEST, load_checkpoint, save_checkpoint, sha256_file
+from model.checkpoint import MANIFEST, Checkpoint, load_checkpoint, save_checkpoint, sha256_file
 from model.drift import DriftWatch
 from model.finetune import FineTuneData, build_data, fine_tune, gate
 from model.generator import resolve_device
@@ -33,6 +33,7 @@ from stream.settings import Settings, get_settings
 from stream.state_store import StateReads, StateStore
 from stream.topics import ensure_topics
 from workers.faust_app import make_app, run_worker
+from workers.metrics import TRAINER_DECISIONS, readiness, serve
 from workers.stack import announce_gone, announce_ready
 
 log = logging.getLogger(__name__)
@@ -121,9 +122,9 @@ class Trainer:
         decision["seconds"] = round(time.monotonic() - started, 2)
         return decision
 
-    def _decide(self, window, trigger, offsets, current, context, replay) -> dict[str, Any]:
+    def _decide(self, window: Sequence[dict[str, Any]], trigger: str, offsets: dict[str, int] | None,
+                current: Checkpoint | None, context: dict[str, list], replay: list[list]) -> dict[str, Any]:
         s = self.settings
-        current_path = current.path if current else None
         data: FineTuneData = build_data(window, context, replay, s)
         if not data.train:
             decision = {"promoted": False, "reason": "no history of two or more events to train on",
@@ -131,7 +132,7 @@ class Trainer:
                         "offsets": offsets or {}, "window": {"events": len(window)}}
             self.store.record_decision(decision)
             return decision
-        candidate, report = fine_tune(current_path, data, s, self.device)
+        candidate, report = fine_tune(current, data, s, self.device)  # trains a copy; `current` is scored after
         result = gate(candidate, current, data.holdout, s.promote_tolerance, self.device, s.promote_min_cases)
         train_window = {
             "events": len(window), "users": data.window_users, "held_out": len(data.holdout),
@@ -271,6 +272,7 @@ class TrainerLoop:
         if self.drift is not None:
             self.drift.reset(window.events)
         self.decisions.append(decision)
+        TRAINER_DECISIONS.labels(promoted=str(bool(decision["promoted"])).lower()).inc()
         log.warning("trainer: %s -> %s (%s)", trigger, decision.get("version") or "kept current", decision["reason"])
         return decision
 
@@ -302,11 +304,14 @@ def build_app(settings: Settings | None = None):
         redis = async_redis_client(settings)
         loop = TrainerLoop(settings)
         await loop.start()
+        metrics_server = await serve(settings.metrics_port, lambda: readiness(loop, redis))
         await announce_ready(redis, "trainer")
         log.warning("trainer consuming %s as %s", settings.topic_events, settings.trainer_group)
         try:
             await loop.run()
         finally:
+            if metrics_server is not None:
+                await metrics_server.cleanup()
             await announce_gone(redis, "trainer")
             await loop.stop()
             await redis.aclose()

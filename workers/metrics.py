@@ -1,0 +1,123 @@
+"""Prometheus metrics and health endpoints, served by every worker process on its own port.
+
+Names: the consumer-lag metrics use kafka-lag-exporter's names and labels, so
+existing dashboards work; rtrec's own metrics carry the ``rtrec_`` prefix. The
+same small aiohttp server (on ``RTREC_METRICS_PORT``; 0 = off) answers
+``/metrics``, ``/healthz`` (the process is alive) and ``/readyz`` (connected to
+the broker and Redis, and for a serving worker a model loaded).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+# ---- state worker ---------------------------------------------------------------------------
+EVENTS_PROCESSED = Counter("rtrec_events_processed_total", "Events applied to user state (first time)")
+EVENTS_DUPLICATE = Counter("rtrec_events_duplicate_total", "Redelivered events recognised by their event_id")
+DEAD_LETTERS = Counter("rtrec_dead_letters_total", "Records sent to the dead-letter topic", ["reason"])
+EVENT_TO_STATE = Histogram("rtrec_event_to_state_seconds", "Broker timestamp -> visible in Redis",
+                           buckets=LATENCY_BUCKETS)
+BATCH_SIZE = Histogram("rtrec_batch_size", "Records per handled batch", ["worker"], buckets=BATCH_BUCKETS)
+
+# ---- recommendation worker -------------------------------------------------------------------
+REQUESTS = Counter("rtrec_requests_total", "Recommendation requests answered", ["model_version", "outcome"])
+REQUEST_LATENCY = Histogram("rtrec_request_latency_seconds", "Request produced -> response produced",
+                            buckets=LATENCY_BUCKETS)
+FRESHNESS = Histogram("rtrec_freshness_seconds",
+                      "A user's newest event (event time) -> the first response that reflects it",
+                      buckets=LATENCY_BUCKETS + (120, 300, 900, 3600))
+MODEL_INFO = Gauge("rtrec_model_info", "1 for the model version this worker serves", ["version"])
+MODEL_SWAPS = Counter("rtrec_model_swaps_total", "Hot-swaps to a new model version")
+MODEL_REFUSED = Counter("rtrec_model_swaps_refused_total", "Checkpoints refused (corrupt, tampered, unloadable)")
+
+# ---- trainer -----------------------------------------------------------------------------------
+TRAINER_DECISIONS = Counter("rtrec_trainer_decisions_total", "Fine-tune windows decided", ["promoted"])
+
+# ---- lag (kafka-lag-exporter names) -------------------------------------------------------------
+GROUP_LAG = Gauge("kafka_consumergroup_group_lag", "Messages behind the log end",
+                  ["group", "topic", "partition"])
+GROUP_LAG_SECONDS = Gauge("kafka_consumergroup_group_lag_seconds", "Age of the oldest unconsumed message",
+                          ["group", "topic", "partition"])
+GROUP_MAX_LAG_SECONDS = Gauge("kafka_consumergroup_group_max_lag_seconds", "Largest lag in seconds of a group",
+                              ["group"])
+GROUP_MAX_LAG = Gauge("kafka_consumergroup_group_max_lag", "Largest partition lag in messages of a group", ["group"])
+PARTITION_LATEST = Gauge("kafka_partition_latest_offset", "Log-end offset", ["topic", "partition"])
+
+
+def set_model(version: str) -> None:
+    """The info metric shows exactly one version per worker."""
+    MODEL_INFO.clear()
+    MODEL_INFO.labels(version=version).set(1)
+
+
+def record_lag(rows) -> None:
+    """Publish one `LagMonitor.measure()` result."""
+    max_lag_s: dict[str, float] = {}
+    max_lag: dict[str, int] = {}
+    for r in rows:
+        labels = dict(group=r.group, topic=r.topic, partition=str(r.partition))
+        GROUP_LAG.labels(**labels).set(r.lag)
+        GROUP_LAG_SECONDS.labels(**labels).set(r.lag_seconds)
+        PARTITION_LATEST.labels(topic=r.topic, partition=str(r.partition)).set(r.end)
+        max_lag_s[r.group] = max(max_lag_s.get(r.group, 0.0), r.lag_seconds)
+        max_lag[r.group] = max(max_lag.get(r.group, 0), r.lag)
+    for group, value in max_lag_s.items():
+        GROUP_MAX_LAG_SECONDS.labels(group=group).set(value)
+        GROUP_MAX_LAG.labels(group=group).set(max_lag[group])
+
+
+Readiness = Callable[[], Awaitable[dict[str, bool]]]
+
+
+async def serve(port: int, ready: Readiness) -> web.AppRunner | None:
+    """Start /metrics, /healthz and /readyz on `port` (None when the port is 0)."""
+    if not port:
+        return None
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"alive": True})
+
+    async def readyz(_: web.Request) -> web.Response:
+        try:
+            checks = await ready()
+        except Exception as exc:  # a failing check is "not ready", never a crash
+            checks = {"error": False}
+            log.warning("readiness check failed: %s", exc)
+        return web.json_response(checks, status=200 if all(checks.values()) else 503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner
+
+
+async def readiness(consumer, redis_client, **extra: bool) -> dict[str, bool]:
+    """Broker answers a metadata request, Redis answers PING, plus the worker's own checks."""
+    import asyncio
+
+    checks: dict[str, bool] = {}
+    try:
+        checks["broker"] = bool(await asyncio.wait_for(consumer.consumer.topics(), 2))
+    except Exception:
+        checks["broker"] = False
+    try:
+        checks["redis"] = bool(await asyncio.wait_for(redis_client.ping(), 2))
+    except Exception:
+        checks["redis"] = False
+    return {**checks, **extra}
