@@ -149,6 +149,7 @@ def train_model(
     best_score, best_state, stale = -1.0, None, 0
     started = time.monotonic()
     fixed = None if seq2seq else decoder_examples(histories, vocab, layout, max_events)
+    hook = _embedding_dropout(model, s.train_embedding_dropout)
     step = 0
     for epoch in range(1, (epochs or s.train_epochs) + 1):
         examples = fixed or t5_examples(histories, vocab, layout, max_events, s.t5_targets_per_sequence, rng)
@@ -187,6 +188,8 @@ def train_model(
             tqdm.write(f"epoch {epoch}: {shown}")
         if validation and stale >= s.train_patience and epoch >= s.train_min_epochs:
             break
+    if hook is not None:
+        hook.remove()
     if best_state is not None:
         model.load_state_dict(best_state)
     if not validation:
@@ -194,6 +197,18 @@ def train_model(
     report.seconds = time.monotonic() - started
     model.eval()
     return report
+
+
+def _embedding_dropout(model: PreTrainedModel, p: float):
+    """Dropout on the input embeddings while training (a hook, so checkpoints stay plain HF models).
+
+    Llama/Qwen2 configs have attention dropout only; on small data SASRec-style
+    embedding dropout is the regulariser that matters.
+    """
+    if p <= 0:
+        return None
+    return model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: F.dropout(out, p, module.training))
 
 
 def _loss(model: PreTrainedModel, batch: list, vocab: ItemVocab, seq2seq: bool, device: torch.device) -> torch.Tensor:

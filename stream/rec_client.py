@@ -30,7 +30,7 @@ class RecClient:
             enable_auto_commit=False,
             group_id=None,
             client_id="rtrec-client",
-            fetch_max_wait_ms=20,
+            fetch_max_wait_ms=settings.client_fetch_wait_ms,
             **kafka_python_auth(settings),
         )
         self.responses: dict[str, dict[str, Any]] = {}

@@ -210,3 +210,21 @@ def test_early_stopping_keeps_the_best_epoch(events):
     generator, report = train_generator(settings, leave_one_out(events), progress=False)
     assert 1 <= report.best_epoch <= len(report.history)
     assert report.best["NDCG@10"] == max(r["NDCG@10"] for r in report.history)
+
+
+def test_embedding_dropout_acts_in_training_only_and_is_removed_afterwards(events):
+    s = tiny(train_embedding_dropout=0.5, train_epochs=1)
+    hist = list(user_histories(events).values())
+    vocab = vocab_for(hist, s)
+    torch.manual_seed(0)
+    model = build_model(s, vocab)
+    seen_training = []
+    probe = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: seen_training.append(module.training))
+    train_model(model, vocab, hist, s, torch.device("cpu"), progress=False)
+    probe.remove()
+    assert seen_training and all(seen_training)
+    assert not model.get_input_embeddings()._forward_hooks  # the checkpoint is a plain HF model again
+    ids = torch.tensor([[BOS, vocab.token(vocab.items[0])]])
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, model(ids).logits)  # deterministic once trained

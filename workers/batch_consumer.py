@@ -61,12 +61,15 @@ class BatchConsumer:
         self.batches = 0
         self.records = 0
         self._stopping = asyncio.Event()
+        self._commit_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         await self.consumer.start()
 
     async def stop(self) -> None:
         self._stopping.set()
+        if self._commit_task is not None:
+            await asyncio.gather(self._commit_task, return_exceptions=True)
         await self.consumer.stop()
 
     async def run(self, handler: Handler) -> None:
@@ -79,7 +82,11 @@ class BatchConsumer:
                 continue
             records = [r for tp in sorted(batch, key=_tp_key) for r in batch[tp]]
             await self._handle_until_done(handler, records)
-            await self._commit(batch)
+            # commit in the background while the next batch is fetched and handled; commits stay in
+            # order (each waits for the previous), and each follows its own batch's handling
+            if self._commit_task is not None:
+                await self._commit_task
+            self._commit_task = asyncio.create_task(self._commit(batch))
             self.batches += 1
             self.records += len(records)
 
