@@ -161,6 +161,10 @@ class Settings(BaseSettings):
     metrics: bool = Field(True, description="`rtrec up` gives each worker a /metrics, /healthz, /readyz port")
     metrics_port: int = Field(0, ge=0, description="this worker's metrics/health port (0: none)")
     lag_interval_s: float = Field(5.0, gt=0, description="how often the ops worker measures consumer lag")
+    quality_group: str = "rtrec-quality"
+    quality_window_s: float = Field(1800.0, gt=0, description="a response's hit window after it is served")
+    quality_min_served: int = Field(200, ge=1, description="responses per version before rollback may judge it")
+    quality_tolerance: float = Field(0.02, ge=0, description="online hit rate drop that rolls a promotion back")
     model_check_s: float = Field(5.0, gt=0, description="how often a serving worker compares CURRENT with its model")
     t5_targets_per_sequence: int = Field(4, description="prefixes sampled per sequence per epoch")
     t5_max_events: int = Field(

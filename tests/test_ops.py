@@ -110,3 +110,61 @@ def test_compose_services_run_modules_that_exist_and_metric_names_are_exported()
                      "rtrec_request_latency_seconds", "rtrec_batch_size", "rtrec_model_info",
                      "rtrec_model_swaps", "rtrec_model_swaps_refused", "rtrec_freshness_seconds"):
         assert required in names, required
+
+
+class Rec:
+    """The two fields of a consumer record the join reads."""
+
+    def __init__(self, topic: str, value: dict) -> None:
+        self.topic, self.value = topic, json.dumps(value).encode()
+
+
+def test_online_quality_joins_responses_with_later_events():
+    from stream.settings import Settings
+    from workers.quality import QualityJoin, hit_rates
+
+    s = Settings(quality_window_s=60)
+    join = QualityJoin(s)
+    t = 1_700_000_000_000
+
+    def response(user, version, items, at, **kw):
+        return Rec(s.topic_responses, {"user_id": user, "model_version": version, "generated_at": at,
+                                       "items": [{"item_id": i} for i in items], **kw})
+
+    def event(user, item, ts):
+        return Rec(s.topic_events, {"user_id": user, "item_id": item, "ts": ts, "type": "click"})
+
+    counts = join.handle([
+        response("a", "v1", ["x", "y"], t), event("a", "y", t + 1000), event("a", "x", t + 2000),  # one hit only
+        response("b", "v1", ["x"], t), event("b", "x", t + 61_000),                               # too late
+        response("c", "v2", ["z"], t), event("c", "q", t + 10), event("c", "z", t - 5),            # miss; before
+        response("d", "trending", ["x"], t, fallback=True), event("d", "x", t + 1),                # not counted
+        Rec(s.topic_events, {"broken": True}), Rec(s.topic_responses, {"error": "boom"}),
+    ])
+    assert counts == {"v1|served": 2, "v1|hits": 1, "v2|served": 1}
+    rates = hit_rates({k: str(v) for k, v in counts.items()})
+    assert rates["v1"]["hit_rate"] == 0.5 and rates["v2"]["hit_rate"] == 0.0
+
+
+def test_trainer_rolls_back_a_promotion_whose_online_hit_rate_dropped(settings, redis, tmp_path):
+    from model.store import CheckpointStore
+    from stream.synthetic import SyntheticConfig, generate_events
+    from tests.test_trainer import tiny_checkpoint
+    from workers.quality import QUALITY_KEY
+    from workers.trainer import Trainer
+
+    events = generate_events(SyntheticConfig(n_users=10, n_items=20, n_events=200, seed=3))
+    root = tmp_path / "ck"
+    old, new = tiny_checkpoint(root, events).name, tiny_checkpoint(root, events, seed=1).name
+    store = CheckpointStore(root)
+    store.promote(old)
+    store.promote(new)
+    trainer = Trainer(settings.model_copy(update={"checkpoint_dir": root, "quality_min_served": 100}))
+    redis.hset(QUALITY_KEY, mapping={f"{old}|served": 300, f"{old}|hits": 90, f"{new}|served": 50, f"{new}|hits": 1})
+    assert trainer.judge_online() is None  # too few responses from the new version to judge
+    redis.hset(QUALITY_KEY, mapping={f"{new}|served": 300, f"{new}|hits": 30})
+    decision = trainer.judge_online()
+    assert decision and decision["rolled_back"] == new and decision["version"] == old
+    assert store.current_version() == old
+    assert store.decisions()[-1]["trigger"] == "online quality"
+    assert trainer.judge_online() is None  # judged once; the old version is not re-judged against itself

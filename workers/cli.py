@@ -359,6 +359,25 @@ def lag(
 
 
 @app.command()
+def quality() -> None:
+    """Online hit rate per model version: responses whose items the user then browsed/clicked/bought."""
+    from model.store import CheckpointStore
+    from stream.connections import redis_client
+    from workers.quality import QUALITY_KEY, hit_rates
+
+    settings = connected_settings()
+    rates = hit_rates(redis_client(settings).hgetall(QUALITY_KEY))
+    current = CheckpointStore(settings.checkpoint_dir).current_version()
+    table = Table(title=f"online hit rate (window {settings.quality_window_s:g} s)")
+    for col in ("", "model version", "served", "hits", "hit rate"):
+        table.add_column(col, justify="right" if col in ("served", "hits", "hit rate") else "left")
+    for version, r in sorted(rates.items()):
+        table.add_row("*" if version == current else "", version, str(int(r["served"])), str(int(r["hits"])),
+                      f"{r['hit_rate']:.4f}")
+    console.print(table)
+
+
+@app.command()
 def trainer() -> None:
     """Run the incremental trainer in the foreground (fine-tune on new events, gate, promote, announce)."""
     from workers.trainer import build_app

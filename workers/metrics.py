@@ -39,6 +39,10 @@ MODEL_INFO = Gauge("rtrec_model_info", "1 for the model version this worker serv
 MODEL_SWAPS = Counter("rtrec_model_swaps_total", "Hot-swaps to a new model version")
 MODEL_REFUSED = Counter("rtrec_model_swaps_refused_total", "Checkpoints refused (corrupt, tampered, unloadable)")
 
+ONLINE_SERVED = Counter("rtrec_online_served_total", "Model responses joined with later events", ["model_version"])
+ONLINE_HITS = Counter("rtrec_online_hits_total",
+                      "Responses with an item the user then browsed/clicked/bought in the window", ["model_version"])
+
 # ---- trainer -----------------------------------------------------------------------------------
 TRAINER_DECISIONS = Counter("rtrec_trainer_decisions_total", "Fine-tune windows decided", ["promoted"])
 

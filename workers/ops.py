@@ -1,4 +1,4 @@
-"""Ops worker: measures consumer lag every few seconds and exports it (kafka-lag-exporter names).
+"""Ops worker: consumer lag every few seconds (kafka-lag-exporter names) and the online-quality join.
 
 Run as ``python -m workers.ops`` (``rtrec up`` starts one). The measurement is
 the same as ``rtrec lag`` (workers/lag.py), done in a thread because the
@@ -12,9 +12,11 @@ import logging
 
 from stream.connections import async_redis_client
 from stream.settings import Settings, get_settings
+from workers.batch_consumer import BatchConsumer
 from workers.faust_app import make_app, run_worker
 from workers.lag import LagMonitor
 from workers.metrics import record_lag, serve
+from workers.quality import QUALITY_KEY, QualityJoin
 from workers.stack import announce_gone, announce_ready
 
 log = logging.getLogger(__name__)
@@ -61,10 +63,24 @@ def build_app(settings: Settings | None = None):
             return {"broker": exporter.last_ok, "redis": bool(await redis.ping())}
 
         metrics_server = await serve(settings.metrics_port, ready)
+        join = QualityJoin(settings)
+        quality = BatchConsumer(settings, [settings.topic_events, settings.topic_responses], settings.quality_group,
+                                max_records=5000, max_wait_ms=100, client_id="rtrec-quality")
+
+        async def add_counts(records) -> None:
+            counts = join.handle(records)
+            if counts:
+                pipe = redis.pipeline(transaction=False)
+                for field, n in counts.items():
+                    pipe.hincrby(QUALITY_KEY, field, n)
+                await pipe.execute()
+
+        await quality.start()
         await announce_ready(redis, "ops")
         try:
-            await exporter.run()
+            await asyncio.gather(exporter.run(), quality.run(add_counts))
         finally:
+            await quality.stop()
             if metrics_server is not None:
                 await metrics_server.cleanup()
             await announce_gone(redis, "ops")

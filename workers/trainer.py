@@ -34,10 +34,12 @@ from stream.state_store import StateReads, StateStore
 from stream.topics import ensure_topics
 from workers.faust_app import make_app, run_worker
 from workers.metrics import TRAINER_DECISIONS, readiness, serve
+from workers.quality import QUALITY_KEY, hit_rates
 from workers.stack import announce_gone, announce_ready
 
 log = logging.getLogger(__name__)
 STATS_KEY = "rt:stats:trainer"
+QUALITY_CHECK_S = 10.0
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Trainer:
         self.state = StateStore(settings)
         self.device = resolve_device(settings.device)
         self.windows = 0
+        self._judged: set[str] = set()  # versions whose online quality was already compared
 
     # ---- data for one window -------------------------------------------------------------
     def context(self, client, window: Sequence[dict[str, Any]], max_events: int) -> dict[str, list]:
@@ -157,9 +160,39 @@ class Trainer:
         return decision
 
     def resume_offsets(self) -> dict[str, int]:
-        """Offsets covered by the last recorded decision ({} when there is none)."""
-        decisions = self.store.decisions()
-        return dict(decisions[-1].get("offsets") or {}) if decisions else {}
+        """Offsets covered by the last window decision ({} when there is none)."""
+        for decision in reversed(self.store.decisions()):
+            if decision.get("offsets"):
+                return dict(decision["offsets"])
+        return {}
+
+    def judge_online(self) -> dict[str, Any] | None:
+        """Roll CURRENT back if its online hit rate fell below its predecessor's (judged once per version)."""
+        s, store = self.settings, self.store
+        current = store.current_version()
+        if not current or current in self._judged:
+            return None
+        previous = next((r.get("previous") for r in reversed(store.promotions())
+                         if r["version"] == current and not r.get("rollback_of")), None)
+        if not previous:
+            return None
+        client = redis_client(s)
+        try:
+            rates = hit_rates(client.hgetall(QUALITY_KEY))
+        finally:
+            client.close()
+        cur, prev = rates.get(current), rates.get(previous)
+        if not cur or not prev or min(cur["served"], prev["served"]) < s.quality_min_served:
+            return None  # not enough traffic yet to judge
+        self._judged.add(current)
+        if cur["hit_rate"] >= prev["hit_rate"] - s.quality_tolerance:
+            return None
+        path = store.rollback()
+        decision = {"promoted": False, "rolled_back": current, "version": path.name, "trigger": "online quality",
+                    "reason": f"online hit rate {cur['hit_rate']:.4f} ({int(cur['served'])} served) < "
+                              f"{previous} {prev['hit_rate']:.4f} - tolerance {s.quality_tolerance}"}
+        store.record_decision(decision)
+        return decision
 
 
 def announcement(store: CheckpointStore, version: str, extra: dict[str, Any] | None = None) -> bytes:
@@ -288,10 +321,25 @@ class TrainerLoop:
             await self.consumer.commit(commit)
 
     async def run(self) -> None:
+        last_judged = 0.0
         while not self._stopping.is_set():
             trigger = await self.poll_once()
             if trigger:
                 await self.close_window(trigger)
+            if time.monotonic() - last_judged >= QUALITY_CHECK_S:
+                last_judged = time.monotonic()
+                await self.judge_online()
+
+    async def judge_online(self) -> dict[str, Any] | None:
+        """The online-quality rollback check; a rollback is announced like a promotion."""
+        decision = await asyncio.to_thread(self.trainer.judge_online)
+        if decision is not None:
+            log.warning("trainer: rolled back %s -> %s (%s)", decision["rolled_back"], decision["version"],
+                        decision["reason"])
+            await self.producer.send_and_wait(
+                self.settings.topic_model_updates,
+                announcement(self.trainer.store, decision["version"], {"trigger": "rollback: online quality"}))
+        return decision
 
 
 def build_app(settings: Settings | None = None):

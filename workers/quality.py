@@ -1,0 +1,93 @@
+"""Online quality: join each served response with the same user's later events.
+
+A response counts as served for its model version; it counts as a hit when
+one of its items is browsed, clicked or bought by that user within
+`RTREC_QUALITY_WINDOW_S` after it was generated (at most one hit per
+response). The ops worker reads the responses and the events topics in its
+own group (`rtrec-quality`), keeps the latest answered response per user in
+memory, and adds the counts to one Redis hash (`rt:quality`), which
+`rtrec quality`, the metrics and the trainer's rollback check read.
+Fallback (trending) and error responses are not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from aiokafka import ConsumerRecord
+
+from stream.settings import Settings
+from workers.metrics import ONLINE_HITS, ONLINE_SERVED
+
+QUALITY_KEY = "rt:quality"
+TRACKED_USERS = 200_000
+
+
+@dataclass
+class Served:
+    version: str
+    items: frozenset[str]
+    at_ms: int
+    hit: bool = False
+
+
+class QualityJoin:
+    """Response/event join with bounded memory (oldest users are forgotten first)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.window_ms = int(settings.quality_window_s * 1000)
+        self.latest: OrderedDict[str, Served] = OrderedDict()
+
+    def handle(self, records: Iterable[ConsumerRecord]) -> dict[str, int]:
+        """Counts to add to Redis: '<version>|served' and '<version>|hits'."""
+        counts: dict[str, int] = {}
+        for rec in records:
+            try:
+                msg = json.loads(rec.value)
+            except (ValueError, TypeError):
+                continue  # the state worker dead-letters bad events; responses are ours
+            if rec.topic == self.settings.topic_events:
+                self._event(msg, counts)
+            else:
+                self._response(msg, counts)
+        return counts
+
+    def _response(self, msg: dict[str, Any], counts: dict[str, int]) -> None:
+        if msg.get("error") or msg.get("fallback") or not msg.get("items"):
+            return
+        version, user = str(msg.get("model_version")), str(msg.get("user_id"))
+        items = frozenset(str(it.get("item_id")) for it in msg["items"] if isinstance(it, dict))
+        self.latest[user] = Served(version, items, int(msg.get("generated_at") or time.time() * 1000))
+        self.latest.move_to_end(user)
+        if len(self.latest) > TRACKED_USERS:
+            self.latest.popitem(last=False)
+        counts[f"{version}|served"] = counts.get(f"{version}|served", 0) + 1
+        ONLINE_SERVED.labels(model_version=version).inc()
+
+    def _event(self, msg: dict[str, Any], counts: dict[str, int]) -> None:
+        served = self.latest.get(str(msg.get("user_id")))
+        if served is None or served.hit:
+            return
+        ts = msg.get("ts")
+        if not isinstance(ts, int) or not served.at_ms <= ts <= served.at_ms + self.window_ms:
+            return
+        if str(msg.get("item_id")) in served.items:
+            served.hit = True
+            counts[f"{served.version}|hits"] = counts.get(f"{served.version}|hits", 0) + 1
+            ONLINE_HITS.labels(model_version=served.version).inc()
+
+
+def hit_rates(raw: dict[str, str]) -> dict[str, dict[str, float]]:
+    """{'version': {'served': n, 'hits': h, 'hit_rate': h/n}} from the Redis hash."""
+    out: dict[str, dict[str, float]] = {}
+    for field, value in raw.items():
+        version, _, kind = field.rpartition("|")
+        out.setdefault(version, {"served": 0, "hits": 0})[kind] = int(value)
+    for row in out.values():
+        row["hit_rate"] = row["hits"] / row["served"] if row["served"] else 0.0
+    return out
