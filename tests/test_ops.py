@@ -168,3 +168,38 @@ def test_trainer_rolls_back_a_promotion_whose_online_hit_rate_dropped(settings, 
     assert store.current_version() == old
     assert store.decisions()[-1]["trigger"] == "online quality"
     assert trainer.judge_online() is None  # judged once; the old version is not re-judged against itself
+
+
+def _exported_names() -> set[str]:
+    from prometheus_client import REGISTRY
+
+    import workers.metrics  # noqa: F401 - registers the metrics
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    return {m.name + sfx for m in REGISTRY.collect() for sfx in suffixes.get(m.type, ("",))}
+
+
+def test_grafana_dashboard_queries_only_exported_metrics():
+    import re
+    from pathlib import Path
+
+    deploy = Path(__file__).parent.parent / "deploy"
+    dashboard = json.loads((deploy / "grafana" / "dashboards" / "rtrec.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\b((?:rtrec|kafka)_[a-z0-9_]+)", e)}
+    assert used and used <= _exported_names(), used - _exported_names()
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for topic in ("lag (seconds)", "events processed", "p99", "freshness", "model version"):
+        assert topic in titles
+
+
+def test_prometheus_config_passes_promtool():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool not installed (`apt-get install prometheus`; .ci/run does it)")
+    config = Path(__file__).parent.parent / "deploy" / "prometheus.yml"
+    res = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
