@@ -203,3 +203,33 @@ def test_prometheus_config_passes_promtool():
     config = Path(__file__).parent.parent / "deploy" / "prometheus.yml"
     res = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_two_state_workers_share_the_partitions_and_apply_every_event_once(settings, redis, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    s = settings.model_copy(update={"topic_events": f"events-{tag}", "state_group": f"state-{tag}"})
+    ensure_topics(s)
+    stack = Stack(s, run_dir=tmp_path / "run")
+    workers = [stack.start_worker("state"), stack.start_worker("state")]
+    try:
+        stack.wait_ready("state", 2)
+        now = int(time.time() * 1000)
+        events = [{"event_id": f"{tag}-{n}", "user_id": f"share-{tag}-{n % 40}", "item_id": f"i{n % 97}",
+                   "type": ("browse", "click", "purchase")[n % 3], "ts": now + n} for n in range(4000)]
+        with EventProducer(s) as producer:
+            producer.send_many(events)
+            producer.flush()
+        processed = lambda: [scrape(stack.metrics_ports[w.name]).get("rtrec_events_processed_total", 0)
+                             for w in workers]
+        wait_for(lambda: sum(processed()) >= len(events), timeout_s=60, what="all events applied")
+        per_worker = processed()
+        assert sum(per_worker) == len(events) and all(n > 0 for n in per_worker)  # both own partitions
+        for u in range(40):
+            user = f"share-{tag}-{u}"
+            mine = [e for e in events if e["user_id"] == user]
+            h = redis.hgetall(f"rt:u:{user}:h")
+            assert int(h["n"]) == len(mine)
+            for etype in ("browse", "click", "purchase"):
+                assert int(h.get(etype, 0)) == sum(e["type"] == etype for e in mine)
+    finally:
+        stack.stop()
