@@ -82,3 +82,30 @@ def _produce(s, events: list[dict]) -> None:
         for start in range(0, len(events), 1000):
             producer.send_many(events[start : start + 1000])
             producer.flush()
+
+
+def test_rebuild_state_restores_lost_user_state_from_the_topic_and_is_idempotent(settings, redis):
+    from tests.test_cli import run_cli, stack_env
+
+    tag = uuid.uuid4().hex[:8]
+    s = settings.model_copy(update={"topic_events": f"events-{tag}"})
+    ensure_topics(s)
+    events = replay_events(tag, 600)
+    with EventProducer(s) as producer:
+        producer.send_many(events)
+        producer.flush()
+    env = {**stack_env(s), "RTREC_TOPIC_EVENTS": s.topic_events}
+    res = run_cli(["rebuild-state"], env=env)
+    assert res.returncode == 0 and "600 applied" in res.stdout.replace(",", ""), res.stdout + res.stderr
+    users = sorted({e["user_id"] for e in events})
+    for user in users:
+        assert int(redis.hget(f"rt:u:{user}:h", "n")) == sum(e["user_id"] == user for e in events)
+    for user in users[:10]:  # Redis "loses" these users (their dedupe markers too)
+        redis.delete(*[f"rt:u:{user}:{k}" for k in ("h", "seq", "aff", "bought")])
+        redis.delete(*[f"rt:dedupe:{e['event_id']}" for e in events if e["user_id"] == user])
+    res = run_cli(["rebuild-state"], env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lost = sum(e["user_id"] in users[:10] for e in events)
+    assert f"{lost} applied" in res.stdout.replace(",", "")  # only what was lost is applied again
+    for user in users:
+        assert int(redis.hget(f"rt:u:{user}:h", "n")) == sum(e["user_id"] == user for e in events)

@@ -358,6 +358,31 @@ def lag(
         raise typer.Exit(1)
 
 
+@app.command("rebuild-state")
+def rebuild_state(
+    since_hours: float = typer.Option(0.0, help="only events the broker received this recently (0: the whole topic)"),
+) -> None:
+    """Rebuild Redis user state from the events topic (after Redis lost data). Idempotent: applied events are skipped."""
+    from tqdm import tqdm
+
+    from stream.connections import redis_client
+    from stream.events import event_from_dict
+    from stream.state_store import StateStore
+    from stream.topic_window import read_topic_events
+
+    settings = connected_settings()
+    events = read_topic_events(settings, since_ms=int(since_hours * 3_600_000) or None)
+    store, client = StateStore(settings), redis_client(settings)
+    new = 0
+    with tqdm(total=len(events), unit="ev", desc="rebuild") as bar:
+        for start in range(0, len(events), 2000):
+            chunk = [event_from_dict(e, settings, now_ms=e["ts"]) for e in events[start : start + 2000]]
+            new += sum(store.apply(client, chunk))
+            bar.update(len(chunk))
+    console.print(f"{len(events):,} events read from {settings.topic_events}: {new:,} applied, "
+                  f"{len(events) - new:,} already in Redis")
+
+
 @app.command()
 def quality() -> None:
     """Online hit rate per model version: responses whose items the user then browsed/clicked/bought."""
