@@ -138,7 +138,9 @@ class Settings(BaseSettings):
     train_min_epochs: int = Field(10, description="no early stop before this many epochs")
     train_patience: int = Field(6, description="epochs without validation gain before stopping")
     train_seed: int = 0
-    train_embedding_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on item embeddings in training")
+    train_embedding_dropout: float = Field(
+        0.2, ge=0, lt=1, description="dropout on item embeddings in training (ML-100K HR@10: 0 -> 0.219, 0.2 -> 0.223, 0.4 -> 0.205)"
+    )
     train_warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up (0: none)")
 
     # --- incremental trainer (rtrec trainer) ----------------------------------------------
