@@ -109,3 +109,30 @@ def test_rebuild_state_restores_lost_user_state_from_the_topic_and_is_idempotent
     assert f"{lost} applied" in res.stdout.replace(",", "")  # only what was lost is applied again
     for user in users:
         assert int(redis.hget(f"rt:u:{user}:h", "n")) == sum(e["user_id"] == user for e in events)
+
+
+def test_recommendation_worker_crash_answers_every_request_after_restart(settings, redis, tmp_path):
+    from stream.rec_client import RecClient
+
+    tag = uuid.uuid4().hex[:8]
+    s = settings.model_copy(update={"topic_requests": f"req-{tag}", "topic_responses": f"resp-{tag}",
+                                    "recommend_group": f"rec-{tag}", "checkpoint_dir": tmp_path / "none"})
+    ensure_topics(s)
+    stack = Stack(s, run_dir=tmp_path / "run")
+    first = stack.start_worker("recommend")
+    try:
+        stack.wait_ready("recommend")
+        with RecClient(s) as client:
+            sent = [client.send(f"user-{n % 50}", k=5) for n in range(1000)]
+            client.producer.flush()
+            wait_for(lambda: client.poll(timeout_ms=50) or len(client.responses) >= 20, what="some answers")
+            first.kill()  # mid-load: answered-but-uncommitted requests will be answered again
+            stack.workers.remove(first)
+            answered_before = len(client.responses)
+            stack.start_worker("recommend")
+            got = client.collect(sent, timeout_s=120)
+        assert answered_before < len(sent)  # the crash really interrupted the load
+        assert set(got) == set(sent)  # every request answered, none lost
+        assert not [r for r in got.values() if r.get("error")]
+    finally:
+        stack.stop()
