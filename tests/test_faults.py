@@ -136,3 +136,27 @@ def test_recommendation_worker_crash_answers_every_request_after_restart(setting
         assert not [r for r in got.values() if r.get("error")]
     finally:
         stack.stop()
+
+
+def test_a_paused_redis_only_delays_the_state_worker(settings, redis, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    s = settings.model_copy(update={"topic_events": f"events-{tag}", "state_group": f"state-{tag}"})
+    ensure_topics(s)
+    events = replay_events(tag, 3000)
+    stack = Stack(s, run_dir=tmp_path / "run")
+    worker = stack.start_worker("state")
+    try:
+        stack.wait_ready("state")
+        _produce(s, events[:1000])
+        redis.execute_command("CLIENT", "PAUSE", 3000, "WRITE")  # Redis stops accepting writes for 3 s
+        _produce(s, events[1000:])
+        with LagMonitor(s, {s.state_group: s.topic_events}) as monitor:
+            assert sum(r.lag for r in monitor.measure()) > 0  # back-pressure: the backlog waits in Kafka
+            wait_for(lambda: sum(r.lag for r in monitor.measure()) == 0, timeout_s=120, what="backlog drained")
+        assert worker.alive()
+        users = sorted({e["user_id"] for e in events})
+        for user in users:
+            assert int(redis.hget(f"rt:u:{user}:h", "n")) == sum(e["user_id"] == user for e in events)
+    finally:
+        redis.execute_command("CLIENT", "UNPAUSE")
+        stack.stop()
