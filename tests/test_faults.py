@@ -52,6 +52,11 @@ def test_kill_9_mid_replay_loses_nothing_and_counts_nothing_twice(settings, redi
     finally:
         stack.stop()
 
+    assert_state_matches_reference(s, redis, events, tag)
+
+
+def assert_state_matches_reference(s, redis, events: list[dict], tag: str) -> None:
+    """Live state of the events' users and items == the same events applied once under a fresh prefix."""
     # reference: the same events applied once, in one go, under a fresh prefix of the same server
     reference = StateStore(s, prefix=f"ref-{tag}")
     parsed = [event_from_dict(e, s) for e in events]
@@ -77,11 +82,12 @@ def test_kill_9_mid_replay_loses_nothing_and_counts_nothing_twice(settings, redi
         assert math.isclose(live_pop[item], ref_pop[item], rel_tol=1e-6), item
 
 
-def _produce(s, events: list[dict]) -> None:
+def _produce(s, events: list[dict], pause_s: float = 0.0) -> None:
     with EventProducer(s) as producer:
         for start in range(0, len(events), 1000):
             producer.send_many(events[start : start + 1000])
             producer.flush()
+            time.sleep(pause_s)  # > 0: a stream that lasts, so workers can join and leave during it
 
 
 def test_rebuild_state_restores_lost_user_state_from_the_topic_and_is_idempotent(settings, redis):
@@ -160,3 +166,29 @@ def test_a_paused_redis_only_delays_the_state_worker(settings, redis, tmp_path):
     finally:
         redis.execute_command("CLIENT", "UNPAUSE")
         stack.stop()
+
+
+def test_a_second_state_worker_joining_and_leaving_mid_stream_loses_nothing(settings, redis, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    s = settings.model_copy(update={"topic_events": f"events-{tag}", "state_group": f"state-{tag}"})
+    ensure_topics(s)
+    events = replay_events(tag, N_EVENTS)
+    stack = Stack(s, run_dir=tmp_path / "run")
+    first = stack.start_worker("state")
+    try:
+        stack.wait_ready("state")
+        producing = threading.Thread(target=_produce, args=(s, events, 0.5))  # ~15 s of stream
+        producing.start()
+        applied = lambda w: scrape(stack.metrics_ports[w.name]).get("rtrec_events_processed_total", 0)
+        wait_for(lambda: applied(first) > 5_000, timeout_s=120, what="a sixth of the replay applied")
+        second = stack.start_worker("state")  # rebalance: partitions move to the newcomer
+        stack.wait_ready("state", 2)
+        wait_for(lambda: applied(second) > 0, timeout_s=120, what="the second worker applying events")
+        stack.stop_worker(second)  # and back: its partitions return to the first worker
+        producing.join()
+        with LagMonitor(s, {s.state_group: s.topic_events}) as monitor:
+            wait_for(lambda: (rows := monitor.measure()) and sum(r.lag for r in rows) == 0, timeout_s=180,
+                     what="caught up after two rebalances")
+    finally:
+        stack.stop()
+    assert_state_matches_reference(s, redis, events, tag)
