@@ -7,13 +7,14 @@ adds metrics.
 
 from __future__ import annotations
 
+import logging
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import faust
 
 from stream.connections import kafka_bootstrap
-from stream.settings import Settings
+from stream.settings import Settings, get_settings
 
 
 def make_app(name: str, settings: Settings, **overrides: Any) -> faust.App:
@@ -51,6 +52,13 @@ def _credentials(settings: Settings) -> Any:
 
         return faust.SSLCredentials(ssl.create_default_context(cafile=settings.kafka_ssl_cafile))
     return None
+
+
+def run_module(build_app: Callable[[Settings], faust.App]) -> None:
+    """`python -m workers.<kind>`: settings from the environment, logging, then the app's worker."""
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level)
+    run_worker(build_app(settings), settings)
 
 
 def run_worker(app: faust.App, settings: Settings) -> None:

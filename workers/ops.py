@@ -13,7 +13,7 @@ import logging
 from stream.connections import async_redis_client
 from stream.settings import Settings, get_settings
 from workers.batch_consumer import BatchConsumer
-from workers.faust_app import make_app, run_worker
+from workers.faust_app import make_app, run_module
 from workers.lag import LagMonitor
 from workers.metrics import record_lag, serve
 from workers.quality import QUALITY_KEY, QualityJoin
@@ -92,9 +92,7 @@ def build_app(settings: Settings | None = None):
 
 
 def main() -> None:
-    settings = get_settings()
-    logging.basicConfig(level=settings.log_level)
-    run_worker(build_app(settings), settings)
+    run_module(build_app)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from stream.topics import ensure_topics
 from stream.state_store import StateReads, StateStore, UserState
 from workers.batch_consumer import BatchConsumer
 from workers.dead_letters import DeadLetter, DeadLetters
-from workers.faust_app import make_app, run_worker
+from workers.faust_app import make_app, run_module
 from workers.metrics import BATCH_SIZE, FRESHNESS, REQUEST_LATENCY, REQUESTS, readiness, serve, set_model
 from workers.model_watch import ModelWatcher
 from workers.stack import announce_gone, announce_ready
@@ -254,9 +254,7 @@ def build_app(settings: Settings | None = None, recommender: Recommender | None 
 
 
 def main() -> None:
-    settings = get_settings()
-    logging.basicConfig(level=settings.log_level)
-    run_worker(build_app(settings), settings)
+    run_module(build_app)
 
 
 if __name__ == "__main__":

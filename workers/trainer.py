@@ -32,7 +32,7 @@ from stream.events import InvalidEvent, parse_event
 from stream.settings import Settings, get_settings
 from stream.state_store import StateReads, StateStore
 from stream.topics import ensure_topics
-from workers.faust_app import make_app, run_worker
+from workers.faust_app import make_app, run_module
 from workers.metrics import TRAINER_DECISIONS, readiness, serve
 from workers.quality import QUALITY_KEY, hit_rates
 from workers.stack import announce_gone, announce_ready
@@ -368,9 +368,7 @@ def build_app(settings: Settings | None = None):
 
 
 def main() -> None:
-    settings = get_settings()
-    logging.basicConfig(level=settings.log_level)
-    run_worker(build_app(settings), settings)
+    run_module(build_app)
 
 
 if __name__ == "__main__":
