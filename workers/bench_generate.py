@@ -85,13 +85,7 @@ def kafka_latency(settings: Settings, generator: TorchGenerator, rate: float, se
         save_checkpoint(ck.model, ck.vocab, root, ck.manifest["meta"])
         with Stack(settings.model_copy(update={"checkpoint_dir": root}), run_dir=Path(tmp) / "run") as stack:
             s = stack.start()
-            events = generate_events(SyntheticConfig(n_users=500, n_items=N_ITEMS, n_events=20_000, seed=5))
-            with EventProducer(s) as producer:
-                producer.send_many(events)
-            redis = redis_client(s)
-            while StateStore(s).stats(redis).get("applied", 0) < len(events):
-                time.sleep(0.05)
-            users = sorted({e["user_id"] for e in events})
+            users = fill_histories(s, SyntheticConfig(n_users=500, n_items=N_ITEMS, n_events=20_000, seed=5))
             n = int(rate * seconds)
             sent: dict[str, float] = {}
             pacer = Pacer(rate=rate)
@@ -117,6 +111,18 @@ def kafka_latency(settings: Settings, generator: TorchGenerator, rate: float, se
             if missing:
                 console.print(f"[red]{missing} requests unanswered")
             return np.array([(arrivals[r] - sent[r]) * 1000 for r in got]), worker_ms
+
+
+def fill_histories(settings: Settings, config: SyntheticConfig) -> list[str]:
+    """Produce synthetic events through the running stack, wait until Redis holds them; the user ids."""
+    events = generate_events(config)
+    with EventProducer(settings) as producer:
+        producer.send_many(events)
+    redis = redis_client(settings)
+    while StateStore(settings).stats(redis).get("applied", 0) < len(events):
+        time.sleep(0.05)
+    redis.close()
+    return sorted({e["user_id"] for e in events})
 
 
 def read_responses_until(client: RecClient, stop: threading.Event) -> None:

@@ -24,13 +24,11 @@ from tqdm import tqdm
 from model.checkpoint import save_checkpoint
 from model.store import CheckpointStore
 from stream.connections import redis_client
-from stream.producer import EventProducer
 from stream.rec_client import RecClient
 from stream.replay import Pacer
 from stream.settings import Settings
-from stream.state_store import StateStore
-from stream.synthetic import SyntheticConfig, generate_events
-from workers.bench_generate import N_ITEMS, default_generator, read_responses_until
+from stream.synthetic import SyntheticConfig
+from workers.bench_generate import N_ITEMS, default_generator, fill_histories, read_responses_until
 from workers.stack import Stack
 from workers.trainer import announce_sync
 
@@ -46,13 +44,8 @@ def run_bench(settings: Settings, rate: float, seconds: float, swaps: int, plot:
         store.promote(versions[0], reason="bench start")
         with Stack(settings.model_copy(update={"checkpoint_dir": root}), run_dir=Path(tmp) / "run") as stack:
             s = stack.start()
-            events = generate_events(SyntheticConfig(n_users=300, n_items=N_ITEMS, n_events=10_000, seed=7))
-            with EventProducer(s) as producer:
-                producer.send_many(events)
+            users = fill_histories(s, SyntheticConfig(n_users=300, n_items=N_ITEMS, n_events=10_000, seed=7))
             redis = redis_client(s)
-            while StateStore(s).stats(redis).get("applied", 0) < len(events):
-                time.sleep(0.05)
-            users = sorted({e["user_id"] for e in events})
             sent: dict[str, float] = {}
             swap_at: list[tuple[str, float]] = []
             n = int(rate * seconds)

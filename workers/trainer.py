@@ -56,6 +56,11 @@ class Window:
         self.next_offsets[f"{topic}:{partition}"] = offset + 1
 
 
+def history_only(max_events: int) -> StateReads:
+    """A state read for training: the event sequence, with the smallest neighbour/affinity reads."""
+    return StateReads(sequence=max_events, recent_items=0, neighbours=1, affinities=1)
+
+
 class Trainer:
     """One window -> one decision: fine-tune the current checkpoint, gate it, promote or keep."""
 
@@ -75,7 +80,7 @@ class Trainer:
         for e in window:
             first_ts.setdefault(str(e["user_id"]), int(e["ts"]))
         users = list(first_ts)
-        reads = StateReads(sequence=max_events, recent_items=0, neighbours=1, affinities=1)
+        reads = history_only(max_events)
         out = {}
         for start in range(0, len(users), 500):
             chunk = users[start : start + 500]
@@ -99,7 +104,7 @@ class Trainer:
                 break
         rng = random.Random(self.settings.train_seed + self.windows)
         chosen = rng.sample(candidates, min(n, len(candidates)))
-        reads = StateReads(sequence=max_events, recent_items=0, neighbours=1, affinities=1)
+        reads = history_only(max_events)
         return [[(s.item_id, s.type) for s in st.sequence] for st in self.state.fetch(client, chosen, reads)]
 
     # ---- the decision ---------------------------------------------------------------------
