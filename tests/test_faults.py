@@ -23,6 +23,13 @@ pytestmark = pytest.mark.integration
 N_EVENTS = 30_000
 
 
+def own_events_topic(settings, tag: str):
+    """Settings with an events topic and state group of this test's own (created)."""
+    s = settings.model_copy(update={"topic_events": f"events-{tag}", "state_group": f"state-{tag}"})
+    ensure_topics(s)
+    return s
+
+
 def replay_events(tag: str, n: int) -> list[dict]:
     now = int(time.time() * 1000) - n
     return [{"event_id": f"{tag}-{i}", "user_id": f"crash-{tag}-{i % 300}", "item_id": f"it-{tag}-{(i * 7) % 500}",
@@ -31,8 +38,7 @@ def replay_events(tag: str, n: int) -> list[dict]:
 
 def test_kill_9_mid_replay_loses_nothing_and_counts_nothing_twice(settings, redis, tmp_path):
     tag = uuid.uuid4().hex[:8]
-    s = settings.model_copy(update={"topic_events": f"events-{tag}", "state_group": f"state-{tag}"})
-    ensure_topics(s)
+    s = own_events_topic(settings, tag)
     events = replay_events(tag, N_EVENTS)
     stack = Stack(s, run_dir=tmp_path / "run")
     first = stack.start_worker("state")
@@ -146,18 +152,19 @@ def test_recommendation_worker_crash_answers_every_request_after_restart(setting
 
 def test_a_paused_redis_only_delays_the_state_worker(settings, redis, tmp_path):
     tag = uuid.uuid4().hex[:8]
-    s = settings.model_copy(update={"topic_events": f"events-{tag}", "state_group": f"state-{tag}"})
-    ensure_topics(s)
+    s = own_events_topic(settings, tag)
     events = replay_events(tag, 3000)
     stack = Stack(s, run_dir=tmp_path / "run")
     worker = stack.start_worker("state")
     try:
         stack.wait_ready("state")
         _produce(s, events[:1000])
-        redis.execute_command("CLIENT", "PAUSE", 3000, "WRITE")  # Redis stops accepting writes for 3 s
-        _produce(s, events[1000:])
         with LagMonitor(s, {s.state_group: s.topic_events}) as monitor:
+            wait_for(lambda: (rows := monitor.measure()) and sum(r.lag for r in rows) == 0, what="first part applied")
+            redis.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")  # Redis stops accepting writes until UNPAUSE
+            _produce(s, events[1000:])
             assert sum(r.lag for r in monitor.measure()) > 0  # back-pressure: the backlog waits in Kafka
+            redis.execute_command("CLIENT", "UNPAUSE")
             wait_for(lambda: sum(r.lag for r in monitor.measure()) == 0, timeout_s=120, what="backlog drained")
         assert worker.alive()
         users = sorted({e["user_id"] for e in events})
@@ -170,8 +177,7 @@ def test_a_paused_redis_only_delays_the_state_worker(settings, redis, tmp_path):
 
 def test_a_second_state_worker_joining_and_leaving_mid_stream_loses_nothing(settings, redis, tmp_path):
     tag = uuid.uuid4().hex[:8]
-    s = settings.model_copy(update={"topic_events": f"events-{tag}", "state_group": f"state-{tag}"})
-    ensure_topics(s)
+    s = own_events_topic(settings, tag)
     events = replay_events(tag, N_EVENTS)
     stack = Stack(s, run_dir=tmp_path / "run")
     first = stack.start_worker("state")
