@@ -149,7 +149,7 @@ def train_model(
     best_score, best_state, stale = -1.0, None, 0
     started = time.monotonic()
     fixed = None if seq2seq else decoder_examples(histories, vocab, layout, max_events)
-    hook = _embedding_dropout(model, s.train_embedding_dropout)
+    hooks = _dropout_hooks(model, s.train_embedding_dropout, s.train_hidden_dropout)
     step = 0
     for epoch in range(1, (epochs or s.train_epochs) + 1):
         examples = fixed or t5_examples(histories, vocab, layout, max_events, s.t5_targets_per_sequence, rng)
@@ -188,7 +188,7 @@ def train_model(
             tqdm.write(f"epoch {epoch}: {shown}")
         if validation and stale >= s.train_patience and epoch >= s.train_min_epochs:
             break
-    if hook is not None:
+    for hook in hooks:
         hook.remove()
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -199,16 +199,27 @@ def train_model(
     return report
 
 
-def _embedding_dropout(model: PreTrainedModel, p: float):
-    """Dropout on the input embeddings while training (a hook, so checkpoints stay plain HF models).
+def _dropout_hooks(model: PreTrainedModel, embedding_p: float, hidden_p: float) -> list:
+    """Dropout on the input embeddings and on each decoder layer's output, while training only.
 
-    Llama/Qwen2 configs have attention dropout only; on small data SASRec-style
-    embedding dropout is the regulariser that matters.
+    Hooks, so checkpoints stay plain HF models. Llama/Qwen2 configs have
+    attention dropout only; on small data SASRec-style dropout on the
+    embeddings and the residual stream is the regulariser that matters.
     """
-    if p <= 0:
-        return None
-    return model.get_input_embeddings().register_forward_hook(
-        lambda module, args, out: F.dropout(out, p, module.training))
+    def drop(p: float):
+        def hook(module, args, out):
+            if isinstance(out, tuple):
+                return (F.dropout(out[0], p, module.training), *out[1:])
+            return F.dropout(out, p, module.training)
+        return hook
+
+    hooks = []
+    if embedding_p > 0:
+        hooks.append(model.get_input_embeddings().register_forward_hook(drop(embedding_p)))
+    layers = getattr(model.base_model, "layers", None)
+    if hidden_p > 0 and layers is not None:
+        hooks += [layer.register_forward_hook(drop(hidden_p)) for layer in layers]
+    return hooks
 
 
 def _loss(model: PreTrainedModel, batch: list, vocab: ItemVocab, seq2seq: bool, device: torch.device) -> torch.Tensor:

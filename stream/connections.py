@@ -59,18 +59,42 @@ def aiokafka_auth(settings: Settings) -> dict[str, Any]:
 
 
 def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
-    """A synchronous Redis client (decode_responses on: ids and fields are text)."""
+    """A synchronous Redis client (decode_responses on: ids and fields are text); a RedisCluster in cluster mode."""
+    if settings.redis_cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(redis_url(settings), **_redis_kwargs(settings, cluster=True), **kwargs)
     return redis.Redis.from_url(redis_url(settings), **_redis_kwargs(settings), **kwargs)
 
 
 def async_redis_client(settings: Settings, **kwargs: Any) -> "redis.asyncio.Redis":
+    if settings.redis_cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(redis_url(settings), **_redis_kwargs(settings, cluster=True), **kwargs)
     import redis.asyncio as aioredis
 
     return aioredis.Redis.from_url(redis_url(settings), **_redis_kwargs(settings), **kwargs)
 
 
-def _redis_kwargs(settings: Settings) -> dict[str, Any]:
-    kw: dict[str, Any] = {"decode_responses": True, "health_check_interval": 30}
+def is_cluster(client: Any) -> bool:
+    """Cluster clients route each script call by its first key and refuse scripts in pipelines."""
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.cluster import RedisCluster
+
+    return isinstance(client, (RedisCluster, AsyncRedisCluster))
+
+
+def _redis_kwargs(settings: Settings, cluster: bool = False) -> dict[str, Any]:
+    kw: dict[str, Any] = {"decode_responses": True}
+    if not cluster:
+        kw["health_check_interval"] = 30
+    if settings.redis_username:
+        kw["username"] = settings.redis_username
     if settings.redis_password is not None:
         kw["password"] = settings.redis_password.get_secret_value()
+    if settings.redis_ssl_cafile:
+        if not redis_url(settings).startswith("rediss://"):
+            raise NotConfigured("RTREC_REDIS_SSL_CAFILE is set but RTREC_REDIS_URL is not a rediss:// (TLS) URL")
+        kw["ssl_ca_certs"] = settings.redis_ssl_cafile
     return kw

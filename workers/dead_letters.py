@@ -10,13 +10,14 @@ marker, so a redelivered bad message is not counted twice.
 
 from __future__ import annotations
 
-from workers.metrics import DEAD_LETTERS
-
+import asyncio
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
+from stream.connections import is_cluster
 from stream.settings import Settings
+from workers.metrics import DEAD_LETTERS
 
 COUNT_ONCE_LUA = r"""
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
@@ -71,16 +72,20 @@ class DeadLetters:
             await fut
         for dl in letters:
             DEAD_LETTERS.labels(reason=dl.reason).inc()
-        pipe = self.redis.pipeline(transaction=False)
+        counts = f"{self.prefix}:dlq"
+        calls = []
         for dl in letters:
             rec = dl.record
-            marker = f"{self.prefix}:dlq:seen:{rec.topic}:{rec.partition}:{rec.offset}"
-            await self._count_once(
-                keys=[marker, f"{self.prefix}:dlq"],
-                args=[dl.reason, self.settings.dedupe_ttl_s],
-                client=pipe,
-            )
-        await pipe.execute()
+            # "{rt:dlq}" hashes like "rt:dlq": marker and counts share a Cluster slot, as a script needs
+            marker = f"{{{counts}}}:seen:{rec.topic}:{rec.partition}:{rec.offset}"
+            calls.append(([marker, counts], [dl.reason, self.settings.dedupe_ttl_s]))
+        if is_cluster(self.redis):  # cluster clients refuse scripts in pipelines
+            await asyncio.gather(*(self._count_once(keys=k, args=a) for k, a in calls))
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for k, a in calls:
+                await self._count_once(keys=k, args=a, client=pipe)
+            await pipe.execute()
         self.published += len(letters)
 
 

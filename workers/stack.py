@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from stream.connections import redis_client
-from stream.embedded import ManagedProcess, free_port, python_env, start_redis, start_tansu
+from stream.embedded import ManagedProcess, free_port, python_env, start_redis, start_redis_cluster, start_tansu
 from stream.settings import Settings
 from stream.topics import ensure_topics
 
@@ -68,7 +68,11 @@ class Stack:
             update["kafka_bootstrap"] = bootstrap
             if "RTREC_SESSION_TIMEOUT_MS" not in os.environ:
                 update["session_timeout_ms"] = EMBEDDED_SESSION_TIMEOUT_MS
-        if not self.settings.redis_url:
+        if not self.settings.redis_url and self.settings.redis_cluster:
+            nodes, url = start_redis_cluster(self.settings, self.run_dir)
+            self.servers += nodes
+            update["redis_url"] = url
+        elif not self.settings.redis_url:
             proc, url = start_redis(self.settings, self.run_dir, self.settings.redis_port)
             self.servers.append(proc)
             update["redis_url"] = url

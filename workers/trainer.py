@@ -94,12 +94,15 @@ class Trainer:
         n = self.settings.finetune_replay_users
         if n <= 0:
             return []
-        prefix = f"{self.state.prefix}:u:"
-        candidates = []
-        for key in client.scan_iter(match=f"{prefix}*:h", count=1000):
-            user = key[len(prefix) : -2]
-            if user not in exclude:
-                candidates.append(user)
+        candidates: list[str] = []
+        for shard in self.state.shard_prefixes():  # one, or each cluster bucket
+            prefix = f"{shard}:u:"
+            for key in client.scan_iter(match=f"{prefix}*:h", count=1000):
+                user = key[len(prefix) : -2]
+                if user not in exclude:
+                    candidates.append(user)
+                if len(candidates) >= 5 * n:
+                    break
             if len(candidates) >= 5 * n:
                 break
         rng = random.Random(self.settings.train_seed + self.windows)
