@@ -35,6 +35,7 @@ class RecClient:
         )
         self.responses: dict[str, dict[str, Any]] = {}
         self.arrivals: dict[str, float] = {}
+        self.duplicates = 0  # answers to a request already answered (a crash between produce and commit)
         partitions = self._partitions()
         self.consumer.assign(partitions)
         self.consumer.seek_to_end(*partitions)
@@ -69,7 +70,9 @@ class RecClient:
             for rec in records:
                 resp = json.loads(rec.value)
                 rid = resp.get("request_id")
-                if rid and rid not in self.responses:
+                if rid and rid in self.responses:
+                    self.duplicates += 1
+                elif rid:
                     self.responses[rid] = resp
                     self.arrivals[rid] = now
 

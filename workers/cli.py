@@ -528,5 +528,24 @@ def bench_hotswap(
         raise typer.Exit(1)
 
 
+@bench_app.command("soak")
+def bench_soak(
+    minutes: float = typer.Option(10.0, help="duration of the load"),
+    event_rate: float = typer.Option(500.0, help="events/s"),
+    request_rate: float = typer.Option(50.0, help="requests/s"),
+    promote_every_s: float = typer.Option(120.0, help="seconds between promotions"),
+    users: int = typer.Option(2000, help="distinct users in the load"),
+    sample_s: float = typer.Option(5.0, help="seconds between memory samples"),
+    plot: Optional[Path] = typer.Option(Path("bench-soak.png"), help="memory-over-time PNG"),
+) -> None:
+    """Steady events + requests with promotions: lost/duplicated/failed counts and worker memory growth."""
+    from workers.bench_soak import run_soak
+
+    result = run_soak(get_settings(), minutes, event_rate, request_rate, promote_every_s, users, sample_s, plot,
+                      console)
+    if result["lost"] or result["twice"] or result["failed"] or result["unanswered"]:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

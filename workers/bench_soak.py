@@ -1,0 +1,177 @@
+"""`rtrec bench soak`: minutes of steady mixed load with promotions; counts what went wrong.
+
+Starts the stack (state + recommendation worker serving a default-size model),
+then for `minutes` sends events and requests at steady rates and promotes a new
+checkpoint version every `promote_every_s` (store promote + `model-updates`, as
+the trainer does). At the end it waits for the backlog to drain and prints:
+
+* events lost / counted twice: each soak user's event count in Redis vs what was sent;
+* requests answered / failed (error responses) / unanswered / answered twice;
+* each worker's resident memory at the end of the warm-up and at the end, as growth
+  in MB and %/hour (target: flat), plus a PNG of memory over time.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from model.checkpoint import save_checkpoint
+from model.store import CheckpointStore
+from stream.connections import redis_client
+from stream.producer import EventProducer
+from stream.rec_client import RecClient
+from stream.settings import Settings
+from stream.state_store import StateStore
+from workers.bench_generate import N_ITEMS, default_generator, read_responses_until
+from workers.stack import Stack
+from workers.trainer import announce_sync
+
+TICK_S = 0.01  # the load loop sends whatever is due every tick
+TYPES = ("browse", "browse", "browse", "click", "click", "purchase")
+
+
+def run_soak(settings: Settings, minutes: float, event_rate: float, request_rate: float, promote_every_s: float,
+             users: int, sample_s: float, plot: Path | None, console: Console) -> dict:
+    generator = default_generator(settings)
+    ck = generator.checkpoint
+    tag = uuid.uuid4().hex[:6]
+    pool = [f"soak-{tag}-{n}" for n in range(users)]
+    rng = random.Random(7)
+    seconds = minutes * 60
+    with tempfile.TemporaryDirectory(prefix="rtrec-soak-") as tmp:
+        root = Path(tmp) / "checkpoints"
+        store = CheckpointStore(root)
+        store.promote(save_checkpoint(ck.model, ck.vocab, root, ck.manifest["meta"]).name, reason="soak start")
+        with Stack(settings.model_copy(update={"checkpoint_dir": root}), run_dir=Path(tmp) / "run") as stack:
+            s = stack.start()
+            redis = redis_client(s)
+            processes = {w.name: psutil.Process(w.proc.pid) for w in stack.workers}
+            memory: dict[str, list[tuple[float, float]]] = {name: [] for name in processes}
+            sent_events: Counter[str] = Counter()
+            requests: list[str] = []
+            promotions: list[float] = []
+
+            def promote() -> None:
+                version = save_checkpoint(ck.model, ck.vocab, root, ck.manifest["meta"]).name
+                store.promote(version, reason="soak")
+                announce_sync(s, version, "soak")
+
+            with EventProducer(s) as producer, RecClient(s) as client:
+                stop = threading.Event()
+                reader = threading.Thread(target=read_responses_until, args=(client, stop), daemon=True)
+                reader.start()
+                start = time.monotonic()
+                next_sample = next_promotion = 0.0
+                with tqdm(total=int(seconds), desc=f"soak {minutes:g} min", unit="s") as bar:
+                    while (elapsed := time.monotonic() - start) < seconds:
+                        for _ in range(int(elapsed * event_rate) - sum(sent_events.values())):
+                            user = rng.choice(pool)
+                            producer.send({"event_id": uuid.uuid4().hex, "user_id": user,
+                                           "item_id": f"i{rng.randrange(N_ITEMS)}", "type": rng.choice(TYPES),
+                                           "ts": int(time.time() * 1000)})
+                            sent_events[user] += 1
+                        for _ in range(int(elapsed * request_rate) - len(requests)):
+                            requests.append(client.send(rng.choice(pool), k=10))
+                        if elapsed >= next_sample:
+                            for name, proc in processes.items():
+                                memory[name].append((elapsed, proc.memory_info().rss / 2**20))
+                            next_sample += sample_s
+                        if elapsed >= next_promotion + promote_every_s:
+                            next_promotion += promote_every_s
+                            promotions.append(elapsed)
+                            threading.Thread(target=promote, daemon=True).start()
+                        bar.update(int(elapsed) - bar.n)
+                        time.sleep(TICK_S)
+                producer.flush()
+                client.producer.flush()
+                drained = _wait_drained(s, redis, sent_events, client, requests)
+                stop.set()
+                reader.join()
+                responses, duplicates = dict(client.responses), client.duplicates
+            counts = _event_counts(s, redis, sorted(sent_events))
+    return _report(sent_events, counts, requests, responses, duplicates, memory, promotions, drained,
+                   plot, console)
+
+
+def _event_counts(settings: Settings, redis, users: list[str]) -> dict[str, int]:
+    store = StateStore(settings)
+    return {u: int(redis.hget(store.user_key(u, "h"), "n") or 0) for u in users}
+
+
+def _wait_drained(settings: Settings, redis, sent: Counter, client: RecClient, requests: list[str],
+                  timeout_s: float = 120) -> bool:
+    """Until every event is in Redis and every request answered (or the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    users = sorted(sent)
+    while time.monotonic() < deadline:
+        if len(client.responses) >= len(requests) and sum(_event_counts(settings, redis, users).values()) >= sum(
+                sent.values()):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _report(sent_events: Counter, counts: dict[str, int], requests: list[str], responses: dict, duplicates: int,
+            memory: dict[str, list[tuple[float, float]]], promotions: list[float], drained: bool,
+            plot: Path | None, console: Console) -> dict:
+    lost = sum(max(0, n - counts.get(u, 0)) for u, n in sent_events.items())
+    twice = sum(max(0, counts.get(u, 0) - n) for u, n in sent_events.items())
+    answered = [r for r in requests if r in responses]
+    failed = sum(1 for r in answered if responses[r].get("error"))
+    versions = len({responses[r]["model_version"] for r in answered})
+
+    table = Table(title="rtrec bench soak")
+    for col in ("", "sent", "lost", "counted/answered twice", "failed"):
+        table.add_column(col, justify="right")
+    table.add_row("events", f"{sum(sent_events.values()):,}", str(lost), str(twice), "-")
+    table.add_row("requests", f"{len(requests):,}", str(len(requests) - len(answered)), str(duplicates), str(failed))
+    console.print(table)
+    console.print(f"{len(promotions)} promotions; {versions} versions answered (the trending fallback included); "
+                  f"drained: {drained}")
+
+    mem = Table(title="worker memory (RSS)")
+    for col in ("worker", "after warm-up MB", "end MB", "growth MB", "growth %/h"):
+        mem.add_column(col, justify="right")
+    growth = {}
+    for name, series in memory.items():
+        if len(series) < 2:
+            continue
+        warm = series[len(series) // 4]  # the first quarter is warm-up (imports, model load, caches)
+        end = series[-1]
+        hours = max(1e-9, (end[0] - warm[0]) / 3600)
+        pct_h = (end[1] - warm[1]) / warm[1] * 100 / hours
+        growth[name] = {"warm_mb": warm[1], "end_mb": end[1], "pct_per_hour": pct_h}
+        mem.add_row(name, f"{warm[1]:.0f}", f"{end[1]:.0f}", f"{end[1] - warm[1]:+.1f}", f"{pct_h:+.1f}")
+    console.print(mem)
+    if plot is not None and memory:
+        _plot(memory, promotions, plot)
+        console.print(f"memory over time: {plot}")
+    return {"events": sum(sent_events.values()), "lost": lost, "twice": twice, "requests": len(requests),
+            "unanswered": len(requests) - len(answered), "answered_twice": duplicates, "failed": failed,
+            "promotions": len(promotions), "memory": growth, "drained": drained}
+
+
+def _plot(memory: dict[str, list[tuple[float, float]]], promotions: list[float], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
+    for name, series in memory.items():
+        ax.plot([t for t, _ in series], [mb for _, mb in series], label=name)
+    for t in promotions:
+        ax.axvline(t, color="grey", linestyle=":", linewidth=0.8)
+    ax.set(xlabel="time (s); dotted: promotions", ylabel="RSS (MB)", title="worker memory under soak")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
