@@ -51,12 +51,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
 from model.checkpoint import VOCAB, CheckpointError, verify_checkpoint
 from model.recommender import Scored
 from model.tokens import encode
+from model.vllm_weights import EXTENSION as WEIGHT_EXTENSION
 from model.vocab import ItemVocab
 from stream.state_store import UserState
 
@@ -177,6 +179,10 @@ def check_cpu_head_size(path: Path, config: dict[str, Any]) -> None:
         )
 
 
+class ShapeChanged(CheckpointError):
+    """A checkpoint whose architecture or vocabulary size differs from the running engine's."""
+
+
 class VllmGenerator:
     """Recommender over a checkpoint served by vLLM: same interface and same ranking as `TorchGenerator`.
 
@@ -199,6 +205,7 @@ class VllmGenerator:
         self.max_logprobs = max_logprobs
         self._items = vocab.item_token_range()
         self._all_items = list(self._items)
+        self._engine_lock = threading.Lock()  # a batch and an in-place weight update never overlap
 
     @classmethod
     def from_path(cls, path: Path, device: str = "auto", **engine_kwargs: Any) -> "VllmGenerator":
@@ -235,6 +242,7 @@ class VllmGenerator:
             enforce_eager=dev == "cpu",  # CPU torch.compile: +15 s start-up on 2 cores, no gain at this size
             max_model_len=max_model_len,
             seed=0,
+            worker_extension_cls=WEIGHT_EXTENSION,  # in-place weight updates (model/vllm_weights.py)
         )
         if dev == "cuda":
             # the model is tiny: leave the GPU to a trainer or a torch backend sharing it
@@ -257,6 +265,14 @@ class VllmGenerator:
 
     def recommend_batch(self, states: Sequence[UserState], k: int) -> list[Scored]:
         """Top-k (item_id, probability) per state, best first; one ``llm.generate`` call for the batch."""
+        return self.recommend_versioned(states, k)[0]
+
+    def recommend_versioned(self, states: Sequence[UserState], k: int) -> tuple[list[Scored], str]:
+        """The ranking and the version whose weights made it (an in-place update may follow at once)."""
+        with self._engine_lock:
+            return self._recommend(states, k), self.version
+
+    def _recommend(self, states: Sequence[UserState], k: int) -> list[Scored]:
         if not states:
             return []
         results: list[Scored] = [[] for _ in states]
@@ -310,6 +326,44 @@ class VllmGenerator:
             pairs.append((item, math.exp(value), int(token)))
         pairs.sort(key=lambda p: (-p[1], p[2]))  # ties: lower token first, as torch.topk tends to
         return [(item, p) for item, p, _ in pairs[:k] if p > 0]
+
+    # ---- in-place weight updates ----------------------------------------------------------
+    def update_in_place(self, path: Path) -> int:
+        """Serve another checkpoint of the same shape by loading its weights into the running engine.
+
+        Verified first (sha256 of every file); refused with `CheckpointError` when
+        the architecture or vocabulary size differs (a grown vocabulary needs a
+        new engine). The weights are copied while no batch runs, so requests are
+        paused only between two batches, never dropped; the prefix cache is reset
+        so no KV computed by the old weights is reused. Returns the layers reloaded.
+        """
+        path = Path(path)
+        manifest = verify_checkpoint(path)
+        config = checkpoint_config(path)
+        refuse_unservable(path, manifest, config)
+        current = checkpoint_config(self.path)
+        shape_keys = ("architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+                      "tie_word_embeddings")
+        changed = [key for key in shape_keys if config.get(key) != current.get(key)]
+        if changed or manifest.get("meta", {}).get("layout") != self.layout:
+            raise ShapeChanged(f"{path}: not the running engine's shape ({', '.join(changed) or 'layout'} "
+                               "differs); load it into a new engine")
+        vocab = ItemVocab.load(path / VOCAB)
+        with self._engine_lock:
+            if self.llm is None:
+                raise RuntimeError(f"VllmGenerator for {self.version} is closed")
+            try:
+                layers = self.llm.collective_rpc("rtrec_load_weights", args=(str(path),))
+            except Exception:  # a half-loaded model must not serve: put the current weights back
+                self.llm.collective_rpc("rtrec_load_weights", args=(str(self.path),))
+                raise
+            finally:
+                self.llm.reset_prefix_cache()
+            self.vocab, self.manifest, self.path, self.version = vocab, manifest, path, manifest["version"]
+            self._items = vocab.item_token_range()
+            self._all_items = list(self._items)
+        return int(layers[0]) if layers else 0
 
     # ---- lifecycle ------------------------------------------------------------------
     def close(self) -> None:

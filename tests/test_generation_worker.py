@@ -71,7 +71,7 @@ def run_batch(settings, recommender, requests: list[bytes], diversity: int = 0,
             now = int(time.time() * 1000)
             records = [ConsumerRecord(s.topic_requests, 0, n, now, 0, b"k", raw, None, len(b"k"), len(raw), [])
                        for n, raw in enumerate(requests)]
-            await worker.handle(records)
+            await (await worker.handle(records))  # the responses, then their acks
         finally:
             await producer.stop()
             await redis.aclose()

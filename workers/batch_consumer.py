@@ -9,7 +9,10 @@ logging, lifecycle) and the loop owns delivery semantics:
 * at-least-once: offsets are committed after the handler returned, never before;
 * a failing handler (Redis down, broker hiccup) is retried with backoff on the
   *same* batch, so nothing is skipped and the lag simply grows (back-pressure);
-* the handler itself must be idempotent (the state store dedupes by event_id).
+* the handler itself must be idempotent (the state store dedupes by event_id);
+* a handler may return an awaitable (e.g. the broker's acks of what it produced): the
+  loop fetches and handles the next batch meanwhile, and commits this batch only once
+  the awaitable completed; if it fails, the batch is handled again before its commit.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from stream.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Sequence[ConsumerRecord]], Awaitable[None]]
+Handler = Callable[[Sequence[ConsumerRecord]], Awaitable[Awaitable[object] | None]]
 
 
 class BatchConsumer:
@@ -81,21 +84,20 @@ class BatchConsumer:
             if not batch:
                 continue
             records = [r for tp in sorted(batch, key=_tp_key) for r in batch[tp]]
-            await self._handle_until_done(handler, records)
+            pending = await self._handle_until_done(handler, records)
             # commit in the background while the next batch is fetched and handled; commits stay in
             # order (each waits for the previous), and each follows its own batch's handling
             if self._commit_task is not None:
                 await self._commit_task
-            self._commit_task = asyncio.create_task(self._commit(batch))
+            self._commit_task = asyncio.create_task(self._commit(batch, handler, records, pending))
             self.batches += 1
             self.records += len(records)
 
-    async def _handle_until_done(self, handler: Handler, records: list[ConsumerRecord]) -> None:
+    async def _handle_until_done(self, handler: Handler, records: list[ConsumerRecord]) -> Awaitable[object] | None:
         delay = 0.1
         while True:
             try:
-                await handler(records)
-                return
+                return await handler(records)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # retried: the batch must not be skipped
@@ -104,7 +106,18 @@ class BatchConsumer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _commit(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+    async def _commit(self, batch: dict[TopicPartition, list[ConsumerRecord]], handler: Handler,
+                      records: list[ConsumerRecord], pending: Awaitable[object] | None) -> None:
+        while pending is not None:
+            try:
+                await pending
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # e.g. responses not acked: handle again, then commit
+                log.warning("batch of %d not acknowledged (%s: %s); handling it again", len(records),
+                            type(exc).__name__, exc)
+                pending = await self._handle_until_done(handler, records)
         offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items() if recs}
         assigned = self.consumer.assignment()
         offsets = {tp: off for tp, off in offsets.items() if tp in assigned}

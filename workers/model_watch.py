@@ -101,6 +101,7 @@ class ModelWatcher:
             if version == self.serving:
                 return True
             started = time.monotonic()
+            previous = self.serving
             try:
                 recommender = await asyncio.to_thread(self._load, version, expected_sha256)
             except Exception as exc:  # corrupt, tampered, wrong shape, unreadable: keep serving
@@ -115,8 +116,9 @@ class ModelWatcher:
             await self.redis.hset(self.stats_key, mapping={"last_swap_ms": round(load_ms, 1),
                                                            "last_swap_version": version})
             await self.publish_serving()
-            log.warning("hot-swapped %s -> %s (loaded and warmed in %.0f ms)", old.version, version, load_ms)
-            close = getattr(old, "close", None)
+            log.warning("hot-swapped %s -> %s (%s, warmed in %.0f ms)", previous, version,
+                        "weights updated in place" if old is recommender else "loaded", load_ms)
+            close = getattr(old, "close", None) if old is not recommender else None
             if close is not None:  # a vLLM engine holds memory; torch models are garbage-collected
                 await asyncio.to_thread(close)
             return True
@@ -125,6 +127,16 @@ class ModelWatcher:
         path = self.store.path_of(version)  # resolved in our store: a message never names a file to load
         if expected_sha256 is not None and sha256_file(path / MANIFEST) != expected_sha256:
             raise CheckpointError(f"{path}: manifest sha256 differs from the announcement")
+        current = self.worker.recommender
+        if self.settings.backend == "vllm" and hasattr(current, "update_in_place"):
+            from model.vllm_backend import ShapeChanged
+
+            try:  # the same engine, new weights: no second engine in memory, paused only between batches
+                current.update_in_place(path)
+                warm_up(current)
+                return current
+            except ShapeChanged as exc:  # e.g. a grown vocabulary: a new engine, then swap the reference
+                log.warning("%s; starting a new engine", exc)
         recommender = load_generator(self.settings, path)
         warm_up(recommender)
         return recommender

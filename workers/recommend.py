@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from typing import Sequence
+from typing import Awaitable, Sequence
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
@@ -67,7 +67,8 @@ class RecommendWorker:
         self.errors = 0
         self.batches = 0
 
-    async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+    async def handle(self, records: Sequence[ConsumerRecord]) -> Awaitable[object]:
+        """Answer a batch; returns the broker's acks of the responses (the loop commits after them)."""
         valid: list[tuple[ConsumerRecord, RecRequest]] = []
         responses: list[tuple[ConsumerRecord, RecResponse, str | None]] = []
         bad: list[DeadLetter] = []
@@ -82,11 +83,14 @@ class RecommendWorker:
             responses += await self._answer(valid)
         responses.sort(key=lambda r: (r[0].topic, r[0].partition, r[0].offset))  # request order
         await self.dead_letters.publish(bad)
-        await self._publish(responses)
+        acks = await self._publish(responses)
         self.batches += 1
         BATCH_SIZE.labels(worker="recommend").observe(len(records))
-        await self.redis.hincrby(STATS_KEY, "batches", 1)
-        await self.redis.hincrby(STATS_KEY, "requests", len(records))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(STATS_KEY, "batches", 1)
+        pipe.hincrby(STATS_KEY, "requests", len(records))
+        await pipe.execute()
+        return acks
 
     async def _answer(self, valid: list[tuple[ConsumerRecord, RecRequest]]):
         recommender = self.recommender  # one model per batch, even if a swap happens meanwhile
@@ -97,7 +101,7 @@ class RecommendWorker:
                 if req.exclude_seen:
                     state.exclude = frozenset(e.item_id for e in state.sequence) | state.purchased
             want = max(req.k for _, req in valid) * (3 if self.settings.diversity_max_per_category else 1)
-            ranked = await asyncio.to_thread(self._rank, recommender, states, want)
+            ranked, version = await asyncio.to_thread(self._rank, recommender, states, want)
             if self.settings.diversity_max_per_category:
                 ranked = await self._diversify(ranked)
         except Exception as exc:  # the batch is answered with errors, never dropped
@@ -107,8 +111,8 @@ class RecommendWorker:
         self._observe_freshness(states)
         out = []
         for (rec, req), state, items in zip(valid, states, ranked):
-            version = recommender.version if state.known else "trending"
-            out.append((rec, self._response(req, state, items[: req.k], version), req.reply_topic))
+            made_by = version if state.known else "trending"
+            out.append((rec, self._response(req, state, items[: req.k], made_by), req.reply_topic))
         return out
 
     def _observe_freshness(self, states: Sequence[UserState]) -> None:
@@ -130,18 +134,26 @@ class RecommendWorker:
             return self.store.default_reads()
         return StateReads(sequence=max_events, recent_items=self.settings.reason_recent_items, neighbours=20)
 
-    def _rank(self, recommender: Recommender, states: list[UserState], k: int) -> list:
-        """Known users go to the model in one batch; users without history to the trending fallback."""
+    def _rank(self, recommender: Recommender, states: list[UserState], k: int) -> tuple[list, str]:
+        """Known users go to the model in one batch, users without history to the trending fallback.
+
+        Returns the rankings and the model version that made them: a backend whose
+        weights are updated in place reports the version under its own lock.
+        """
         known = [i for i, s in enumerate(states) if s.known]
         unknown = [i for i, s in enumerate(states) if not s.known]
         ranked: list = [None] * len(states)
+        version = recommender.version
         if known:
-            for i, items in zip(known, recommender.recommend_batch([states[i] for i in known], k)):
+            batch = [states[i] for i in known]
+            versioned = getattr(recommender, "recommend_versioned", None)
+            rows, version = versioned(batch, k) if versioned else (recommender.recommend_batch(batch, k), version)
+            for i, items in zip(known, rows):
                 ranked[i] = items
         if unknown:
             for i, items in zip(unknown, self.fallback.recommend_batch([states[i] for i in unknown], k)):
                 ranked[i] = items
-        return ranked
+        return ranked, version
 
     async def _diversify(self, ranked: list) -> list:
         """At most N items per category (categories from `rtrec catalog`); unknown categories are free."""
@@ -175,7 +187,9 @@ class RecommendWorker:
     def _error(self, request_id: str, user_id: str, message: str) -> RecResponse:
         return RecResponse(request_id, user_id, [], self.recommender.version, error=message)
 
-    async def _publish(self, responses) -> None:
+    async def _publish(self, responses) -> Awaitable[object]:
+        """Send the responses in order; returns their acks to await (not awaited here: the next batch
+        need not wait for them, only this batch's commit does)."""
         futures = []
         for rec, resp, reply_topic in responses:
             if not resp.request_id and resp.error:
@@ -193,9 +207,8 @@ class RecommendWorker:
                     value=resp.to_json(),
                 )
             )
-        for fut in futures:
-            await fut
         self.answered += len(futures)
+        return asyncio.gather(*futures)
 
 
 def build_app(settings: Settings | None = None, recommender: Recommender | None = None):
