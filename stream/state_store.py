@@ -407,13 +407,13 @@ class StateStore:
         reads = reads or self.default_reads()
         script = client.register_script(READ_LUA)
         if self.buckets:
+            trending_script, covis_script = client.register_script(TRENDING_LUA), client.register_script(COVIS_LUA)
             raws = [script(keys=[self.user_prefix(u)], args=self._read_args(u, reads)) for u in user_ids]
-            trending_parts = [client.register_script(TRENDING_LUA)(keys=[p], args=[p, self.settings.trending_pool])
+            trending_parts = [trending_script(keys=[p], args=[p, self.settings.trending_pool])
                               for p in self.shard_prefixes()]
             items = _recent_items(raws)
-            covis_script = client.register_script(COVIS_LUA)
-            covis_parts = [covis_script(keys=[p], args=[p, reads.neighbours, *items]) for p in self.shard_prefixes()] \
-                if items else []
+            covis_parts = [covis_script(keys=[p], args=[p, reads.neighbours, *items])
+                           for p in self.shard_prefixes()] if items else []
             return self._merged(user_ids, raws, trending_parts, items, covis_parts, reads)
         pipe = client.pipeline(transaction=False)
         pipe.zrevrange(f"{self.prefix}:pop", 0, self.settings.trending_pool - 1, withscores=True)

@@ -38,6 +38,10 @@ from workers.stack import Stack
 from workers.trainer import announce_sync
 
 TICK_S = 0.01  # the load loop sends whatever is due every tick
+# Events go out in 100 ms producer batches: the embedded Tansu broker (memory storage) slows
+# down as a partition collects many small record batches — measured: at 500 events/s in 5 ms
+# batches the state worker's fetches stalled after ~70k events (~2.5 min). Apache Kafka does not.
+SOAK_LINGER_MS = 100
 TYPES = ("browse", "browse", "browse", "click", "click", "purchase")
 
 
@@ -67,7 +71,8 @@ def run_soak(settings: Settings, minutes: float, event_rate: float, request_rate
                 store.promote(version, reason="soak")
                 announce_sync(s, version, "soak")
 
-            with EventProducer(s) as producer, RecClient(s) as client:
+            events_settings = s.model_copy(update={"producer_linger_ms": SOAK_LINGER_MS})
+            with EventProducer(events_settings) as producer, RecClient(s) as client:
                 stop = threading.Event()
                 reader = threading.Thread(target=read_responses_until, args=(client, stop), daemon=True)
                 reader.start()
