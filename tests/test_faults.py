@@ -20,7 +20,7 @@ from workers.stack import Stack
 
 pytestmark = pytest.mark.integration
 
-N_EVENTS = 30_000
+N_EVENTS = 50_000  # the replay size
 
 
 def own_events_topic(settings, tag: str):
@@ -46,8 +46,8 @@ def test_kill_9_mid_replay_loses_nothing_and_counts_nothing_twice(settings, redi
         stack.wait_ready("state")
         producing = threading.Thread(target=_produce, args=(s, events))
         producing.start()
-        wait_for(lambda: scrape(stack.metrics_ports[first.name]).get("rtrec_events_processed_total", 0) > 5_000,
-                 timeout_s=120, what="a third of the replay applied")
+        wait_for(lambda: scrape(stack.metrics_ports[first.name]).get("rtrec_events_processed_total", 0) > 10_000,
+                 timeout_s=120, what="a fifth of the replay applied")
         first.kill()  # SIGKILL mid-stream: uncommitted batches will be delivered again
         stack.workers.remove(first)
         producing.join()
@@ -183,10 +183,10 @@ def test_a_second_state_worker_joining_and_leaving_mid_stream_loses_nothing(sett
     first = stack.start_worker("state")
     try:
         stack.wait_ready("state")
-        producing = threading.Thread(target=_produce, args=(s, events, 0.5))  # ~15 s of stream
+        producing = threading.Thread(target=_produce, args=(s, events, 0.3))  # ~15 s of stream
         producing.start()
         applied = lambda w: scrape(stack.metrics_ports[w.name]).get("rtrec_events_processed_total", 0)
-        wait_for(lambda: applied(first) > 5_000, timeout_s=120, what="a sixth of the replay applied")
+        wait_for(lambda: applied(first) > 5_000, timeout_s=120, what="a tenth of the replay applied")
         second = stack.start_worker("state")  # rebalance: partitions move to the newcomer
         stack.wait_ready("state", 2)
         wait_for(lambda: applied(second) > 0, timeout_s=120, what="the second worker applying events")
