@@ -490,14 +490,6 @@ class StateStore:
                 out[item] = out.get(item, 0.0) + n
         return out
 
-    def covisited(self, client: redis.Redis, item: str) -> dict[str, float]:
-        """Every co-visited neighbour of an item with its count."""
-        out: dict[str, float] = {}
-        for p in self.shard_prefixes():
-            for other, n in client.zrange(f"{p}:covis:{item}", 0, -1, withscores=True):
-                out[other] = out.get(other, 0.0) + n
-        return out
-
     def decayed_popularity(self, client: redis.Redis, now_ms: int) -> dict[str, float]:
         """Popularity in absolute units at `now_ms` (undoes the landmark scaling)."""
         out: dict[str, float] = {}
