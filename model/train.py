@@ -39,6 +39,7 @@ class TrainReport:
     best: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     examples: int = 0
+    refit_seconds: float = 0.0  # the refit on all training events, when there was one
 
 
 def seed_everything(seed: int) -> None:

@@ -212,6 +212,28 @@ def test_early_stopping_keeps_the_best_epoch(events):
     assert report.best["NDCG@10"] == max(r["NDCG@10"] for r in report.history)
 
 
+def test_refit_trains_on_the_events_early_stopping_held_out():
+    # each user clicks along a chain of items, purchases the next one, then clicks "z", which
+    # occurs nowhere else: early stopping trains without each user's last two events (so it never
+    # sees a purchase or "z"); the refit on all events must learn "after a purchase comes z"
+    chain = lambda u: [(f"c{(u + n) % 40}", "click") for n in range(8)] + [(f"c{(u + 8) % 40}", "purchase")]
+    events = [{"event_id": f"u{u}-{n}", "user_id": f"u{u}", "item_id": item, "type": etype, "ts": 1_000 * u + n}
+              for u in range(100) for n, (item, etype) in enumerate(chain(u) + [("z", "click")])]
+    split = leave_one_out(events)
+    settings = tiny(model_layout="item_type", train_epochs=3, train_min_epochs=3, train_warmup_steps=0,
+                    train_refit=True)
+    plain, _ = train_generator(settings.model_copy(update={"train_refit": False}), split, progress=False)
+    refit, report = train_generator(settings, split, progress=False, refit_events=split.events)
+    assert report.refit_seconds > 0
+    users = [state(f"u{u}", chain(u)) for u in range(100)]
+
+    def p_z(generator: TorchGenerator) -> float:
+        ranked = generator.recommend_batch(users, 20)
+        return sum(dict(items).get("z", 0.0) for items in ranked) / len(users)
+
+    assert p_z(refit) > 0.5 and p_z(plain) < 0.05
+
+
 def test_embedding_dropout_acts_in_training_only_and_is_removed_afterwards(events):
     s = tiny(train_embedding_dropout=0.5, train_epochs=1)
     hist = list(user_histories(events).values())
