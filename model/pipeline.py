@@ -137,6 +137,7 @@ def run_eval(settings: Settings, source: str, families: Sequence[str], out_dir: 
 
     from model.blending import BlendingRecommender
     from model.datasets import load_events
+    from model.fusion import RankFusion
     from model.evaluate import (BiasedMFRecommender, PopularityRecommender, build_states, evaluate,
                                 print_table, published_reference, write_report)
     from stream.connections import redis_client
@@ -168,9 +169,12 @@ def run_eval(settings: Settings, source: str, families: Sequence[str], out_dir: 
             server.stop()
     recommenders: dict[str, Any] = dict(generators)
     if baselines:
-        recommenders["blending"] = BlendingRecommender(settings)
+        blending = BlendingRecommender(settings)
+        recommenders["blending"] = blending
         recommenders["popularity"] = PopularityRecommender(split)
         recommenders["river-BiasedMF"] = BiasedMFRecommender(split)
+        for name, generator in generators.items():  # how much the two signals complement each other
+            recommenders[f"{name}+blending"] = RankFusion([(generator, 1.0), (blending, 1.0)])
     rows = evaluate(recommenders, states, split)
     for row in rows:
         row["train_seconds"] = round(train_seconds.get(row["name"], 0.0), 1)

@@ -177,7 +177,8 @@ def test_train_writes_a_promoted_checkpoint_and_eval_writes_the_table(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     [csv_path] = list(out.glob("*.csv"))
     names = [line.split(",")[0] for line in csv_path.read_text().splitlines()[1:]]
-    assert names == ["generative-llama", "generative-t5", "blending", "popularity", "river-BiasedMF"]
+    assert names == ["generative-llama", "generative-t5", "blending", "popularity", "river-BiasedMF",
+                     "generative-llama+blending", "generative-t5+blending"]
     assert list(out.glob("*.png")) and (out / "training-curves.png").exists()
 
 

@@ -26,6 +26,7 @@ from model.evaluate import (
     published_reference,
     write_report,
 )
+from model.fusion import RankFusion
 from model.metrics import coverage, hit_rate_at, ndcg_at, novelty, recall_at, summarize
 from model.recommender import Recommender
 from stream.eventfile import write_events
@@ -260,3 +261,25 @@ def test_baselines_on_movielens_100k(redis_only, tmp_path):
     console.print(f"report: {csv_path} {png_path}")
     assert all(r["users"] == 943 for r in rows)
     assert next(r for r in rows if r["name"] == "popularity")["HR@10"] > 0.0
+
+
+class FixedRanking:
+    """A recommender that ranks the same items for everyone."""
+
+    def __init__(self, version: str, items: list[str]) -> None:
+        self.version, self.items = version, items
+
+    def recommend_batch(self, states, k):
+        return [[(item, 1.0) for item in self.items[:k]] for _ in states]
+
+
+def test_rank_fusion_adds_weighted_reciprocal_ranks():
+    a, b = FixedRanking("a", ["x", "y", "z"]), FixedRanking("b", ["z", "y", "w"])
+    fused = RankFusion([(a, 1.0), (b, 1.0)], c=1)
+    assert fused.version == "a+b"
+    [ranked] = fused.recommend_batch([UserState("u")], 4)
+    # z: 1/3 + 1/1, x: 1/1, y: 1/2 + 1/2 (ties break by item id), w: 1/3
+    assert [item for item, _ in ranked] == ["z", "x", "y", "w"]
+    assert [score for _, score in ranked] == pytest.approx([4 / 3, 1.0, 1.0, 1 / 3])
+    [weighted] = RankFusion([(a, 3.0), (b, 1.0)], c=1).recommend_batch([UserState("u")], 2)
+    assert [item for item, _ in weighted] == ["x", "y"]  # x: 3, y: 1.5 + 0.5, z: 1 + 1
