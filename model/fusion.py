@@ -15,10 +15,22 @@ from model.recommender import Recommender, Scored
 from stream.state_store import UserState
 
 
+FUSION_DEPTH = 100  # how far down each ranking counts
+
+
+def fuse(rankings: Sequence[tuple[Scored, float]], k: int, c: int = 10) -> Scored:
+    """One user's fused top-k from (ranking, weight) pairs: score = sum of weight / (c + rank)."""
+    scores: dict[str, float] = {}
+    for ranked, weight in rankings:
+        for rank, (item, _) in enumerate(ranked):
+            scores[item] = scores.get(item, 0.0) + weight / (c + rank)
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+
 class RankFusion:
     """A `Recommender` whose ranking is the weighted reciprocal-rank fusion of its members'."""
 
-    def __init__(self, members: Sequence[tuple[Recommender, float]], depth: int = 100, c: int = 10) -> None:
+    def __init__(self, members: Sequence[tuple[Recommender, float]], depth: int = FUSION_DEPTH, c: int = 10) -> None:
         if not members:
             raise ValueError("RankFusion needs at least one member")
         self.members = list(members)
@@ -28,11 +40,5 @@ class RankFusion:
 
     def recommend_batch(self, states: Sequence[UserState], k: int) -> list[Scored]:
         lists = [rec.recommend_batch(states, max(k, self.depth)) for rec, _ in self.members]
-        fused: list[Scored] = []
-        for row in range(len(states)):
-            scores: dict[str, float] = {}
-            for (_, weight), ranked in zip(self.members, lists):
-                for rank, (item, _) in enumerate(ranked[row]):
-                    scores[item] = scores.get(item, 0.0) + weight / (self.c + rank)
-            fused.append(sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k])
-        return fused
+        weights = [weight for _, weight in self.members]
+        return [fuse(list(zip((ranked[row] for ranked in lists), weights)), k, self.c) for row in range(len(states))]

@@ -136,6 +136,10 @@ class Settings(BaseSettings):
         1, ge=0, description="CPU threads per serving worker (0: torch's default); one avoids OpenMP spin "
         "on small batches and leaves cores to the broker and Redis; scale out with more workers"
     )
+    serve_blend_weight: float = Field(
+        0.0, ge=0, description="fuse the model's ranking with the blending baseline's (reciprocal ranks, "
+        "this weight against the model's 1; 0: the model alone). Costs the baseline's fuller state read"
+    )
     serve_max_events: int = Field(
         50, description="history length read when serving (<= training): per-request cost is linear in it"
     )

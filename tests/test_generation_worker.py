@@ -12,13 +12,16 @@ import torch
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from kafka import KafkaConsumer, TopicPartition
 
+from model.blending import BlendingRecommender
 from model.checkpoint import save_checkpoint
+from model.fusion import FUSION_DEPTH, fuse
 from model.generator import TorchGenerator
 from model.pipeline import model_meta
 from model.sequence_model import build_model
 from model.train import train_model, user_histories, vocab_for
 from stream.connections import async_redis_client, kafka_bootstrap
 from stream.rec_messages import RecRequest
+from stream.state_store import StateStore
 from stream.synthetic import SyntheticConfig, generate_events
 from stream.topics import ensure_topics
 from tests.conftest import wait_for
@@ -122,6 +125,27 @@ def test_generative_model_answers_known_users_with_its_version(settings, produce
     seen = {e["item_id"] for e in mine}
     assert not seen & {it["item_id"] for it in known["items"]}  # exclude_seen
     assert unknown["fallback"] is True and unknown["model_version"] == "trending"
+
+
+def test_fused_serving_ranks_by_the_model_and_the_baseline(settings, producer, redis, synthetic, generator):
+    user = synthetic[0]["user_id"]
+    tag = uuid.uuid4().hex[:6]
+    mine = [e for e in synthetic if e["user_id"] == user][-8:]
+    for e in mine:
+        producer.send({**e, "event_id": f"{e['event_id']}-{tag}", "user_id": f"{user}-{tag}"})
+    producer.flush()
+    wait_for(lambda: redis.hget(f"rt:u:{user}-{tag}:h", "n") == "8", what="history applied")
+    fused_settings = settings.model_copy(update={"serve_blend_weight": 0.5})
+    [state] = StateStore(settings).fetch(redis, [f"{user}-{tag}"])
+    state.exclude = frozenset(e.item_id for e in state.sequence) | state.purchased  # exclude_seen
+    expected = fuse([(generator.recommend_batch([state], FUSION_DEPTH)[0], 1.0),
+                     (BlendingRecommender(settings).recommend_batch([state], FUSION_DEPTH)[0], 0.5)], 10)
+    [fused] = run_batch(fused_settings, generator, [request(f"{user}-{tag}", k=10)])
+    [alone] = run_batch(settings, generator, [request(f"{user}-{tag}", k=10)])
+    assert [it["item_id"] for it in fused["items"]] == [item for item, _ in expected]
+    assert [it["score"] for it in fused["items"]] == pytest.approx([score for _, score in expected], rel=1e-4)
+    assert [it["item_id"] for it in alone["items"]] == [item for item, _ in generator.recommend_batch([state], 10)[0]]
+    assert fused["model_version"] == alone["model_version"] == generator.version
 
 
 def test_responses_keep_request_order(settings, generator):

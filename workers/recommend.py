@@ -17,6 +17,7 @@ from typing import Awaitable, Sequence
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from model.blending import BlendingRecommender
+from model.fusion import FUSION_DEPTH, fuse
 from model.loader import load_recommender
 from model.reasons import explain_all
 from model.recommender import Recommender
@@ -127,11 +128,20 @@ class RecommendWorker:
             if len(self._reflected) > FRESHNESS_USERS:
                 self._reflected.popitem(last=False)
 
+    def _blend_weight(self, recommender: Recommender) -> float:
+        """The baseline's weight in the fused ranking: 0 unless a model (not the baseline) serves."""
+        is_model = getattr(recommender, "max_events", None) is not None
+        return self.settings.serve_blend_weight if is_model else 0.0
+
     def _reads(self, recommender: Recommender) -> StateReads:
         """What to read per user: a generative model reads its window and a few reason anchors."""
         max_events = getattr(recommender, "max_events", None)
         if max_events is None:  # the blending baseline scores with the full default read
             return self.store.default_reads()
+        if self._blend_weight(recommender):  # fused with the baseline: read what it scores with too
+            full = self.store.default_reads()
+            return StateReads(sequence=max(max_events, full.sequence),
+                              recent_items=max(full.recent_items, self.settings.reason_recent_items))
         return StateReads(sequence=max_events, recent_items=self.settings.reason_recent_items, neighbours=20)
 
     def _rank(self, recommender: Recommender, states: list[UserState], k: int) -> tuple[list, str]:
@@ -146,8 +156,13 @@ class RecommendWorker:
         version = recommender.version
         if known:
             batch = [states[i] for i in known]
+            blend = self._blend_weight(recommender)
+            want = max(k, FUSION_DEPTH) if blend else k
             versioned = getattr(recommender, "recommend_versioned", None)
-            rows, version = versioned(batch, k) if versioned else (recommender.recommend_batch(batch, k), version)
+            rows, version = versioned(batch, want) if versioned else (recommender.recommend_batch(batch, want), version)
+            if blend:
+                rows = [fuse([(model_row, 1.0), (blend_row, blend)], k)
+                        for model_row, blend_row in zip(rows, self.fallback.recommend_batch(batch, want))]
             for i, items in zip(known, rows):
                 ranked[i] = items
         if unknown:
