@@ -21,7 +21,7 @@ from model.sequence_model import build_model
 from model.train import train_model, user_histories, vocab_for
 from stream.connections import async_redis_client, kafka_bootstrap
 from stream.rec_messages import RecRequest
-from stream.state_store import StateStore
+from stream.state_store import StateReads, StateStore
 from stream.synthetic import SyntheticConfig, generate_events
 from stream.topics import ensure_topics
 from tests.conftest import wait_for
@@ -136,12 +136,15 @@ def test_fused_serving_ranks_by_the_model_and_the_baseline(settings, producer, r
     producer.flush()
     wait_for(lambda: redis.hget(f"rt:u:{user}-{tag}:h", "n") == "8", what="history applied")
     fused_settings = settings.model_copy(update={"serve_blend_weight": 0.5})
-    [state] = StateStore(settings).fetch(redis, [f"{user}-{tag}"])
+    alone_settings = settings.model_copy(update={"serve_blend_weight": 0.0})
+    # the worker's read for a model: its window and the reason anchors' neighbours, for both rankings
+    reads = StateReads(sequence=generator.max_events, recent_items=settings.reason_recent_items, neighbours=20)
+    [state] = StateStore(settings).fetch(redis, [f"{user}-{tag}"], reads)
     state.exclude = frozenset(e.item_id for e in state.sequence) | state.purchased  # exclude_seen
     expected = fuse([(generator.recommend_batch([state], FUSION_DEPTH)[0], 1.0),
                      (BlendingRecommender(settings).recommend_batch([state], FUSION_DEPTH)[0], 0.5)], 10)
     [fused] = run_batch(fused_settings, generator, [request(f"{user}-{tag}", k=10)])
-    [alone] = run_batch(settings, generator, [request(f"{user}-{tag}", k=10)])
+    [alone] = run_batch(alone_settings, generator, [request(f"{user}-{tag}", k=10)])
     assert [it["item_id"] for it in fused["items"]] == [item for item, _ in expected]
     assert [it["score"] for it in fused["items"]] == pytest.approx([score for _, score in expected], rel=1e-4)
     assert [it["item_id"] for it in alone["items"]] == [item for item, _ in generator.recommend_batch([state], 10)[0]]
