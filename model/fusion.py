@@ -16,9 +16,6 @@ from stream.state_store import UserState
 
 
 FUSION_DEPTH = 100  # how far down each ranking counts
-# the blending baseline's weight against the model's 1 in `rtrec eval`'s fused row. ML-100K HR@10,
-# seeds 0/1/2, c=10: weight 0.5 -> 0.239/0.251/0.221, 0.75 -> 0.240/0.246/0.226, 1 -> 0.241/0.238/0.227
-EVAL_BLEND_WEIGHT = 0.5
 
 
 def fuse(rankings: Sequence[tuple[Scored, float]], k: int, c: int = 10) -> Scored:

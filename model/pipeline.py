@@ -137,7 +137,7 @@ def run_eval(settings: Settings, source: str, families: Sequence[str], out_dir: 
 
     from model.blending import BlendingRecommender
     from model.datasets import load_events
-    from model.fusion import EVAL_BLEND_WEIGHT, RankFusion
+    from model.fusion import RankFusion
     from model.evaluate import (BiasedMFRecommender, PopularityRecommender, build_states, evaluate,
                                 print_table, published_reference, write_report)
     from stream.connections import redis_client
@@ -173,8 +173,9 @@ def run_eval(settings: Settings, source: str, families: Sequence[str], out_dir: 
         recommenders["blending"] = blending
         recommenders["popularity"] = PopularityRecommender(split)
         recommenders["river-BiasedMF"] = BiasedMFRecommender(split)
-        for name, generator in generators.items():  # how much the two signals complement each other
-            recommenders[f"{name}+blending"] = RankFusion([(generator, 1.0), (blending, EVAL_BLEND_WEIGHT)])
+        if settings.serve_blend_weight:  # the fused ranking the worker serves
+            for name, generator in generators.items():
+                recommenders[f"{name}+blending"] = RankFusion([(generator, 1.0), (blending, settings.serve_blend_weight)])
     rows = evaluate(recommenders, states, split)
     for row in rows:
         row["train_seconds"] = round(train_seconds.get(row["name"], 0.0), 1)

@@ -138,7 +138,8 @@ class Settings(BaseSettings):
     )
     serve_blend_weight: float = Field(
         0.5, ge=0, description="fuse the model's ranking with the blending baseline's (reciprocal ranks, "
-        "this weight against the model's 1; 0: the model alone). ML-100K HR@10 +12 % over the model alone"
+        "this weight against the model's 1; 0: the model alone). ML-100K HR@10, seeds 0/1/2, weight 0.5: "
+        "0.239/0.251/0.221 vs 0.223/0.219/0.200 alone (0.75: 0.240/0.246/0.226, 1: 0.241/0.238/0.227)"
     )
     serve_max_events: int = Field(
         50, description="history length read when serving (<= training): per-request cost is linear in it"
