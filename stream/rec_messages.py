@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from stream.events import InvalidEvent, canonical_id, decode_json
 from stream.settings import Settings
+from stream.topics import internal_topics, is_legal_topic_name
 
-TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._\-]{1,249}$")
 MAX_REQUEST_BYTES = 4096
 
 
@@ -95,10 +94,8 @@ def parse_request(raw: bytes, settings: Settings) -> RecRequest:
     if not isinstance(exclude_seen, bool):
         raise InvalidEvent("wrong_type", "exclude_seen must be a boolean")
     reply_topic = data.get("reply_topic")
-    if reply_topic is not None and (
-        not isinstance(reply_topic, str) or not TOPIC_PATTERN.fullmatch(reply_topic)
-    ):
-        raise InvalidEvent("bad_value", "reply_topic must be a valid topic name")
+    if reply_topic is not None:
+        check_reply_topic(reply_topic, settings)
     return RecRequest(
         request_id=canonical_id(data["request_id"], "request_id"),
         user_id=canonical_id(data["user_id"], "user_id"),
@@ -106,6 +103,29 @@ def parse_request(raw: bytes, settings: Settings) -> RecRequest:
         exclude_seen=exclude_seen,
         reply_topic=reply_topic,
     )
+
+
+def check_reply_topic(topic: Any, settings: Settings) -> None:
+    """A reply topic must be a legal Kafka name, the default response topic or prefixed, and never internal.
+
+    Raises InvalidEvent("bad_reply_topic", ...); the request's ids stay readable with best_effort_ids.
+    """
+    default, prefix = settings.topic_responses, settings.reply_topic_prefix
+    allowed = f"use {default!r} or a name starting with {prefix!r}" if prefix else "use a topic that is not internal"
+    if not isinstance(topic, str):
+        raise InvalidEvent("bad_reply_topic", f"reply_topic must be a string (a Kafka topic name); {allowed}")
+    if not is_legal_topic_name(topic):
+        raise InvalidEvent(
+            "bad_reply_topic", f"reply_topic must be 1-249 characters of [A-Za-z0-9._-], not '.' or '..'; {allowed}"
+        )
+    # checked even when the prefix matches: an operator's prefix must not open rtrec's or Kafka's own topics
+    if topic in internal_topics(settings) or topic.startswith("__"):
+        raise InvalidEvent("bad_reply_topic", f"reply_topic {topic!r} is an internal topic; {allowed}")
+    if topic != default and not (topic.startswith(prefix) and len(topic) > len(prefix)):
+        raise InvalidEvent(
+            "bad_reply_topic",
+            f"reply_topic {topic!r} is not allowed; use {default!r} or {prefix!r} followed by at least one character",
+        )
 
 
 def best_effort_ids(raw: bytes) -> tuple[str, str]:

@@ -91,6 +91,21 @@ class Settings(BaseSettings):
     min_event_ts_ms: int = Field(0, description="older (negative) ts are rejected")
     max_context_keys: int = 16
     max_k: int = Field(100, ge=1, description="largest k a request may ask for")
+    max_key_bytes: int = Field(1024, ge=1, description="records with a longer Kafka key are dead-lettered unread")
+    reply_topic_prefix: str = Field(
+        "rec-responses.", description="a request's reply_topic must start with this (or be the default response "
+        "topic) and already exist; internal topics are always refused"
+    )
+
+    # --- the consumer runtime (workers/runtime.py) ---------------------------------------
+    dlq_max_bytes: int = Field(
+        65_536, ge=1024, description="a dead letter larger than this carries a prefix of the value; headers keep "
+        "the original size and sha256"
+    )
+    stall_alert_s: float = Field(
+        30.0, gt=0, description="a batch retried this long makes /readyz fail (rtrec_consumer_stalled_seconds)"
+    )
+    retry_max_backoff_s: float = Field(5.0, gt=0, description="longest wait between retries of a failing batch")
 
     # --- user state semantics ---------------------------------------------------------
     sequence_length: int = Field(200, ge=1, description="recent events kept per user")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from kafka.admin import KafkaAdminClient, NewTopic
@@ -19,6 +20,23 @@ def topic_names(settings: Settings) -> list[str]:
         settings.topic_dead_letters,
         settings.topic_model_updates,
     ]
+
+
+LEGAL_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+"""Kafka's own rule (org.apache.kafka.common.internals.Topic): 1..249 chars of this alphabet, not "." or ".."."""
+
+
+def is_legal_topic_name(name: str) -> bool:
+    """Whether Kafka would accept ``name`` as a topic name (checked with fullmatch: no trailing newline)."""
+    return isinstance(name, str) and name not in (".", "..") and LEGAL_TOPIC_NAME.fullmatch(name) is not None
+
+
+def internal_topics(settings: Settings) -> frozenset[str]:
+    """Every topic rtrec uses internally: never a legal reply topic.
+
+    That is topic_names() without the default response topic, which requests may name as their reply_topic.
+    """
+    return frozenset(topic_names(settings)) - {settings.topic_responses}
 
 
 def ensure_topics(settings: Settings, extra: list[str] | None = None, timeout_s: float = 30) -> None:

@@ -25,12 +25,14 @@ def test_lag_grows_while_the_state_worker_is_down_and_returns_to_zero(settings, 
     ensure_topics(s)
     groups = {s.state_group: s.topic_events}
     env = {**stack_env(s), "RTREC_TOPIC_EVENTS": s.topic_events, "RTREC_STATE_GROUP": s.state_group,
-           "RTREC_RECOMMEND_GROUP": f"none-{tag}", "RTREC_TRAINER_GROUP": f"none-{tag}"}
+           "RTREC_RECOMMEND_GROUP": f"none-{tag}", "RTREC_TRAINER_GROUP": f"none-{tag}",
+           "RTREC_QUALITY_GROUP": f"none-{tag}"}
     now = int(time.time() * 1000)
     events = [{"event_id": f"{tag}-{n}", "user_id": f"lag-{n % 7}", "item_id": f"i{n % 11}", "type": "click",
                "ts": now + n} for n in range(60)]
     stack = Stack(s.model_copy(update={"lag_interval_s": 0.3, "recommend_group": f"none-{tag}",
-                                       "trainer_group": f"none-{tag}"}), run_dir=tmp_path / "run")
+                                       "trainer_group": f"none-{tag}", "quality_group": f"quality-{tag}"}),
+                  run_dir=tmp_path / "run")
     worker = stack.start_worker("state")
     ops = stack.start_worker("ops")
     with LagMonitor(s, groups) as monitor, EventProducer(s) as producer:
@@ -44,7 +46,7 @@ def test_lag_grows_while_the_state_worker_is_down_and_returns_to_zero(settings, 
         assert state_metrics["rtrec_event_to_state_seconds_count"] == 10
         assert 0 < state_metrics["rtrec_event_to_state_seconds_sum"] < 10 * 5  # seconds, plausibly small
         ready = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports[worker.name]}/readyz", timeout=5)
-        assert json.loads(ready.read()) == {"broker": True, "redis": True}
+        assert json.loads(ready.read()) == {"broker": True, "redis": True, "consuming": True, "task:topics": True}
         stack.stop_worker(worker)
 
         producer.send_many(events[10:])
@@ -55,12 +57,19 @@ def test_lag_grows_while_the_state_worker_is_down_and_returns_to_zero(settings, 
         later = monitor.measure()
         assert max(r.lag_seconds for r in later) >= max(r.lag_seconds for r in first) + 0.9  # growing
         assert breaches(later, max_lag=10, max_lag_seconds=None)
-        lag_line = f'kafka_consumergroup_group_max_lag{{group="{s.state_group}"}}'
-        wait_for(lambda: scrape(stack.metrics_ports[ops.name]).get(lag_line, 0) >= 1, what="exported lag")
-        exported = scrape(stack.metrics_ports[ops.name])
-        assert sum(v for k, v in exported.items()
-                   if k.startswith("kafka_consumergroup_group_lag{") and s.state_group in k) == 50
-        assert exported[f'kafka_consumergroup_group_max_lag_seconds{{group="{s.state_group}"}}'] > 0
+        seconds_line = f'kafka_consumergroup_group_max_lag_seconds{{group="{s.state_group}"}}'
+
+        def exported_backlog() -> dict[str, float] | None:
+            # one exporter pass probes partitions one after another, so a pass that began while the
+            # events were being written shows part of them: wait for a pass that began after
+            exported = scrape(stack.metrics_ports[ops.name])
+            lag = sum(v for k, v in exported.items()
+                      if k.startswith("kafka_consumergroup_group_lag{") and s.state_group in k)
+            return exported if lag == 50 and exported.get(seconds_line, 0) > 0 else None
+
+        wait_for(exported_backlog, what="exported lag of the 50 waiting events")
+        quality_line = f'kafka_consumergroup_group_max_lag{{group="quality-{tag}"}}'  # the ops worker's own join
+        wait_for(lambda: quality_line in scrape(stack.metrics_ports[ops.name]), what="exported quality-group lag")
 
         res = run_cli(["lag", "--json", "--max-lag", "10"], env=env)
         assert res.returncode == 1, res.stdout + res.stderr
@@ -73,6 +82,129 @@ def test_lag_grows_while_the_state_worker_is_down_and_returns_to_zero(settings, 
     res = run_cli(["lag", "--max-lag", "10", "--max-lag-seconds", "30"], env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     stack.stop()
+
+
+def isolated(settings, tag: str):
+    """Settings whose topics and groups are this test's own, so other tests' offsets do not show."""
+    return settings.model_copy(update={
+        "topic_events": f"events-{tag}", "topic_requests": f"requests-{tag}", "topic_responses": f"responses-{tag}",
+        "state_group": f"none-{tag}", "recommend_group": f"none-{tag}", "trainer_group": f"none-{tag}",
+        "quality_group": f"quality-{tag}"})
+
+
+def lag_env(s) -> dict[str, str]:
+    """The `rtrec lag` environment matching `isolated(settings, tag)`."""
+    return {**stack_env(s), "RTREC_TOPIC_EVENTS": s.topic_events, "RTREC_TOPIC_REQUESTS": s.topic_requests,
+            "RTREC_TOPIC_RESPONSES": s.topic_responses, "RTREC_STATE_GROUP": s.state_group,
+            "RTREC_RECOMMEND_GROUP": s.recommend_group, "RTREC_TRAINER_GROUP": s.trainer_group,
+            "RTREC_QUALITY_GROUP": s.quality_group, "COLUMNS": "200"}
+
+
+def fill_and_commit(s, group: str, sizes: dict[str, int], committed: dict[str, int]) -> None:
+    """Write sizes[topic] records to partition 0 of each topic; commit committed[topic] there as `group`."""
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    from stream.connections import kafka_bootstrap
+
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap(s))
+    for topic, n in sizes.items():
+        for i in range(n):
+            producer.send(topic, f"{i}".encode(), partition=0)
+    producer.flush()
+    producer.close()
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap(s), group_id=group, enable_auto_commit=False)
+    consumer.assign([TopicPartition(t, 0) for t in committed])
+    consumer.commit({TopicPartition(t, 0): OffsetAndMetadata(o, "", -1) for t, o in committed.items()})
+    consumer.close()
+
+
+def test_rtrec_groups_names_every_group_the_stack_runs():
+    from stream.settings import Settings
+    from workers.lag import normalise_groups, rtrec_groups
+
+    s = Settings()
+    assert rtrec_groups(s) == {s.state_group: [s.topic_events], s.recommend_group: [s.topic_requests],
+                               s.trainer_group: [s.topic_events],
+                               s.quality_group: [s.topic_events, s.topic_responses]}
+    shared = s.model_copy(update={"trainer_group": s.recommend_group})  # one name for two roles: both topics
+    assert rtrec_groups(shared)[s.recommend_group] == [s.topic_requests, s.topic_events]
+    assert normalise_groups({"g": "t", "h": ["a", "b"]}) == {"g": ["t"], "h": ["a", "b"]}  # the older shape
+
+
+def test_lag_against_an_unreachable_broker_exits_2_fast_with_one_line():
+    from stream.embedded import free_port
+
+    env = {"RTREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}", "RTREC_REDIS_URL": "redis://127.0.0.1:1",
+           "COLUMNS": "80"}
+    started = time.monotonic()
+    res = run_cli(["lag", "--json"], env=env, timeout=60)
+    elapsed = time.monotonic() - started
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert elapsed <= 10, elapsed
+    assert "Traceback" not in out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and "RTREC_KAFKA_BOOTSTRAP" in lines[0], out
+
+
+def test_lag_monitor_fails_fast_with_lag_error_when_the_broker_goes_away(tmp_path):
+    from stream.embedded import start_tansu
+    from stream.settings import Settings
+    from workers.lag import LagError
+
+    tansu, bootstrap = start_tansu(tmp_path)
+    try:
+        s = isolated(Settings(kafka_bootstrap=bootstrap, redis_url=None), uuid.uuid4().hex[:8])
+        ensure_topics(s)
+        fill_and_commit(s, s.quality_group, {s.topic_events: 3}, {s.topic_events: 1})
+        with LagMonitor(s) as monitor:
+            assert sum(r.lag for r in monitor.measure()) == 2
+            tansu.stop()
+            started = time.monotonic()
+            with pytest.raises(LagError, match=bootstrap):
+                monitor.measure()
+            assert time.monotonic() - started <= 10
+        started = time.monotonic()
+        with pytest.raises(LagError, match="RTREC_KAFKA_BOOTSTRAP"):
+            LagMonitor(s)  # nothing listens on the port any more
+        assert time.monotonic() - started <= 10
+    finally:
+        tansu.stop()
+
+
+def test_lag_monitor_measures_the_quality_group_on_both_its_topics(settings):
+    s = isolated(settings, uuid.uuid4().hex[:8])
+    ensure_topics(s)
+    fill_and_commit(s, s.quality_group, {s.topic_events: 5, s.topic_responses: 4},
+                    {s.topic_events: 2, s.topic_responses: 1})
+    with LagMonitor(s) as monitor:
+        rows = wait_for(lambda: [r for r in monitor.measure() if r.group == s.quality_group], what="quality rows")
+        assert {r.group for r in monitor.measure()} == {s.quality_group}  # the other groups never committed
+    first = {r.topic: r for r in rows if r.partition == 0}
+    assert (first[s.topic_events].committed, first[s.topic_events].lag) == (2, 3)
+    assert (first[s.topic_responses].committed, first[s.topic_responses].lag) == (1, 3)
+    assert sum(r.lag for r in rows) == 6 and len(rows) == 2 * s.partitions
+    with LagMonitor(s, {s.quality_group: s.topic_responses}) as monitor:  # the older {group: topic} shape
+        assert {r.topic for r in monitor.measure()} == {s.topic_responses}
+
+
+def test_lag_group_option_measures_a_user_group_on_the_topics_it_committed(settings):
+    tag = uuid.uuid4().hex[:8]
+    s = isolated(settings, tag)
+    orders, billing = f"orders-{tag}", f"billing-{tag}"
+    ensure_topics(s, extra=[orders])
+    fill_and_commit(s, billing, {orders: 4}, {orders: 1})
+    env = lag_env(s)
+    res = run_cli(["lag", "--json", "--group", billing, "--max-lag", "3"], env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout)
+    mine = [p for p in report["partitions"] if p["group"] == billing]
+    assert {p["topic"] for p in mine} == {orders} and report["groups"][billing]["lag"] == 3
+    assert [(p["committed"], p["lag"]) for p in mine if p["partition"] == 0] == [(1, 3)]
+    res = run_cli(["lag", "--group", billing, "--group", f"ghost-{tag}", "--max-lag", "2"], env=env)
+    assert res.returncode == 1, res.stdout + res.stderr  # a breach: 1, not the 2 of a broker failure
+    assert billing in res.stdout and f"no committed offsets: ghost-{tag}" in res.stdout
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -17,6 +17,7 @@ from stream.rec_messages import (
     parse_request,
 )
 from stream.settings import Settings
+from stream.topics import internal_topics, is_legal_topic_name, topic_names
 
 CFG = Settings(kafka_bootstrap=None, redis_url=None, max_k=100)
 BASE = {"request_id": "r1", "user_id": "u1"}
@@ -48,8 +49,8 @@ def test_defaults() -> None:
 
 
 def test_all_fields() -> None:
-    req = request(k=25, exclude_seen=False, reply_topic="my.replies-1_a")
-    assert req == RecRequest("r1", "u1", k=25, exclude_seen=False, reply_topic="my.replies-1_a")
+    req = request(k=25, exclude_seen=False, reply_topic="rec-responses.my-1_a")
+    assert req == RecRequest("r1", "u1", k=25, exclude_seen=False, reply_topic="rec-responses.my-1_a")
 
 
 def test_integer_ids_are_canonicalised() -> None:
@@ -85,22 +86,74 @@ def test_exclude_seen_must_be_a_boolean(value) -> None:
     assert reason_with(exclude_seen=value) == "wrong_type"
 
 
-@pytest.mark.parametrize("topic", ["t", "a" * 249, "rec.responses_v2-x"])
+@pytest.mark.parametrize(
+    "topic", ["rec-responses", "rec-responses.shop-1", "rec-responses.x", "rec-responses." + "a" * 235]
+)
 def test_valid_reply_topics(topic: str) -> None:
     assert request(reply_topic=topic).reply_topic == topic
 
 
-@pytest.mark.parametrize("topic", ["", "a" * 250, "a b", "a/b", "a:b", "tópic", 5, ["t"], {"t": 1}], ids=repr)
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "..", ".",                                                 # Kafka refuses these names
+        "events", "rec-requests", "dead-letters", "model-updates",  # rtrec's internal topics
+        "x" * 300, "rec-responses." + "a" * 236,                    # longer than 249
+        "rec-responses.",                                           # the prefix alone
+        "foo", "t", "rec.responses_v2-x", "rec-responsesX",         # neither the default nor prefixed
+        "a/b", "a b", "a:b", "rec-responses.a/b", "rec-responses.tópic", "",
+        7, True, 2.5, ["rec-responses"], {"t": 1},
+    ],
+    ids=lambda t: repr(t)[:40],
+)
 def test_bad_reply_topic(topic) -> None:
-    assert reason_with(reply_topic=topic) == "bad_value"
+    assert reason_with(reply_topic=topic) == "bad_reply_topic"
 
 
 def test_reply_topic_with_trailing_newline_is_rejected() -> None:
-    assert reason_with(reply_topic="replies\n") == "bad_value"
+    assert reason_with(reply_topic="rec-responses.x\n") == "bad_reply_topic"
 
 
-def test_null_reply_topic_means_default() -> None:
+def test_null_or_absent_reply_topic_means_default() -> None:
     assert request(reply_topic=None).reply_topic is None
+    assert request().reply_topic is None
+
+
+def test_bad_reply_topic_detail_is_one_line_and_ids_stay_usable() -> None:
+    raw = encode({**BASE, "reply_topic": "dead-letters"})
+    with pytest.raises(InvalidEvent) as info:
+        parse_request(raw, CFG)
+    detail = info.value.detail
+    assert "internal" in detail and "rec-responses" in detail and "\n" not in detail
+    assert best_effort_ids(raw) == ("r1", "u1")
+
+
+@pytest.mark.parametrize("prefix", ["", "dead", "events", "model-updates"])
+def test_an_operator_prefix_never_opens_internal_topics(prefix: str) -> None:
+    cfg = CFG.model_copy(update={"reply_topic_prefix": prefix})
+    for topic in ("events", "rec-requests", "dead-letters", "model-updates", "__consumer_offsets"):
+        with pytest.raises(InvalidEvent) as info:
+            parse_request(encode({**BASE, "reply_topic": topic}), cfg)
+        assert info.value.reason == "bad_reply_topic", (prefix, topic)
+    assert parse_request(encode({**BASE, "reply_topic": "rec-responses"}), cfg).reply_topic == "rec-responses"
+
+
+def test_an_empty_prefix_allows_any_other_legal_name() -> None:
+    cfg = CFG.model_copy(update={"reply_topic_prefix": ""})
+    assert parse_request(encode({**BASE, "reply_topic": "foo"}), cfg).reply_topic == "foo"
+    for topic in ("", ".", "..", "a/b"):
+        with pytest.raises(InvalidEvent):
+            parse_request(encode({**BASE, "reply_topic": topic}), cfg)
+
+
+def test_renamed_internal_topics_are_refused_and_the_renamed_default_allowed() -> None:
+    cfg = CFG.model_copy(update={"topic_events": "shop.events", "topic_responses": "shop.replies",
+                                 "reply_topic_prefix": "shop."})
+    with pytest.raises(InvalidEvent) as info:
+        parse_request(encode({**BASE, "reply_topic": "shop.events"}), cfg)
+    assert info.value.reason == "bad_reply_topic"
+    for topic in ("shop.replies", "shop.replies-2"):
+        assert parse_request(encode({**BASE, "reply_topic": topic}), cfg).reply_topic == topic
 
 
 @pytest.mark.parametrize("name", ["request_id", "user_id"])
@@ -145,7 +198,7 @@ def test_request_size_limit() -> None:
 
 
 def test_request_to_json_round_trips() -> None:
-    for req in (RecRequest("r", "u"), RecRequest("r", "u", k=3, exclude_seen=False, reply_topic="t")):
+    for req in (RecRequest("r", "u"), RecRequest("r", "u", k=3, exclude_seen=False, reply_topic="rec-responses.t")):
         assert parse_request(req.to_json(), CFG) == req
     assert "reply_topic" not in json.loads(RecRequest("r", "u").to_json())
 
@@ -255,3 +308,19 @@ def test_generated_at_defaults_to_now() -> None:
     after = int(time.time() * 1000)
     assert before <= resp.generated_at <= after
     assert (resp.latency_ms, resp.fallback, resp.error) == (0.0, False, None)
+
+
+# ---- topic helpers (stream/topics.py) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,legal", [
+    ("a", True), ("a" * 249, True), ("A.b_c-9", True), ("...", True),
+    ("", False), (".", False), ("..", False), ("a" * 250, False), ("a b", False), ("a\n", False), ("é", False),
+])
+def test_is_legal_topic_name(name: str, legal: bool) -> None:
+    assert is_legal_topic_name(name) is legal
+
+
+def test_internal_topics_are_all_but_the_default_response_topic() -> None:
+    assert internal_topics(CFG) == frozenset({"events", "rec-requests", "dead-letters", "model-updates"})
+    assert set(topic_names(CFG)) - internal_topics(CFG) == {CFG.topic_responses}

@@ -308,20 +308,52 @@ def evaluate_stream(
                     sample, out, console)
 
 
-def _lag_table(rows, problems) -> Table:
+def _lag_table(rows, problems, silent: list[str] | None = None) -> Table:
+    from rich.markup import escape
+
     from workers.lag import summarize
 
     table = Table(title=f"consumer lag at {time.strftime('%H:%M:%S')}")
     for col in ("group", "topic", "partition", "committed", "end", "lag", "lag s"):
         table.add_column(col, justify="right" if col not in ("group", "topic") else "left")
     for r in rows:
-        table.add_row(r.group, r.topic, str(r.partition), "-" if r.committed is None else str(r.committed),
-                      str(r.end), str(r.lag), f"{r.lag_seconds:.1f}")
+        table.add_row(escape(r.group), escape(r.topic), str(r.partition),
+                      "-" if r.committed is None else str(r.committed), str(r.end), str(r.lag), f"{r.lag_seconds:.1f}")
     for group, g in summarize(rows).items():
-        table.add_row(f"[b]{group}", "all", "", "", "", f"[b]{int(g['lag'])}", f"[b]{g['max_lag_seconds']:.1f}")
-    if problems:
-        table.caption = "[red]" + "; ".join(problems)
+        table.add_row(f"[b]{escape(group)}", "all", "", "", "", f"[b]{int(g['lag'])}", f"[b]{g['max_lag_seconds']:.1f}")
+    notes = [f"[red]{escape('; '.join(problems))}"] if problems else []
+    quiet = [g for g in silent or [] if g not in {r.group for r in rows}]
+    if quiet:  # a --group that committed nothing (or a typo) would otherwise just be missing
+        notes.append(f"[yellow]no committed offsets: {escape(', '.join(quiet))}")
+    table.caption = "\n".join(notes) or None
     return table
+
+
+def _lag_report(monitor, watch: float, as_json: bool, max_lag: Optional[int], max_lag_seconds: Optional[float],
+                silent: list[str]) -> list[str]:
+    """Measure, print (once, as JSON, or refreshed every `watch` s); returns the last breaches."""
+    from rich.live import Live
+
+    from workers.lag import breaches, summarize
+
+    rows = monitor.measure()
+    problems = breaches(rows, max_lag, max_lag_seconds)
+    if watch > 0:
+        with Live(_lag_table(rows, problems, silent), console=console, refresh_per_second=4) as live:
+            try:
+                while True:
+                    time.sleep(watch)
+                    rows = monitor.measure()
+                    problems = breaches(rows, max_lag, max_lag_seconds)
+                    live.update(_lag_table(rows, problems, silent))
+            except KeyboardInterrupt:
+                pass
+    elif as_json:
+        print(json.dumps({"partitions": [r.to_dict() for r in rows], "groups": summarize(rows),
+                          "breaches": problems}))
+    else:
+        console.print(_lag_table(rows, problems, silent))
+    return problems
 
 
 @app.command()
@@ -330,30 +362,22 @@ def lag(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
     max_lag: Optional[int] = typer.Option(None, help="exit 1 when a group is more messages behind"),
     max_lag_seconds: Optional[float] = typer.Option(None, help="exit 1 when a group is more seconds behind"),
+    group: Optional[list[str]] = typer.Option(
+        None, "--group", help="also measure this consumer group, on the topics it committed on (repeatable)"),
 ) -> None:
-    """Consumer lag of rtrec's groups per partition, in messages and seconds (exit 1 above a threshold)."""
-    from rich.live import Live
+    """Consumer lag of every rtrec group (state, recommend, trainer, quality) and any --group, per partition,
+    in messages and seconds. Exit 0: within bounds; 1: a group above a threshold; 2: the broker could not be asked."""
+    from rich.markup import escape
 
-    from workers.lag import LagMonitor, breaches, summarize
+    from workers.lag import LagError, LagMonitor
 
-    with LagMonitor(connected_settings()) as monitor:
-        rows = monitor.measure()
-        problems = breaches(rows, max_lag, max_lag_seconds)
-        if watch > 0:
-            with Live(_lag_table(rows, problems), console=console, refresh_per_second=4) as live:
-                try:
-                    while True:
-                        time.sleep(watch)
-                        rows = monitor.measure()
-                        problems = breaches(rows, max_lag, max_lag_seconds)
-                        live.update(_lag_table(rows, problems))
-                except KeyboardInterrupt:
-                    pass
-        elif as_json:
-            print(json.dumps({"partitions": [r.to_dict() for r in rows], "groups": summarize(rows),
-                              "breaches": problems}))
-        else:
-            console.print(_lag_table(rows, problems))
+    extra = group or []
+    try:
+        with LagMonitor(connected_settings(), extra_groups=extra) as monitor:
+            problems = _lag_report(monitor, watch, as_json, max_lag, max_lag_seconds, extra)
+    except LagError as exc:  # unreachable broker, refused credentials: one line, not a traceback
+        console.print(f"[red]{escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2)
     if problems:
         raise typer.Exit(1)
 

@@ -8,19 +8,41 @@ no group): exact rather than interpolated, at one fetch per partition, which
 is fine for a monitor that runs every few seconds. A group with no committed offset
 on some partition is measured there from the partition's start; a group that
 never committed anything is left out (it is not running).
+
+Every group the stack runs is measured (`rtrec_groups`), plus any a user names:
+the topics of such a group are the ones it committed offsets on. A broker that
+cannot be asked (unreachable, credentials refused, gone mid-measurement) raises
+`LagError` within seconds, never "no lag": a monitor that hides an outage as
+"nothing committed" is worse than none.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient
+from kafka.errors import AuthorizationError, GroupIdNotFoundError, KafkaError, SaslAuthenticationFailedError
 
 from stream.connections import kafka_bootstrap, kafka_python_auth
 from stream.settings import Settings
+
+# kafka-python waits 30 s by default for a first connection and for each request; a monitor should
+# say "broker unreachable" sooner. Measured against 127.0.0.1:1 and an unused port: the constructor
+# fails after CONNECT_TIMEOUT_MS (the admin client is built first and nothing more is tried).
+CONNECT_TIMEOUT_MS = 5000
+REQUEST_TIMEOUT_MS = 5000
+PROBE_TIMEOUT_S = 5.0
+_CLIENT_TIMEOUTS = {"bootstrap_timeout_ms": CONNECT_TIMEOUT_MS, "request_timeout_ms": REQUEST_TIMEOUT_MS,
+                    "reconnect_backoff_max_ms": 1000}
+
+GroupTopics = Mapping[str, "str | Sequence[str]"]
+
+
+class LagError(RuntimeError):
+    """The broker could not be asked; the message is one line: what failed and what to check."""
 
 
 @dataclass(frozen=True)
@@ -37,26 +59,73 @@ class PartitionLag:
         return asdict(self)
 
 
-def rtrec_groups(settings: Settings) -> dict[str, str]:
-    """The consumer groups rtrec runs, and the topic each consumes."""
-    return {settings.state_group: settings.topic_events, settings.recommend_group: settings.topic_requests,
-            settings.trainer_group: settings.topic_events}
+def rtrec_groups(settings: Settings) -> dict[str, list[str]]:
+    """Every consumer group the stack runs and the topics it consumes (the quality join reads two)."""
+    groups: dict[str, list[str]] = {}
+    for group, topics in ((settings.state_group, [settings.topic_events]),
+                          (settings.recommend_group, [settings.topic_requests]),
+                          (settings.trainer_group, [settings.topic_events]),
+                          (settings.quality_group, [settings.topic_events, settings.topic_responses])):
+        known = groups.setdefault(group, [])  # two roles sharing a group name: the union of their topics
+        known.extend(t for t in topics if t not in known)
+    return groups
+
+
+def normalise_groups(groups: GroupTopics) -> dict[str, list[str]]:
+    """{group: [topic, ...]}; a bare topic name (the older one-topic shape) becomes a one-item list."""
+    return {group: [topics] if isinstance(topics, str) else list(topics) for group, topics in groups.items()}
+
+
+def _hint(exc: BaseException) -> str:
+    """What a user can do about `exc`."""
+    if isinstance(exc, SaslAuthenticationFailedError):
+        return "check RTREC_KAFKA_SASL_USERNAME / RTREC_KAFKA_SASL_PASSWORD"
+    if isinstance(exc, AuthorizationError):
+        return "grant this principal Describe on the consumer groups and topics"
+    return "check that the broker is running and RTREC_KAFKA_BOOTSTRAP points at it"
+
+
+def lag_error(bootstrap: str, doing: str, exc: BaseException) -> LagError:
+    """One line (kafka-python messages may span several): what failed, why, what to check."""
+    name = type(exc).__name__
+    text = str(exc) if name in str(exc) else f"{name}: {exc}"  # most KafkaErrors name their class
+    detail = " ".join(text.split())[:300]
+    return LagError(f"cannot {doing} at {bootstrap} ({detail}); {_hint(exc)}")
 
 
 class LagMonitor:
-    """Reads committed and end offsets; keeps its clients open between `measure` calls."""
+    """Reads committed and end offsets; keeps its clients open between `measure` calls.
 
-    def __init__(self, settings: Settings, groups: dict[str, str] | None = None) -> None:
+    `groups` maps a group to its topics (default: `rtrec_groups`); `extra_groups` are measured on
+    the topics they committed offsets on. Raises LagError when the broker cannot be reached.
+    """
+
+    def __init__(self, settings: Settings, groups: GroupTopics | None = None,
+                 extra_groups: Sequence[str] = ()) -> None:
         self.settings = settings
-        self.groups = groups or rtrec_groups(settings)
-        auth = kafka_python_auth(settings)
-        self.admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap(settings), client_id="rtrec-lag", **auth)
-        self.consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap(settings), group_id=None,
-                                      enable_auto_commit=False, client_id="rtrec-lag", fetch_max_wait_ms=10, **auth)
+        self.groups = normalise_groups(groups or rtrec_groups(settings))
+        for group in extra_groups:
+            self.groups.setdefault(group, [])  # []: the topics it committed on
+        self.bootstrap = kafka_bootstrap(settings)
+        self.admin: KafkaAdminClient | None = None
+        self.consumer: KafkaConsumer | None = None
+        try:
+            self._connect()
+        except (KafkaError, OSError) as exc:
+            self.close()
+            raise lag_error(self.bootstrap, "reach the Kafka broker", exc) from exc
+
+    def _connect(self) -> None:
+        auth = {**kafka_python_auth(self.settings), **_CLIENT_TIMEOUTS}
+        self.admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="rtrec-lag", **auth)
+        self.consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                                      client_id="rtrec-lag", fetch_max_wait_ms=10, **auth)
 
     def close(self) -> None:
-        self.consumer.close()
-        self.admin.close()
+        if self.consumer is not None:
+            self.consumer.close()
+        if self.admin is not None:
+            self.admin.close()
 
     def __enter__(self) -> "LagMonitor":
         return self
@@ -68,29 +137,45 @@ class LagMonitor:
         return [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic) or [])]
 
     def measure(self) -> list[PartitionLag]:
-        now_ms = time.time() * 1000
+        """One row per partition of every group that committed something; LagError if the broker cannot answer."""
+        try:
+            return [row for group, topics in self.groups.items() for row in self._measure_group(group, topics)]
+        except (KafkaError, OSError) as exc:  # OSError includes TimeoutError from _probe
+            raise lag_error(self.bootstrap, "measure consumer lag", exc) from exc
+
+    def _measure_group(self, group: str, topics: list[str]) -> list[PartitionLag]:
+        committed = self._committed(group)
+        if not committed:
+            return []  # a group that never committed (e.g. a trainer that is not running): nothing to say
         rows: list[PartitionLag] = []
-        for group, topic in self.groups.items():
-            parts = self.partitions(topic)
-            if not parts:
-                continue
-            committed = self._committed(group)
-            if not committed:
-                continue  # a group that never committed (e.g. a trainer that is not running): nothing to say
-            starts = self.consumer.beginning_offsets(parts)
-            for tp in parts:
-                done = committed.get(tp)
-                position = done if done is not None else starts[tp]
-                end, oldest_ts = self._probe(tp, position)
-                age = max(0.0, (now_ms - oldest_ts) / 1000) if oldest_ts is not None else 0.0
-                rows.append(PartitionLag(group, topic, tp.partition, done, end, end - position, round(age, 3)))
+        for topic in topics or sorted({tp.topic for tp in committed}):
+            rows += self._measure_topic(group, topic, committed)
+        return rows
+
+    def _measure_topic(self, group: str, topic: str, committed: dict[TopicPartition, int]) -> list[PartitionLag]:
+        parts = self.partitions(topic)
+        if not parts:
+            return []  # the topic does not exist (yet)
+        starts = self.consumer.beginning_offsets(parts)
+        rows = []
+        for tp in parts:
+            done = committed.get(tp)
+            position = done if done is not None else starts[tp]
+            end, oldest_ts = self._probe(tp, position)
+            now_ms = time.time() * 1000  # at the probe, not the start of `measure`: that spans many fetches
+            age = max(0.0, (now_ms - oldest_ts) / 1000) if oldest_ts is not None else 0.0
+            rows.append(PartitionLag(group, topic, tp.partition, done, end, end - position, round(age, 3)))
         return rows
 
     def _committed(self, group: str) -> dict[TopicPartition, int]:
+        """The group's committed offsets. Only a group the broker does not know counts as "nothing
+        committed" (Kafka and Tansu answer {} or GROUP_ID_NOT_FOUND); any other failure is a LagError."""
         try:
             offsets = self.admin.list_group_offsets({group: None}).get(group, {})
-        except Exception:  # an unknown group has committed nothing
+        except GroupIdNotFoundError:
             return {}
+        except (KafkaError, OSError) as exc:
+            raise lag_error(self.bootstrap, f"read the committed offsets of group {group!r}", exc) from exc
         return {tp: meta.offset for tp, meta in offsets.items() if meta.offset is not None and meta.offset >= 0}
 
     def _probe(self, tp: TopicPartition, position: int) -> tuple[int, int | None]:
@@ -104,7 +189,7 @@ class LagMonitor:
         self.consumer.unsubscribe()  # fresh partition state: no high watermark left from a previous probe
         self.consumer.assign([tp])
         self.consumer.seek(tp, position)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + PROBE_TIMEOUT_S
         while time.monotonic() < deadline:
             records = self.consumer.poll(timeout_ms=200, max_records=1).get(tp, [])
             end = self.consumer.highwater(tp)
@@ -114,7 +199,7 @@ class LagMonitor:
                 return position, None
             if records:
                 return end, records[0].timestamp
-        raise TimeoutError(f"{tp}: no fetch answer within 5 s")
+        raise TimeoutError(f"{tp.topic}[{tp.partition}]: no fetch answer within {PROBE_TIMEOUT_S:g} s")
 
 def summarize(rows: Sequence[PartitionLag]) -> dict[str, dict[str, float]]:
     """Per group: total lag in messages and the largest lag in seconds (the alerting figures)."""

@@ -9,6 +9,7 @@ the broker and Redis, and for a serving worker a model loaded).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Awaitable, Callable
 
@@ -19,6 +20,21 @@ log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+# ---- every consumer (workers/runtime.py) --------------------------------------------------------
+BATCH_RETRIES = Counter("rtrec_batch_retries_total", "Batches retried after a transient failure",
+                        ["worker", "reason"])
+CONSUMER_STALLED = Gauge("rtrec_consumer_stalled_seconds",
+                         "How long the group's current batch has been retried (0: making progress)", ["group"])
+OFFSET_RESETS = Counter("rtrec_offset_resets_total",
+                        "Partitions reset to their earliest offset: position beyond the log end (log reset)",
+                        ["worker", "topic"])
+RECORDS_SKIPPED = Counter("rtrec_records_skipped_total", "Records a reader skipped unread (not its to dead-letter)",
+                          ["worker", "reason"])
+TASK_RESTARTS = Counter("rtrec_task_restarts_total", "Supervised side tasks restarted after a crash",
+                        ["worker", "task"])
+DEAD_LETTERS_FAILED = Counter("rtrec_dead_letters_failed_total",
+                              "Dead letters the broker refused even in their smallest form (logged, dropped)")
 
 # ---- state worker ---------------------------------------------------------------------------
 EVENTS_PROCESSED = Counter("rtrec_events_processed_total", "Events applied to user state (first time)")
@@ -111,17 +127,16 @@ async def serve(port: int, ready: Readiness) -> web.AppRunner | None:
     return runner
 
 
-async def readiness(consumer, redis_client, **extra: bool) -> dict[str, bool]:
-    """Broker answers a metadata request, Redis answers PING, plus the worker's own checks."""
-    import asyncio
-
+async def readiness(runtime, redis_client, **extra: bool) -> dict[str, bool]:
+    """Broker answers a metadata request, Redis answers PING, the runtime is not stalled, plus the worker's own."""
     checks: dict[str, bool] = {}
     try:
-        checks["broker"] = bool(await asyncio.wait_for(consumer.consumer.topics(), 2))
-    except Exception:
+        checks["broker"] = bool(await asyncio.wait_for(runtime.consumer.topics(), 2))
+    except Exception:  # any failure to answer is "not ready"
         checks["broker"] = False
     try:
         checks["redis"] = bool(await asyncio.wait_for(redis_client.ping(), 2))
     except Exception:
         checks["redis"] = False
-    return {**checks, **extra}
+    own = runtime.checks() if hasattr(runtime, "checks") else {}
+    return {**checks, **own, **extra}

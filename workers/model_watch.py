@@ -21,6 +21,7 @@ import os
 import time
 from typing import Any
 
+import redis.exceptions
 from aiokafka import AIOKafkaConsumer
 
 from model.checkpoint import MANIFEST, CheckpointError, sha256_file
@@ -112,10 +113,7 @@ class ModelWatcher:
             self.swaps += 1
             MODEL_SWAPS.inc()
             set_model(version)
-            await self.redis.hincrby(self.stats_key, "swaps", 1)
-            await self.redis.hset(self.stats_key, mapping={"last_swap_ms": round(load_ms, 1),
-                                                           "last_swap_version": version})
-            await self.publish_serving()
+            await self._write_stats("swaps", {"last_swap_ms": round(load_ms, 1), "last_swap_version": version})
             log.warning("hot-swapped %s -> %s (%s, warmed in %.0f ms)", previous, version,
                         "weights updated in place" if old is recommender else "loaded", load_ms)
             close = getattr(old, "close", None) if old is not recommender else None
@@ -145,5 +143,13 @@ class ModelWatcher:
         self.refused.append(version)
         MODEL_REFUSED.inc()
         log.error("refused model %s: %s (still serving %s)", version, reason, self.serving)
-        await self.redis.hincrby(self.stats_key, "swaps_refused", 1)
-        await self.redis.hset(self.stats_key, "last_refusal", f"{version}: {reason}"[:500])
+        await self._write_stats("swaps_refused", {"last_refusal": f"{version}: {reason}"[:500]})
+
+    async def _write_stats(self, counter: str, fields: dict[str, object]) -> None:
+        """Swap stats and the serving version in Redis: best-effort, the swap itself already happened."""
+        try:
+            await self.redis.hincrby(self.stats_key, counter, 1)
+            await self.redis.hset(self.stats_key, mapping=fields)
+            await self.publish_serving()
+        except redis.exceptions.RedisError as exc:
+            log.warning("model stats not written (%s: %s)", type(exc).__name__, exc)

@@ -12,17 +12,20 @@ import logging
 
 from stream.connections import async_redis_client
 from stream.settings import Settings, get_settings
-from workers.batch_consumer import BatchConsumer
 from workers.faust_app import make_app, run_module
-from workers.lag import LagMonitor
-from workers.metrics import record_lag, serve
+from workers.lag import LagError, LagMonitor
+from workers.metrics import readiness, record_lag, serve
 from workers.quality import QUALITY_KEY, QualityJoin
+from workers.runtime import ConsumerRuntime
 from workers.stack import announce_gone, announce_ready
 
 log = logging.getLogger(__name__)
 
 
 class LagExporter:
+    """Publishes `LagMonitor.measure()` (every group `rtrec_groups` names, the quality join's included)
+    every `lag_interval_s`; a broker outage is a not-ready flag and one log line per try, not a crash."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.monitor: LagMonitor | None = None
@@ -31,7 +34,7 @@ class LagExporter:
     def measure_once(self) -> int:
         """One measurement published as metrics; returns the number of partitions measured."""
         if self.monitor is None:
-            self.monitor = LagMonitor(self.settings)
+            self.monitor = LagMonitor(self.settings)  # LagError within seconds if the broker is unreachable
         rows = self.monitor.measure()
         record_lag(rows)
         return len(rows)
@@ -42,12 +45,38 @@ class LagExporter:
                 await asyncio.to_thread(self.measure_once)
                 self.last_ok = True
             except Exception as exc:  # the broker may be restarting: report not-ready, keep trying
-                self.last_ok = False
-                log.warning("lag measurement failed: %s", exc)
-                if self.monitor is not None:
-                    await asyncio.to_thread(self.monitor.close)
-                    self.monitor = None
+                await self._failed(exc)
             await asyncio.sleep(self.settings.lag_interval_s)
+
+    async def _failed(self, exc: Exception) -> None:
+        """Log one line (a LagError already says what to check) and reconnect on the next try."""
+        self.last_ok = False
+        text = str(exc) if isinstance(exc, LagError) else f"{type(exc).__name__}: {exc}"
+        log.warning("lag measurement failed: %s", " ".join(text.split()))
+        if self.monitor is not None:
+            monitor, self.monitor = self.monitor, None
+            await asyncio.to_thread(monitor.close)
+
+
+class QualityCounts:
+    """Adds a batch's join counts to Redis; a retried batch (Redis down) adds the counts computed once."""
+
+    def __init__(self, join: QualityJoin, redis_client) -> None:
+        self.join = join
+        self.redis = redis_client
+        self._batch: tuple | None = None
+        self._counts: dict[str, int] = {}
+
+    async def add(self, records) -> None:
+        first = records[0]
+        batch = (first.topic, first.partition, first.offset, len(records))
+        if batch != self._batch:  # a new batch, not the retry of the last one: join it once
+            self._batch, self._counts = batch, self.join.handle(records)
+        if self._counts:
+            pipe = self.redis.pipeline(transaction=False)
+            for field, n in self._counts.items():
+                pipe.hincrby(QUALITY_KEY, field, n)
+            await pipe.execute()
 
 
 def build_app(settings: Settings | None = None):
@@ -58,27 +87,20 @@ def build_app(settings: Settings | None = None):
     async def export_lag() -> None:
         redis = async_redis_client(settings)
         exporter = LagExporter(settings)
+        join = QualityJoin(settings)
+        quality = ConsumerRuntime(settings, [settings.topic_events, settings.topic_responses],
+                                  settings.quality_group, max_records=5000, max_wait_ms=100, worker="quality")
 
         async def ready() -> dict[str, bool]:
-            return {"broker": exporter.last_ok, "redis": bool(await redis.ping())}
+            checks = await readiness(quality, redis)
+            return {**checks, "broker": checks["broker"] and exporter.last_ok}
 
         metrics_server = await serve(settings.metrics_port, ready)
-        join = QualityJoin(settings)
-        quality = BatchConsumer(settings, [settings.topic_events, settings.topic_responses], settings.quality_group,
-                                max_records=5000, max_wait_ms=100, client_id="rtrec-quality")
-
-        async def add_counts(records) -> None:
-            counts = join.handle(records)
-            if counts:
-                pipe = redis.pipeline(transaction=False)
-                for field, n in counts.items():
-                    pipe.hincrby(QUALITY_KEY, field, n)
-                await pipe.execute()
-
         await quality.start()
+        quality.supervise("lag-exporter", exporter.run)
         await announce_ready(redis, "ops")
         try:
-            await asyncio.gather(exporter.run(), quality.run(add_counts))
+            await quality.run(QualityCounts(join, redis).add)
         finally:
             await quality.stop()
             if metrics_server is not None:

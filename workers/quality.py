@@ -7,7 +7,10 @@ response). The ops worker reads the responses and the events topics in its
 own group (`rtrec-quality`), keeps the latest answered response per user in
 memory, and adds the counts to one Redis hash (`rt:quality`), which
 `rtrec quality`, the metrics and the trainer's rollback check read.
-Fallback (trending) and error responses are not counted.
+Fallback (trending) and error responses are not counted. Records it cannot
+read (null, not JSON, not a JSON object) are skipped and counted in
+``rtrec_records_skipped_total{worker="quality"}``: the state worker
+dead-letters bad events, and responses are rtrec's own.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Iterable
 from aiokafka import ConsumerRecord
 
 from stream.settings import Settings
-from workers.metrics import ONLINE_HITS, ONLINE_SERVED
+from workers.metrics import ONLINE_HITS, ONLINE_SERVED, RECORDS_SKIPPED
 
 QUALITY_KEY = "rt:quality"
 TRACKED_USERS = 200_000
@@ -47,10 +50,9 @@ class QualityJoin:
         """Counts to add to Redis: '<version>|served' and '<version>|hits'."""
         counts: dict[str, int] = {}
         for rec in records:
-            try:
-                msg = json.loads(rec.value)
-            except (ValueError, TypeError):
-                continue  # the state worker dead-letters bad events; responses are ours
+            msg = readable(rec.value)
+            if msg is None:
+                continue
             if rec.topic == self.settings.topic_events:
                 self._event(msg, counts)
             else:
@@ -58,11 +60,14 @@ class QualityJoin:
         return counts
 
     def _response(self, msg: dict[str, Any], counts: dict[str, int]) -> None:
-        if msg.get("error") or msg.get("fallback") or not msg.get("items"):
+        items, at_ms = msg.get("items"), msg.get("generated_at")
+        if msg.get("error") or msg.get("fallback") or not items or not isinstance(items, list):
             return
+        if isinstance(at_ms, bool) or not isinstance(at_ms, int):
+            at_ms = int(time.time() * 1000)
         version, user = str(msg.get("model_version")), str(msg.get("user_id"))
-        items = frozenset(str(it.get("item_id")) for it in msg["items"] if isinstance(it, dict))
-        self.latest[user] = Served(version, items, int(msg.get("generated_at") or time.time() * 1000))
+        item_ids = frozenset(str(it.get("item_id")) for it in items if isinstance(it, dict))
+        self.latest[user] = Served(version, item_ids, at_ms)
         self.latest.move_to_end(user)
         if len(self.latest) > TRACKED_USERS:
             self.latest.popitem(last=False)
@@ -80,6 +85,23 @@ class QualityJoin:
             served.hit = True
             counts[f"{served.version}|hits"] = counts.get(f"{served.version}|hits", 0) + 1
             ONLINE_HITS.labels(model_version=served.version).inc()
+
+
+def readable(raw: bytes | None) -> dict[str, Any] | None:
+    """The record as a JSON object, or None (counted by why) when it is not one."""
+    if raw is None:
+        reason = "null_value"
+    else:
+        try:
+            msg = json.loads(raw)
+        except (ValueError, TypeError, RecursionError):
+            reason = "not_json"
+        else:
+            if isinstance(msg, dict):
+                return msg
+            reason = "not_an_object"
+    RECORDS_SKIPPED.labels(worker="quality", reason=reason).inc()
+    return None
 
 
 def hit_rates(raw: dict[str, str]) -> dict[str, dict[str, float]]:

@@ -2,8 +2,11 @@
 
 Run as ``python -m workers.recommend``. Responses are produced (and acked by
 the broker) before the request offsets are committed, so a crash re-answers
-rather than drops. A batch whose recommendation step fails answers every
-request in it with an error response.
+rather than drops. A batch whose recommendation step fails (Redis down, a model
+error) answers every request in it with an error response, once: the stats
+written afterwards are best-effort and never cause a re-publish. A request
+whose reply topic is refused, missing or unsendable is dead-lettered and
+answered with an error on the default response topic; it never holds the batch.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from collections import OrderedDict
 from typing import Awaitable, Sequence
 
+import redis.exceptions
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from model.blending import BlendingRecommender
@@ -27,11 +31,13 @@ from stream.rec_messages import RecItem, RecRequest, RecResponse, best_effort_id
 from stream.settings import Settings, get_settings
 from stream.topics import ensure_topics
 from stream.state_store import StateReads, StateStore, UserState
-from workers.batch_consumer import BatchConsumer
 from workers.dead_letters import DeadLetter, DeadLetters
+from workers.faults import is_transient
 from workers.faust_app import make_app, run_module
 from workers.metrics import BATCH_SIZE, FRESHNESS, REQUEST_LATENCY, REQUESTS, readiness, serve, set_model
 from workers.model_watch import ModelWatcher
+from workers.reply_topics import ReplyTopics
+from workers.runtime import ConsumerRuntime
 from workers.stack import announce_gone, announce_ready
 
 log = logging.getLogger(__name__)
@@ -63,6 +69,7 @@ class RecommendWorker:
         self.recommender = recommender
         self.fallback = fallback or BlendingRecommender(settings)  # trending for unknown users
         self.store = StateStore(settings)
+        self.reply_topics = ReplyTopics(producer)
         self._reflected: OrderedDict[str, int] = OrderedDict()  # user -> newest event ts already answered from
         self.answered = 0
         self.errors = 0
@@ -80,6 +87,7 @@ class RecommendWorker:
                 bad.append(DeadLetter(rec, exc.reason, exc.detail))
                 request_id, user_id = best_effort_ids(rec.value or b"")
                 responses.append((rec, self._error(request_id, user_id, f"invalid request: {exc}"), None))
+        valid = await self._check_reply_topics(valid, responses, bad)
         if valid:
             responses += await self._answer(valid)
         responses.sort(key=lambda r: (r[0].topic, r[0].partition, r[0].offset))  # request order
@@ -87,11 +95,31 @@ class RecommendWorker:
         acks = await self._publish(responses)
         self.batches += 1
         BATCH_SIZE.labels(worker="recommend").observe(len(records))
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hincrby(STATS_KEY, "batches", 1)
-        pipe.hincrby(STATS_KEY, "requests", len(records))
-        await pipe.execute()
+        await self._count_batch(len(records))
         return acks
+
+    async def _check_reply_topics(self, valid, responses, bad) -> list[tuple[ConsumerRecord, RecRequest]]:
+        """Requests whose reply topic exists; the others are dead-lettered and answered on the default topic."""
+        kept = []
+        for rec, req in valid:
+            if req.reply_topic and req.reply_topic != self.settings.topic_responses \
+                    and not await self.reply_topics.exists(req.reply_topic):
+                detail = f"reply_topic {req.reply_topic!r} does not exist; create it first"
+                bad.append(DeadLetter(rec, "reply_topic_missing", detail))
+                responses.append((rec, self._error(req.request_id, req.user_id, f"invalid request: {detail}"), None))
+            else:
+                kept.append((rec, req))
+        return kept
+
+    async def _count_batch(self, requests: int) -> None:
+        """Batch and request counts in Redis: best-effort, the responses are already out."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hincrby(STATS_KEY, "batches", 1)
+            pipe.hincrby(STATS_KEY, "requests", requests)
+            await pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            log.warning("recommendation stats not written (%s: %s)", type(exc).__name__, exc)
 
     async def _answer(self, valid: list[tuple[ConsumerRecord, RecRequest]]):
         recommender = self.recommender  # one model per batch, even if a swap happens meanwhile
@@ -205,7 +233,7 @@ class RecommendWorker:
     async def _publish(self, responses) -> Awaitable[object]:
         """Send the responses in order; returns their acks to await (not awaited here: the next batch
         need not wait for them, only this batch's commit does)."""
-        futures = []
+        acks = []
         for rec, resp, reply_topic in responses:
             if not resp.request_id and resp.error:
                 continue  # uncorrelatable garbage: the dead letter is its only trace
@@ -215,15 +243,36 @@ class RecommendWorker:
                 self.errors += 1
             REQUESTS.labels(model_version=resp.model_version, outcome="error" if resp.error else "ok").inc()
             REQUEST_LATENCY.observe(max(0.0, resp.latency_ms) / 1000)
-            futures.append(
-                await self.producer.send(
-                    reply_topic or self.settings.topic_responses,
-                    key=resp.user_id.encode(),
-                    value=resp.to_json(),
-                )
-            )
-        self.answered += len(futures)
-        return asyncio.gather(*futures)
+            topic = reply_topic or self.settings.topic_responses
+            try:
+                future = await self.producer.send(topic, key=resp.user_id.encode(), value=resp.to_json())
+            except Exception as exc:
+                if is_transient(exc) or topic == self.settings.topic_responses:
+                    raise
+                acks.append(self._answer_elsewhere(rec, resp, topic, exc))
+                continue
+            acks.append(self._acked(future, rec, resp, topic))
+        self.answered += len(acks)
+        return asyncio.gather(*acks)
+
+    async def _acked(self, future: Awaitable[object], rec: ConsumerRecord, resp: RecResponse, topic: str) -> None:
+        """The broker's ack of one response; a reply topic that refuses it gets the answer elsewhere."""
+        try:
+            await future
+        except Exception as exc:
+            if is_transient(exc) or topic == self.settings.topic_responses:
+                raise  # the default topic failing is the broker's fault: the batch is handled again
+            await self._answer_elsewhere(rec, resp, topic, exc)
+
+    async def _answer_elsewhere(self, rec: ConsumerRecord, resp: RecResponse, topic: str, exc: BaseException) -> None:
+        """Reply topic unsendable: dead-letter the request, send an error answer to the default topic."""
+        detail = f"reply_topic {topic!r} refused the response ({type(exc).__name__}: {exc})"
+        log.warning("%s", detail)
+        await self.dead_letters.publish([DeadLetter(rec, "reply_unsendable", detail)])
+        error = self._error(resp.request_id, resp.user_id, detail)
+        error.generated_at, error.latency_ms = resp.generated_at, resp.latency_ms
+        await (await self.producer.send(self.settings.topic_responses, key=resp.user_id.encode(),
+                                        value=error.to_json()))
 
 
 def build_app(settings: Settings | None = None, recommender: Recommender | None = None):
@@ -241,40 +290,30 @@ def build_app(settings: Settings | None = None, recommender: Recommender | None 
             **aiokafka_auth(settings),
         )
         await producer.start()
-        consumer = BatchConsumer(
-            settings,
-            [settings.topic_requests],
-            settings.recommend_group,
-            settings.rec_batch_max,
-            settings.rec_batch_wait_ms,
-            client_id="rtrec-recommend",
-        )
-        worker = RecommendWorker(
-            settings,
-            redis_client,
-            producer,
-            DeadLetters(settings, producer, redis_client),
-            recommender or load_recommender(settings),
-        )
+        dead_letters = DeadLetters(settings, producer, redis_client)
+        consumer = ConsumerRuntime(settings, [settings.topic_requests], settings.recommend_group,
+                                   settings.rec_batch_max, settings.rec_batch_wait_ms, worker="recommend",
+                                   dead_letters=dead_letters)
+        worker = RecommendWorker(settings, redis_client, producer, dead_letters,
+                                 recommender or load_recommender(settings))
         watcher = ModelWatcher(settings, worker, redis_client, STATS_KEY)
         await consumer.start()
         await watcher.start()
         set_model(worker.recommender.version)
         metrics_server = await serve(settings.metrics_port, lambda: readiness(
             consumer, redis_client, model=worker.recommender is not None))
-        watching = asyncio.create_task(watcher.run()) if settings.recommender != "blend" else None
+        if settings.recommender != "blend":
+            consumer.supervise("model-watch", watcher.run)
         await announce_ready(redis_client, "recommend")
         log.warning("recommend worker answering %s as %s", settings.topic_requests, settings.recommend_group)
         try:
             await consumer.run(worker.handle)
         finally:
-            if watching is not None:
-                watching.cancel()
+            await consumer.stop()  # stops the supervised model watcher too
             await watcher.stop()
             if metrics_server is not None:
                 await metrics_server.cleanup()
             await announce_gone(redis_client, "recommend")
-            await consumer.stop()
             await producer.stop()
             await redis_client.aclose()
 

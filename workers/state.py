@@ -18,9 +18,9 @@ from stream.events import Event, InvalidEvent, parse_event
 from stream.settings import Settings, get_settings
 from stream.topics import ensure_topics
 from stream.state_store import StateStore
-from workers.batch_consumer import BatchConsumer
 from workers.dead_letters import DeadLetter, DeadLetters
 from workers.faust_app import make_app, run_module
+from workers.runtime import ConsumerRuntime
 from workers.metrics import (BATCH_SIZE, EVENT_TO_STATE, EVENTS_DUPLICATE, EVENTS_PROCESSED, readiness,
                              serve)
 from workers.stack import announce_gone, announce_ready
@@ -87,15 +87,10 @@ def build_app(settings: Settings | None = None):
             bootstrap_servers=kafka_bootstrap(settings), acks="all", **aiokafka_auth(settings)
         )
         await producer.start()
-        consumer = BatchConsumer(
-            settings,
-            [settings.topic_events],
-            settings.state_group,
-            settings.state_batch_max,
-            settings.state_batch_wait_ms,
-            client_id="rtrec-state",
-        )
-        worker = StateWorker(settings, redis_client, DeadLetters(settings, producer, redis_client))
+        dead_letters = DeadLetters(settings, producer, redis_client)
+        consumer = ConsumerRuntime(settings, [settings.topic_events], settings.state_group, settings.state_batch_max,
+                                   settings.state_batch_wait_ms, worker="state", dead_letters=dead_letters)
+        worker = StateWorker(settings, redis_client, dead_letters)
         await consumer.start()
         metrics_server = await serve(settings.metrics_port, lambda: readiness(consumer, redis_client))
         await announce_ready(redis_client, "state")

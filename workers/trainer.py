@@ -32,8 +32,10 @@ from stream.events import InvalidEvent, parse_event
 from stream.settings import Settings, get_settings
 from stream.state_store import StateReads, StateStore
 from stream.topics import ensure_topics
+from workers.faults import is_transient
 from workers.faust_app import make_app, run_module
 from workers.metrics import TRAINER_DECISIONS, readiness, serve
+from workers.runtime import ConsumerRuntime
 from workers.quality import QUALITY_KEY, hit_rates
 from workers.stack import announce_gone, announce_ready
 
@@ -51,9 +53,13 @@ class Window:
     opened: float = field(default_factory=time.monotonic)
 
     def add(self, topic: str, partition: int, offset: int, event: dict[str, Any] | None) -> None:
+        """Add one record's event; a record already in the window (a retried batch) is skipped."""
+        key = f"{topic}:{partition}"
+        if offset < self.next_offsets.get(key, -1):
+            return
         if event is not None:
             self.events.append(event)
-        self.next_offsets[f"{topic}:{partition}"] = offset + 1
+        self.next_offsets[key] = offset + 1
 
 
 def history_only(max_events: int) -> StateReads:
@@ -228,9 +234,9 @@ def announce_sync(settings: Settings, version: str, reason: str) -> None:
 class _SeekPastDecisions(ConsumerRebalanceListener):
     """On assignment, skip what the last decision already covered (if the commit was lost)."""
 
-    def __init__(self, consumer: AIOKafkaConsumer, covered: dict[str, int]) -> None:
-        self.consumer = consumer
-        self.covered = covered
+    def __init__(self) -> None:
+        self.consumer: AIOKafkaConsumer | None = None  # set once the runtime made it
+        self.covered: dict[str, int] = {}  # set at start: the last decision's offsets
 
     async def on_partitions_revoked(self, revoked) -> None:
         pass
@@ -255,25 +261,22 @@ class TrainerLoop:
         self.drift = DriftWatch(settings.drift_head_items, settings.drift_delta) if settings.drift_enabled else None
         self.window = Window()
         self.decisions: list[dict[str, Any]] = []
-        self._stopping = asyncio.Event()
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=kafka_bootstrap(settings), group_id=settings.trainer_group, client_id="rtrec-trainer",
-            enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=settings.session_timeout_ms,
-            heartbeat_interval_ms=settings.heartbeat_interval_ms, max_poll_interval_ms=3_600_000,
-            fetch_max_wait_ms=200, **aiokafka_auth(settings),
-        )
+        # a window's offsets are committed after its decision, not per batch; a fine-tune may take long
+        self.resume = _SeekPastDecisions()
+        self.runtime = ConsumerRuntime(settings, [settings.topic_events], settings.trainer_group, max_records=5000,
+                                       max_wait_ms=200, worker="trainer", commit_batches=False,
+                                       max_poll_interval_ms=3_600_000, listener=self.resume)
+        self.consumer = self.resume.consumer = self.runtime.consumer
         self.producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap(settings), acks="all",
                                          **aiokafka_auth(settings))
 
     async def start(self) -> None:
         await self.producer.start()
-        await self.consumer.start()
-        covered = self.trainer.resume_offsets()
-        self.consumer.subscribe([self.settings.topic_events], listener=_SeekPastDecisions(self.consumer, covered))
+        self.resume.covered = self.trainer.resume_offsets()
+        await self.runtime.start()
 
     async def stop(self) -> None:
-        self._stopping.set()
-        await self.consumer.stop()
+        await self.runtime.stop()
         await self.producer.stop()
 
     def due(self) -> str | None:
@@ -288,23 +291,47 @@ class TrainerLoop:
         return None
 
     async def poll_once(self, timeout_ms: int = 500) -> str | None:
+        """One fetch added to the window; returns why the window should close now, or None."""
         batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=5000)
-        now_ms = int(time.time() * 1000)
-        for tp, records in batch.items():
-            for rec in records:
-                try:
-                    event = parse_event(rec.value, self.settings, now_ms).to_dict()
-                except InvalidEvent:
-                    event = None  # the state worker dead-letters it; here it only moves the offset
-                self.window.add(tp.topic, tp.partition, rec.offset, event)
-                if event is not None and self.drift is not None:
-                    self.drift.update(event["item_id"])
+        await self.runtime.offsets.reset_beyond_log_end()
+        self.add([rec for records in batch.values() for rec in records])
         return self.due()
 
+    def add(self, records) -> None:
+        now_ms = int(time.time() * 1000)
+        for rec in records:
+            try:
+                event = parse_event(rec.value, self.settings, now_ms).to_dict()
+            except InvalidEvent:
+                event = None  # the state worker dead-letters it; here it only moves the offset
+            self.window.add(rec.topic, rec.partition, rec.offset, event)
+            if event is not None and self.drift is not None:
+                self.drift.update(event["item_id"])
+
+    async def handle(self, records) -> None:
+        """The runtime's handler: add a batch; close the window when it is due."""
+        self.add(records)
+        await self.close_if_due()
+
+    async def close_if_due(self) -> None:
+        trigger = self.due()
+        if trigger:
+            await self.close_window(trigger)
+
     async def close_window(self, trigger: str) -> dict[str, Any]:
-        window, self.window = self.window, Window()
+        """Decide on the open window; a transient fault keeps it open (retried), any other failure closes it."""
+        window = self.window
         window.events.sort(key=lambda e: e["ts"])
-        decision = await asyncio.to_thread(self.trainer.run_window, window.events, trigger, window.next_offsets)
+        try:
+            decision = await asyncio.to_thread(self.trainer.run_window, window.events, trigger, window.next_offsets)
+        except Exception as exc:
+            if is_transient(exc):
+                raise  # the runtime retries with backoff; the window stays as it is
+            log.exception("trainer: window of %d events failed; skipping it", len(window.events))
+            decision = {"promoted": False, "failed": True, "trigger": trigger, "offsets": window.next_offsets,
+                        "reason": f"failed: {type(exc).__name__}: {exc}", "window": {"events": len(window.events)}}
+            self.trainer.store.record_decision(decision)
+        self.window = Window()
         await self._commit(window.next_offsets)
         if decision.get("version"):
             await self.producer.send_and_wait(
@@ -313,30 +340,27 @@ class TrainerLoop:
         if self.drift is not None:
             self.drift.reset(window.events)
         self.decisions.append(decision)
-        TRAINER_DECISIONS.labels(promoted=str(bool(decision["promoted"])).lower()).inc()
+        outcome = "failed" if decision.get("failed") else str(bool(decision["promoted"])).lower()
+        TRAINER_DECISIONS.labels(promoted=outcome).inc()
         log.warning("trainer: %s -> %s (%s)", trigger, decision.get("version") or "kept current", decision["reason"])
         return decision
 
     async def _commit(self, offsets: dict[str, int]) -> None:
-        assigned = self.consumer.assignment()
         commit = {}
         for key, offset in offsets.items():
             topic, part = key.rsplit(":", 1)
-            tp = TopicPartition(topic, int(part))
-            if tp in assigned:
-                commit[tp] = offset
-        if commit:
-            await self.consumer.commit(commit)
+            commit[TopicPartition(topic, int(part))] = offset
+        await self.runtime.offsets.commit(commit)
 
     async def run(self) -> None:
-        last_judged = 0.0
-        while not self._stopping.is_set():
-            trigger = await self.poll_once()
-            if trigger:
-                await self.close_window(trigger)
-            if time.monotonic() - last_judged >= QUALITY_CHECK_S:
-                last_judged = time.monotonic()
-                await self.judge_online()
+        """Windows close on new batches, or on an empty poll when their timer ran out."""
+        self.runtime.supervise("online-quality", self._judge_periodically)
+        await self.runtime.run(self.handle, idle=self.close_if_due)
+
+    async def _judge_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(QUALITY_CHECK_S)
+            await self.judge_online()
 
     async def judge_online(self) -> dict[str, Any] | None:
         """The online-quality rollback check; a rollback is announced like a promotion."""
@@ -360,7 +384,7 @@ def build_app(settings: Settings | None = None):
         redis = async_redis_client(settings)
         loop = TrainerLoop(settings)
         await loop.start()
-        metrics_server = await serve(settings.metrics_port, lambda: readiness(loop, redis))
+        metrics_server = await serve(settings.metrics_port, lambda: readiness(loop.runtime, redis))
         await announce_ready(redis, "trainer")
         log.warning("trainer consuming %s as %s", settings.topic_events, settings.trainer_group)
         try:
