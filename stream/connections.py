@@ -86,7 +86,8 @@ def is_cluster(client: Any) -> bool:
 
 
 def _redis_kwargs(settings: Settings, cluster: bool = False) -> dict[str, Any]:
-    kw: dict[str, Any] = {"decode_responses": True}
+    kw: dict[str, Any] = {"decode_responses": True, "socket_timeout": settings.redis_timeout_s,
+                          "socket_connect_timeout": settings.redis_timeout_s}
     if not cluster:
         kw["health_check_interval"] = 30
     if settings.redis_username:

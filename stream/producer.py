@@ -23,6 +23,7 @@ def make_kafka_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         retries=5,
         enable_idempotence=settings.producer_idempotence,
         client_id="rtrec-producer",
+        allow_auto_create_topics=False,  # a typo'd topic fails here instead of appearing on the broker
         **kafka_python_auth(settings),
     )
     kw.update(overrides)

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     redis_username: str | None = Field(None, description="Redis ACL user (with redis_password)")
     redis_password: SecretStr | None = None
     redis_ssl_cafile: str | None = Field(None, description="CA bundle for a rediss:// (TLS) URL")
+    redis_timeout_s: float = Field(
+        10.0, gt=0, description="a Redis command or connect that takes longer fails (and its batch is retried, "
+        "visibly) instead of waiting forever on a server that stopped answering"
+    )
 
     # --- topics ----------------------------------------------------------------
     topic_events: str = "events"

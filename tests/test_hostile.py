@@ -457,6 +457,16 @@ def test_the_quality_join_skips_unreadable_records_and_keeps_joining(settings, r
         stack.stop()
 
 
+def readyz(port: int) -> dict[str, bool]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).read())
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read())
+
+
 def urllib_status(port: int, path: str) -> int:
     import urllib.error
     import urllib.request
@@ -466,3 +476,41 @@ def urllib_status(port: int, path: str) -> int:
     except urllib.error.HTTPError as exc:
         return exc.code
 
+
+
+# ---- a stall is visible ------------------------------------------------------------------------------
+def test_a_batch_retried_past_the_stall_alert_fails_readyz_until_redis_answers(settings, redis, tmp_path):
+    import signal
+
+    tag = uuid.uuid4().hex[:8]
+    redis_proc, url = start_redis(settings, tmp_path / "redis")
+    s = settings.model_copy(update={"redis_url": url, "topic_events": f"events-{tag}", "state_group": f"state-{tag}",
+                                    "stall_alert_s": 1.0, "redis_timeout_s": 0.5, "retry_max_backoff_s": 0.5})
+    ensure_topics(s)
+    stack = Stack(s, run_dir=tmp_path / "run")
+    worker = stack.start_worker("state")
+    port = stack.metrics_ports[worker.name]
+    own = redis_client(s)
+    events = [{"event_id": f"{tag}-{i}", "user_id": f"stall-{tag}-{i % 5}", "item_id": "it-1", "type": "click",
+               "ts": int(time.time() * 1000) + i} for i in range(50)]
+    try:
+        stack.wait_ready("state")
+        redis_proc.proc.send_signal(signal.SIGSTOP)  # Redis stops answering (connections still accepted)
+        with EventProducer(s) as producer:
+            producer.send_many(events)
+        wait_for(lambda: readyz(port).get("consuming") is False, timeout_s=20, what="/readyz: consuming false")
+        assert urllib_status(port, "/readyz") == 503
+        metrics = scrape(port)
+        assert metrics[f'rtrec_consumer_stalled_seconds{{group="{s.state_group}"}}'] >= 1.0
+        assert sum(v for k, v in metrics.items() if k.startswith("rtrec_batch_retries_total")) >= 1
+        redis_proc.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: sum(int(own.hget(f"rt:u:stall-{tag}-{u}:h", "n") or 0) for u in range(5)) == 50,
+                 timeout_s=30, what="the stalled batch applied once Redis answers")
+        wait_for(lambda: urllib_status(port, "/readyz") == 200, timeout_s=20, what="/readyz ready again")
+        assert scrape(port)[f'rtrec_consumer_stalled_seconds{{group="{s.state_group}"}}'] == 0
+        assert worker.alive()
+    finally:
+        redis_proc.proc.send_signal(signal.SIGCONT)
+        own.close()
+        stack.stop()
+        redis_proc.stop()
