@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import threading
 import time
 import uuid
 
@@ -19,7 +18,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
 
 from stream.connections import async_redis_client, redis_client
-from stream.embedded import free_port, start_redis, start_tansu
+from stream.embedded import free_port, start_redis
 from stream.producer import EventProducer
 from stream.rec_client import RecClient
 from stream.topics import ensure_topics, internal_topics
@@ -372,51 +371,6 @@ async def _until(predicate, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("timed out")
         await asyncio.sleep(0.02)
-
-
-# ---- a broker that comes back with an empty log ------------------------------------------------
-def test_broker_restarted_with_an_empty_log_while_a_producer_runs_loses_nothing(settings, redis, tmp_path):
-    tag = uuid.uuid4().hex[:8]
-    port = free_port()
-    broker, bootstrap = start_tansu(tmp_path / "broker", port)
-    s = settings.model_copy(update={"kafka_bootstrap": bootstrap, "topic_events": f"events-{tag}",
-                                    "state_group": f"state-{tag}"})
-    ensure_topics(s)
-    now = int(time.time() * 1000)
-    events = [{"event_id": f"{tag}-{i}", "user_id": f"reset-{tag}-{i % 100}", "item_id": f"it-{i % 50}",
-               "type": "browse", "ts": now + i} for i in range(3000)]
-    count = lambda batch: sum(int(redis.hget(f"rt:u:{u}:h", "n") or 0) for u in {e["user_id"] for e in batch})
-    stack = Stack(s, run_dir=tmp_path / "run")
-    worker = stack.start_worker("state")
-    try:
-        stack.wait_ready("state")
-        with EventProducer(s) as producer:
-            producer.send_many(events[:1500])
-            producer.flush()
-        wait_for(lambda: count(events[:1500]) == 1500, timeout_s=60, what="first half applied")
-        broker.stop()
-        broker, _ = start_tansu(tmp_path / "broker", port)  # memory-only: empty, no topics, no offsets
-        ensure_topics(s)
-        done = threading.Event()
-
-        def produce_after_restart():  # a producer that keeps going, as fast as it can
-            with EventProducer(s) as producer:
-                for start in range(1500, 3000, 50):
-                    producer.send_many(events[start : start + 50])
-                    producer.flush()
-            done.set()
-
-        threading.Thread(target=produce_after_restart).start()
-        wait_for(done.is_set, timeout_s=60, what="second half sent")
-        wait_for(lambda: count(events) == 3000, timeout_s=60, what="every event sent after the restart applied")
-        assert worker.alive()
-        metrics = scrape(stack.metrics_ports[worker.name])
-        assert sum(v for k, v in metrics.items() if k.startswith("rtrec_offset_resets_total")) >= 1
-        for user in sorted({e["user_id"] for e in events})[:20]:  # nothing counted twice
-            assert int(redis.hget(f"rt:u:{user}:h", "n")) == sum(e["user_id"] == user for e in events)
-    finally:
-        stack.stop()
-        broker.stop()
 
 
 # ---- the online-quality join reads topics it does not own ----------------------------------------
