@@ -35,7 +35,7 @@ def test_lag_grows_while_the_state_worker_is_down_and_returns_to_zero(settings, 
                   run_dir=tmp_path / "run")
     worker = stack.start_worker("state")
     ops = stack.start_worker("ops")
-    with LagMonitor(s, groups) as monitor, EventProducer(s) as producer:
+    with stack, LagMonitor(s, groups) as monitor, EventProducer(s) as producer:  # stops the workers on failure
         stack.wait_ready("state")
         stack.wait_ready("ops")
         producer.send_many(events[:10])
@@ -79,9 +79,8 @@ def test_lag_grows_while_the_state_worker_is_down_and_returns_to_zero(settings, 
         stack.start_worker("state")  # a new process resumes from the group's committed offsets
         wait_for(lambda: sum(r.lag for r in monitor.measure()) == 0, timeout_s=60, what="lag back to 0")
         assert all(r.lag_seconds == 0 for r in monitor.measure())
-    res = run_cli(["lag", "--max-lag", "10", "--max-lag-seconds", "30"], env=env)
-    assert res.returncode == 0, res.stdout + res.stderr
-    stack.stop()
+        res = run_cli(["lag", "--max-lag", "10", "--max-lag-seconds", "30"], env=env)
+        assert res.returncode == 0, res.stdout + res.stderr
 
 
 def isolated(settings, tag: str):
