@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     weight_browse: float = 1.0
     weight_click: float = 2.0
     weight_purchase: float = 4.0
+    affinity_cap: int = Field(500, ge=1, description="affinity members kept per user (the strongest)")
+    covis_cap: int = Field(200, ge=1, description="co-visited neighbours kept per item (the most counted)")
+    items_cap: int = Field(
+        100_000, ge=1, description="items kept in the trending (rt:pop) and item-count (rt:items:n) sets (the top)"
+    )
     dedupe_ttl_s: int = Field(
         7 * 86_400, description="how long an event_id is remembered for idempotence"
     )

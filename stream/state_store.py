@@ -11,11 +11,11 @@ Key layout (``{u}`` is a validated user id, ``{i}`` an item id)::
     rt:u:{u}:h             hash: browse/click/purchase/n counts, first_ts, last_ts, aff_L
     rt:u:{u}:seq           zset: "item|type|event_id" scored by ts*1000 + arrival number mod 1000
                            (capped; ordered by event time, equal times in arrival order)
-    rt:u:{u}:aff           zset: item -> forward-decayed affinity (landmark aff_L)
+    rt:u:{u}:aff           zset: item -> forward-decayed affinity (landmark aff_L; top affinity_cap kept)
     rt:u:{u}:bought        zset: purchased item -> latest purchase ts (capped)
-    rt:covis:{i}           zset: co-visited item -> count
-    rt:pop                 zset: item -> forward-decayed popularity (landmark rt:pop:L)
-    rt:items:n             zset: item -> raw event count
+    rt:covis:{i}           zset: co-visited item -> count (top covis_cap kept)
+    rt:pop                 zset: item -> forward-decayed popularity (landmark rt:pop:L; top items_cap kept)
+    rt:items:n             zset: item -> raw event count (top items_cap kept)
     rt:stats               hash: applied / duplicates
 
 Redis Cluster (``RTREC_REDIS_CLUSTER``): one script step must stay on one hash
@@ -66,7 +66,8 @@ local rescale_after = tonumber(ARGV[10])
 local bought_cap = tonumber(ARGV[11])
 local P = ARGV[12]
 local TIE = tonumber(ARGV[13])
-local FIRST = 14
+local aff_cap, covis_cap, items_cap = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
+local FIRST = 17
 local n = (#ARGV - FIRST + 1) / 5
 local flags = {}
 local applied, dups = 0, 0
@@ -80,6 +81,11 @@ end
 
 local function rescale(zkey, factor)
   redis.call('ZUNIONSTORE', zkey, 1, zkey, 'WEIGHTS', fmt(factor))
+end
+
+-- keep the n highest-scored members (memory bounded by configuration, not by traffic)
+local function cap(zkey, n)
+  if redis.call('ZCARD', zkey) > n then redis.call('ZREMRANGEBYRANK', zkey, 0, -(n + 1)) end
 end
 
 local pop_key = P .. ':pop'
@@ -107,6 +113,8 @@ for i = 0, n - 1 do
           k = k + 1
           redis.call('ZINCRBY', P .. ':covis:' .. item, 1, other)
           redis.call('ZINCRBY', P .. ':covis:' .. other, 1, item)
+          cap(P .. ':covis:' .. item, covis_cap)
+          cap(P .. ':covis:' .. other, covis_cap)
           if k >= fanout then break end
         end
       end
@@ -137,6 +145,7 @@ for i = 0, n - 1 do
       redis.call('HSET', h, 'aff_L', ts)
     end
     decayed_add(aff, item, w, ts, aff_hl, L)
+    cap(aff, aff_cap)
 
     if etype == 'purchase' then
       redis.call('ZADD', u .. ':bought', 'GT', ts, item)
@@ -155,7 +164,9 @@ for i = 0, n - 1 do
       redis.call('SET', pop_L_key, ts)
     end
     decayed_add(pop_key, item, w, ts, pop_hl, PL)
+    cap(pop_key, items_cap)
     redis.call('ZINCRBY', P .. ':items:n', 1, item)
+    cap(P .. ':items:n', items_cap)
   else
     dups = dups + 1
     flags[#flags + 1] = 0
@@ -280,6 +291,7 @@ class StateStore:
             RESCALE_AFTER_HALF_LIVES,
             BOUGHT_CAP,
         ]
+        self._cap_args = [settings.affinity_cap, settings.covis_cap, settings.items_cap]
 
     # ---- where keys live ---------------------------------------------------------------
     def user_prefix(self, user_id: str) -> str:
@@ -308,7 +320,7 @@ class StateStore:
         for prefix, positions in groups.items():
             for start in range(0, len(positions), self.CHUNK):
                 part = positions[start : start + self.CHUNK]
-                args = [*self._config_args, prefix, TIE_SLOTS]
+                args = [*self._config_args, prefix, TIE_SLOTS, *self._cap_args]
                 for i in part:
                     ev = events[i]
                     args += [ev.event_id, ev.user_id, ev.item_id, ev.type, ev.ts]

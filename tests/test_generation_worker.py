@@ -160,12 +160,49 @@ def test_responses_keep_request_order(settings, generator):
     assert [r["request_id"] for r in responses] == ids
 
 
-def test_diversity_caps_items_per_category(settings, redis, generator):
+def test_diversity_caps_items_per_category(settings, producer, redis, generator, uid):
     vocab_items = generator.checkpoint.vocab.items
     redis.hset(CATEGORY_KEY, mapping={item: "same" if n % 2 == 0 else f"c{n}" for n, item in enumerate(vocab_items)})
+    shopper, now = uid("div-shopper"), int(time.time() * 1000)  # trending holds both kinds, whatever ran before
+    producer.send_many([{"event_id": uid(f"div-{n}"), "user_id": shopper, "item_id": item, "type": "purchase",
+                         "ts": now} for n, item in enumerate(vocab_items[:8])])
+    producer.flush()
+    wait_for(lambda: redis.hget(f"rt:u:{shopper}:h", "n") == "8", what="trending filled")
     user = "div-" + uuid.uuid4().hex[:6]
     [plain] = run_batch(settings, generator, [request(user, k=10)])  # unknown user: trending fallback
     [capped] = run_batch(settings, generator, [request(user, k=10)], diversity=1)
     categories = redis.hmget(CATEGORY_KEY, [it["item_id"] for it in capped["items"]])
     assert categories.count("same") <= 1
     assert len(capped["items"]) >= 1 and plain["items"]
+
+
+class Exhausted:
+    """A recommender with nothing left for anyone (e.g. a user who has seen every candidate)."""
+
+    version = "exhausted-1"
+
+    def recommend_batch(self, states, k):
+        return [[] for _ in states]
+
+
+def test_a_user_whose_candidates_are_exhausted_gets_trending_backfill(settings, producer, redis, uid):
+    user = uid("exhausted")
+    producer.send({"event_id": uid("e"), "user_id": user, "item_id": uid("seen-item"), "type": "click",
+                   "ts": int(time.time() * 1000)})
+    producer.flush()
+    wait_for(lambda: redis.hget(f"rt:u:{user}:h", "n"), what="user state")
+    [response] = run_batch(settings, Exhausted(), [request(user, k=5)])
+    assert "error" not in response and len(response["items"]) == 5  # backfilled, never an empty answer
+    trending = {item for item, _ in redis.zrevrange("rt:pop", 0, settings.trending_pool - 1, withscores=True)}
+    assert {it["item_id"] for it in response["items"]} <= trending
+    assert uid("seen-item") not in {it["item_id"] for it in response["items"]}  # exclude_seen holds
+
+
+def test_backfill_tops_up_with_unseen_trending_items_or_gives_nothing():
+    from stream.state_store import UserState
+    from workers.recommend import backfilled
+
+    state = UserState("u", trending=[("a", 3.0), ("b", 2.0), ("c", 1.0)], exclude=frozenset({"b"}))
+    assert backfilled([("x", 0.9)], state, 3) == [("x", 0.9), ("a", 0.0), ("c", 0.0)]
+    assert backfilled([("a", 0.9), ("x", 0.5)], state, 2) == [("a", 0.9), ("x", 0.5)]
+    assert backfilled([], UserState("u", trending=[("b", 1.0)], exclude=frozenset({"b"})), 5) == []

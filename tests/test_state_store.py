@@ -507,3 +507,26 @@ def test_a_smaller_read_returns_the_newest_events_and_fewer_neighbour_lists(redi
     assert set(small.covis) == {"item7", "item6"}  # neighbours only for the two most recent items
     assert all(len(v) <= 1 for v in small.covis.values())
     assert len(full.covis) == 8
+
+
+# ---- caps: memory bounded by configuration -------------------------------------------------------
+def test_affinities_covis_and_item_sets_keep_only_their_top_members(redis_only) -> None:
+    store = new_store(affinity_cap=5, covis_cap=3, items_cap=4, covis_fanout=5)
+    events = [ev("cap-u", f"i{k}", T0 + k * MINUTE) for k in range(20)]  # 20 distinct items, one user
+    events += [ev("cap-u", "i0", T0 + (20 + k) * MINUTE, "purchase") for k in range(5)]  # i0: the favourite
+    store.apply(redis_only, events)
+    p = store.prefix
+    aff = redis_only.zrange(f"{p}:u:cap-u:aff", 0, -1)
+    assert len(aff) == 5 and "i0" in aff  # the strongest affinity survives the trims
+    assert redis_only.zcard(f"{p}:pop") == 4 and redis_only.zcard(f"{p}:items:n") == 4
+    assert "i0" in redis_only.zrange(f"{p}:pop", 0, -1)
+    assert max(redis_only.zcard(key) for key in redis_only.scan_iter(match=f"{p}:covis:*")) == 3
+    assert one(redis_only, store, "cap-u").counts["n"] == 25  # counts and sequence are not capped by these
+
+
+def test_caps_do_not_bind_below_them(redis_only) -> None:
+    capped, free = new_store(affinity_cap=50, covis_cap=50, items_cap=50), new_store()
+    events = [ev(f"u{k % 3}", f"i{k % 10}", T0 + k * MINUTE, eid=f"same-{k}") for k in range(60)]
+    capped.apply(redis_only, events)
+    free.apply(redis_only, events)
+    assert dump(redis_only, capped) == dump(redis_only, free)

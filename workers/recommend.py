@@ -131,6 +131,7 @@ class RecommendWorker:
                     state.exclude = frozenset(e.item_id for e in state.sequence) | state.purchased
             want = max(req.k for _, req in valid) * (3 if self.settings.diversity_max_per_category else 1)
             ranked, version = await asyncio.to_thread(self._rank, recommender, states, want)
+            ranked = [backfilled(row, state, want) for row, state in zip(ranked, states)]
             if self.settings.diversity_max_per_category:
                 ranked = await self._diversify(ranked)
         except Exception as exc:  # the batch is answered with errors, never dropped
@@ -141,6 +142,10 @@ class RecommendWorker:
         out = []
         for (rec, req), state, items in zip(valid, states, ranked):
             made_by = version if state.known else "trending"
+            if not items:  # never an empty answer without a reason
+                error = "nothing to recommend: every candidate was seen or excluded, or no events have arrived yet"
+                out.append((rec, self._error(req.request_id, req.user_id, error), req.reply_topic))
+                continue
             out.append((rec, self._response(req, state, items[: req.k], made_by), req.reply_topic))
         return out
 
@@ -273,6 +278,15 @@ class RecommendWorker:
         error.generated_at, error.latency_ms = resp.generated_at, resp.latency_ms
         await (await self.producer.send(self.settings.topic_responses, key=resp.user_id.encode(),
                                         value=error.to_json()))
+
+
+def backfilled(items: list[tuple[str, float]], state: UserState, k: int) -> list[tuple[str, float]]:
+    """Fill a ranking shorter than k with trending items the user may still see (score 0: after the rest)."""
+    if len(items) >= k:
+        return items
+    have = {item for item, _ in items}
+    extra = [(item, 0.0) for item, _ in state.trending if item not in have and item not in state.exclude]
+    return items + extra[: k - len(items)]
 
 
 def build_app(settings: Settings | None = None, recommender: Recommender | None = None):
