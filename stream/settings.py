@@ -125,6 +125,12 @@ class Settings(BaseSettings):
     items_cap: int = Field(
         100_000, ge=1, description="items kept in the trending (rt:pop) and item-count (rt:items:n) sets (the top)"
     )
+    user_ttl_days: float = Field(
+        90.0, ge=0, description="a user's keys expire this long after their latest event (0: never)"
+    )
+    item_ttl_days: float = Field(
+        90.0, ge=0, description="an item's co-visitation expires this long after it was last paired (0: never)"
+    )
     dedupe_ttl_s: int = Field(
         7 * 86_400, description="how long an event_id is remembered for idempotence"
     )

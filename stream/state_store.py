@@ -13,7 +13,11 @@ Key layout (``{u}`` is a validated user id, ``{i}`` an item id)::
                            (capped; ordered by event time, equal times in arrival order)
     rt:u:{u}:aff           zset: item -> forward-decayed affinity (landmark aff_L; top affinity_cap kept)
     rt:u:{u}:bought        zset: purchased item -> latest purchase ts (capped)
-    rt:covis:{i}           zset: co-visited item -> count (top covis_cap kept)
+    rt:covis:{i}           zset: co-visited item -> count (top covis_cap kept; expires item_ttl_days
+                           after the item was last paired)
+
+A user's keys expire ``user_ttl_days`` after the user's latest event (every
+event refreshes them): a returning user after that is a new user.
     rt:pop                 zset: item -> forward-decayed popularity (landmark rt:pop:L; top items_cap kept)
     rt:items:n             zset: item -> raw event count (top items_cap kept)
     rt:stats               hash: applied / duplicates
@@ -67,7 +71,8 @@ local bought_cap = tonumber(ARGV[11])
 local P = ARGV[12]
 local TIE = tonumber(ARGV[13])
 local aff_cap, covis_cap, items_cap = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
-local FIRST = 17
+local user_ttl, item_ttl = tonumber(ARGV[17]), tonumber(ARGV[18])  -- ms of inactivity; 0: kept
+local FIRST = 19
 local n = (#ARGV - FIRST + 1) / 5
 local flags = {}
 local applied, dups = 0, 0
@@ -115,6 +120,10 @@ for i = 0, n - 1 do
           redis.call('ZINCRBY', P .. ':covis:' .. other, 1, item)
           cap(P .. ':covis:' .. item, covis_cap)
           cap(P .. ':covis:' .. other, covis_cap)
+          if item_ttl > 0 then
+            redis.call('PEXPIRE', P .. ':covis:' .. item, item_ttl)
+            redis.call('PEXPIRE', P .. ':covis:' .. other, item_ttl)
+          end
           if k >= fanout then break end
         end
       end
@@ -153,6 +162,11 @@ for i = 0, n - 1 do
       if redis.call('ZCARD', u .. ':bought') > bought_cap then
         redis.call('ZREMRANGEBYRANK', u .. ':bought', 0, -(bought_cap + 1))
       end
+    end
+
+    -- retention: a user's keys live until RTREC_USER_TTL_DAYS after their latest event
+    if user_ttl > 0 then
+      for _, key in ipairs({h, seq, aff, u .. ':bought'}) do redis.call('PEXPIRE', key, user_ttl) end
     end
 
     -- global trending popularity (global landmark) and raw counts
@@ -291,7 +305,8 @@ class StateStore:
             RESCALE_AFTER_HALF_LIVES,
             BOUGHT_CAP,
         ]
-        self._cap_args = [settings.affinity_cap, settings.covis_cap, settings.items_cap]
+        self._cap_args = [settings.affinity_cap, settings.covis_cap, settings.items_cap,
+                          round(settings.user_ttl_days * 86_400_000), round(settings.item_ttl_days * 86_400_000)]
 
     # ---- where keys live ---------------------------------------------------------------
     def user_prefix(self, user_id: str) -> str:

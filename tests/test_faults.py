@@ -275,3 +275,53 @@ def test_broker_restart_producer_and_state_worker_reconnect(settings, redis, tmp
     finally:
         stack.stop()
         broker.stop()
+
+
+def test_redis_at_its_memory_limit_stalls_visibly_and_loses_nothing(settings, tmp_path):
+    """maxmemory with noeviction: writes fail, the batch is retried (readyz fails), then drains once raised."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from stream.connections import redis_client
+    from stream.embedded import start_redis
+
+    tag = uuid.uuid4().hex[:8]
+    redis_proc, url = start_redis(settings, tmp_path / "redis")
+    s = own_events_topic(settings.model_copy(update={"redis_url": url, "stall_alert_s": 1.0,
+                                                     "retry_max_backoff_s": 0.5}), tag)
+    own = redis_client(s)
+    stack = Stack(s, run_dir=tmp_path / "run")
+    worker = stack.start_worker("state")
+    port = stack.metrics_ports[worker.name]
+
+    def readyz() -> dict:
+        try:
+            return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).read())
+        except urllib.error.HTTPError as exc:
+            return json.loads(exc.read())
+
+    events = replay_events(tag, 3000)
+    count = lambda: sum(int(own.hget(f"rt:u:{u}:h", "n") or 0) for u in {e["user_id"] for e in events})
+    try:
+        stack.wait_ready("state")
+        used = int(own.info("memory")["used_memory"])
+        own.config_set("maxmemory-policy", "noeviction")
+        own.config_set("maxmemory", used + 256 * 1024)  # room for a few hundred events, not 3,000
+        _produce(s, events)
+        wait_for(lambda: readyz().get("consuming") is False, timeout_s=60, what="the worker stalled on OOM")
+        assert count() < len(events)  # the rest waits in Kafka
+        retries = scrape(port)
+        assert sum(v for k, v in retries.items() if k.startswith("rtrec_batch_retries_total")
+                   and "OutOfMemoryError" in k) >= 1
+        own.config_set("maxmemory", 0)  # the operator raises the limit
+        wait_for(lambda: count() == len(events), timeout_s=60, what="every event applied after the limit rose")
+        wait_for(lambda: readyz().get("consuming") is True, timeout_s=20, what="ready again")
+        for user in sorted({e["user_id"] for e in events})[:50]:  # nothing counted twice
+            assert int(own.hget(f"rt:u:{user}:h", "n")) == sum(e["user_id"] == user for e in events)
+        assert worker.alive()
+    finally:
+        own.config_set("maxmemory", 0)
+        own.close()
+        stack.stop()
+        redis_proc.stop()

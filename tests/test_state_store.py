@@ -11,6 +11,7 @@ import pytest
 from stream.events import Event
 from stream.settings import Settings
 from stream.state_store import RESCALE_AFTER_HALF_LIVES, SeqEntry, StateStore, StateReads
+from tests.conftest import wait_for
 
 BASE = Settings(
     kafka_bootstrap=None,
@@ -530,3 +531,28 @@ def test_caps_do_not_bind_below_them(redis_only) -> None:
     capped.apply(redis_only, events)
     free.apply(redis_only, events)
     assert dump(redis_only, capped) == dump(redis_only, free)
+
+
+# ---- retention ---------------------------------------------------------------------------------
+def test_user_and_item_keys_expire_after_inactivity_and_every_event_refreshes_them(redis_only) -> None:
+    day_ms = 86_400_000
+    store = new_store(user_ttl_days=60_000 / day_ms, item_ttl_days=60_000 / day_ms)  # one minute each
+    store.apply(redis_only, [ev("ret-u", "a", T0, "purchase"), ev("ret-u", "b", T0 + MINUTE)])
+    p = store.prefix
+    keys = [f"{p}:u:ret-u:{part}" for part in ("h", "seq", "aff", "bought")] + [f"{p}:covis:a", f"{p}:covis:b"]
+    assert all(0 < redis_only.pttl(key) <= 60_000 for key in keys)
+    redis_only.pexpire(f"{p}:u:ret-u:h", 5_000)  # as if most of the minute had passed
+    store.apply(redis_only, [ev("ret-u", "c", T0 + 2 * MINUTE)])
+    assert redis_only.pttl(f"{p}:u:ret-u:h") > 5_000  # the new event refreshed it
+
+    short = new_store(user_ttl_days=200 / day_ms, item_ttl_days=0)  # 0.2 s; items kept
+    short.apply(redis_only, [ev("gone-u", "x", T0), ev("gone-u", "y", T0 + MINUTE)])
+    assert redis_only.pttl(f"{short.prefix}:covis:x") == -1  # no expiry
+    wait_for(lambda: not redis_only.exists(f"{short.prefix}:u:gone-u:h"), timeout_s=10, what="user keys expired")
+    assert not one(redis_only, short, "gone-u").known  # a returning user starts afresh
+
+
+def test_retention_zero_keeps_keys(redis_only) -> None:
+    store = new_store(user_ttl_days=0, item_ttl_days=0)
+    store.apply(redis_only, [ev("keep-u", "a", T0), ev("keep-u", "b", T0 + MINUTE)])
+    assert redis_only.pttl(f"{store.prefix}:u:keep-u:h") == -1 and redis_only.pttl(f"{store.prefix}:covis:a") == -1
