@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     items_cap: int = Field(
         100_000, ge=1, description="items kept in the trending (rt:pop) and item-count (rt:items:n) sets (the top)"
     )
+    fair_max_per_item: int = Field(
+        5, ge=1, description="events of one user on one item that count towards trending and co-visitation per "
+        "fair_window_ms (a bot repeating an item counts like a few events)"
+    )
+    fair_window_ms: int = Field(3_600_000, ge=1, description="the fairness window, in event time")
     user_ttl_days: float = Field(
         90.0, ge=0, description="a user's keys expire this long after their latest event (0: never)"
     )

@@ -16,6 +16,13 @@ Key layout (``{u}`` is a validated user id, ``{i}`` an item id)::
     rt:covis:{i}           zset: co-visited item -> count (top covis_cap kept; expires item_ttl_days
                            after the item was last paired)
 
+    rt:u:{u}:fair          hash: item -> "window:count", the user's events per item in the current
+                           fairness window (at most affinity_cap items)
+
+Fairness: one user adds at most ``fair_max_per_item`` events per item and
+``fair_window_ms`` (event time) to trending and co-visitation, so a bot buying one
+item 60 times moves them like a few purchases; its own state counts every event.
+
 A user's keys expire ``user_ttl_days`` after the user's latest event (every
 event refreshes them): a returning user after that is a new user.
     rt:pop                 zset: item -> forward-decayed popularity (landmark rt:pop:L; top items_cap kept)
@@ -72,7 +79,8 @@ local P = ARGV[12]
 local TIE = tonumber(ARGV[13])
 local aff_cap, covis_cap, items_cap = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
 local user_ttl, item_ttl = tonumber(ARGV[17]), tonumber(ARGV[18])  -- ms of inactivity; 0: kept
-local FIRST = 19
+local fair_max, fair_window = tonumber(ARGV[19]), tonumber(ARGV[20])
+local FIRST = 21
 local n = (#ARGV - FIRST + 1) / 5
 local flags = {}
 local applied, dups = 0, 0
@@ -106,8 +114,21 @@ for i = 0, n - 1 do
     local h, seq, aff = u .. ':h', u .. ':seq', u .. ':aff'
     local w = weights[etype]
 
+    -- fairness: one user adds at most fair_max events per item and window to the shared aggregates
+    local fair = u .. ':fair'
+    local window_id = math.floor(ts / fair_window)
+    local seen_before = redis.call('HGET', fair, item)
+    local count = 1
+    if seen_before then
+      local wid, c = string.match(seen_before, '^(%-?%d+):(%d+)$')
+      if tonumber(wid) == window_id then count = tonumber(c) + 1 end
+    end
+    if redis.call('HLEN', fair) >= aff_cap and not seen_before then redis.call('DEL', fair) end
+    redis.call('HSET', fair, item, window_id .. ':' .. count)
+    local shares = count <= fair_max
+
     -- co-visitation with the user's events near this one in time (bounded fan-out)
-    if fanout > 0 then
+    if fanout > 0 and shares then
       local near = redis.call('ZREVRANGEBYSCORE', seq, (ts + window) * TIE + TIE - 1, (ts - window) * TIE,
                               'LIMIT', 0, fanout * 3)
       local seen, k = {}, 0
@@ -166,7 +187,7 @@ for i = 0, n - 1 do
 
     -- retention: a user's keys live until RTREC_USER_TTL_DAYS after their latest event
     if user_ttl > 0 then
-      for _, key in ipairs({h, seq, aff, u .. ':bought'}) do redis.call('PEXPIRE', key, user_ttl) end
+      for _, key in ipairs({h, seq, aff, u .. ':bought', fair}) do redis.call('PEXPIRE', key, user_ttl) end
     end
 
     -- global trending popularity (global landmark) and raw counts
@@ -177,8 +198,10 @@ for i = 0, n - 1 do
       PL = ts
       redis.call('SET', pop_L_key, ts)
     end
-    decayed_add(pop_key, item, w, ts, pop_hl, PL)
-    cap(pop_key, items_cap)
+    if shares then
+      decayed_add(pop_key, item, w, ts, pop_hl, PL)
+      cap(pop_key, items_cap)
+    end
     redis.call('ZINCRBY', P .. ':items:n', 1, item)
     cap(P .. ':items:n', items_cap)
   else
@@ -306,7 +329,8 @@ class StateStore:
             BOUGHT_CAP,
         ]
         self._cap_args = [settings.affinity_cap, settings.covis_cap, settings.items_cap,
-                          round(settings.user_ttl_days * 86_400_000), round(settings.item_ttl_days * 86_400_000)]
+                          round(settings.user_ttl_days * 86_400_000), round(settings.item_ttl_days * 86_400_000),
+                          settings.fair_max_per_item, settings.fair_window_ms]
 
     # ---- where keys live ---------------------------------------------------------------
     def user_prefix(self, user_id: str) -> str:

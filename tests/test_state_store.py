@@ -556,3 +556,31 @@ def test_retention_zero_keeps_keys(redis_only) -> None:
     store = new_store(user_ttl_days=0, item_ttl_days=0)
     store.apply(redis_only, [ev("keep-u", "a", T0), ev("keep-u", "b", T0 + MINUTE)])
     assert redis_only.pttl(f"{store.prefix}:u:keep-u:h") == -1 and redis_only.pttl(f"{store.prefix}:covis:a") == -1
+
+
+# ---- fairness ------------------------------------------------------------------------------------
+def test_one_user_cannot_take_over_trending_or_co_visitation(redis_only) -> None:
+    store = new_store(fair_max_per_item=5, fair_window_ms=HOUR)
+    events = [ev("bot", "bot-item", T0 + k, "purchase") for k in range(60)]  # 60 purchases in one minute
+    events += [ev("bot", "bot-a" if k % 2 else "bot-b", T0 + 1000 + k, "click") for k in range(60)]
+    events += [ev(f"shopper{k}", "real-hit", T0 + k, "purchase") for k in range(8)]  # 8 people buy it once
+    store.apply(redis_only, events)
+    trending = [item for item, _ in one(redis_only, store, "cold-start-user").trending]
+    assert trending.index("real-hit") < trending.index("bot-item")  # the bot counts like 5 purchases, not 60
+    pop = dict(redis_only.zrange(f"{store.prefix}:pop", 0, -1, withscores=True))
+    assert pop["bot-item"] == pytest.approx(pop["real-hit"] * 5 / 8, rel=1e-3)
+    assert covis(redis_only, store, "bot-a").get("bot-b", 0) <= 2 * 5  # pairs from at most 5 + 5 events
+    assert one(redis_only, store, "bot").counts["purchase"] == 60  # its own state counts everything
+
+
+def test_the_fairness_window_lets_the_same_user_count_again_later(redis_only) -> None:
+    store = new_store(fair_max_per_item=2, fair_window_ms=HOUR)
+    events = [ev("fan", "song", T0 + k * MINUTE) for k in range(5)]  # hour 0: 2 of 5 count
+    events += [ev("fan", "song", T0 + HOUR + k * MINUTE) for k in range(5)]  # hour 1: 2 more
+    store.apply(redis_only, events)
+    assert redis_only.zscore(f"{store.prefix}:items:n", "song") == 10  # raw counts stay raw
+    shared = new_store(fair_max_per_item=100, fair_window_ms=HOUR)
+    shared.apply(redis_only, [ev("fan", "song", e.ts, eid=f"x{e.event_id}") for n, e in enumerate(events)
+                              if n % 5 < 2])  # the four that counted, with no cap
+    assert redis_only.zscore(f"{store.prefix}:pop", "song") == pytest.approx(
+        redis_only.zscore(f"{shared.prefix}:pop", "song"), rel=1e-9)
