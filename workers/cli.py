@@ -571,5 +571,31 @@ def bench_soak(
         raise typer.Exit(1)
 
 
+@bench_app.command("memory")
+def bench_memory(
+    users: int = typer.Option(2000, help="distinct users in the generated stream"),
+    items: int = typer.Option(5000, help="items in the generated catalog"),
+    events: int = typer.Option(200_000, help="events to replay"),
+    days: float = typer.Option(7.0, help="event-time span of the stream, ending now (replayed time-compressed)"),
+    rate: float = typer.Option(1000.0, help="events/s for the 7-day projection"),
+    project_users: Optional[int] = typer.Option(None, help="users for the projection (default: --users)"),
+    plot: Optional[Path] = typer.Option(Path("bench-memory.png"),
+                                        help="memory-over-events PNG; the figures go to the same name .json"),
+    samples: int = typer.Option(20, help="memory samples over the replay"),
+) -> None:
+    """Redis bytes per event, per user and per item, memory over the replay, and a projection for a rate."""
+    from rich.markup import escape
+
+    from workers.bench_memory import BenchInputError, check_inputs, run_memory_bench
+
+    settings = get_settings()
+    try:
+        check_inputs(settings, users, items, events, days, rate, project_users, samples)
+    except BenchInputError as exc:  # one line before anything starts, not a traceback
+        console.print(f"[red]{escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2)
+    run_memory_bench(settings, users, items, events, days, rate, project_users, samples, plot, console)
+
+
 if __name__ == "__main__":
     app()

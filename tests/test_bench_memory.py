@@ -1,0 +1,86 @@
+"""`rtrec bench memory` on a tiny stream: its figures agree with each other and with Redis; bad options exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+
+from stream.settings import Settings
+from tests.test_cli import run_cli
+from workers.bench_memory import FAMILIES, OTHER, BenchInputError, bench_events, family_of, run_memory_bench
+
+
+def test_family_of_sorts_every_key_layout_name():
+    assert family_of("rt:u:u1:h") == "rt:u:*:h"
+    assert family_of("rt:u:u-1.x_2:seq") == "rt:u:*:seq"
+    assert family_of("rt:u:u1:fair") == "rt:u:*:fair"  # a user part the bench does not list is still found
+    assert family_of("rt:covis:i7") == "rt:covis:*"
+    assert family_of("rt:dedupe:abc") == "rt:dedupe:*"
+    assert family_of("rt:pop") == "rt:pop" and family_of("rt:items:n") == "rt:items:n"
+    assert family_of("rt:pop:L") == OTHER and family_of("rt:stats") == OTHER and family_of("rt:workers:state") == OTHER
+
+
+def test_bench_events_span_the_days_ending_at_the_given_time():
+    end = 1_800_000_000_000
+    events = bench_events(users=20, items=50, events=500, days=2, end_ms=end)
+    assert len(events) == 500 and len({e["event_id"] for e in events}) == 500
+    assert all(set(e) == {"event_id", "user_id", "item_id", "type", "ts"} for e in events)
+    assert all(end - 2 * 86_400_000 <= e["ts"] <= end for e in events)
+    assert max(e["ts"] for e in events) - min(e["ts"] for e in events) > 86_400_000  # spread, not bunched
+
+
+@pytest.mark.integration
+def test_a_tiny_run_gives_consistent_figures_and_writes_png_and_json(tmp_path):
+    plot = tmp_path / "out" / "bench-memory.png"
+    r = run_memory_bench(Settings(kafka_bootstrap=None, redis_url=None), users=50, items=100, events=3000,
+                         days=3, rate=500, samples=3, plot=plot, console=Console(width=120),
+                         run_dir=tmp_path / "run")
+
+    assert r["events"] == 3000 and 1 <= r["users"] <= 50 and 1 <= r["items"] <= 100
+    assert [p["events"] for p in r["samples"]] == [0, 1000, 2000, 3000]
+    assert r["growth_bytes"] > 0 and r["bytes_per_event"] > 0
+    assert r["bytes_per_event"] == pytest.approx(r["growth_bytes"] / 3000)
+    assert r["bytes_per_user"] > 0 and r["bytes_per_item"] > 0 and r["dedupe_marker_bytes"] > 0
+
+    fam = r["families"]
+    assert set(FAMILIES) <= set(fam)
+    assert sum(f["keys"] for f in fam.values()) == r["dbsize"] == r["samples"][-1]["keys"]  # every key counted once
+    assert fam.get(OTHER, {"keys": 0})["keys"] <= 5  # rt:stats, rt:pop:L, the ready set: nothing unexplained
+    assert fam["rt:dedupe:*"]["keys"] == 3000  # one marker per event, none expired
+    assert fam["rt:u:*:h"]["keys"] == r["users"] and fam["rt:u:*:seq"]["keys"] == r["users"]
+    assert fam["rt:pop"]["keys"] == fam["rt:items:n"]["keys"] == 1
+    assert 0 < fam["rt:dedupe:*"]["sampled"] <= 500
+    assert 0 < r["families_total_bytes"] <= 1.5 * r["growth_bytes"]
+
+    p = r["projection"]
+    assert p["users"] == 50  # --project-users defaults to --users
+    assert p["dedupe_markers"] == 500 * min(Settings().dedupe_ttl_s, 7 * 86_400)
+    assert p["dedupe_bytes"] == pytest.approx(p["dedupe_markers"] * r["dedupe_marker_bytes"])
+    assert p["user_state_bytes"] == pytest.approx(50 * r["bytes_per_user"])
+    assert r["second_half_growth_pct"] is not None
+
+    assert plot.stat().st_size > 1000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    written = json.loads(plot.with_suffix(".json").read_text())
+    assert written["bytes_per_event"] == pytest.approx(r["bytes_per_event"])
+    assert written["families"].keys() == fam.keys()
+
+
+def test_bad_options_raise_before_anything_starts(tmp_path):
+    with pytest.raises(BenchInputError, match="--users >= 1"):
+        run_memory_bench(Settings(kafka_bootstrap=None, redis_url=None), users=0, plot=tmp_path / "x.png",
+                         run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("args,rule", [(["--users", "0"], "--users >= 1"), (["--days", "0"], "--days > 0"),
+                                       (["--events", "-5", "--items", "0"], "--items >= 1, --events >= 1")])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, rule):
+    res = run_cli(["bench", "memory", *args, "--plot", str(tmp_path / "m.png")], env={"COLUMNS": "80"}, timeout=60)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "Traceback" not in out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and rule in lines[0], out
+    assert not (tmp_path / "m.png").exists()
