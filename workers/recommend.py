@@ -144,7 +144,9 @@ class RecommendWorker:
             made_by = version if state.known else "trending"
             if not items:  # never an empty answer without a reason
                 error = "nothing to recommend: every candidate was seen or excluded, or no events have arrived yet"
-                out.append((rec, self._error(req.request_id, req.user_id, error), req.reply_topic))
+                empty = self._error(req.request_id, req.user_id, error)
+                empty.fallback = not state.known  # an unknown user was answered from (empty) trending
+                out.append((rec, empty, req.reply_topic))
                 continue
             out.append((rec, self._response(req, state, items[: req.k], made_by), req.reply_topic))
         return out
