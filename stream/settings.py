@@ -134,7 +134,7 @@ class Settings(BaseSettings):
         90.0, ge=0, description="a user's keys expire this long after their latest event (0: never)"
     )
     item_ttl_days: float = Field(
-        90.0, ge=0, description="an item's co-visitation expires this long after it was last paired (0: never)"
+        90.0, ge=0, description="an item's co-visitation expires this long after the item's latest event (0: never)"
     )
     dedupe_ttl_s: int = Field(
         7 * 86_400, description="how long an event_id is remembered for idempotence"

@@ -14,7 +14,7 @@ Key layout (``{u}`` is a validated user id, ``{i}`` an item id)::
     rt:u:{u}:aff           zset: item -> forward-decayed affinity (landmark aff_L; top affinity_cap kept)
     rt:u:{u}:bought        zset: purchased item -> latest purchase ts (capped)
     rt:covis:{i}           zset: co-visited item -> count (top covis_cap kept; expires item_ttl_days
-                           after the item was last paired)
+                           after the item's latest event)
 
     rt:u:{u}:fair          hash: item -> "window:count", the user's events per item in the current
                            fairness window (at most affinity_cap items)
@@ -23,8 +23,8 @@ Fairness: one user adds at most ``fair_max_per_item`` events per item and
 ``fair_window_ms`` (event time) to trending and co-visitation, so a bot buying one
 item 60 times moves them like a few purchases; its own state counts every event.
 
-A user's keys expire ``user_ttl_days`` after the user's latest event (every
-event refreshes them): a returning user after that is a new user.
+A user's keys expire ``user_ttl_days`` after the user's latest event (refreshed
+when 1/64 of the TTL has passed): a returning user after that is a new user.
     rt:pop                 zset: item -> forward-decayed popularity (landmark rt:pop:L; top items_cap kept)
     rt:items:n             zset: item -> raw event count (top items_cap kept)
     rt:stats               hash: applied / duplicates
@@ -96,6 +96,11 @@ local function rescale(zkey, factor)
   redis.call('ZUNIONSTORE', zkey, 1, zkey, 'WEIGHTS', fmt(factor))
 end
 
+-- a TTL in ms (0: none)
+local function expire(key, ttl)
+  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+end
+
 -- keep the n highest-scored members (memory bounded by configuration, not by traffic)
 local function cap(zkey, n)
   if redis.call('ZCARD', zkey) > n then redis.call('ZREMRANGEBYRANK', zkey, 0, -(n + 1)) end
@@ -123,8 +128,10 @@ for i = 0, n - 1 do
       local wid, c = string.match(seen_before, '^(%-?%d+):(%d+)$')
       if tonumber(wid) == window_id then count = tonumber(c) + 1 end
     end
-    if redis.call('HLEN', fair) >= aff_cap and not seen_before then redis.call('DEL', fair) end
+    local fresh = redis.call('HLEN', fair) >= aff_cap and not seen_before
+    if fresh then redis.call('DEL', fair) end
     redis.call('HSET', fair, item, window_id .. ':' .. count)
+    if fresh then expire(fair, user_ttl) end
     local shares = count <= fair_max
 
     -- co-visitation with the user's events near this one in time (bounded fan-out)
@@ -137,18 +144,17 @@ for i = 0, n - 1 do
         if other ~= item and not seen[other] then
           seen[other] = true
           k = k + 1
+          local other_key = P .. ':covis:' .. other
           redis.call('ZINCRBY', P .. ':covis:' .. item, 1, other)
-          redis.call('ZINCRBY', P .. ':covis:' .. other, 1, item)
+          if tonumber(redis.call('ZINCRBY', other_key, 1, item)) == 1 then expire(other_key, item_ttl) end
           cap(P .. ':covis:' .. item, covis_cap)
-          cap(P .. ':covis:' .. other, covis_cap)
-          if item_ttl > 0 then
-            redis.call('PEXPIRE', P .. ':covis:' .. item, item_ttl)
-            redis.call('PEXPIRE', P .. ':covis:' .. other, item_ttl)
-          end
+          cap(other_key, covis_cap)
           if k >= fanout then break end
         end
       end
     end
+
+    expire(P .. ':covis:' .. item, item_ttl)  -- an item's co-visitation lives while the item has events
 
     -- counts first: the user's event number breaks ties between equal timestamps
     redis.call('HINCRBY', h, etype, 1)
@@ -171,6 +177,7 @@ for i = 0, n - 1 do
     if not L then L = ts; redis.call('HSET', h, 'aff_L', ts) end
     if (ts - L) / aff_hl > rescale_after then
       rescale(aff, math.pow(2, -(ts - L) / aff_hl))
+      expire(aff, user_ttl)  -- the rescale rewrote the key
       L = ts
       redis.call('HSET', h, 'aff_L', ts)
     end
@@ -180,13 +187,15 @@ for i = 0, n - 1 do
     if etype == 'purchase' then
       redis.call('ZADD', u .. ':bought', 'GT', ts, item)
       redis.call('ZADD', u .. ':bought', 'NX', ts, item)
+      expire(u .. ':bought', user_ttl)
       if redis.call('ZCARD', u .. ':bought') > bought_cap then
         redis.call('ZREMRANGEBYRANK', u .. ':bought', 0, -(bought_cap + 1))
       end
     end
 
-    -- retention: a user's keys live until RTREC_USER_TTL_DAYS after their latest event
-    if user_ttl > 0 then
+    -- retention: a user's keys live until RTREC_USER_TTL_DAYS after their latest event; refreshed
+    -- when 1/64 of the TTL has passed (one PTTL per event instead of five PEXPIREs)
+    if user_ttl > 0 and redis.call('PTTL', h) < user_ttl - math.floor(user_ttl / 64) then
       for _, key in ipairs({h, seq, aff, u .. ':bought', fair}) do redis.call('PEXPIRE', key, user_ttl) end
     end
 

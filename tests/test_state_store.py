@@ -545,6 +545,9 @@ def test_user_and_item_keys_expire_after_inactivity_and_every_event_refreshes_th
     store.apply(redis_only, [ev("ret-u", "c", T0 + 2 * MINUTE)])
     assert redis_only.pttl(f"{p}:u:ret-u:h") > 5_000  # the new event refreshed it
 
+    store.apply(redis_only, [ev("late-buyer", "a", T0), ev("late-buyer", "a", T0 + MINUTE, "purchase")])
+    assert 0 < redis_only.pttl(f"{p}:u:late-buyer:bought") <= 60_000  # a key created later gets its TTL too
+
     short = new_store(user_ttl_days=200 / day_ms, item_ttl_days=0)  # 0.2 s; items kept
     short.apply(redis_only, [ev("gone-u", "x", T0), ev("gone-u", "y", T0 + MINUTE)])
     assert redis_only.pttl(f"{short.prefix}:covis:x") == -1  # no expiry
