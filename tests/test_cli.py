@@ -104,18 +104,19 @@ def _alive(pid: int) -> bool:
 def test_up_serves_requests_and_ctrl_c_stops_everything(tmp_path):
     run_dir = tmp_path / "run"
     proc = _start_up(run_dir, {})
-    info = json.loads((run_dir / "stack.json").read_text())
-    pids = list(info["servers"].values()) + [int(p.read_text()) for p in run_dir.glob("*-1.pid")]
-    assert set(info["servers"]) == {"tansu", "redis"} and len(pids) == 6  # + state, recommend, trainer, ops
-    assert set(info["metrics"]) == {"state-1", "recommend-1", "trainer-1", "ops-1"}
-    assert (run_dir / "trainer-1.pid").exists()
+    try:
+        info = json.loads((run_dir / "stack.json").read_text())
+        pids = list(info["servers"].values()) + [int(p.read_text()) for p in run_dir.glob("*-1.pid")]
+        assert set(info["servers"]) == {"tansu", "redis"} and len(pids) == 6  # + state, recommend, trainer, ops
+        assert set(info["metrics"]) == {"state-1", "recommend-1", "trainer-1", "ops-1"}
+        assert (run_dir / "trainer-1.pid").exists()
 
-    # another command finds the running stack through the run directory
-    res = run_cli(["recommend", "nobody", "-k", "3", "--json"], env={"RTREC_RUN_DIR": str(run_dir)})
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert json.loads(res.stdout)["fallback"] is True
-
-    proc.send_signal(signal.SIGINT)
+        # another command finds the running stack through the run directory
+        res = run_cli(["recommend", "nobody", "-k", "3", "--json"], env={"RTREC_RUN_DIR": str(run_dir)})
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert json.loads(res.stdout)["fallback"] is True
+    finally:
+        proc.send_signal(signal.SIGINT)  # a failed assertion must not leave the stack running
     assert proc.wait(60) == 0
     assert not any(_alive(pid) for pid in pids)
     assert not (run_dir / "stack.json").exists()

@@ -68,8 +68,10 @@ def up(
                     stopping = True
             time.sleep(0.5)
     finally:
-        console.print("stopping ...")
-        stack.stop()
+        try:
+            console.print("stopping ...")  # may fail when the terminal is gone (a closed pipe) ...
+        finally:
+            stack.stop()  # ... which must not leave the workers and servers running
         console.print("stopped.")
 
 
