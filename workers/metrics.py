@@ -138,5 +138,4 @@ async def readiness(runtime, redis_client, **extra: bool) -> dict[str, bool]:
         checks["redis"] = bool(await asyncio.wait_for(redis_client.ping(), 2))
     except Exception:
         checks["redis"] = False
-    own = runtime.checks() if hasattr(runtime, "checks") else {}
-    return {**checks, **own, **extra}
+    return {**checks, **runtime.checks(), **extra}

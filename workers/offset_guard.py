@@ -39,9 +39,8 @@ class OffsetGuard:
     def __init__(self, consumer: AIOKafkaConsumer, worker: str) -> None:
         self.consumer = consumer
         self.worker = worker
-        self.resets = 0
 
-    async def reset_beyond_log_end(self) -> None:
+    def reset_beyond_log_end(self) -> None:
         """Reset every assigned partition whose position is past the high watermark of its last fetch."""
         for tp in self.consumer.assignment():
             state = self._state(tp)
@@ -84,5 +83,4 @@ class OffsetGuard:
     def _reset(self, tp: TopicPartition, why: str) -> None:
         log.warning("%s: %s: %s; the log was reset: reading it again from the start", self.worker, tp, why)
         self.consumer.seek_to_beginning(tp)
-        self.resets += 1
         OFFSET_RESETS.labels(worker=self.worker, topic=tp.topic).inc()

@@ -254,7 +254,7 @@ class RecommendWorker:
             try:
                 future = await self.producer.send(topic, key=resp.user_id.encode(), value=resp.to_json())
             except Exception as exc:
-                if is_transient(exc) or topic == self.settings.topic_responses:
+                if not self._reply_topic_at_fault(exc, topic):
                     raise
                 acks.append(self._answer_elsewhere(rec, resp, topic, exc))
                 continue
@@ -267,9 +267,13 @@ class RecommendWorker:
         try:
             await future
         except Exception as exc:
-            if is_transient(exc) or topic == self.settings.topic_responses:
-                raise  # the default topic failing is the broker's fault: the batch is handled again
+            if not self._reply_topic_at_fault(exc, topic):
+                raise  # the broker's fault: the batch is handled again
             await self._answer_elsewhere(rec, resp, topic, exc)
+
+    def _reply_topic_at_fault(self, exc: BaseException, topic: str) -> bool:
+        """A send failed for good on a request's own reply topic (not the broker, not the default topic)."""
+        return not is_transient(exc) and topic != self.settings.topic_responses
 
     async def _answer_elsewhere(self, rec: ConsumerRecord, resp: RecResponse, topic: str, exc: BaseException) -> None:
         """Reply topic unsendable: dead-letter the request, send an error answer to the default topic."""

@@ -150,10 +150,11 @@ class ConsumerRuntime:
             self.batches += 1
             self.records += len(records)
 
-    async def poll(self) -> dict[TopicPartition, list[ConsumerRecord]]:
+    async def poll(self, timeout_ms: int | None = None) -> dict[TopicPartition, list[ConsumerRecord]]:
         """One fetch, then the log-reset check (its high watermarks are fresh now)."""
-        batch = await self.consumer.getmany(timeout_ms=self.max_wait_ms, max_records=self.max_records)
-        await self.offsets.reset_beyond_log_end()
+        batch = await self.consumer.getmany(timeout_ms=self.max_wait_ms if timeout_ms is None else timeout_ms,
+                                            max_records=self.max_records)
+        self.offsets.reset_beyond_log_end()
         return batch
 
     async def _handle_idle(self, idle: Callable[[], Awaitable[object]]) -> None:

@@ -292,8 +292,7 @@ class TrainerLoop:
 
     async def poll_once(self, timeout_ms: int = 500) -> str | None:
         """One fetch added to the window; returns why the window should close now, or None."""
-        batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=5000)
-        await self.runtime.offsets.reset_beyond_log_end()
+        batch = await self.runtime.poll(timeout_ms)
         self.add([rec for records in batch.values() for rec in records])
         return self.due()
 
