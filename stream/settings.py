@@ -136,8 +136,13 @@ class Settings(BaseSettings):
     item_ttl_days: float = Field(
         90.0, ge=0, description="an item's co-visitation expires this long after the item's latest event (0: never)"
     )
+    dedupe_window: int = Field(
+        256, ge=1, le=100_000, description="event ids remembered per user: a resent event (producer retry, a "
+        "file replayed again) is a duplicate while it is among its user's last this-many events (8 bytes each)"
+    )
     dedupe_ttl_s: int = Field(
-        7 * 86_400, description="how long an event_id is remembered for idempotence"
+        7 * 86_400, description="how long a dead-lettered record is remembered (so a redelivery is not "
+        "dead-lettered twice)"
     )
 
     # --- blending baseline --------------------------------------------------------------

@@ -1,23 +1,35 @@
 """User state in Redis: the one place that knows the key layout and the update rules.
 
-Writes go through one Lua script per chunk of events so that an event's
-dedupe marker and every update it causes commit together: a redelivered
-event (same event_id) finds its marker and changes nothing. Chunks are
+Writes go through one Lua script per chunk of events so that the check for a
+duplicate and every update an event causes commit together. Chunks are
 pipelined, so a batch of thousands of events costs one network round-trip.
+
+Exactly once, in memory bounded by users, not by events (README "Delivery guarantees"):
+
+* a *redelivered* record (crash before a commit, rebalance, offsets reset) is at or below its
+  user's applied offset for its partition: ``o:{topic}:{partition}`` in the user's hash holds
+  "epoch:offset" (epochs tell the incarnations of a log apart: stream/log_positions.py);
+* a *resent* event (producer retry, the same file replayed) has an event id among the user's
+  last ``dedupe_window`` applied ids: ``rt:u:{u}:ids`` holds their 8-byte fingerprints.
+
+Event ids are unique per user: the same id under two users is two events.
 
 Key layout (``{u}`` is a validated user id, ``{i}`` an item id)::
 
-    rt:dedupe:{event_id}   marker with TTL (idempotence)
-    rt:u:{u}:h             hash: browse/click/purchase/n counts, first_ts, last_ts, aff_L
+    rt:u:{u}:h             hash: browse/click/purchase/n counts, first_ts, last_ts, aff_L,
+                           o:{topic}:{partition} -> "epoch:offset" applied watermarks
+    rt:u:{u}:ids           string: fingerprints of the user's last dedupe_window event ids
     rt:u:{u}:seq           zset: "item|type|event_id" scored by ts*1000 + arrival number mod 1000
                            (capped; ordered by event time, equal times in arrival order)
     rt:u:{u}:aff           zset: item -> forward-decayed affinity (landmark aff_L; top affinity_cap kept)
     rt:u:{u}:bought        zset: purchased item -> latest purchase ts (capped)
-    rt:covis:{i}           zset: co-visited item -> count (top covis_cap kept; expires item_ttl_days
-                           after the item's latest event)
-
     rt:u:{u}:fair          hash: item -> "window:count", the user's events per item in the current
                            fairness window (at most affinity_cap items)
+    rt:covis:{i}           zset: co-visited item -> count (top covis_cap kept; expires item_ttl_days
+                           after the item's latest event)
+    rt:pop                 zset: item -> forward-decayed popularity (landmark rt:pop:L; top items_cap kept)
+    rt:items:n             zset: item -> raw event count (top items_cap kept)
+    rt:stats               hash: applied / duplicates
 
 Fairness: one user adds at most ``fair_max_per_item`` events per item and
 ``fair_window_ms`` (event time) to trending and co-visitation, so a bot buying one
@@ -25,17 +37,14 @@ item 60 times moves them like a few purchases; its own state counts every event.
 
 A user's keys expire ``user_ttl_days`` after the user's latest event (refreshed
 when 1/64 of the TTL has passed): a returning user after that is a new user.
-    rt:pop                 zset: item -> forward-decayed popularity (landmark rt:pop:L; top items_cap kept)
-    rt:items:n             zset: item -> raw event count (top items_cap kept)
-    rt:stats               hash: applied / duplicates
 
 Redis Cluster (``RTREC_REDIS_CLUSTER``): one script step must stay on one hash
 slot, yet it touches a user's keys *and* the shared aggregates. So users are
 spread over ``redis_cluster_buckets`` buckets (crc32 of the user id) and every
 key above lives under its bucket's hash tag, ``rt:{b7}:u:{u}:h``,
 ``rt:{b7}:pop``, ``rt:{b7}:covis:{i}``, ...: each bucket holds the shared
-aggregates of its own users' events (exactly once, atomically with the dedupe
-marker), and reads merge the buckets' partial popularity and co-visitation
+aggregates of its own users' events (exactly once, atomically with the
+duplicate check), and reads merge the buckets' partial popularity and co-visitation
 (sums; each bucket's top entries). Buckets, not users, are the unit of
 placement, so several buckets per master spread the load.
 
@@ -50,6 +59,8 @@ and L moves forward.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -58,20 +69,30 @@ from typing import Sequence
 import redis
 
 from stream.events import Event
+from stream.log_positions import LogPosition
 from stream.settings import Settings
 
 PREFIX = "rt"
 BOUGHT_CAP = 500
 RESCALE_AFTER_HALF_LIVES = 60.0
 TIE_SLOTS = 1000  # sequence score = ts * 1000 + arrival number: equal timestamps keep arrival order
+ID_BYTES = 8  # an event id's fingerprint in a user's window: 48 bits, base64
+ARGS_PER_EVENT = 9  # event_id, user, item, type, ts, fingerprint, partition field, epoch, offset
+NO_POSITION = ("", 0, 0)
+
+
+def id_fingerprint(event_id: str) -> str:
+    """8 printable characters (48 bits) of the event id's hash: a false duplicate needs a 48-bit
+    collision within one user's window (about 1 in 10^12 per event with the default window)."""
+    return base64.b64encode(hashlib.blake2b(event_id.encode(), digest_size=6).digest()).decode()
 
 APPLY_LUA = r"""
+local ID_BYTES, STRIDE = @ID_BYTES@, @STRIDE@
 local seq_len = tonumber(ARGV[1])
 local fanout = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
 local aff_hl = tonumber(ARGV[4])
 local pop_hl = tonumber(ARGV[5])
-local ttl = tonumber(ARGV[6])
 local weights = {browse = tonumber(ARGV[7]), click = tonumber(ARGV[8]), purchase = tonumber(ARGV[9])}
 local rescale_after = tonumber(ARGV[10])
 local bought_cap = tonumber(ARGV[11])
@@ -80,10 +101,12 @@ local TIE = tonumber(ARGV[13])
 local aff_cap, covis_cap, items_cap = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
 local user_ttl, item_ttl = tonumber(ARGV[17]), tonumber(ARGV[18])  -- ms of inactivity; 0: kept
 local fair_max, fair_window = tonumber(ARGV[19]), tonumber(ARGV[20])
+local id_window = tonumber(ARGV[6]) * ID_BYTES  -- bytes of a user's event-id window
 local FIRST = 21
-local n = (#ARGV - FIRST + 1) / 5
+local n = (#ARGV - FIRST + 1) / STRIDE
 local flags = {}
 local applied, dups = 0, 0
+local windows, needs_ttl = {}, {}  -- ids key -> its window as this script left it; keys to give the user TTL
 
 local function fmt(x) return string.format('%.17g', x) end
 
@@ -101,6 +124,35 @@ local function expire(key, ttl)
   if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
 end
 
+-- is fingerprint fp one of the window's (fixed-width entries; a match must start on an entry)
+local function in_window(buf, fp)
+  local pos = string.find(buf, fp, 1, true)
+  while pos do
+    if (pos - 1) % ID_BYTES == 0 then return true end
+    pos = string.find(buf, fp, pos + 1, true)
+  end
+  return false
+end
+
+-- the user's window of recent event-id fingerprints (read once per script)
+local function window_of(ids_key)
+  local buf = windows[ids_key]
+  if buf == nil then
+    buf = redis.call('GET', ids_key)
+    if not buf then buf = ''; needs_ttl[ids_key] = true end
+  end
+  return buf
+end
+
+-- redelivered: at or below the user's applied offset of this partition, in the same log epoch
+local function redelivered(h, field, epoch, offset)
+  if field == '' then return false end
+  local stored = redis.call('HGET', h, 'o:' .. field)
+  if not stored then return false end
+  local e, o = string.match(stored, '^(%d+):(%d+)$')
+  return tonumber(e) == epoch and offset <= tonumber(o)
+end
+
 -- keep the n highest-scored members (memory bounded by configuration, not by traffic)
 local function cap(zkey, n)
   if redis.call('ZCARD', zkey) > n then redis.call('ZREMRANGEBYRANK', zkey, 0, -(n + 1)) end
@@ -110,13 +162,19 @@ local pop_key = P .. ':pop'
 local pop_L_key = P .. ':pop:L'
 
 for i = 0, n - 1 do
-  local b = FIRST + i * 5
+  local b = FIRST + i * STRIDE
   local eid, uid, item, etype, ts = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], tonumber(ARGV[b + 4])
-  if redis.call('SET', P .. ':dedupe:' .. eid, '1', 'NX', 'EX', ttl) then
+  local fp, field, epoch, offset = ARGV[b + 5], ARGV[b + 6], tonumber(ARGV[b + 7]), tonumber(ARGV[b + 8])
+  local u = P .. ':u:' .. uid
+  local h, seq, aff, ids = u .. ':h', u .. ':seq', u .. ':aff', u .. ':ids'
+  local buf = window_of(ids)
+  if not redelivered(h, field, epoch, offset) and not in_window(buf, fp) then
     applied = applied + 1
     flags[#flags + 1] = 1
-    local u = P .. ':u:' .. uid
-    local h, seq, aff = u .. ':h', u .. ':seq', u .. ':aff'
+    buf = buf .. fp
+    if #buf > id_window then buf = string.sub(buf, -id_window) end
+    windows[ids] = buf
+    if field ~= '' then redis.call('HSET', h, 'o:' .. field, epoch .. ':' .. offset) end
     local w = weights[etype]
 
     -- fairness: one user adds at most fair_max events per item and window to the shared aggregates
@@ -197,6 +255,7 @@ for i = 0, n - 1 do
     -- when 1/64 of the TTL has passed (one PTTL per event instead of five PEXPIREs)
     if user_ttl > 0 and redis.call('PTTL', h) < user_ttl - math.floor(user_ttl / 64) then
       for _, key in ipairs({h, seq, aff, u .. ':bought', fair}) do redis.call('PEXPIRE', key, user_ttl) end
+      needs_ttl[ids] = true  -- expires with the others once written below
     end
 
     -- global trending popularity (global landmark) and raw counts
@@ -218,10 +277,14 @@ for i = 0, n - 1 do
     flags[#flags + 1] = 0
   end
 end
+for ids, buf in pairs(windows) do
+  redis.call('SET', ids, buf, 'KEEPTTL')
+  if needs_ttl[ids] then expire(ids, user_ttl) end
+end
 if applied > 0 then redis.call('HINCRBY', P .. ':stats', 'applied', applied) end
 if dups > 0 then redis.call('HINCRBY', P .. ':stats', 'duplicates', dups) end
 return flags
-"""
+""".replace("@ID_BYTES@", str(ID_BYTES)).replace("@STRIDE@", str(ARGS_PER_EVENT))
 
 READ_LUA = r"""
 local P, uid = ARGV[1], ARGV[2]
@@ -330,7 +393,7 @@ class StateStore:
             settings.covis_window_ms,
             settings.affinity_half_life_ms,
             settings.trend_half_life_ms,
-            settings.dedupe_ttl_s,
+            settings.dedupe_window,
             settings.weight_browse,
             settings.weight_click,
             settings.weight_purchase,
@@ -359,19 +422,22 @@ class StateStore:
         return f"{self.user_prefix(user_id)}:u:{user_id}:{part}"
 
     # ---- writing ---------------------------------------------------------------
-    def _calls(self, events: Sequence[Event]) -> list[tuple[str, list[int], list]]:
-        """(key prefix, event positions, script args) per script call; one prefix per call."""
+    def _calls(self, events: Sequence[Event], positions: Sequence[LogPosition | None] | None
+               ) -> list[tuple[str, list[int], list]]:
+        """(key prefix, event numbers, script args) per script call; one prefix per call."""
         groups: dict[str, list[int]] = {}
-        for pos, ev in enumerate(events):
-            groups.setdefault(self.user_prefix(ev.user_id), []).append(pos)
+        for number, ev in enumerate(events):
+            groups.setdefault(self.user_prefix(ev.user_id), []).append(number)
         calls = []
-        for prefix, positions in groups.items():
-            for start in range(0, len(positions), self.CHUNK):
-                part = positions[start : start + self.CHUNK]
+        for prefix, numbers in groups.items():
+            for start in range(0, len(numbers), self.CHUNK):
+                part = numbers[start : start + self.CHUNK]
                 args = [*self._config_args, prefix, TIE_SLOTS, *self._cap_args]
                 for i in part:
                     ev = events[i]
-                    args += [ev.event_id, ev.user_id, ev.item_id, ev.type, ev.ts]
+                    at = positions[i] if positions is not None else None
+                    args += [ev.event_id, ev.user_id, ev.item_id, ev.type, ev.ts, id_fingerprint(ev.event_id),
+                             *((at.field, at.epoch, at.offset) if at is not None else NO_POSITION)]
                 calls.append((prefix, part, args))
         return calls
 
@@ -383,12 +449,17 @@ class StateStore:
                 flags[i] = bool(f)
         return flags
 
-    def apply(self, client: redis.Redis, events: Sequence[Event]) -> list[bool]:
-        """Apply events (one pipelined round-trip on one Redis); returns which were new (not duplicates)."""
+    def apply(self, client: redis.Redis, events: Sequence[Event],
+              positions: Sequence[LogPosition | None] | None = None) -> list[bool]:
+        """Apply events (one pipelined round-trip on one Redis); returns which were new (not duplicates).
+
+        ``positions`` (one per event, from ``stream.log_positions``) lets redelivered records be
+        recognised by offset; without them only the users' event-id windows dedupe.
+        """
         if not events:
             return []
         script = client.register_script(APPLY_LUA)
-        calls = self._calls(events)
+        calls = self._calls(events, positions)
         if self.buckets:  # cluster clients refuse scripts in pipelines; each call goes to its bucket's master
             results = [script(keys=[prefix], args=args) for prefix, _, args in calls]
         else:
@@ -398,11 +469,12 @@ class StateStore:
             results = pipe.execute()
         return self._flags(len(events), calls, results)
 
-    async def apply_async(self, client: "redis.asyncio.Redis", events: Sequence[Event]) -> list[bool]:
+    async def apply_async(self, client: "redis.asyncio.Redis", events: Sequence[Event],
+                          positions: Sequence[LogPosition | None] | None = None) -> list[bool]:
         if not events:
             return []
         script = client.register_script(APPLY_LUA)
-        calls = self._calls(events)
+        calls = self._calls(events, positions)
         if self.buckets:  # buckets in parallel, each bucket's calls in order
             by_prefix: dict[str, list[int]] = {}
             for n, (prefix, _, _) in enumerate(calls):

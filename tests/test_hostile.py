@@ -232,10 +232,10 @@ def test_a_handler_bug_dead_letters_its_record_and_applies_the_rest_once(setting
         worker = StateWorker(s, client, dead_letters)
         apply = worker.store.apply_async
 
-        async def buggy(redis_async, batch):  # a bug that only one event triggers
+        async def buggy(redis_async, batch, positions):  # a bug that only one event triggers
             if any(e.event_id == poisoned for e in batch):
                 raise ValueError("injected bug")
-            return await apply(redis_async, batch)
+            return await apply(redis_async, batch, positions)
 
         worker.store.apply_async = buggy
         runtime = ConsumerRuntime(s, [s.topic_events], s.state_group, 2000, 5, worker="state",

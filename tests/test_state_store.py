@@ -10,7 +10,8 @@ import pytest
 
 from stream.events import Event
 from stream.settings import Settings
-from stream.state_store import RESCALE_AFTER_HALF_LIVES, SeqEntry, StateStore, StateReads
+from stream.log_positions import LogPosition
+from stream.state_store import ID_BYTES, RESCALE_AFTER_HALF_LIVES, SeqEntry, StateStore, StateReads
 from tests.conftest import wait_for
 
 BASE = Settings(
@@ -116,11 +117,58 @@ def test_same_event_id_with_different_content_is_still_a_duplicate(redis_only) -
     assert dump(redis_only, store) == before
 
 
-def test_dedupe_marker_expires_after_the_ttl(redis_only) -> None:
-    store = new_store(dedupe_ttl_s=1234)
-    store.apply(redis_only, [ev("u", "a", T0, eid="m1")])
-    ttl = redis_only.ttl(f"{store.prefix}:dedupe:m1")
-    assert 1230 <= ttl <= 1234
+def test_a_resent_event_is_a_duplicate_while_in_its_users_window(redis_only) -> None:
+    store = new_store(dedupe_window=4)
+    first = ev("u", "a", T0, eid="w0")
+    store.apply(redis_only, [first, *(ev("u", f"i{n}", T0 + n) for n in range(1, 4))])
+    assert store.apply(redis_only, [first]) == [False]  # three later events: still among the last four
+    store.apply(redis_only, [ev("u", "z", T0 + 10)])
+    assert store.apply(redis_only, [first]) == [True]  # four later events: out of the window, applied again
+    assert len(redis_only.get(store.user_key("u", "ids"))) == 4 * ID_BYTES  # the window never grows past it
+
+
+def test_event_ids_are_unique_per_user(redis_only) -> None:
+    store = new_store()
+    assert store.apply(redis_only, [ev("u", "a", T0, eid="same"), ev("v", "a", T0, eid="same")]) == [True, True]
+
+
+def test_the_id_window_expires_with_the_user(redis_only) -> None:
+    store = new_store(user_ttl_days=1.0)
+    store.apply(redis_only, [ev("u", "a", T0)])
+    ttl = redis_only.pttl(store.user_key("u", "ids"))
+    assert 86_400_000 - 5_000 < ttl <= 86_400_000
+
+
+def at(offset: int, epoch: int = 0, field: str = "events:0") -> LogPosition:
+    return LogPosition(field, epoch, offset)
+
+
+def test_redelivered_records_are_duplicates_however_many_by_their_offsets(redis_only) -> None:
+    """A crash before a commit redelivers a whole batch: far more of one user's events than the id window."""
+    events = [ev("bot", f"i{n % 7}", T0 + n * MINUTE, ("browse", "click", "purchase")[n % 3]) for n in range(40)]
+    once, twice = new_store(dedupe_window=3), new_store(dedupe_window=3)
+    positions = [at(100 + n) for n in range(40)]
+    once.apply(redis_only, events, positions)
+    twice.apply(redis_only, events[:25], positions[:25])
+    assert twice.apply(redis_only, events, positions) == [False] * 25 + [True] * 15
+    assert dump(redis_only, twice) == dump(redis_only, once)
+    assert twice.stats(redis_only) == {"applied": 40, "duplicates": 25}
+
+
+def test_a_new_log_epoch_applies_offsets_seen_in_the_old_log(redis_only) -> None:
+    store = new_store()
+    store.apply(redis_only, [ev("u", "a", T0)], [at(0)])
+    assert store.apply(redis_only, [ev("u", "b", T0 + 1)], [at(0)]) == [False]  # same log: a redelivery
+    assert store.apply(redis_only, [ev("u", "b", T0 + 1)], [at(0, epoch=1)]) == [True]  # the broker's log restarted
+    assert redis_only.hget(store.user_key("u", "h"), "o:events:0") == "1:0"
+
+
+def test_records_without_a_position_rely_on_the_id_window(redis_only) -> None:
+    store = new_store()
+    a = ev("u", "a", T0)
+    store.apply(redis_only, [a], [at(5)])
+    assert store.apply(redis_only, [a]) == [False]  # a producer retry: same id, another offset
+    assert store.apply(redis_only, [ev("u", "b", T0 + 1)], [None]) == [True]
 
 
 def test_batches_larger_than_one_chunk(redis_only) -> None:

@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap
 from stream.events import Event, InvalidEvent, parse_event
+from stream.log_positions import AsyncLogEpochs, LogPosition
 from stream.settings import Settings, get_settings
 from stream.topics import ensure_topics
 from stream.state_store import StateStore
@@ -36,28 +37,32 @@ class StateWorker:
         self.settings = settings
         self.redis = redis_client
         self.store = StateStore(settings)
+        self.epochs = AsyncLogEpochs(redis_client)
         self.dead_letters = dead_letters
         self.applied = 0
         self.duplicates = 0
 
-    def split(self, records: Sequence[ConsumerRecord]) -> tuple[list[Event], list[int], list[DeadLetter]]:
-        """Valid events (with their broker timestamps) and dead letters."""
+    def split(self, records: Sequence[ConsumerRecord], positions: Sequence[LogPosition | None]
+              ) -> tuple[list[Event], list[LogPosition | None], list[int], list[DeadLetter]]:
+        """Valid events (with their log positions and broker timestamps) and dead letters."""
         now_ms = int(time.time() * 1000)
         events: list[Event] = []
+        kept: list[LogPosition | None] = []
         stamps: list[int] = []
         bad: list[DeadLetter] = []
-        for rec in records:
+        for rec, at in zip(records, positions):
             try:
                 events.append(parse_event(rec.value, self.settings, now_ms))
+                kept.append(at)
                 stamps.append(rec.timestamp)
             except InvalidEvent as exc:
                 bad.append(DeadLetter(rec, exc.reason, exc.detail))
-        return events, stamps, bad
+        return events, kept, stamps, bad
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
-        events, stamps, bad = self.split(records)
+        events, positions, stamps, bad = self.split(records, await self.epochs.positions(records))
         await self.dead_letters.publish(bad)
-        flags = await self.store.apply_async(self.redis, events)
+        flags = await self.store.apply_async(self.redis, events, positions)
         visible_ms = time.time() * 1000
         new = sum(flags)
         self.applied += new
