@@ -28,7 +28,8 @@ class ReplayReport:
 
 
 def derived_event_id(event: dict[str, Any]) -> str:
-    """A stable id for files without event_id: replaying the same file twice dedupes."""
+    """A stable id for files without event_id: an event of a file replayed again is a duplicate while it is
+    among its user's last RTREC_DEDUPE_WINDOW events (stream/state_store.py)."""
     key = f"{event.get('user_id')}|{event.get('item_id')}|{event.get('type')}|{event.get('ts')}"
     return "f" + hashlib.blake2b(key.encode(), digest_size=10).hexdigest()
 
