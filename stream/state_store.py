@@ -174,7 +174,7 @@ for i = 0, n - 1 do
     buf = buf .. fp
     if #buf > id_window then buf = string.sub(buf, -id_window) end
     windows[ids] = buf
-    if field ~= '' then redis.call('HSET', h, 'o:' .. field, epoch .. ':' .. offset) end
+    if field ~= '' then redis.call('HSET', h, 'o:' .. field, ARGV[b + 7] .. ':' .. ARGV[b + 8]) end  -- as sent
     local w = weights[etype]
 
     -- fairness: one user adds at most fair_max events per item and window to the shared aggregates

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 from rich.console import Console
@@ -17,7 +18,8 @@ def test_family_of_sorts_every_key_layout_name():
     assert family_of("rt:u:u-1.x_2:seq") == "rt:u:*:seq"
     assert family_of("rt:u:u1:fair") == "rt:u:*:fair"  # a user part the bench does not list is still found
     assert family_of("rt:covis:i7") == "rt:covis:*"
-    assert family_of("rt:dedupe:abc") == "rt:dedupe:*"
+    assert family_of("rt:u:u1:ids") == "rt:u:*:ids"
+    assert family_of("rt:dedupe:abc") == OTHER  # per-event markers are gone: one would be unexplained
     assert family_of("rt:pop") == "rt:pop" and family_of("rt:items:n") == "rt:items:n"
     assert family_of("rt:pop:L") == OTHER and family_of("rt:stats") == OTHER and family_of("rt:workers:state") == OTHER
 
@@ -42,24 +44,43 @@ def test_a_tiny_run_gives_consistent_figures_and_writes_png_and_json(tmp_path):
     assert [p["events"] for p in r["samples"]] == [0, 1000, 2000, 3000]
     assert r["growth_bytes"] > 0 and r["bytes_per_event"] > 0
     assert r["bytes_per_event"] == pytest.approx(r["growth_bytes"] / 3000)
-    assert r["bytes_per_user"] > 0 and r["bytes_per_item"] > 0 and r["dedupe_marker_bytes"] > 0
+    assert r["bytes_per_user"] > 0 and r["bytes_per_item"] > 0
 
     fam = r["families"]
-    assert set(FAMILIES) <= set(fam)
+    assert set(FAMILIES) <= set(fam) and "rt:dedupe:*" not in fam
     assert sum(f["keys"] for f in fam.values()) == r["dbsize"] == r["samples"][-1]["keys"]  # every key counted once
     assert fam.get(OTHER, {"keys": 0})["keys"] <= 5  # rt:stats, rt:pop:L, the ready set: nothing unexplained
-    assert fam["rt:dedupe:*"]["keys"] == 3000  # one marker per event, none expired
-    assert fam["rt:u:*:h"]["keys"] == r["users"] and fam["rt:u:*:seq"]["keys"] == r["users"]
+    assert fam["rt:u:*:h"]["keys"] == fam["rt:u:*:seq"]["keys"] == fam["rt:u:*:ids"]["keys"] == r["users"]
     assert fam["rt:pop"]["keys"] == fam["rt:items:n"]["keys"] == 1
-    assert 0 < fam["rt:dedupe:*"]["sampled"] <= 500
     assert 0 < r["families_total_bytes"] <= 1.5 * r["growth_bytes"]
+    assert [p["active_users"] for p in r["samples"]][0] == 0 and r["samples"][-1]["active_users"] == r["users"]
+
+    d = r["dedupe"]  # per user: the id window plus one watermark field per partition the user's events came from
+    assert d["window"] == Settings().dedupe_window
+    assert d["ids_bytes"] == pytest.approx(fam["rt:u:*:ids"]["total_bytes"])
+    per_user = Counter(e["user_id"] for e in bench_events(50, 100, 3000, 3, end_ms=0))  # the same users, any end
+    window_bytes = 8 * sum(min(n, d["window"]) for n in per_user.values())  # each user's last `window` ids
+    assert window_bytes <= d["ids_bytes"] <= window_bytes + 100 * r["users"]  # + per-key overhead
+    assert d["watermark_fields_per_user"] == pytest.approx(1.0)  # one partition per user (keyed by user)
+    assert 0 < d["watermark_bytes_per_user"] < 200 and d["watermark_raw_bytes_per_user"] > 10
+    assert d["bytes"] == pytest.approx(d["ids_bytes"] + d["watermark_bytes_per_user"] * r["users"])
+    assert d["bytes_per_user"] == pytest.approx(d["bytes"] / r["users"])
+    assert d["bytes_per_event"] == pytest.approx(d["bytes"] / 3000)
+    assert d["bytes_per_user"] < r["bytes_per_user"]  # a part of the user state
 
     p = r["projection"]
     assert p["users"] == 50  # --project-users defaults to --users
-    assert p["dedupe_markers"] == 500 * min(Settings().dedupe_ttl_s, 7 * 86_400)
-    assert p["dedupe_bytes"] == pytest.approx(p["dedupe_markers"] * r["dedupe_marker_bytes"])
+    assert p["events"] == 500 * 7 * 86_400
     assert p["user_state_bytes"] == pytest.approx(50 * r["bytes_per_user"])
+    assert p["dedupe_bytes"] == pytest.approx(50 * d["bytes_per_user"])
+    assert p["dedupe_bytes_per_event"] == pytest.approx(p["dedupe_bytes"] / p["events"])
+    assert p["total_bytes"] == pytest.approx(p["user_state_bytes"] + r["items"] * r["bytes_per_item"])
+
     assert r["second_half_growth_pct"] is not None
+    later = [s["used_memory"] for s in r["samples"] if s["events"] > 1500]
+    assert r["second_half_deviation_pct"] == pytest.approx(
+        max(abs(u - r["half_used_memory"]) for u in later) / r["half_used_memory"] * 100, rel=1e-3, abs=1e-6)
+    assert r["flat"] == (r["second_half_deviation_pct"] <= 10)
 
     assert plot.stat().st_size > 1000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     written = json.loads(plot.with_suffix(".json").read_text())

@@ -18,6 +18,7 @@ from stream.embedded import start_redis_cluster
 from stream.eventfile import read_events
 from stream.events import event_from_dict
 from stream.producer import EventProducer
+from stream.rebuild import staging_store, state_keys, switch
 from stream.rec_client import RecClient
 from stream.sample import SAMPLE_PATH
 from stream.settings import Settings
@@ -86,6 +87,38 @@ def test_cluster_state_equals_one_redis(cluster, redis_only) -> None:
         port = int(node.name.rsplit("-", 1)[1])
         assert redis_client(settings.model_copy(update={"redis_cluster": False,
                                                         "redis_url": f"redis://127.0.0.1:{port}/0"})).dbsize() > 0
+
+
+def test_rebuild_switches_each_bucket_to_its_staging_bucket_and_leaves_other_keys(cluster) -> None:
+    settings, client, _ = cluster
+    live = StateStore(settings, prefix=f"c{uuid.uuid4().hex[:6]}")
+    staging = staging_store(live)
+    for live_shard, staging_shard in zip(live.shard_prefixes(), staging.shard_prefixes()):
+        assert staging_shard == live_shard.replace(live.prefix, f"{live.prefix}:rebuild", 1)
+        assert client.keyslot(f"{live_shard}:stats") == client.keyslot(f"{staging_shard}:u:x:h")  # one script
+    old, new = sample_events(600, settings), sample_events(800, settings)  # different users
+    live.apply(client, old)
+    staging.apply(client, new)
+    others = [f"{live.prefix}:logs", f"{live.shard_prefixes()[0]}:stats:other", f"{live.prefix}:popular"]
+    for key in others:
+        client.set(key, "kept")
+    stale = f"{live.prefix}:{{b{settings.redis_cluster_buckets + 3}}}:u:gone:h"  # a bucket of a larger count
+    client.hset(stale, "n", 1)
+
+    users, items = switch(client, live, staging)
+
+    reference = StateStore(settings, prefix=f"{live.prefix}ref")
+    reference.apply(client, new)
+    assert (users, items) == (len({e.user_id for e in new}), len(reference.item_counts(client)))
+    assert live.item_counts(client) == reference.item_counts(client)
+    assert live.stats(client) == {"applied": 800}
+    new_users = sorted({e.user_id for e in new})
+    for got, want in zip(live.fetch(client, new_users, ALL), reference.fetch(client, new_users, ALL)):
+        assert (got.counts, got.sequence, got.covis) == (want.counts, want.sequence, want.covis)
+    assert not any(st.known for st in live.fetch(client, sorted({e.user_id for e in old})))
+    assert state_keys(client, [staging]) == [{shard: [] for shard in staging.shard_prefixes()}]
+    assert all(client.get(key) == "kept" for key in others)
+    assert not client.exists(stale)
 
 
 def test_state_and_generation_workers_run_on_the_cluster(cluster, tmp_path) -> None:

@@ -1,30 +1,44 @@
-"""`rtrec bench memory`: Redis bytes per event, per user and per item, and what a rate costs over a week.
+"""`rtrec bench memory`: Redis bytes per event, per user and per item, dedupe state, and what a rate costs over a week.
 
 Replays a generated stream through the real stack (embedded broker and Redis unless
 RTREC_KAFKA_BOOTSTRAP / RTREC_REDIS_URL are set, one state worker) *time-compressed*: the
 events' timestamps span ``days`` of event time ending now, but they are sent as fast as
 the worker applies them. The stream goes out in ``samples`` chunks; after each chunk the
 bench waits until the worker applied it (``rt:stats`` ``applied``) and records Redis
-``INFO memory`` ``used_memory`` and ``DBSIZE``; the baseline is taken before any event.
+``INFO memory`` ``used_memory``, ``DBSIZE`` and the distinct users sent so far; the baseline
+is taken before any event.
 
 At the end every key is classified into a family (``rt:u:*:h``, ``rt:u:*:seq``, ...,
-``rt:covis:*``, ``rt:dedupe:*``, ``rt:pop``, ``rt:items:n``; keys of no family are
-counted as "other") with one SCAN, and ``MEMORY USAGE`` of up to 500 randomly chosen
-keys per family gives its average size and estimated total.
+``rt:u:*:ids``, ``rt:covis:*``, ``rt:pop``, ``rt:items:n``; keys of no family are counted as
+"other") with one SCAN, and ``MEMORY USAGE`` of up to 500 randomly chosen keys per family
+gives its average size and estimated total.
+
+Dedupe state (stream/state_store.py) is per user, not per event: the ``rt:u:*:ids`` family
+(fingerprints of the user's last RTREC_DEDUPE_WINDOW event ids) plus the applied-offset
+watermark fields ``o:<topic>:<partition>`` in each user's ``rt:u:*:h`` hash. The watermarks'
+cost is measured, not assumed: for the sampled ``:h`` hashes the bench COPYs each to a scratch
+key, takes its ``MEMORY USAGE``, HDELs the ``o:*`` fields from the copy and takes it again; the
+average difference (what the fields cost as Redis encodes that hash, allocator size classes
+included) times the number of ``:h`` keys is the watermarks' total. Their raw bytes (field +
+value lengths) and count per hash are reported next to it.
 
 Figures:
 
-* bytes per event: used_memory growth / events applied;
-* bytes per active user: the ``rt:u:*`` families' total / distinct users in the stream;
+* bytes per event: used_memory growth / events applied (falls as events grow once state is full);
+* bytes per active user: the ``rt:u:*`` families' total (dedupe state included) / distinct users;
 * bytes per item: ``rt:covis:*`` + ``rt:pop`` + ``rt:items:n`` / distinct items in the stream;
-* second-half growth: used_memory growth over the second half of the events as a percentage
-  of the growth over the first half (0%: memory flat after the first half, 100%: linear);
-* projection for ``rate`` events/s over 7 days: dedupe markers (one per event, living
-  RTREC_DEDUPE_TTL_S: rate x min(ttl, 7 d) x average marker bytes) and user state
-  (``project_users`` x bytes per active user, as measured at this stream's events per user).
+* dedupe bytes: ``rt:u:*:ids`` total + watermarks, per active user and per event amortized
+  (dedupe bytes / events applied);
+* flatness, two ways: the largest deviation of used_memory over the second half of the events
+  from its value at the half, in % of that value (the "flat within +-10%" test; ``flat``), and
+  the second half's growth as a percentage of the first half's (0%: flat, 100%: linear);
+* projection for ``rate`` events/s over 7 days and ``project_users`` users: user state =
+  users x bytes per active user (as measured at this stream's events per user: once the
+  per-user caps are full, more events per user add nothing), dedupe bytes = users x dedupe
+  bytes per user, amortized over rate x 7 d events; item state at this stream's items.
 
-Note that key TTLs run in wall-clock time: during a time-compressed replay nothing expires,
-so the markers of the whole stream are all present at the end.
+Key TTLs (RTREC_USER_TTL_DAYS, RTREC_ITEM_TTL_DAYS) run in wall-clock time: during a
+time-compressed replay nothing expires, so every user of the stream is counted as active.
 """
 
 from __future__ import annotations
@@ -51,11 +65,14 @@ from workers.stack import Stack
 
 DAY_MS = 86_400_000
 PROJECTION_DAYS = 7
+FLAT_PCT = 10.0  # "used_memory flat within +-10% over the second half"
 SAMPLE_KEYS = 500  # MEMORY USAGE calls per family
-USER_PARTS = ("h", "seq", "aff", "bought")  # always listed; other rt:u:*:<part> families are found by the scan
-FAMILIES = tuple(f"{PREFIX}:u:*:{p}" for p in USER_PARTS) + (
-    f"{PREFIX}:covis:*", f"{PREFIX}:dedupe:*", f"{PREFIX}:pop", f"{PREFIX}:items:n")
+USER_PARTS = ("h", "seq", "aff", "bought", "ids")  # always listed; other rt:u:*:<part> families are found by the scan
+FAMILIES = tuple(f"{PREFIX}:u:*:{p}" for p in USER_PARTS) + (f"{PREFIX}:covis:*", f"{PREFIX}:pop", f"{PREFIX}:items:n")
 ITEM_FAMILIES = (f"{PREFIX}:covis:*", f"{PREFIX}:pop", f"{PREFIX}:items:n")
+HASH_FAMILY, IDS_FAMILY = f"{PREFIX}:u:*:h", f"{PREFIX}:u:*:ids"
+WATERMARK = "o:"  # a user's applied-offset watermark fields: o:<topic>:<partition> -> "epoch:offset"
+SCRATCH_KEY = "rtrec-bench-memory:scratch"  # outside every family; deleted again
 OTHER = "other"
 _USER_KEY = re.compile(rf"^{PREFIX}:u:[^:]+:([^:]+)$")  # ids cannot contain ':' (stream.events.ID_PATTERN)
 PRODUCER_LINGER_MS = 50  # fuller record batches: the embedded broker prefers few large ones (see bench_soak)
@@ -86,7 +103,7 @@ def bench_events(users: int, items: int, events: int, days: float, end_ms: int, 
     """`events` synthetic events whose timestamps span `days` ending at `end_ms`, with uuid-sized event ids.
 
     Only the required fields are kept; event ids are 32 hex digits (as `rtrec produce` makes them), not the
-    generator's short ones, since the id is part of every dedupe marker and sequence member.
+    generator's short ones, since the id is part of every sequence member.
     """
     span = max(1, int(days * DAY_MS))
     cfg = SyntheticConfig(n_users=users, n_items=items, n_clusters=min(20, items), n_events=events,
@@ -100,20 +117,15 @@ def family_of(key: str) -> str:
     m = _USER_KEY.match(key)
     if m:
         return f"{PREFIX}:u:*:{m.group(1)}"
-    for prefix in ("covis", "dedupe"):
-        if key.startswith(f"{PREFIX}:{prefix}:"):
-            return f"{PREFIX}:{prefix}:*"
+    if key.startswith(f"{PREFIX}:covis:"):
+        return f"{PREFIX}:covis:*"
     if key in (f"{PREFIX}:pop", f"{PREFIX}:items:n"):
         return key
     return OTHER
 
 
-def key_families(client, sample: int = SAMPLE_KEYS, seed: int = 0) -> dict[str, dict]:
-    """Per family: keys, sampled keys, average MEMORY USAGE bytes and estimated total (avg x keys).
-
-    One SCAN over the whole keyspace, a reservoir sample of up to `sample` keys per family, then
-    MEMORY USAGE ... SAMPLES 0 (every element counted) for the sampled keys, pipelined.
-    """
+def _scan(client, sample: int, seed: int) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Keys per family and a reservoir sample of up to `sample` key names per family, in one SCAN."""
     rng = random.Random(seed)
     counts: dict[str, int] = {f: 0 for f in FAMILIES}
     chosen: dict[str, list[str]] = {f: [] for f in FAMILIES}
@@ -128,6 +140,20 @@ def key_families(client, sample: int = SAMPLE_KEYS, seed: int = 0) -> dict[str, 
             j = rng.randrange(n)
             if j < sample:
                 picks[j] = key
+    return counts, chosen
+
+
+def key_families(client, sample: int = SAMPLE_KEYS, seed: int = 0,
+                 chosen_out: dict[str, list[str]] | None = None) -> dict[str, dict]:
+    """Per family: keys, sampled keys, average MEMORY USAGE bytes and estimated total (avg x keys).
+
+    One SCAN over the whole keyspace, a reservoir sample of up to `sample` keys per family, then
+    MEMORY USAGE ... SAMPLES 0 (every element counted) for the sampled keys, pipelined. The sampled
+    key names go to `chosen_out` when given.
+    """
+    counts, chosen = _scan(client, sample, seed)
+    if chosen_out is not None:
+        chosen_out.update(chosen)
     out: dict[str, dict] = {}
     found = sorted(f for f in counts if f not in FAMILIES and f != OTHER)  # e.g. a user part added later
     users = [f for f in FAMILIES if f.startswith(f"{PREFIX}:u:")] + [f for f in found if f.startswith(f"{PREFIX}:u:")]
@@ -145,6 +171,39 @@ def key_families(client, sample: int = SAMPLE_KEYS, seed: int = 0) -> dict[str, 
     return out
 
 
+def watermark_cost(client, hash_keys: list[str]) -> dict:
+    """What the ``o:*`` watermark fields cost in the given user hashes, on average per hash.
+
+    For each hash: COPY to a scratch key, MEMORY USAGE, HDEL its ``o:*`` fields from the copy, MEMORY
+    USAGE again; the difference is the fields' cost in that hash as Redis encodes it. Hashes without
+    such fields count as 0. Also the fields' count and raw bytes (field name + value lengths).
+    """
+    pipe = client.pipeline(transaction=False)
+    for key in hash_keys:
+        pipe.hgetall(key)
+    fields = [{f: v for f, v in h.items() if f.startswith(WATERMARK)} for h in pipe.execute()]
+    pipe = client.pipeline(transaction=False)
+    measured = [(key, fs) for key, fs in zip(hash_keys, fields) if fs]
+    for key, fs in measured:
+        pipe.copy(key, SCRATCH_KEY, replace=True)
+        pipe.memory_usage(SCRATCH_KEY, samples=0)
+        pipe.hdel(SCRATCH_KEY, *fs)
+        pipe.memory_usage(SCRATCH_KEY, samples=0)
+    pipe.delete(SCRATCH_KEY)
+    res = pipe.execute()
+    costs = []
+    for n in range(len(measured)):
+        copied, with_fields, _, without = res[4 * n: 4 * n + 4]
+        if copied and with_fields is not None and without is not None:  # else it expired since the scan
+            costs.append(with_fields - without)
+    hashes = len(hash_keys) - len(measured) + len(costs)
+    n_fields = sum(len(fs) for fs in fields)
+    raw = sum(len(f) + len(v) for fs in fields for f, v in fs.items())
+    return {"sampled": hashes, "fields_per_hash": n_fields / len(hash_keys) if hash_keys else 0.0,
+            "raw_bytes_per_hash": raw / len(hash_keys) if hash_keys else 0.0,
+            "bytes_per_hash": sum(costs) / hashes if hashes else 0.0}
+
+
 def _wait_applied(store: StateStore, client, target: int, stack: Stack, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while (applied := store.stats(client).get("applied", 0)) < target:
@@ -156,9 +215,9 @@ def _wait_applied(store: StateStore, client, target: int, stack: Stack, timeout_
         time.sleep(0.02)
 
 
-def _sample(client, applied: int, started: float) -> dict:
+def _sample(client, applied: int, active_users: int, started: float) -> dict:
     info = client.info("memory")
-    return {"events": applied, "used_memory": int(info["used_memory"]),
+    return {"events": applied, "active_users": active_users, "used_memory": int(info["used_memory"]),
             "used_memory_dataset": int(info.get("used_memory_dataset", 0)), "keys": int(client.dbsize()),
             "seconds": round(time.monotonic() - started, 3)}
 
@@ -172,9 +231,14 @@ def run_memory_bench(settings: Settings, users: int = 2000, items: int = 5000, e
     console = console or Console()
     project_users = project_users or users
     stream = bench_events(users, items, events, days, end_ms=int(time.time() * 1000) - 1000)
-    active_users = len({e["user_id"] for e in stream})
-    active_items = len({e["item_id"] for e in stream})
     bounds = np.linspace(0, events, min(samples, events) + 1).round().astype(int)
+    seen: set[str] = set()
+    active_at = [0]  # distinct users among the events sent up to each bound
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        seen.update(e["user_id"] for e in stream[lo:hi])
+        active_at.append(len(seen))
+    active_users = len(seen)
+    active_items = len({e["item_id"] for e in stream})
 
     with tempfile.TemporaryDirectory(prefix="rtrec-bench-memory-") as tmp:
         with Stack(settings, run_dir=run_dir or Path(tmp)) as stack:
@@ -188,29 +252,31 @@ def run_memory_bench(settings: Settings, users: int = 2000, items: int = 5000, e
                 console.print(f"[yellow]this Redis already holds state ({already:,} events applied): "
                               "the key families below include it")
             started = time.monotonic()
-            series = [_sample(client, 0, started)]
+            series = [_sample(client, 0, 0, started)]
             console.rule(f"replaying {events:,} events ({active_users:,} users, {active_items:,} items) "
                          f"spanning {days:g} days of event time")
             with EventProducer(s.model_copy(update={"producer_linger_ms": PRODUCER_LINGER_MS})) as producer, \
                     tqdm(total=events, desc="replay", unit="ev") as bar:
-                for lo, hi in zip(bounds[:-1], bounds[1:]):
+                for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
                     for n in range(lo, hi):
                         producer.send(stream[n])
                         if n % 1000 == 999:
                             bar.update(1000)
                     producer.flush()
                     _wait_applied(store, client, already + int(hi), stack)
-                    series.append(_sample(client, int(hi), started))
+                    series.append(_sample(client, int(hi), active_at[k], started))
                     bar.update(int(hi) - bar.n)
                     bar.set_postfix(used_mb=f"{series[-1]['used_memory'] / 2**20:.1f}", keys=series[-1]["keys"])
             seconds = time.monotonic() - started
             console.print("breaking memory down by key family (SCAN + MEMORY USAGE) ...")
-            families = key_families(client)
+            chosen: dict[str, list[str]] = {}
+            families = key_families(client, chosen_out=chosen)
+            watermarks = watermark_cost(client, chosen.get(HASH_FAMILY, []))
             dbsize = int(client.dbsize())
             client.close()
 
-    result = _figures(series, families, dbsize, events, active_users, active_items, days, rate, project_users,
-                      settings.dedupe_ttl_s, seconds)
+    result = _figures(series, families, watermarks, dbsize, events, active_users, active_items, days, rate,
+                      project_users, settings.dedupe_window, seconds)
     _print(result, console)
     if plot is not None:
         plot = Path(plot)
@@ -223,38 +289,58 @@ def run_memory_bench(settings: Settings, users: int = 2000, items: int = 5000, e
     return result
 
 
-def _figures(series: list[dict], families: dict[str, dict], dbsize: int, events: int, users: int, items: int,
-             days: float, rate: float, project_users: int, dedupe_ttl_s: int, seconds: float) -> dict:
+def _figures(series: list[dict], families: dict[str, dict], watermarks: dict, dbsize: int, events: int, users: int,
+             items: int, days: float, rate: float, project_users: int, dedupe_window: int, seconds: float) -> dict:
     applied = np.array([p["events"] for p in series], dtype=float)
     used = np.array([p["used_memory"] for p in series], dtype=float)
     baseline, end = float(used[0]), float(used[-1])
-    mid = float(np.interp(events / 2, applied, used))
+    half = events / 2
+    mid = float(np.interp(half, applied, used))
     first, second = mid - baseline, end - mid
     second_half_pct = second / first * 100 if first > 0 else None
+    later = [mid, *used[applied > half].tolist()]  # used_memory from the half (interpolated) to the end
+    deviation_pct = max(abs(u - mid) for u in later) / mid * 100
     user_bytes = sum(f["total_bytes"] for name, f in families.items() if name.startswith(f"{PREFIX}:u:"))
     item_bytes = sum(families[name]["total_bytes"] for name in ITEM_FAMILIES if name in families)
-    marker_bytes = families.get(f"{PREFIX}:dedupe:*", {}).get("avg_bytes", 0.0)
     per_user = user_bytes / users
-    horizon_s = PROJECTION_DAYS * 86_400
-    markers = rate * min(dedupe_ttl_s, horizon_s)
-    projection = {
-        "rate_events_per_s": rate, "days": PROJECTION_DAYS, "users": project_users,
-        "dedupe_ttl_s": dedupe_ttl_s, "dedupe_markers": markers, "dedupe_bytes": markers * marker_bytes,
-        "user_state_bytes": project_users * per_user,
-        "measured_events_per_user": events / users,
+    per_item = item_bytes / items
+    ids = families.get(IDS_FAMILY, {"keys": 0, "avg_bytes": 0.0, "total_bytes": 0.0})
+    hashes = families.get(HASH_FAMILY, {"keys": 0})["keys"]
+    watermark_bytes = watermarks["bytes_per_hash"] * hashes
+    dedupe_bytes = ids["total_bytes"] + watermark_bytes
+    dedupe = {
+        "window": dedupe_window, "ids_keys": ids["keys"], "ids_avg_bytes": ids["avg_bytes"],
+        "ids_bytes": ids["total_bytes"], "watermark_hashes": hashes, "watermark_sampled": watermarks["sampled"],
+        "watermark_fields_per_user": watermarks["fields_per_hash"],
+        "watermark_raw_bytes_per_user": watermarks["raw_bytes_per_hash"],
+        "watermark_bytes_per_user": watermarks["bytes_per_hash"], "watermark_bytes": watermark_bytes,
+        "bytes": dedupe_bytes, "bytes_per_user": dedupe_bytes / users, "bytes_per_event": dedupe_bytes / events,
     }
-    projection["total_bytes"] = projection["dedupe_bytes"] + projection["user_state_bytes"]
+    horizon_events = rate * PROJECTION_DAYS * 86_400
+    projection = {
+        "rate_events_per_s": rate, "days": PROJECTION_DAYS, "users": project_users, "events": horizon_events,
+        "events_per_user": horizon_events / project_users, "measured_events_per_user": events / users,
+        "user_state_bytes": project_users * per_user,
+        "dedupe_bytes": project_users * dedupe["bytes_per_user"],
+        "items": items, "item_state_bytes": items * per_item,
+    }
+    projection["dedupe_bytes_per_event"] = projection["dedupe_bytes"] / horizon_events
+    projection["total_bytes"] = projection["user_state_bytes"] + projection["item_state_bytes"]
     return {
         "events": events, "users": users, "items": items, "days": days, "seconds": round(seconds, 1),
         "events_per_s": round(events / seconds, 1) if seconds > 0 else None,
-        "baseline_used_memory": int(baseline), "end_used_memory": int(end), "growth_bytes": int(end - baseline),
+        "baseline_used_memory": int(baseline), "half_used_memory": int(mid), "end_used_memory": int(end),
+        "growth_bytes": int(end - baseline),
         "bytes_per_event": (end - baseline) / events,
-        "bytes_per_user": per_user, "bytes_per_item": item_bytes / items,
-        "dedupe_marker_bytes": marker_bytes,
+        "second_half_bytes_per_event": second / (events - half),
+        "bytes_per_user": per_user, "bytes_per_item": per_item,
+        "dedupe": dedupe,
         "families_total_bytes": sum(f["total_bytes"] for f in families.values()),
         "first_half_growth_bytes": first, "second_half_growth_bytes": second,
         "second_half_growth_pct": second_half_pct,
-        "flat": None if second_half_pct is None else abs(second_half_pct) <= 10,
+        "second_half_min_used_memory": int(min(later)), "second_half_max_used_memory": int(max(later)),
+        "second_half_deviation_pct": deviation_pct,
+        "flat": deviation_pct <= FLAT_PCT,
         "dbsize": dbsize, "families": families, "projection": projection, "samples": series,
     }
 
@@ -271,22 +357,31 @@ def _size(b: float) -> str:
 
 
 def _print(r: dict, console: Console) -> None:
+    d = r["dedupe"]
     table = Table(title=f"rtrec bench memory  ({r['events']:,} events over {r['days']:g} simulated days, "
                         f"{r['seconds']:.0f} s)")
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("events applied", f"{r['events']:,}")
     table.add_row("active users / items", f"{r['users']:,} / {r['items']:,}")
-    table.add_row("used_memory baseline -> end (MB)",
-                  f"{_mb(r['baseline_used_memory'])} -> {_mb(r['end_used_memory'])}")
+    table.add_row("used_memory baseline -> half -> end (MB)",
+                  f"{_mb(r['baseline_used_memory'])} -> {_mb(r['half_used_memory'])} -> {_mb(r['end_used_memory'])}")
     table.add_row("used_memory growth (MB)", _mb(r["growth_bytes"]))
-    table.add_row("bytes per event (growth / events)", f"{r['bytes_per_event']:,.0f}")
-    table.add_row("bytes per active user (rt:u:* families)", f"{r['bytes_per_user']:,.0f}")
+    table.add_row("bytes per event (growth / events)", f"{r['bytes_per_event']:,.1f}")
+    table.add_row("bytes per event over the second half", f"{r['second_half_bytes_per_event']:,.1f}")
+    table.add_row("bytes per active user (rt:u:* families, dedupe included)", f"{r['bytes_per_user']:,.0f}")
     table.add_row("bytes per item (covis + pop + items:n)", f"{r['bytes_per_item']:,.0f}")
-    table.add_row("dedupe marker, bytes each", f"{r['dedupe_marker_bytes']:,.0f}")
+    table.add_row(f"dedupe state (rt:u:*:ids, window {d['window']:,} + o:* watermarks), MB", _mb(d["bytes"]))
+    table.add_row("dedupe bytes per active user (ids + watermarks)",
+                  f"{d['bytes_per_user']:,.0f} ({d['ids_avg_bytes']:,.0f} + {d['watermark_bytes_per_user']:,.0f}"
+                  f" for {d['watermark_fields_per_user']:.2g} fields)")
+    table.add_row("dedupe bytes per event, amortized (dedupe bytes / events)", f"{d['bytes_per_event']:,.2f}")
+    table.add_row(f"used_memory over the second half: largest deviation from the half (flat: within "
+                  f"+-{FLAT_PCT:g}%)",
+                  f"{r['second_half_deviation_pct']:.1f}% ({_mb(r['second_half_min_used_memory'])}-"
+                  f"{_mb(r['second_half_max_used_memory'])} MB){'  flat' if r['flat'] else '  NOT flat'}")
     pct = r["second_half_growth_pct"]
-    table.add_row("second-half growth vs first half (0% flat, 100% linear)",
-                  "-" if pct is None else f"{pct:+.0f}%{'  (flat)' if r['flat'] else ''}")
+    table.add_row("second-half growth vs first half (0% flat, 100% linear)", "-" if pct is None else f"{pct:+.0f}%")
     console.print(table)
 
     fam = Table(title=f"Redis keys by family  ({r['dbsize']:,} keys; MEMORY USAGE of up to {SAMPLE_KEYS} per family)")
@@ -302,26 +397,39 @@ def _print(r: dict, console: Console) -> None:
 
     p = r["projection"]
     console.print(
-        f"projection at {p['rate_events_per_s']:,.0f} events/s over {p['days']} days, {p['users']:,} users: "
-        f"dedupe markers {p['dedupe_markers']:,.0f} (TTL {p['dedupe_ttl_s']:,} s) x {r['dedupe_marker_bytes']:.0f} B "
-        f"= {_size(p['dedupe_bytes'])}; user state {p['users']:,} x {r['bytes_per_user']:,.0f} B = "
-        f"{_size(p['user_state_bytes'])} (at {p['measured_events_per_user']:,.0f} events/user); "
-        f"total {_size(p['total_bytes'])}")
+        f"projection at {p['rate_events_per_s']:,.0f} events/s over {p['days']} days ({p['events']:,.0f} events), "
+        f"{p['users']:,} users ({p['events_per_user']:,.0f} events each; measured at "
+        f"{p['measured_events_per_user']:,.0f}): user state {p['users']:,} x {r['bytes_per_user']:,.0f} B = "
+        f"{_size(p['user_state_bytes'])}, of which dedupe {_size(p['dedupe_bytes'])} = "
+        f"{p['dedupe_bytes_per_event']:.3g} B per event amortized; item state ({p['items']:,} items) "
+        f"{_size(p['item_state_bytes'])}; total {_size(p['total_bytes'])}")
+    if p["events_per_user"] < p["measured_events_per_user"]:
+        console.print("[yellow]the projection has fewer events per user than the replay: user state is overstated")
 
 
 def _plot(r: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     pts = r["samples"]
+    x = [p["events"] for p in pts]
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
-    ax.plot([p["events"] for p in pts], [p["used_memory"] / 2**20 for p in pts], marker="o", markersize=3,
-            label="used_memory")
-    ax.axvline(r["events"] / 2, color="grey", linestyle=":", linewidth=0.8, label="half of the events")
-    ax.set(xlabel="events applied", ylabel="Redis used_memory (MB)",
+    ax.plot(x, [p["used_memory"] / 2**20 for p in pts], marker="o", markersize=3, label="used_memory")
+    mid = r["half_used_memory"] / 2**20
+    ax.fill_between([r["events"] / 2, r["events"]], mid * (1 - FLAT_PCT / 100), mid * (1 + FLAT_PCT / 100),
+                    color="green", alpha=0.12, label=f"±{FLAT_PCT:g}% of used_memory at the half")
+    ax.axvline(r["events"] / 2, color="grey", linestyle=":", linewidth=0.8)
+    ax.set(xlabel="events applied (count)", ylabel="Redis used_memory (MB)", ylim=(0, None),
            title=f"Redis memory while replaying {r['events']:,} events "
-                 f"({r['users']:,} users, {r['days']:g} simulated days)")
-    ax.legend()
+                 f"({r['users']:,} users, {r['items']:,} items, {r['days']:g} simulated days)")
+    ax.ticklabel_format(axis="x", style="plain")
+    users = ax.twinx()
+    users.plot(x, [p.get("active_users", 0) for p in pts], color="tab:orange", linestyle="--", linewidth=1,
+               label="active users")
+    users.set(ylabel="active users (distinct users so far)", ylim=(0, None))
+    lines = ax.get_legend_handles_labels()
+    more = users.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

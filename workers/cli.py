@@ -386,27 +386,25 @@ def lag(
 
 @app.command("rebuild-state")
 def rebuild_state(
-    since_hours: float = typer.Option(0.0, help="only events the broker received this recently (0: the whole topic)"),
+    since_hours: float = typer.Option(
+        0.0, min=0.0, help="build the state from the events the broker received in the last H hours only; "
+        "state from older events is dropped (0: the whole topic)"),
 ) -> None:
-    """Rebuild Redis user state from the events topic (after Redis lost data). Idempotent: applied events are skipped."""
+    """Rebuild Redis state from the events topic (after Redis lost data) into a fresh namespace, then switch to it
+    atomically; gives the same state whether or not Redis still holds any. Other keys (logs, metrics, models) stay."""
+    from rich.markup import escape
     from tqdm import tqdm
 
-    from stream.connections import redis_client
-    from stream.events import event_from_dict
-    from stream.state_store import StateStore
-    from stream.topic_window import read_topic_events
+    from stream.rebuild import RebuildError, rebuild
 
     settings = connected_settings()
-    events = read_topic_events(settings, since_ms=int(since_hours * 3_600_000) or None)
-    store, client = StateStore(settings), redis_client(settings)
-    new = 0
-    with tqdm(total=len(events), unit="ev", desc="rebuild") as bar:
-        for start in range(0, len(events), 2000):
-            chunk = [event_from_dict(e, settings, now_ms=e["ts"]) for e in events[start : start + 2000]]
-            new += sum(store.apply(client, chunk))
-            bar.update(len(chunk))
-    console.print(f"{len(events):,} events read from {settings.topic_events}: {new:,} applied, "
-                  f"{len(events) - new:,} already in Redis")
+    try:
+        with tqdm(unit="rec", desc="rebuild") as bar:
+            report = rebuild(settings, since_ms=int(since_hours * 3_600_000) or None, progress=bar.update)
+    except RebuildError as exc:  # unreachable broker or Redis, a rebuild already running: one line, not a traceback
+        console.print(f"[red]{escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2)
+    console.print(escape(report.summary()), soft_wrap=True)
 
 
 @app.command()
@@ -579,13 +577,16 @@ def bench_memory(
     items: int = typer.Option(5000, help="items in the generated catalog"),
     events: int = typer.Option(200_000, help="events to replay"),
     days: float = typer.Option(7.0, help="event-time span of the stream, ending now (replayed time-compressed)"),
-    rate: float = typer.Option(1000.0, help="events/s for the 7-day projection"),
-    project_users: Optional[int] = typer.Option(None, help="users for the projection (default: --users)"),
+    rate: float = typer.Option(1000.0, help="events/s for the 7-day projection (dedupe bytes are amortized over "
+                               "rate x 7 days of events)"),
+    project_users: Optional[int] = typer.Option(None, help="users for the projection, each at the replay's "
+                                                "bytes per active user (default: --users)"),
     plot: Optional[Path] = typer.Option(Path("bench-memory.png"),
                                         help="memory-over-events PNG; the figures go to the same name .json"),
     samples: int = typer.Option(20, help="memory samples over the replay"),
 ) -> None:
-    """Redis bytes per event, per user and per item, memory over the replay, and a projection for a rate."""
+    """Redis bytes per event, per user (dedupe state included) and per item, memory over the replay and whether it
+    stays flat, and a 7-day projection for a rate."""
     from rich.markup import escape
 
     from workers.bench_memory import BenchInputError, check_inputs, run_memory_bench
