@@ -25,7 +25,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stream.settings import Settings
 
 from stream.eventfile import read_events
 
@@ -137,6 +140,57 @@ def load_events(source: str | Path) -> list[Event]:
     else:
         events = list(read_events(path))
     return sort_events(events)
+
+
+class TrainingInputError(ValueError):
+    """Training input that cannot give a useful model: invalid events, or too few events/users (one line)."""
+
+
+def prepare_training_events(events: list[dict], settings: "Settings", source: Any = "input") -> list[dict]:
+    """Check events before any training: derive missing event ids (as `rtrec replay` does), validate each
+    event, and refuse input below RTREC_TRAIN_MIN_EVENTS events or RTREC_TRAIN_MIN_USERS users with the three
+    events leave-one-out needs. Returns the events (ids filled in); raises TrainingInputError."""
+    from stream.events import InvalidEvent, event_from_dict
+    from stream.replay import derived_event_id
+
+    now_ms = max((e["ts"] for e in events if isinstance(e.get("ts"), int)), default=0) + 86_400_000
+    bad: list[str] = []
+    n_bad = 0
+    for n, event in enumerate(events, 1):
+        if event.get("event_id") is None:
+            event["event_id"] = derived_event_id(event)
+        try:
+            event_from_dict({k: v for k, v in event.items() if k != "rating"}, settings, now_ms=now_ms)
+        except InvalidEvent as exc:
+            n_bad += 1
+            if len(bad) < 3:
+                bad.append(f"event {n}: {exc}")
+    if n_bad:
+        raise TrainingInputError(f"{source}: {n_bad} invalid event(s) ({'; '.join(bad)}); fix or remove them")
+    per_user: dict[str, int] = {}
+    for e in events:
+        per_user[e["user_id"]] = per_user.get(e["user_id"], 0) + 1
+    users = sum(1 for n in per_user.values() if n >= 3)
+    if len(events) < settings.train_min_events or users < settings.train_min_users:
+        raise TrainingInputError(
+            f"{source}: {len(events)} events and {users} users with 3+ events; training needs at least "
+            f"{settings.train_min_events} events (RTREC_TRAIN_MIN_EVENTS) and {settings.train_min_users} such users "
+            f"(RTREC_TRAIN_MIN_USERS)")
+    return events
+
+
+def resolve_source(source: str) -> Path:
+    """An existing path, or the folder of a shared dataset of that name (ml-100k, ml-1m-partial)."""
+    path = Path(source)
+    if path.exists():
+        return path
+    if source not in SHARED_DATASETS:
+        raise FileNotFoundError(2, f"no such file (nor a shared dataset name: {', '.join(SHARED_DATASETS)})",
+                                source)
+    found = shared_dataset(source)
+    if found is None:
+        raise FileNotFoundError(f"{source}: no such file, and no dataset of that name in ../shared/data")
+    return found
 
 
 def _repo_root() -> Path:

@@ -10,7 +10,8 @@ import torch
 from tqdm import tqdm
 
 from model.checkpoint import Checkpoint, save_checkpoint
-from model.datasets import Split, leave_one_out
+from model.datasets import (Split, TrainingInputError, leave_one_out, prepare_training_events,  # noqa: F401
+                            resolve_source)
 from model.generator import TorchGenerator, resolve_device
 from model.sequence_model import build_model
 from model.train import TrainReport, ValidationCase, seed_everything, train_model, user_histories, vocab_for
@@ -89,19 +90,6 @@ def train_checkpoint(settings: Settings, events: list[dict], root: Path,
     return path, report
 
 
-def resolve_source(source: str) -> Path:
-    """An existing path, or the folder of a shared dataset of that name (ml-100k, ml-1m-partial)."""
-    from model.datasets import shared_dataset
-
-    path = Path(source)
-    if path.exists():
-        return path
-    found = shared_dataset(source)
-    if found is None:
-        raise FileNotFoundError(f"{source}: no such file, and no dataset of that name in ../shared/data")
-    return found
-
-
 def plot_training(reports: dict[str, TrainReport], path: Path) -> Path:
     """Loss and validation NDCG@10 per epoch, one line per model."""
     import matplotlib
@@ -127,7 +115,7 @@ def plot_training(reports: dict[str, TrainReport], path: Path) -> Path:
 
 
 def run_eval(settings: Settings, source: str, families: Sequence[str], out_dir: Path, console: Any,
-             baselines: bool = True) -> list[dict[str, Any]]:
+             baselines: bool = True, events: list[dict] | None = None) -> list[dict[str, Any]]:
     """Leave-one-out table: generative families vs blending, popularity and river BiasedMF.
 
     `source` is an event file in rtrec's format or a MovieLens file/folder, or the
@@ -143,22 +131,19 @@ def run_eval(settings: Settings, source: str, families: Sequence[str], out_dir: 
     from stream.connections import redis_client
     from stream.embedded import start_redis
 
+    import json
+
     path = resolve_source(source)
-    events = load_events(path)
+    if events is None:  # (the CLI loads and checks them before importing this module)
+        events = prepare_training_events(load_events(path), settings, path)  # before anything long starts
     split = leave_one_out(events)
     console.print(f"{path}: {len(events):,} events, {len(split.test_users):,} test users, {len(split.items):,} items")
+    title = f"eval {path.stem if path.is_file() else path.name}"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
-    generators, reports, train_seconds = {}, {}, {}
-    for family in families:
-        fs = settings.model_copy(update={"model_family": family})
-        started = time.monotonic()
-        generators[f"generative-{family}"], reports[family] = train_generator(fs, split)
-        train_seconds[f"generative-{family}"] = time.monotonic() - started
-        refit = f" (refit {reports[family].refit_seconds:.0f}s)" if reports[family].refit_seconds else ""
-        console.print(f"generative-{family}: trained in {train_seconds[f'generative-{family}']:.0f}s{refit}, "
-                      f"best epoch {reports[family].best_epoch}")
-
-    # every recommender ranks from the same states, built by the real store in a real Redis
+    # every recommender ranks from the same states, built by the real store in a real Redis (first: the cheap
+    # steps that can fail on the input run before any training)
     state_settings = settings.model_copy(update={"sequence_length": max(settings.sequence_length, settings.model_max_events)})
     with tempfile.TemporaryDirectory(prefix="rtrec-eval-") as tmp:
         server, url = start_redis(settings, Path(tmp))
@@ -167,19 +152,39 @@ def run_eval(settings: Settings, source: str, families: Sequence[str], out_dir: 
             states = build_states(split, state_settings, client)
         finally:
             server.stop()
-    recommenders: dict[str, Any] = dict(generators)
+    rows: list[dict[str, Any]] = []
+    blending = BlendingRecommender(settings)
     if baselines:
-        blending = BlendingRecommender(settings)
-        recommenders["blending"] = blending
-        recommenders["popularity"] = PopularityRecommender(split)
-        recommenders["river-BiasedMF"] = BiasedMFRecommender(split)
-        if settings.serve_blend_weight:  # the fused ranking the worker serves
-            for name, generator in generators.items():
-                recommenders[f"{name}+blending"] = RankFusion([(generator, 1.0), (blending, settings.serve_blend_weight)])
-    rows = evaluate(recommenders, states, split)
+        rows += evaluate({"blending": blending, "popularity": PopularityRecommender(split),
+                          "river-BiasedMF": BiasedMFRecommender(split)}, states, split)
+        write_report(rows, out_dir, title)  # results so far are on disk before any training
+
+    reports, train_seconds = {}, {}
+    for family in families:
+        fs = settings.model_copy(update={"model_family": family})
+        started = time.monotonic()
+        name = f"generative-{family}"
+        generator, reports[family] = train_generator(fs, split)
+        train_seconds[name] = time.monotonic() - started
+        refit = f" (refit {reports[family].refit_seconds:.0f}s)" if reports[family].refit_seconds else ""
+        console.print(f"{name}: trained in {train_seconds[name]:.0f}s{refit}, best epoch {reports[family].best_epoch}")
+        family_recs: dict[str, Any] = {name: generator}
+        if baselines and settings.serve_blend_weight:  # the fused ranking the worker serves
+            family_recs[f"{name}+blending"] = RankFusion([(generator, 1.0), (blending, settings.serve_blend_weight)])
+        family_rows = evaluate(family_recs, states, split)
+        for row in family_rows:
+            row["train_seconds"] = round(train_seconds.get(row["name"], 0.0), 1)
+        rows += family_rows
+        (out_dir / f"{name}.json").write_text(json.dumps(
+            {"family": family, "best_epoch": reports[family].best_epoch, "validation": reports[family].best,
+             "test": family_rows, "train_seconds": round(train_seconds[name], 1)}, indent=2, default=float))
+        write_report(rows, out_dir, title)  # each family's results are kept before the next one trains
+
+    order = ([f"generative-{f}" for f in families] + ["blending", "popularity", "river-BiasedMF"]
+             + [f"generative-{f}+blending" for f in families])
+    rows.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     for row in rows:
-        row["train_seconds"] = round(train_seconds.get(row["name"], 0.0), 1)
-    title = f"eval {path.stem if path.is_file() else path.name}"
+        row.setdefault("train_seconds", 0.0)
     csv_path, png_path = write_report(rows, out_dir, title)
     curves = plot_training({f: r for f, r in reports.items()}, out_dir / "training-curves.png") if reports else None
     print_table(rows, console, published_reference() if "ml-1m" in str(path) else None)

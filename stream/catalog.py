@@ -22,13 +22,54 @@ def store_categories(settings: Settings, categories: Iterable[tuple[str, str]]) 
     return len(mapping)
 
 
-def load_catalog(settings: Settings, path: Path) -> int:
-    """Read item_id/category rows from JSON lines or CSV (same formats as event files)."""
+def read_catalog(path: Path) -> list[tuple[str, str]]:
+    """item_id/category rows from JSON lines or CSV (same formats as event files); EventFileError names the
+    file and line of anything else (a missing column, a line that is not a JSON object)."""
     import csv
+
+    from stream.eventfile import EventFileError
+
+    path = Path(path)
+    kind, gz = file_format(path)
+    if not path.is_file():
+        raise FileNotFoundError(2, "no such file", str(path))
+    pairs = []
+    try:
+        with open_text(path, gz, write=False) as f:
+            if kind == "csv":
+                reader = csv.DictReader(f)
+                fields = [n.strip() for n in reader.fieldnames or []]
+                if "item_id" not in fields or not ({"category", "cluster"} & set(fields)):
+                    raise EventFileError(f"{path}:1: a catalog CSV needs the columns item_id and category "
+                                         f"(header is {','.join(fields) or 'empty'})")
+                rows = ((reader.line_num, r) for r in reader)
+            else:
+                rows = _json_rows(f, path)
+            for n, r in rows:
+                item, cat = (r.get("item_id"), r.get("category", r.get("cluster"))) if isinstance(r, dict) else (None, None)
+                if item in (None, "") or cat in (None, ""):
+                    raise EventFileError(f"{path}:{n}: a catalog row needs item_id and category")
+                pairs.append((item, cat))
+    except (UnicodeDecodeError, EOFError, OSError, csv.Error) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise EventFileError(f"{path}: not a readable catalog file ({type(exc).__name__}: {exc})") from None
+    return pairs
+
+
+def _json_rows(f, path: Path):
     import json
 
-    kind, gz = file_format(Path(path))
-    with open_text(Path(path), gz, write=False) as f:
-        rows = csv.DictReader(f) if kind == "csv" else (json.loads(line) for line in f if line.strip())
-        pairs = [(r["item_id"], r.get("category", r.get("cluster"))) for r in rows]
-    return store_categories(settings, pairs)
+    from stream.eventfile import EventFileError
+
+    for n, line in enumerate(f, 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EventFileError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+
+
+def load_catalog(settings: Settings, path: Path) -> int:
+    """Read item_id/category rows from JSON lines or CSV (same formats as event files)."""
+    return store_categories(settings, read_catalog(path))

@@ -8,14 +8,17 @@ pid and log files in the run directory, so `pip install` is the whole setup.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from stream.settings import Settings
 
@@ -38,30 +41,100 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int):
+    """A preexec_fn: the kernel sends SIGKILL to the child when the spawning thread's process dies.
+
+    Linux only (prctl); elsewhere a no-op. If the parent died between fork and
+    prctl, the signal would never come, so the child exits at once instead.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return preexec
+
+
+def mask_url(url: str | None) -> str | None:
+    """A URL fit to print: its password (if any) replaced by ***."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def strip_password(url: str | None) -> str | None:
+    """A URL fit to store: its password removed (clients take RTREC_REDIS_PASSWORD instead)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 @dataclass
 class ManagedProcess:
-    """A child server process with its pid and log file under the run directory."""
+    """A child process with its pid and log file under the run directory; `restart()` spawns it again."""
 
     name: str
     proc: subprocess.Popen
     log_path: Path
     pid_path: Path
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    die_with_parent: bool = False
+    port: int = 0  # the port it serves (servers), 0 if none
+    started_at: float = field(default_factory=time.monotonic)
 
     @classmethod
     def spawn(
-        cls, name: str, argv: list[str], run_dir: Path, env: dict[str, str] | None = None
+        cls, name: str, argv: list[str], run_dir: Path, env: dict[str, str] | None = None,
+        die_with_parent: bool = False, port: int = 0,
     ) -> "ManagedProcess":
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path = run_dir / f"{name}.log"
         pid_path = run_dir / f"{name}.pid"
-        log = open(log_path, "ab")
-        proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True,  # Ctrl-C in the terminal goes to `rtrec up`, which stops us in order
-        )
-        log.close()
+        proc = cls._popen(argv, log_path, env, die_with_parent)
         pid_path.write_text(str(proc.pid))
-        return cls(name, proc, log_path, pid_path)
+        return cls(name, proc, log_path, pid_path, list(argv), env, die_with_parent, port)
+
+    @staticmethod
+    def _popen(argv: list[str], log_path: Path, env: dict[str, str] | None, die_with_parent: bool) -> subprocess.Popen:
+        log = open(log_path, "ab")
+        try:
+            return subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True,  # Ctrl-C in the terminal goes to `rtrec up`, which stops us in order
+                preexec_fn=_die_with_parent(os.getpid()) if die_with_parent else None,
+            )
+        finally:
+            log.close()
+
+    def restart(self) -> None:
+        """Spawn the same command again (same log, pid file, port and data directory)."""
+        if self.alive():
+            self.stop()
+        self.proc = self._popen(self.argv, self.log_path, self.env, self.die_with_parent)
+        self.pid_path.write_text(str(self.proc.pid))
+        self.started_at = time.monotonic()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -123,41 +196,53 @@ def redis_server_binary(settings: Settings) -> str:
     )
 
 
-def start_tansu(run_dir: Path, port: int = 0) -> tuple[ManagedProcess, str]:
-    """Start Tansu (memory storage) on 127.0.0.1; returns the process and host:port."""
+def start_tansu(run_dir: Path, port: int = 0, die_with_parent: bool = False) -> tuple[ManagedProcess, str]:
+    """Start Tansu (memory storage: a restart starts with an empty log) on 127.0.0.1; returns the process and host:port."""
+    run_dir = Path(run_dir).resolve()
     port = port or free_port()
     url = f"tcp://127.0.0.1:{port}"
     proc = ManagedProcess.spawn(
         "tansu",
         [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
-        run_dir,
+        run_dir, die_with_parent=die_with_parent, port=port,
     )
     proc.wait_port(port)
     return proc, f"127.0.0.1:{port}"
 
 
 def start_redis(
-    settings: Settings, run_dir: Path, port: int = 0, appendonly: bool = False
+    settings: Settings, run_dir: Path, port: int = 0, appendonly: bool = False,
+    data_dir: Path | None = None, die_with_parent: bool = False,
 ) -> tuple[ManagedProcess, str]:
-    """Start a Redis-protocol server on 127.0.0.1; returns the process and its redis:// URL."""
+    """Start a Redis-protocol server on 127.0.0.1; returns the process and its redis:// URL.
+
+    Without `data_dir` the data lives in a fresh `redis-<port>` folder (tests'
+    throw-away servers). With it, the server keeps an append-only file there
+    (fsync every second) and loads it again on the next start: `rtrec up`'s state
+    survives restarts of Redis and of `rtrec up`.
+    """
+    run_dir = Path(run_dir).resolve()  # the server changes its working directory
     port = port or free_port()
-    data_dir = run_dir / f"redis-{port}"
+    durable = data_dir is not None
+    data_dir = Path(data_dir).resolve() if durable else run_dir / f"redis-{port}"
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         redis_server_binary(settings),
         "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-        "--save", "", "--appendonly", "yes" if appendonly else "no",
+        "--save", "", "--appendonly", "yes" if appendonly or durable else "no",
         "--protected-mode", "no", "--daemonize", "no",
     ]
+    if durable:
+        argv += ["--appendfsync", "everysec"]
     if settings.redis_password is not None:
         argv += ["--requirepass", settings.redis_password.get_secret_value()]
-    proc = ManagedProcess.spawn("redis", argv, run_dir)
+    proc = ManagedProcess.spawn("redis", argv, run_dir, die_with_parent=die_with_parent, port=port)
     proc.wait_port(port)
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
 def start_redis_cluster(
-    settings: Settings, run_dir: Path, masters: int = 3, timeout_s: float = 20
+    settings: Settings, run_dir: Path, masters: int = 3, timeout_s: float = 20, die_with_parent: bool = False
 ) -> tuple[list[ManagedProcess], str]:
     """A Redis Cluster of `masters` nodes on loopback (no replicas), from the same server binary.
 
@@ -167,6 +252,7 @@ def start_redis_cluster(
     """
     import redis
 
+    run_dir = Path(run_dir).resolve()  # each node changes its working directory to its --dir
     binary = redis_server_binary(settings)
     nodes: list[ManagedProcess] = []
     ports = [free_port() for _ in range(masters)]
@@ -179,10 +265,14 @@ def start_redis_cluster(
             argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
                     "--cluster-enabled", "yes", "--cluster-config-file", str(data_dir / "nodes.conf"),
                     "--cluster-port", str(bus_ports[port]),  # the default, port + 10000, may not exist
-                    "--save", "", "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no"]
+                    # AOF in the node's folder: a node restarted by `rtrec up` comes back with its
+                    # slots (nodes.conf) and its keys
+                    "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+                    "--protected-mode", "no", "--daemonize", "no"]
             if auth:
                 argv += ["--requirepass", auth["password"], "--masterauth", auth["password"]]
-            node = ManagedProcess.spawn(f"redis-cluster-{port}", argv, run_dir)
+            node = ManagedProcess.spawn(f"redis-cluster-{port}", argv, run_dir, die_with_parent=die_with_parent,
+                                        port=port)
             nodes.append(node)
             node.wait_port(port)
         clients = [redis.Redis(host="127.0.0.1", port=port, **auth) for port in ports]

@@ -14,11 +14,17 @@ import io
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CSV_COLUMNS = ("event_id", "user_id", "item_id", "type", "ts", "session_id", "price", "quantity", "context")
 CSV_REQUIRED = ("user_id", "item_id", "type", "ts")
+
+OnError = Callable[[int, str], None]  # (line number, what is wrong) for a line that is skipped
+
+
+class EventFileError(ValueError):
+    """An event file that cannot be read: the message names the file (and line) and what is wrong."""
 
 
 def file_format(path: Path) -> tuple[str, bool]:
@@ -31,7 +37,7 @@ def file_format(path: Path) -> tuple[str, bool]:
         return "json", gz
     if name.endswith(".csv"):
         return "csv", gz
-    raise ValueError(
+    raise EventFileError(
         f"{path}: unknown event file format; use .jsonl, .json, .ndjson or .csv, optionally + .gz"
     )
 
@@ -45,14 +51,46 @@ def open_text(path: Path, gz: bool, write: bool) -> IO[str]:
     return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
 
 
-def read_events(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Yield the event dicts in a file, lazily, in file order (the format is checked at once)."""
+def read_events(path: str | Path, on_error: OnError | None = None) -> Iterator[dict[str, Any]]:
+    """Yield the event dicts in a file, lazily, in file order (the format is checked at once).
+
+    A line that cannot be parsed raises EventFileError, or, with `on_error`, is reported to it
+    (line number, message) and skipped. A missing file, a bad header, a file that is not gzip or
+    not UTF-8 always raise (FileNotFoundError / EventFileError).
+    """
+    return (event for _, event in read_numbered_events(path, on_error))
+
+
+def read_numbered_events(path: str | Path, on_error: OnError | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, event) pairs, else as read_events; the line is where the event ends."""
     path = Path(path)
     kind, gz = file_format(path)
-    return _read_json(path, gz) if kind == "json" else _read_csv(path, gz)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return _guarded(path, _read_json(path, gz, on_error) if kind == "json" else _read_csv(path, gz, on_error))
 
 
-def _read_json(path: Path, gz: bool) -> Iterator[dict[str, Any]]:
+def _guarded(path: Path, events: Iterator[tuple[int, dict[str, Any]]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Decoding failures of the whole file as EventFileError naming the file."""
+    try:
+        yield from events
+    except gzip.BadGzipFile:
+        raise EventFileError(f"{path}: not a gzip file (drop the .gz suffix or gzip it)") from None
+    except EOFError:
+        raise EventFileError(f"{path}: the gzip stream ends early (a truncated file)") from None
+    except UnicodeDecodeError as exc:
+        raise EventFileError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+    except csv.Error as exc:
+        raise EventFileError(f"{path}: not readable as CSV ({exc})") from None
+
+
+def _bad(on_error: OnError | None, path: Path, lineno: int, message: str) -> None:
+    if on_error is None:
+        raise EventFileError(f"{path}:{lineno}: {message}")
+    on_error(lineno, message)
+
+
+def _read_json(path: Path, gz: bool, on_error: OnError | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     with open_text(path, gz, write=False) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -60,10 +98,12 @@ def _read_json(path: Path, gz: bool) -> Iterator[dict[str, Any]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                _bad(on_error, path, lineno, f"not valid JSON ({exc.msg})")
+                continue
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield obj
+                _bad(on_error, path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            yield lineno, obj
 
 
 def _to_int(text: str) -> int:
@@ -80,7 +120,7 @@ def _to_int(text: str) -> int:
 _CONVERT = {"ts": _to_int, "quantity": _to_int, "price": float, "context": json.loads}
 
 
-def _read_csv(path: Path, gz: bool) -> Iterator[dict[str, Any]]:
+def _read_csv(path: Path, gz: bool, on_error: OnError | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     with open_text(path, gz, write=False) as f:
         reader = csv.reader(f)
         header = [name.strip() for name in next(reader, [])]
@@ -88,15 +128,17 @@ def _read_csv(path: Path, gz: bool) -> Iterator[dict[str, Any]]:
             return  # an empty file holds no events
         missing = [name for name in CSV_REQUIRED if name not in header]
         if missing:
-            raise ValueError(f"{path}:1: missing required column(s): {', '.join(missing)}")
+            raise EventFileError(f"{path}:1: missing required column(s): {', '.join(missing)} "
+                                 f"(the header must name {', '.join(CSV_REQUIRED)}; optional: event_id, ...)")
         if len(set(header)) != len(header):
-            raise ValueError(f"{path}:1: duplicate column names in header")
+            raise EventFileError(f"{path}:1: duplicate column names in header")
         for row in reader:
             if not any(cell.strip() for cell in row):  # blank line
                 continue
             lineno = reader.line_num  # physical line where the row ends (quoted cells may span lines)
             if len(row) != len(header):
-                raise ValueError(f"{path}:{lineno}: expected {len(header)} columns, got {len(row)}")
+                _bad(on_error, path, lineno, f"expected {len(header)} columns, got {len(row)}")
+                continue
             event: dict[str, Any] = {}
             for name, cell in zip(header, row):
                 if cell == "":
@@ -105,8 +147,10 @@ def _read_csv(path: Path, gz: bool) -> Iterator[dict[str, Any]]:
                 try:
                     event[name] = convert(cell) if convert else cell
                 except ValueError as exc:  # json.JSONDecodeError is a ValueError too
-                    raise ValueError(f"{path}:{lineno}: bad {name} value {cell[:40]!r} ({exc})") from None
-            yield event
+                    _bad(on_error, path, lineno, f"bad {name} value {cell[:40]!r} ({exc})")
+                    break
+            else:
+                yield lineno, event
 
 
 def write_events(path: str | Path, events: Iterable[dict[str, Any]]) -> int:

@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 from kafka import KafkaProducer
 
-from stream.connections import kafka_bootstrap, kafka_python_auth
+from stream.connections import kafka_bootstrap, kafka_connect_kwargs, kafka_python_auth
 from stream.events import Event, event_from_dict
 from stream.rec_messages import RecRequest
 from stream.settings import Settings
@@ -24,7 +24,9 @@ def make_kafka_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         enable_idempotence=settings.producer_idempotence,
         client_id="rtrec-producer",
         allow_auto_create_topics=False,  # a typo'd topic fails here instead of appearing on the broker
+        max_block_ms=int(settings.connect_timeout_s * 1000) + 5000,  # a send waits this long for metadata
         **kafka_python_auth(settings),
+        **kafka_connect_kwargs(settings),
     )
     kw.update(overrides)
     return KafkaProducer(**kw)

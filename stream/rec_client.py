@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from kafka import KafkaConsumer, TopicPartition
 
-from stream.connections import kafka_bootstrap, kafka_python_auth
+from stream.connections import kafka_bootstrap, kafka_connect_kwargs, kafka_python_auth
 from stream.producer import make_kafka_producer
 from stream.rec_messages import RecRequest
 from stream.settings import Settings
@@ -32,6 +32,7 @@ class RecClient:
             client_id="rtrec-client",
             fetch_max_wait_ms=settings.client_fetch_wait_ms,
             **kafka_python_auth(settings),
+            **kafka_connect_kwargs(settings),
         )
         self.responses: dict[str, dict[str, Any]] = {}
         self.arrivals: dict[str, float] = {}

@@ -21,10 +21,30 @@ class ReplayReport:
     rejected: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    bad_lines: list[int] = field(default_factory=list)  # the first few rejected lines (or event numbers)
+    interrupted: bool = False  # Ctrl-C: what was sent so far went out
+
+    def reject(self, reason: str, line: int | None = None) -> None:
+        self.rejected += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        if line is not None and len(self.bad_lines) < MAX_BAD_LINES:
+            self.bad_lines.append(line)
+
+    def summary(self) -> str:
+        """'sent N, rejected M' and, when M > 0, why and where."""
+        text = f"sent {self.sent}, rejected {self.rejected}"
+        if self.rejected:
+            reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.reasons.items()))
+            more = ", ..." if self.rejected > len(self.bad_lines) else ""
+            text += f" ({reasons}; lines {', '.join(map(str, self.bad_lines))}{more})"
+        return text
 
     @property
     def rate(self) -> float:
         return self.sent / self.seconds if self.seconds else 0.0
+
+
+MAX_BAD_LINES = 5
 
 
 def derived_event_id(event: dict[str, Any]) -> str:
@@ -68,23 +88,35 @@ def replay_events(
     total: int | None = None,
     ts_shift_ms: int = 0,
     progress: bool = True,
+    numbered: bool = False,
+    report: ReplayReport | None = None,
 ) -> ReplayReport:
-    """Validate and send each event; invalid ones are counted by reason, never sent, never fatal."""
-    report = ReplayReport()
+    """Validate and send each event; invalid ones are counted by reason, never sent, never fatal.
+
+    With `numbered`, `events` are (line number, event) pairs and rejects remember their lines
+    (else their position). Ctrl-C stops sending: what was sent is flushed and the report says so.
+    """
+    report = report or ReplayReport()
     pacer = Pacer(rate, speedup)
     started = time.monotonic()
-    for raw in tqdm(events, total=total, unit="ev", disable=not progress, desc="replay"):
-        event = dict(raw)
-        event.setdefault("event_id", derived_event_id(event))
-        if ts_shift_ms and isinstance(event.get("ts"), int):
-            event["ts"] += ts_shift_ms
-        pacer.wait(event.get("ts"))
-        try:
-            producer.send(event)
-            report.sent += 1
-        except InvalidEvent as exc:
-            report.rejected += 1
-            report.reasons[exc.reason] = report.reasons.get(exc.reason, 0) + 1
+    try:
+        for n, item in enumerate(tqdm(events, total=total, unit="ev", disable=not progress, desc="replay"), 1):
+            line, raw = item if numbered else (n, item)
+            if not isinstance(raw, dict):
+                report.reject("not_an_object", line)
+                continue
+            event = dict(raw)
+            event.setdefault("event_id", derived_event_id(event))
+            if ts_shift_ms and isinstance(event.get("ts"), int):
+                event["ts"] += ts_shift_ms
+            pacer.wait(event.get("ts"))
+            try:
+                producer.send(event)
+                report.sent += 1
+            except InvalidEvent as exc:
+                report.reject(exc.reason, line)
+    except KeyboardInterrupt:
+        report.interrupted = True
     producer.flush()
     report.seconds = time.monotonic() - started
     return report

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EVENT_TYPES: tuple[str, ...] = ("browse", "click", "purchase")
@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     redis_username: str | None = Field(None, description="Redis ACL user (with redis_password)")
     redis_password: SecretStr | None = None
     redis_ssl_cafile: str | None = Field(None, description="CA bundle for a rediss:// (TLS) URL")
+    connect_timeout_s: float = Field(
+        5.0, gt=0, description="a first connection to the broker or Redis that takes longer fails (the CLI then "
+        "says so in one line instead of waiting kafka-python's 30 s and more)"
+    )
     redis_timeout_s: float = Field(
         10.0, gt=0, description="a Redis command or connect that takes longer fails (and its batch is retried, "
         "visibly) instead of waiting forever on a server that stopped answering"
@@ -106,6 +110,9 @@ class Settings(BaseSettings):
         65_536, ge=1024, description="a dead letter larger than this carries a prefix of the value; headers keep "
         "the original size and sha256"
     )
+    max_restarts: int = Field(5, ge=0, description="crashes in a row of one `rtrec up` child before the stack gives up")
+    restart_backoff_s: float = Field(0.5, gt=0, description="first wait before restarting a crashed child "
+                                     "(doubled after each crash, at most 10 s)")
     stall_alert_s: float = Field(
         30.0, gt=0, description="a batch retried this long makes /readyz fail (rtrec_consumer_stalled_seconds)"
     )
@@ -189,6 +196,10 @@ class Settings(BaseSettings):
     train_epochs: int = 60
     train_batch_size: int = Field(128, description="largest batch; smaller data gets smaller batches")
     train_min_steps: int = Field(30, ge=1, description="optimizer steps per epoch the batch size leaves room for")
+    train_min_events: int = Field(20, ge=1, description="`rtrec train`/`eval` refuse input with fewer events")
+    train_min_users: int = Field(
+        5, ge=1, description="... or fewer users with 3+ events (a training history, a validation and a test event)"
+    )
     train_lr: float = 2e-3
     train_weight_decay: float = 0.01
     train_min_epochs: int = Field(10, description="no early stop before this many epochs")
@@ -244,6 +255,13 @@ class Settings(BaseSettings):
         False, description="state worker keeps event->visible latency samples in Redis"
     )
     log_level: str = "WARNING"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_scheme(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("not a Redis URL; use redis://host:port[/db], rediss://... (TLS) or unix://path")
+        return value
 
     def type_weights(self) -> dict[str, float]:
         """Affinity/popularity weight of each event type."""

@@ -20,7 +20,6 @@ from stream.connections import kafka_bootstrap, kafka_python_auth
 from stream.events import InvalidEvent, parse_event
 from stream.settings import Settings
 
-CONNECT_TIMEOUT_MS = 10_000  # an unreachable broker fails the read within this (kafka-python waits 30 s by default)
 STALL_S = 60.0  # no record and no fetch answer for this long: the broker is gone, the read fails
 POLL_MS = 200
 
@@ -44,7 +43,7 @@ def iter_topic_records(settings: Settings, started_ms: int, since_ms: int | None
     stops answering raises TopicReadError after STALL_S either way.
     """
     consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap(settings), group_id=None, enable_auto_commit=False,
-                             fetch_max_wait_ms=50, bootstrap_timeout_ms=CONNECT_TIMEOUT_MS,
+                             fetch_max_wait_ms=50, bootstrap_timeout_ms=int(settings.connect_timeout_s * 1000),
                              **kafka_python_auth(settings))
     try:
         parts = _assign(consumer, settings.topic_events, started_ms, since_ms, from_offsets)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -14,10 +16,21 @@ from rich.console import Console
 from rich.table import Table
 
 from stream.settings import Settings, get_settings
+from workers.cli_errors import BoundaryTyper, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="rtrec: streaming real-time recommender")
+app = BoundaryTyper(add_completion=False, no_args_is_help=True,
+                    help="rtrec: streaming real-time recommender. Mistakes are one line on stderr (exit 2); "
+                    "--debug (anywhere) or RTREC_DEBUG=1 shows tracebacks.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures (not tests).")
 app.add_typer(bench_app, name="bench")
+
+
+class Family(str, Enum):
+    llama = "llama"
+    qwen2 = "qwen2"
+    t5 = "t5"
+
+
 model_app = typer.Typer(no_args_is_help=True, help="The checkpoint store: list, promote, roll back.")
 app.add_typer(model_app, name="model")
 console = Console()
@@ -28,10 +41,15 @@ def connected_settings() -> Settings:
     from stream.connections import NotConfigured
     from workers.stack import adopt_running_stack
 
-    settings = adopt_running_stack(get_settings())
+    env = get_settings()
+    settings = adopt_running_stack(env)
+    if (settings.kafka_bootstrap, settings.redis_url) != (env.kafka_bootstrap, env.redis_url):
+        from workers import cli_errors  # a connection error then hints at a stale stack.json
+
+        cli_errors.context["stack_file"] = f"{settings.run_dir}/stack.json"
     if not settings.kafka_bootstrap or not settings.redis_url:
-        console.print(f"[red]{NotConfigured('start the stack with `rtrec up` or set RTREC_KAFKA_BOOTSTRAP and RTREC_REDIS_URL')}")
-        raise typer.Exit(2)
+        raise UserError(str(NotConfigured("no running stack found: start it with `rtrec up` or set "
+                                          "RTREC_KAFKA_BOOTSTRAP and RTREC_REDIS_URL")))
     return settings
 
 
@@ -41,11 +59,19 @@ def up(
     recommend_workers: int = typer.Option(1, help="recommendation worker processes"),
     trainer: bool = typer.Option(True, help="run the incremental trainer (fine-tunes and promotes models)"),
 ) -> None:
-    """Start broker, Redis and workers (embedded unless RTREC_KAFKA_BOOTSTRAP/RTREC_REDIS_URL are set); Ctrl-C stops all."""
-    from workers.stack import Stack
+    """Start broker, Redis and workers (embedded unless RTREC_KAFKA_BOOTSTRAP/RTREC_REDIS_URL are set), restart
+    any that crash; Ctrl-C or `rtrec down` stops all."""
+    from workers.stack import AlreadyRunning, CrashLoop, Stack, locate, lock_run_dir, redis_data_dir
 
-    stack = Stack(get_settings())
+    settings = locate(get_settings())
+    try:
+        lock = lock_run_dir(settings.run_dir)  # held until this process ends, however it ends
+    except AlreadyRunning as exc:
+        raise UserError(str(exc), code=1) from None
+    stack = Stack(settings, data_dir=redis_data_dir(settings), supervised=True,
+                  log=lambda line: console.print(f"[yellow]{time.strftime('%H:%M:%S')} {line}", soft_wrap=True))
     stopping = False
+    failed = False
 
     def _stop(signum, frame):  # noqa: ARG001 - signal handler signature
         nonlocal stopping
@@ -53,26 +79,132 @@ def up(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGHUP, _stop)
     try:
-        s = stack.start(state_workers, recommend_workers, trainer=trainer, ops=True)
-        console.print(f"[green]rtrec is up[/]  kafka={s.kafka_bootstrap}  redis={s.redis_url}  run dir={stack.run_dir}")
+        stack.start(state_workers, recommend_workers, trainer=trainer, ops=True)
+        console.print(f"[green]rtrec is up[/]  {stack.describe()}  run dir={stack.run_dir}", soft_wrap=True)
+        if stack.data_dir and any(p.name == "redis" for p in stack.servers):
+            console.print(f"  redis data (append-only file) in {stack.data_dir}", soft_wrap=True)
         for proc in stack.servers + stack.workers:
             port = stack.metrics_ports.get(proc.name)
             metrics = f"  metrics http://127.0.0.1:{port}/metrics" if port else ""
-            console.print(f"  {proc.name:<12} pid {proc.proc.pid:<8} log {proc.log_path}{metrics}")
-        console.print("Ctrl-C to stop.")
+            console.print(f"  {proc.name:<12} pid {proc.proc.pid:<8} log {proc.log_path}{metrics}", soft_wrap=True)
+        console.print("Ctrl-C to stop (or `rtrec down` from another terminal).")
         while not stopping:
-            for proc in stack.servers + stack.workers:
-                if not proc.alive():
-                    console.print(f"[red]{proc.name} exited[/]\n{proc.log_tail()}")
-                    stopping = True
-            time.sleep(0.5)
+            try:
+                stack.supervise()
+            except CrashLoop as exc:
+                console.print(f"[red]{exc}", soft_wrap=True)
+                failed = True
+                break
+            time.sleep(0.2)
     finally:
         try:
             console.print("stopping ...")  # may fail when the terminal is gone (a closed pipe) ...
         finally:
             stack.stop()  # ... which must not leave the workers and servers running
+            os.close(lock)
         console.print("stopped.")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _stack_or_none():
+    from workers.stack import locate, running_stack
+
+    settings = locate(get_settings())
+    return settings, running_stack(settings.run_dir)
+
+
+@app.command()
+def down(timeout: float = typer.Option(60.0, help="seconds to wait before killing it")) -> None:
+    """Stop the `rtrec up` that runs here (found through .rtrec/run/stack.json); one line if none runs."""
+    from workers.stack import pid_alive
+
+    settings, info = _stack_or_none()
+    if info is None:
+        console.print(f"no rtrec stack runs here ({settings.run_dir})", soft_wrap=True)
+        return
+    pid = int(info["pid"])
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid_alive(pid):  # its children die with it (parent-death signal)
+        os.kill(pid, signal.SIGKILL)
+        console.print(f"rtrec up (pid {pid}) did not stop within {timeout:.0f} s: killed it")
+        raise typer.Exit(1)
+    console.print(f"stopped rtrec up (pid {pid})")
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """What the running `rtrec up` runs: processes, pids, ports, health, restarts, and a lag summary.
+    Exit 0: all healthy; 1: no stack runs here or a process is down."""
+    import urllib.request
+
+    from rich.markup import escape
+
+    from stream.embedded import mask_url, port_open
+    from workers.stack import adopt_running_stack, pid_alive
+
+    settings, info = _stack_or_none()
+    if info is None:
+        console.print(f"no rtrec stack runs here ({settings.run_dir})", soft_wrap=True)
+        raise typer.Exit(1)
+    rows = []
+    for name, p in info.get("processes", {}).items():
+        alive = pid_alive(int(p["pid"]))
+        port = p.get("port")
+        if not alive:
+            health = "down"
+        elif p.get("kind") == "server":
+            health = "ok" if port and port_open(port) else "no port"
+        elif port:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    health = "ok" if r.status == 200 else f"http {r.status}"
+            except OSError:
+                health = "not answering"
+        else:
+            health = "running"
+        rows.append({"name": name, "pid": p["pid"], "port": port, "health": health,
+                     "restarts": p.get("restarts", 0), "log": p.get("log")})
+    lag: dict | str
+    try:
+        from workers.lag import LagMonitor, summarize
+
+        with LagMonitor(adopt_running_stack(get_settings())) as monitor:
+            lag = summarize(monitor.measure())
+    except Exception as exc:  # noqa: BLE001 - status reports what it can
+        lag = f"unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    healthy = all(r["health"] in ("ok", "running") for r in rows)
+    if as_json:
+        print(json.dumps({"pid": info["pid"], "kafka_bootstrap": info.get("kafka_bootstrap"),
+                          "redis_url": mask_url(info.get("redis_url")), "processes": rows, "lag": lag,
+                          "healthy": healthy}))
+    else:
+        console.print(f"rtrec up pid {info['pid']}  kafka={info.get('kafka_bootstrap')}  "
+                      f"redis={mask_url(info.get('redis_url'))}  run dir={settings.run_dir}", soft_wrap=True)
+        table = Table()
+        for col in ("process", "pid", "port", "health", "restarts"):
+            table.add_column(col)
+        for r in rows:
+            colour = "green" if r["health"] in ("ok", "running") else "red"
+            table.add_row(escape(r["name"]), str(r["pid"]), str(r["port"] or "-"), f"[{colour}]{r['health']}",
+                          str(r["restarts"]))
+        console.print(table)
+        if isinstance(lag, str):
+            console.print(f"lag: {escape(lag)}", soft_wrap=True)
+        else:
+            console.print("lag: " + (", ".join(f"{escape(g)} {int(v['lag'])} msgs / {v['max_lag_seconds']:.1f} s"
+                                               for g, v in lag.items()) or "no committed offsets yet"),
+                          soft_wrap=True)
+    if not healthy:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -119,9 +251,10 @@ def produce(
     """Send one event from options, or JSON lines from stdin/a file. Invalid events are reported, not sent."""
     import uuid
 
+    from stream.eventfile import read_numbered_events
     from stream.events import InvalidEvent
     from stream.producer import EventProducer
-    from stream.replay import replay_events, replay_file
+    from stream.replay import ReplayReport, replay_events
 
     settings = connected_settings()
     with EventProducer(settings) as producer:
@@ -132,15 +265,44 @@ def produce(
                 producer.send(event)
             except InvalidEvent as exc:
                 console.print(f"[red]invalid event: {exc}")
+                _err(f"invalid event: {exc}")
                 raise typer.Exit(1)
             console.print(f"sent {json.dumps(event)}")
             return
+        report = ReplayReport()
         if file is not None and str(file) != "-":
-            report = replay_file(producer, file, progress=False)
+            lines = read_numbered_events(file, on_error=lambda n, msg: report.reject("unparseable", n))
         else:
-            report = replay_events(producer, (json.loads(line) for line in sys.stdin if line.strip()), progress=False)
-    console.print(f"sent {report.sent}, rejected {report.rejected} {report.reasons or ''}")
+            lines = _stdin_events(report)
+        replay_events(producer, lines, progress=False, numbered=True, report=report)
+    _finish_replay(report)
+
+
+def _err(line: str) -> None:
+    """One line on stderr (what went wrong), beside the normal output on stdout."""
+    print(f"rtrec: error: {' '.join(line.split())}", file=sys.stderr, flush=True)
+
+
+def _stdin_events(report):
+    """(line number, object) for each JSON line on stdin; unparseable lines are rejected, not fatal."""
+    for n, line in enumerate(sys.stdin, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError:
+            report.reject("malformed_json", n)
+
+
+def _finish_replay(report) -> None:
+    """'sent N, rejected M' on stdout; exit 1 when M > 0 (with one line on stderr), 130 after Ctrl-C."""
+    console.print(report.summary() + (f" in {report.seconds:.1f}s ({report.rate:,.0f}/s)" if report.seconds else ""),
+                  soft_wrap=True, markup=False)
+    if report.interrupted:
+        _err(f"interrupted: {report.summary()} before Ctrl-C")
+        raise typer.Exit(130)
     if report.rejected:
+        _err(f"{report.rejected} invalid event(s) not sent: {report.summary()}")
         raise typer.Exit(1)
 
 
@@ -151,52 +313,66 @@ def replay(
     speedup: float = typer.Option(0.0, help="replay event-time gaps divided by this (0 = ignore event time)"),
     shift_to_now: bool = typer.Option(False, help="shift timestamps so the last event is 'now'"),
 ) -> None:
-    """Replay an event file onto the events topic with a progress bar."""
-    from stream.eventfile import read_events
-    from stream.producer import EventProducer
-    from stream.replay import replay_events
+    """Replay an event file onto the events topic with a progress bar. Lines that are not valid events are
+    reported (count, first line numbers) and not sent; the others are. Exit 1 if any was rejected."""
+    import itertools
 
+    from stream.eventfile import read_numbered_events
+    from stream.producer import EventProducer
+    from stream.replay import ReplayReport, replay_events
+
+    report = ReplayReport()
+    lines = read_numbered_events(file, on_error=lambda n, msg: report.reject("unparseable", n))
+    first = list(itertools.islice(lines, 1))  # the file's format, header and compression are checked here
     settings = connected_settings()
     shift, total = 0, None
     if shift_to_now:
-        stamps = [e["ts"] for e in read_events(file) if isinstance(e.get("ts"), int)]
+        stamps = [e["ts"] for _, e in read_numbered_events(file, on_error=lambda n, msg: None)
+                  if isinstance(e.get("ts"), int)]
         total = len(stamps)
         shift = int(time.time() * 1000) - 60_000 - max(stamps) if stamps else 0
     with EventProducer(settings) as producer:
-        report = replay_events(producer, read_events(file), rate=rate, speedup=speedup,
-                               total=total, ts_shift_ms=shift)
-    console.print(f"sent {report.sent} events in {report.seconds:.1f}s ({report.rate:,.0f}/s), "
-                  f"rejected {report.rejected} {report.reasons or ''}")
+        replay_events(producer, itertools.chain(first, lines), rate=rate, speedup=speedup, total=total,
+                      ts_shift_ms=shift, numbered=True, report=report, progress=sys.stderr.isatty())
+    _finish_replay(report)
 
 
 @app.command()
 def recommend(
     user: str = typer.Argument(..., help="user_id"),
-    k: int = typer.Option(10, "-k", help="how many items"),
+    k: int = typer.Option(10, "-k", min=1, help="how many items (1 to RTREC_MAX_K)"),
     include_seen: bool = typer.Option(False, help="allow items the user already interacted with"),
     as_json: bool = typer.Option(False, "--json", help="print the raw response"),
-    timeout: float = typer.Option(30.0, help="seconds to wait for the answer"),
+    timeout: float = typer.Option(30.0, min=0.1, help="seconds to wait for the answer"),
 ) -> None:
-    """Send a recommendation request and print its response."""
+    """Send a recommendation request and print its response. Exit 1 on an error response."""
     from stream.rec_client import RecClient
 
+    if k > get_settings().max_k:
+        raise UserError(f"-k {k}: more than RTREC_MAX_K ({get_settings().max_k}); ask for fewer items")
     settings = connected_settings()
     with RecClient(settings) as client:
-        resp = client.recommend(user, k=k, exclude_seen=not include_seen, timeout_s=timeout)
+        try:
+            resp = client.recommend(user, k=k, exclude_seen=not include_seen, timeout_s=timeout)
+        except TimeoutError as exc:
+            raise UserError(f"{exc}; is a recommendation worker running (`rtrec status`)?", code=1) from None
     if as_json:
         print(json.dumps(resp, indent=2))
-        return
-    print_response(resp)
+    else:
+        print_response(resp)
+    if resp.get("error"):
+        _err(f"the recommendation worker answered with an error: {resp['error']}")
+        raise typer.Exit(1)
 
 
 def print_response(resp: dict, title: str | None = None) -> None:
-    table = Table(title=title or f"user {resp['user_id']}  model {resp['model_version']}  "
-                  f"latency {resp['latency_ms']:.1f} ms{'  (fallback)' if resp.get('fallback') else ''}")
+    table = Table(title=title or f"user {resp.get('user_id')}  model {resp.get('model_version')}  "
+                  f"latency {resp.get('latency_ms') or 0:.1f} ms{'  (fallback)' if resp.get('fallback') else ''}")
     table.add_column("#", justify="right")
     table.add_column("item")
     table.add_column("score", justify="right")
     table.add_column("reason")
-    for n, it in enumerate(resp["items"], 1):
+    for n, it in enumerate(resp.get("items") or [], 1):
         table.add_row(str(n), it["item_id"], f"{it['score']:.3f}", it.get("reason", ""))
     if resp.get("error"):
         console.print(f"[red]error: {resp['error']}")
@@ -230,39 +406,71 @@ def dlq() -> None:
 
 @app.command()
 def train(
-    events: Optional[Path] = typer.Option(None, help="event file (JSON lines/CSV, or a MovieLens file)"),
+    events: Optional[Path] = typer.Option(None, exists=True, dir_okay=True, readable=True,
+                                          help="event file (JSON lines/CSV, or a MovieLens file)"),
     from_topic: bool = typer.Option(False, help="train on the events topic instead of a file"),
-    since_hours: float = typer.Option(0.0, help="with --from-topic: only events this recent (0 = all)"),
+    since_hours: float = typer.Option(0.0, min=0.0, help="with --from-topic: only events this recent (0 = all)"),
     out: Optional[Path] = typer.Option(None, help="checkpoint root (default RTREC_CHECKPOINT_DIR)"),
-    family: Optional[str] = typer.Option(None, help="llama | qwen2 | t5 (default RTREC_MODEL_FAMILY)"),
-    epochs: Optional[int] = typer.Option(None, help="max epochs (early stopping on each user's last event)"),
-    promote: bool = typer.Option(True, help="point CURRENT at the new checkpoint"),
+    family: Optional[Family] = typer.Option(None, help="model family (default RTREC_MODEL_FAMILY)"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="max epochs (early stopping on each user's last event)"),
+    promote: bool = typer.Option(True, help="make the new checkpoint CURRENT if it passes the trainer's gate"),
+    force: bool = typer.Option(False, "--force", help="make it CURRENT even if the gate says it is worse"),
 ) -> None:
-    """Train the generative model and write a versioned checkpoint (safetensors + vocab + manifest)."""
-    from model.datasets import load_events
-    from model.store import CheckpointStore
-    from model.pipeline import plot_training, train_checkpoint
+    """Train the generative model and write a versioned checkpoint (safetensors + vocab + manifest).
+
+    Refuses input with fewer than RTREC_TRAIN_MIN_EVENTS events or RTREC_TRAIN_MIN_USERS users with 3+ events
+    (exit 2). The new checkpoint becomes CURRENT only through the incremental trainer's gate (its NDCG@10 on
+    each user's last event may be at most RTREC_PROMOTE_TOLERANCE below CURRENT's), or with --force."""
+    from model.datasets import TrainingInputError, leave_one_out, load_events, prepare_training_events
 
     settings = get_settings()
-    update = {k: v for k, v in {"model_family": family, "train_epochs": epochs}.items() if v is not None}
+    update = {k: v for k, v in {"model_family": family.value if family else None,
+                                "train_epochs": epochs}.items() if v is not None}
     settings = settings.model_copy(update=update)
     if from_topic:
         from stream.topic_window import read_topic_events
 
-        data = read_topic_events(connected_settings(), since_ms=int(since_hours * 3_600_000) or None)
+        data, source = read_topic_events(connected_settings(), since_ms=int(since_hours * 3_600_000) or None), \
+            f"topic {settings.topic_events}"
     elif events is not None:
-        data = load_events(events)
+        data, source = load_events(events), events
     else:
-        console.print("[red]give --events FILE or --from-topic")
-        raise typer.Exit(2)
+        raise UserError("give --events FILE or --from-topic")
+    try:
+        data = prepare_training_events(data, settings, source)  # before the long part
+    except TrainingInputError as exc:
+        raise UserError(f"{exc}; CURRENT is unchanged") from None
+    from model.checkpoint import load_checkpoint  # torch: imported once the input is known to be usable
+    from model.finetune import gate
+    from model.generator import resolve_device
+    from model.pipeline import _cases, plot_training, train_checkpoint
+    from model.store import CheckpointStore
+
     root = out or settings.checkpoint_dir
+    store = CheckpointStore(root)
+    current_path = store.current_path()  # what serves now (before the new checkpoint is written)
     path, report = train_checkpoint(settings, data, root)
-    if promote:
-        CheckpointStore(root).promote(path.name, reason="rtrec train")
+    metrics = {k: round(v, 4) for k, v in report.best.items() if "@" in k}
     curves = plot_training({settings.model_family: report}, path.parent / f"{path.name}-training.png")
-    console.print(f"checkpoint {path}  best epoch {report.best_epoch}  "
-                  f"validation {{k: round(v, 4) for k, v in report.best.items() if '@' in k}}  "
-                  f"{report.seconds:.0f}s  curves {curves}")
+    console.print(f"checkpoint {path}  best epoch {report.best_epoch}  validation "
+                  f"{', '.join(f'{k} {v:.4f}' for k, v in metrics.items())}  {report.seconds:.0f}s  curves {curves}",
+                  soft_wrap=True, markup=False)
+    if not promote:
+        return
+    if force or current_path is None:
+        store.promote(path.name, reason="rtrec train --force" if force else "rtrec train: first model")
+        console.print(f"CURRENT -> {path.name}" + (" (--force)" if force else " (first model)"))
+        return
+    split = leave_one_out(data)
+    device = resolve_device(settings.device)
+    result = gate(load_checkpoint(path), load_checkpoint(current_path), _cases(split, split.test_users, valid=False),
+                  settings.promote_tolerance, device, settings.promote_min_cases)
+    if result.promote:
+        store.promote(path.name, reason=f"rtrec train: {result.reason}")
+        console.print(f"CURRENT -> {path.name}: {result.reason}", soft_wrap=True, markup=False)
+    else:
+        console.print(f"kept CURRENT {current_path.name}: {result.reason} (use --force, or "
+                      f"`rtrec model promote {path.name}`)", soft_wrap=True, markup=False)
 
 
 eval_app = typer.Typer(help="Offline evaluation: leave-one-out table, or a prequential stream replay.")
@@ -281,14 +489,22 @@ def evaluate_cmd(
     if ctx.invoked_subcommand is not None:
         return
     if events is None:
-        console.print("[red]give --events FILE (or use `rtrec eval stream`)")
-        raise typer.Exit(2)
-    from model.pipeline import run_eval
+        raise UserError("give --events FILE (or use `rtrec eval stream`)")
+    from model.datasets import load_events, prepare_training_events, resolve_source
 
+    names = [f.strip() for f in families.split(",") if f.strip()]
+    unknown = [f for f in names if f not in Family.__members__]
+    if unknown or not names:
+        raise UserError(f"--families: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                        f"{', '.join(Family.__members__)}")
     settings = get_settings()
     if epochs is not None:
         settings = settings.model_copy(update={"train_epochs": epochs})
-    run_eval(settings, events, [f for f in families.split(",") if f], out, console)
+    path = resolve_source(events)
+    data = prepare_training_events(load_events(path), settings, path)  # ids derived, checked: before training
+    from model.pipeline import run_eval
+
+    run_eval(settings, str(path), names, out, console, events=data)
 
 
 @eval_app.command("stream")
@@ -301,13 +517,18 @@ def evaluate_stream(
     out: Path = typer.Option(Path("eval-stream-out"), help="CSV and PNG go here"),
 ) -> None:
     """Prequential replay in time order: frozen model vs fine-tuning every T vs blending (HR@10 over time)."""
-    from model.datasets import load_events
-    from model.pipeline import resolve_source
-    from model.stream_eval import run_stream_eval
+    from model.datasets import load_events, prepare_training_events, resolve_source
 
-    data = load_events(resolve_source(events))
-    run_stream_eval(get_settings(), data, [float(x) for x in every.split(",") if x], period_days, initial_frac,
-                    sample, out, console)
+    try:
+        intervals = [float(x) for x in every.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--every {every!r}: give days as numbers, e.g. 7,28") from None
+    if not intervals or min(intervals) <= 0:
+        raise UserError(f"--every {every!r}: give one or more positive numbers of days, e.g. 7,28")
+    path = resolve_source(events)
+    data = prepare_training_events(load_events(path), get_settings(), path)  # an empty file fails here
+    from model.stream_eval import run_stream_eval
+    run_stream_eval(get_settings(), data, intervals, period_days, initial_frac, sample, out, console)
 
 
 def _lag_table(rows, problems, silent: list[str] | None = None) -> Table:
@@ -369,8 +590,6 @@ def lag(
 ) -> None:
     """Consumer lag of every rtrec group (state, recommend, trainer, quality) and any --group, per partition,
     in messages and seconds. Exit 0: within bounds; 1: a group above a threshold; 2: the broker could not be asked."""
-    from rich.markup import escape
-
     from workers.lag import LagError, LagMonitor
 
     extra = group or []
@@ -378,8 +597,7 @@ def lag(
         with LagMonitor(connected_settings(), extra_groups=extra) as monitor:
             problems = _lag_report(monitor, watch, as_json, max_lag, max_lag_seconds, extra)
     except LagError as exc:  # unreachable broker, refused credentials: one line, not a traceback
-        console.print(f"[red]{escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2)
+        raise UserError(str(exc)) from None
     if problems:
         raise typer.Exit(1)
 
@@ -506,9 +724,10 @@ def model_rollback() -> None:
 @app.command()
 def catalog(file: Path = typer.Argument(..., help="JSON lines/CSV with item_id and category")) -> None:
     """Load item categories into Redis (used by diversity re-ranking)."""
-    from stream.catalog import load_catalog
+    from stream.catalog import read_catalog, store_categories
 
-    n = load_catalog(connected_settings(), file)
+    pairs = read_catalog(file)  # the file is checked before connecting
+    n = store_categories(connected_settings(), pairs)
     console.print(f"loaded {n} item categories")
 
 

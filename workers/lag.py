@@ -116,7 +116,8 @@ class LagMonitor:
             raise lag_error(self.bootstrap, "reach the Kafka broker", exc) from exc
 
     def _connect(self) -> None:
-        auth = {**kafka_python_auth(self.settings), **_CLIENT_TIMEOUTS}
+        auth = {**kafka_python_auth(self.settings), **_CLIENT_TIMEOUTS,
+                "bootstrap_timeout_ms": int(self.settings.connect_timeout_s * 1000)}  # RTREC_CONNECT_TIMEOUT_S
         self.admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="rtrec-lag", **auth)
         self.consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
                                       client_id="rtrec-lag", fetch_max_wait_ms=10, **auth)
