@@ -45,10 +45,10 @@ def kafka_python_auth(settings: Settings) -> dict[str, Any]:
     return kw
 
 
-def kafka_connect_kwargs(settings: Settings) -> dict[str, Any]:
-    """kafka-python arguments that make an unreachable broker fail after RTREC_CONNECT_TIMEOUT_S (default 5 s)
-    instead of after kafka-python's 30 s bootstrap and 60 s send waits."""
-    ms = int(settings.connect_timeout_s * 1000)
+def kafka_connect_kwargs(settings: Settings, timeout_s: float | None = None) -> dict[str, Any]:
+    """kafka-python arguments that make an unreachable broker fail after RTREC_CONNECT_TIMEOUT_S (default 5 s;
+    or `timeout_s` if shorter) instead of after kafka-python's 30 s bootstrap and 60 s send waits."""
+    ms = int(min(settings.connect_timeout_s, timeout_s or settings.connect_timeout_s) * 1000)
     return {"bootstrap_timeout_ms": ms, "reconnect_backoff_max_ms": 1000}
 
 

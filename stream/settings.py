@@ -254,7 +254,9 @@ class Settings(BaseSettings):
     record_latency: bool = Field(
         False, description="state worker keeps event->visible latency samples in Redis"
     )
-    log_level: str = "WARNING"
+    log_level: str = Field(
+        "INFO", description="workers' log level (their status lines are INFO); libraries stay at WARNING unless DEBUG"
+    )
 
     @field_validator("redis_url")
     @classmethod

@@ -8,7 +8,7 @@ import time
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from stream.connections import kafka_bootstrap, kafka_python_auth
+from stream.connections import kafka_bootstrap, kafka_connect_kwargs, kafka_python_auth
 from stream.settings import Settings
 
 
@@ -49,6 +49,7 @@ def ensure_topics(settings: Settings, extra: list[str] | None = None, timeout_s:
                 bootstrap_servers=kafka_bootstrap(settings),
                 client_id="rtrec-admin",
                 **kafka_python_auth(settings),
+                **kafka_connect_kwargs(settings, timeout_s),
             )
             break
         except KafkaError:

@@ -198,7 +198,8 @@ class Stack:
             self.servers.append(proc)
             update["redis_url"] = url
         self.settings = self.settings.model_copy(update=update)
-        ensure_topics(self.settings)
+        # a broker we just started may take a while to listen; one that is configured answers or is unreachable
+        ensure_topics(self.settings, timeout_s=30 if self.embedded_broker else self.settings.connect_timeout_s)
         self._write_stack_file()
         return self.settings
 
