@@ -128,7 +128,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", dtype: torch
     try:
         config = AutoConfig.from_pretrained(path)
         cls = T5ForConditionalGeneration if config.is_encoder_decoder else AutoModelForCausalLM
-        model = cls.from_pretrained(path, use_safetensors=True, torch_dtype=dtype or torch.float32)
+        model = cls.from_pretrained(path, use_safetensors=True, dtype=dtype or torch.float32)
         vocab = ItemVocab.load(path / VOCAB)
     except Exception as exc:  # shape mismatch, bad config, ...: refuse, never half-load
         raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from exc

@@ -20,10 +20,10 @@ def load_recommender(settings: Settings) -> Recommender:
         return BlendingRecommender(settings)
     path = latest_checkpoint(settings.checkpoint_dir)
     if path is None:
-        log.warning("no checkpoint under %s: serving the blending baseline", settings.checkpoint_dir)
+        log.info("no checkpoint under %s: serving the blending baseline", settings.checkpoint_dir)
         return BlendingRecommender(settings)
     generator = load_generator(settings, path)
-    log.warning("serving %s on %s (%s)", generator.version, getattr(generator, "device", "?"), settings.backend)
+    log.info("serving %s on %s (%s)", generator.version, getattr(generator, "device", "?"), settings.backend)
     return generator
 
 

@@ -91,22 +91,35 @@ def train_checkpoint(settings: Settings, events: list[dict], root: Path,
 
 
 def plot_training(reports: dict[str, TrainReport], path: Path) -> Path:
-    """Loss and validation NDCG@10 per epoch, one line per model."""
+    """Loss and validation NDCG@10 per epoch, one line per model, each model's best epoch marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 4))
     for name, report in reports.items():
         epochs = [r["epoch"] for r in report.history]
-        ax_loss.plot(epochs, [r["loss"] for r in report.history], label=name)
+        (line,) = ax_loss.plot(epochs, [r["loss"] for r in report.history], label=name)
         if report.history and "NDCG@10" in report.history[0]:
-            ax_val.plot(epochs, [r["NDCG@10"] for r in report.history], label=name)
-    ax_loss.set(title="training loss", xlabel="epoch")
-    ax_val.set(title="validation NDCG@10", xlabel="epoch")
+            ax_val.plot(epochs, [r["NDCG@10"] for r in report.history], label=name, color=line.get_color())
+        best = report.best_epoch
+        if 1 <= best <= len(report.history):
+            row = report.history[best - 1]
+            for ax, key in ((ax_loss, "loss"), (ax_val, "NDCG@10")):
+                if key in row:
+                    ax.axvline(best, color=line.get_color(), linestyle=":", linewidth=1)
+                    ax.plot([best], [row[key]], marker="*", markersize=12, color=line.get_color(),
+                            linestyle="none", label=f"{name}: best epoch {best}" if key == "NDCG@10" else None)
+    ax_loss.set(title="Training loss (lower is better)", xlabel="epoch", ylabel="cross-entropy loss (nats)")
+    ax_val.set(title="Validation NDCG@10 (higher is better)", xlabel="epoch",
+               ylabel="NDCG@10 (0-1)")
+    fig.suptitle("Next-item model training: loss and validation accuracy per epoch (dotted: best epoch)")
     for ax in (ax_loss, ax_val):
-        ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -179,7 +179,8 @@ def _write(rows: list[dict[str, Any]], names: list[str], out_dir: Path, console:
     fig, ax = plt.subplots(figsize=(9, 4))
     for name in names:
         ax.plot([r["start_day"] for r in rows], [r[name] for r in rows], label=name, marker=".")
-    ax.set(xlabel="stream day (period start)", ylabel="HR@10", title="prequential HR@10 over the stream")
+    ax.set(xlabel="stream day (period start)", ylabel="HR@10 (0-1, higher is better)",
+           title="Prequential HR@10 over the stream (each event predicted before it is learned)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "stream-eval.png", dpi=110)

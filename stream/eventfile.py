@@ -153,6 +153,20 @@ def _read_csv(path: Path, gz: bool, on_error: OnError | None = None) -> Iterator
                 yield lineno, event
 
 
+def count_records(path: str | Path) -> int:
+    """About how many events a file holds, cheaply: its non-blank lines (less the CSV header).
+
+    Reads raw bytes line by line, never parses (a plain file counts at hundreds of MB/s; a .gz is
+    decompressed once), so it is a total for progress bars, not a validation. A CSV field with a
+    quoted newline counts as two.
+    """
+    path = Path(path)
+    kind, gz = file_format(path)
+    with (gzip.open(path, "rb") if gz else open(path, "rb", buffering=1 << 20)) as handle:
+        lines = sum(1 for line in handle if not line.isspace())
+    return max(0, lines - 1) if kind == "csv" else lines
+
+
 def write_events(path: str | Path, events: Iterable[dict[str, Any]]) -> int:
     """Write events in the format the file name asks for; returns how many were written."""
     path = Path(path)

@@ -217,3 +217,21 @@ def test_model_list_promote_and_rollback(tmp_path):
     assert res.returncode == 0 and (root / "CURRENT").read_text() == first, res.stdout
     res = run_cli(["model", "promote", "no-such-version"], env=env)
     assert res.returncode == 1 and "refused" in res.stdout
+
+
+def test_model_list_shows_every_version_id_in_full_at_80_columns(tmp_path):
+    root = tmp_path / "ck"
+    versions = ["gen-20260101T120000-ab12", "trainer-20260101T130000-cd34"]
+    for n, version in enumerate(versions):
+        (root / version).mkdir(parents=True)
+        (root / version / "manifest.json").write_text(json.dumps({
+            "created_at": f"2026-01-01T1{n}:00:00Z", "metrics": {"HR@10": 0.51234, "NDCG@10": 0.3},
+            "training_window": {"events": 123456, "trigger": "events:5000"}}))
+    (root / "CURRENT").write_text(versions[0])
+    res = run_cli(["model", "list"], env={"RTREC_CHECKPOINT_DIR": str(root), "COLUMNS": "80"})
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in res.stdout and "0.5123" in res.stdout, res.stdout
+    for version in versions:
+        assert any(version in line.split() for line in lines), res.stdout
+    assert any(line.split()[:2] == ["*", versions[0]] for line in lines if line.strip()), res.stdout

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.eventfile import read_events, write_events
+from stream.eventfile import count_records, read_events, write_events
 from stream.synthetic import SyntheticConfig, generate_events
 
 EVENTS = [
@@ -160,3 +160,33 @@ def test_csv_errors_name_file_and_line(tmp_path: Path, text: str, lineno: int, m
 def test_csv_write_refuses_fields_it_cannot_hold(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"event 2 has field\(s\) a CSV event file cannot hold: score"):
         write_events(tmp_path / "ev.csv", [EVENTS[0], {**EVENTS[0], "score": 1.0}])
+
+
+@pytest.mark.parametrize("name", ["e.jsonl", "e.csv", "e.jsonl.gz", "e.csv.gz"])
+def test_count_records_is_the_replay_total(tmp_path: Path, name: str) -> None:
+    events = generate_events(SyntheticConfig(n_users=5, n_items=20, n_clusters=3, n_events=137, seed=1))
+    write_events(tmp_path / name, events)
+    assert count_records(tmp_path / name) == len(events) == len(list(read_events(tmp_path / name)))
+
+
+def test_count_records_skips_blank_lines(tmp_path: Path) -> None:
+    (tmp_path / "e.jsonl").write_text('{"a": 1}\n\n{"a": 2}\r\n  \n{"a": 3}')
+    assert count_records(tmp_path / "e.jsonl") == 3
+    (tmp_path / "empty.csv").write_text("")
+    assert count_records(tmp_path / "empty.csv") == 0
+
+
+def test_replay_progress_shows_total_eta_and_rate(capsys) -> None:
+    from stream.replay import replay_events
+
+    class Producer:
+        def send(self, event):
+            pass
+
+        def flush(self):
+            pass
+
+    events = [{"user_id": "u", "item_id": str(n), "type": "click", "ts": n} for n in range(50)]
+    replay_events(Producer(), events, total=50, progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "50/50" in bar and "<" in bar and "ev/s" in bar, bar  # [elapsed<remaining, rate]

@@ -250,3 +250,19 @@ def test_embedding_dropout_acts_in_training_only_and_is_removed_afterwards(event
     ids = torch.tensor([[BOS, vocab.token(vocab.items[0])]])
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, model(ids).logits)  # deterministic once trained
+
+
+def test_a_60_epoch_run_prints_a_summary_every_few_epochs_not_one_line_each(capsys):
+    events = generate_events(SyntheticConfig(n_users=8, n_items=30, n_clusters=3, n_events=160, seed=3))
+    settings = tiny(train_epochs=60, train_patience=1000, model_hidden=16, model_intermediate=32)
+    hist = list(user_histories(events).values())
+    vocab = vocab_for(hist, settings)
+    torch.manual_seed(0)
+    model = build_model(settings, vocab)
+    report = train_model(model, vocab, [h[:-1] for h in hist], settings, torch.device("cpu"),
+                         validation=_cases(events), progress=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(report.history) == 60
+    assert 6 <= len(lines) <= 12, lines
+    assert lines[-1].startswith("done: 60/60 epochs") and f"best epoch {report.best_epoch}: " in lines[-1]
+    assert "NDCG@10" in lines[-1] and "epoch 60/60" in lines[-2]

@@ -169,7 +169,7 @@ def _plot(lat_ms: np.ndarray, rate: float, path: Path) -> None:
         v = np.percentile(lat_ms, q)
         ax.axvline(v, color="k", linestyle=style, label=f"p{q} {v:.1f} ms")
     ax.set(xlabel="request -> response (ms, at the client)", ylabel="requests",
-           title=f"generative recommendations over Kafka at {rate:.0f} req/s")
+           title=f"Generative recommendations over Kafka: latency at {rate:.0f} req/s")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

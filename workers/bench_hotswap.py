@@ -129,6 +129,6 @@ def _plot(sent, arrivals, answered, swap_at, path: Path) -> None:
     for version, t in swap_at:
         ax.axvline(t - t0, color="r", linestyle="--")
     ax.set(xlabel="time (s); red: promotion announced", ylabel="request -> response (ms)",
-           title="latency through hot-swaps")
+           title=f"Recommendation latency through {len(swap_at)} model hot-swaps (one dot per request)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

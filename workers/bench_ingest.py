@@ -148,7 +148,7 @@ def _plot(lat_ms: np.ndarray, rate: float, path: Path) -> None:
         ax.axvline(v, color="k", linestyle=style, label=f"p{q} {v:.1f} ms")
     ax.set_xlabel("event -> Redis-visible latency (ms)")
     ax.set_ylabel("events")
-    ax.set_title(f"rtrec state worker at {rate:,.0f} events/s")
+    ax.set_title(f"State worker: event -> Redis-visible latency at {rate:,.0f} events/s")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -176,7 +176,7 @@ def _plot(memory: dict[str, list[tuple[float, float]]], promotions: list[float],
         ax.plot([t for t, _ in series], [mb for _, mb in series], label=name)
     for t in promotions:
         ax.axvline(t, color="grey", linestyle=":", linewidth=0.8)
-    ax.set(xlabel="time (s); dotted: promotions", ylabel="RSS (MB)", title="worker memory under soak")
+    ax.set(xlabel="time (s); dotted: promotions", ylabel="RSS (MB)", title="Worker memory (RSS) during the soak test")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

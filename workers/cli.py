@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -317,7 +318,7 @@ def replay(
     reported (count, first line numbers) and not sent; the others are. Exit 1 if any was rejected."""
     import itertools
 
-    from stream.eventfile import read_numbered_events
+    from stream.eventfile import count_records, read_numbered_events
     from stream.producer import EventProducer
     from stream.replay import ReplayReport, replay_events
 
@@ -325,15 +326,17 @@ def replay(
     lines = read_numbered_events(file, on_error=lambda n, msg: report.reject("unparseable", n))
     first = list(itertools.islice(lines, 1))  # the file's format, header and compression are checked here
     settings = connected_settings()
-    shift, total = 0, None
+    show = sys.stderr.isatty()
+    # the bar's total (for its ETA): the file's non-blank lines, counted without parsing (~0.1 s per 50 MB)
+    total = count_records(file) if show else None
+    shift = 0
     if shift_to_now:
         stamps = [e["ts"] for _, e in read_numbered_events(file, on_error=lambda n, msg: None)
                   if isinstance(e.get("ts"), int)]
-        total = len(stamps)
         shift = int(time.time() * 1000) - 60_000 - max(stamps) if stamps else 0
     with EventProducer(settings) as producer:
         replay_events(producer, itertools.chain(first, lines), rate=rate, speedup=speedup, total=total,
-                      ts_shift_ms=shift, numbered=True, report=report, progress=sys.stderr.isatty())
+                      ts_shift_ms=shift, numbered=True, report=report, progress=show)
     _finish_replay(report)
 
 
@@ -660,12 +663,22 @@ def model_list() -> None:
     from model.store import CheckpointStore
 
     store = CheckpointStore(get_settings().checkpoint_dir)
-    table = Table(title=f"checkpoints in {store.root}")
-    for col in ("", "version", "created", "HR@10", "NDCG@10", "window events", "trigger"):
-        table.add_column(col)
-    for v in store.versions():
+    versions = store.versions()
+    table = Table(title=f"checkpoints in {store.root}", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    table.add_column("", no_wrap=True)
+    # the version in full, on one line: `rtrec model promote VERSION` needs it copied exactly
+    table.add_column("version", no_wrap=True, min_width=max((len(v.version) for v in versions), default=7))
+    wide = console.width >= 96  # narrower: no "created" column (version names carry their UTC time)
+    if wide:
+        table.add_column("created (UTC)", no_wrap=True)
+    for col in ("HR@10", "NDCG@10", "events"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("trigger", overflow="fold")
+    for v in versions:
         m, w = v.metrics, v.training_window
-        table.add_row("*" if v.current else "", v.version, v.created_at,
+        created = [v.created_at[:16].replace("T", " ")] if wide else []
+        table.add_row("*" if v.current else "", v.version, *created,
                       f"{m['HR@10']:.4f}" if "HR@10" in m else "", f"{m['NDCG@10']:.4f}" if "NDCG@10" in m else "",
                       str(w.get("events", "")), str(w.get("trigger", "")))
     console.print(table)
@@ -673,7 +686,8 @@ def model_list() -> None:
     if decisions:
         last = decisions[-1]
         console.print(f"last trainer decision ({last['at']}): "
-                      f"{'promoted ' + last['version'] if last.get('promoted') else 'kept current'} - {last['reason']}")
+                      f"{'promoted ' + last['version'] if last.get('promoted') else 'kept current'} - {last['reason']}",
+                      soft_wrap=True, markup=False)
 
 
 def _announce(version: str, reason: str) -> None:
@@ -801,7 +815,8 @@ def bench_memory(
     project_users: Optional[int] = typer.Option(None, help="users for the projection, each at the replay's "
                                                 "bytes per active user (default: --users)"),
     plot: Optional[Path] = typer.Option(Path("bench-memory.png"),
-                                        help="memory-over-events PNG; the figures go to the same name .json"),
+                                        help="memory-over-events PNG (used_memory, key families stacked, the "
+                                        "second half's ±10% band); the figures go to the same name .json"),
     samples: int = typer.Option(20, help="memory samples over the replay"),
 ) -> None:
     """Redis bytes per event, per user (dedupe state included) and per item, memory over the replay and whether it

@@ -34,8 +34,35 @@ def make_app(name: str, settings: Settings, **overrides: Any) -> faust.App:
         datadir=str(datadir),
         broker_credentials=_credentials(settings),
     )
+    conf.setdefault("Worker", QuietWorker)
+    conf.setdefault("logging_config", _logging_config(settings.log_level))
     conf.update(overrides)
     return faust.App(name, **conf)
+
+
+class QuietWorker(faust.Worker):
+    """Faust's worker without its terminal spinner.
+
+    The spinner writes cursor escape codes (``ESC[?25l`` ...) and "OK ^" to
+    stdout, which `rtrec up` sends to `.rtrec/run/*.log`; the banner is turned
+    off by `--quiet` in `run_worker`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spinner = None
+
+
+#: Chatty libraries: at INFO they log every service start/stop and rebalance step.
+_THIRD_PARTY = ("faust", "mode", "aiokafka", "kafka")
+
+
+def _logging_config(level: str) -> dict[str, Any]:
+    """Merged into Faust's own logging setup: rtrec's loggers at `level`, libraries at WARNING
+    unless DEBUG was asked for."""
+    third = "DEBUG" if level.upper() == "DEBUG" else "WARNING"
+    return {"merge": True, "version": 1,
+            "loggers": {name: {"level": third} for name in _THIRD_PARTY}}
 
 
 def _credentials(settings: Settings) -> Any:
@@ -64,5 +91,6 @@ def run_module(build_app: Callable[[Settings], faust.App]) -> None:
 def run_worker(app: faust.App, settings: Settings) -> None:
     """Run the app's worker in this process until SIGTERM/SIGINT."""
     level = {"WARNING": "warn", "CRITICAL": "crit"}.get(settings.log_level.upper(), settings.log_level.lower())
-    sys.argv = [sys.argv[0], "worker", "--loglevel", level, "--without-web"]
+    # --quiet: no banner (the worker's log is a file, not a terminal)
+    sys.argv = [sys.argv[0], "--quiet", "worker", "--loglevel", level, "--without-web"]
     app.main()

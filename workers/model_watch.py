@@ -87,7 +87,7 @@ class ModelWatcher:
             await self._refuse("?", f"unreadable model-updates message ({exc})")
             return
         if version != self.store.current_version():
-            log.warning("ignoring announcement of %s: CURRENT is %s", version, self.store.current_version())
+            log.info("ignoring announcement of %s: CURRENT is %s", version, self.store.current_version())
             return
         await self.swap_to(version, expected_sha256=sha)
 
@@ -114,7 +114,7 @@ class ModelWatcher:
             MODEL_SWAPS.inc()
             set_model(version)
             await self._write_stats("swaps", {"last_swap_ms": round(load_ms, 1), "last_swap_version": version})
-            log.warning("hot-swapped %s -> %s (%s, warmed in %.0f ms)", previous, version,
+            log.info("hot-swapped %s -> %s (%s, warmed in %.0f ms)", previous, version,
                         "weights updated in place" if old is recommender else "loaded", load_ms)
             close = getattr(old, "close", None) if old is not recommender else None
             if close is not None:  # a vLLM engine holds memory; torch models are garbage-collected

@@ -234,7 +234,7 @@ class ConsumerRuntime:
 
     def _recovered(self) -> None:
         if self.stalled_since is not None:
-            log.warning("%s: recovered after %.1f s", self.worker, self.stalled_s())
+            log.info("%s: recovered after %.1f s", self.worker, self.stalled_s())
             self.stalled_since = None
             CONSUMER_STALLED.labels(group=self.group).set(0)
 

@@ -99,7 +99,7 @@ def build_app(settings: Settings | None = None):
         await consumer.start()
         metrics_server = await serve(settings.metrics_port, lambda: readiness(consumer, redis_client))
         await announce_ready(redis_client, "state")
-        log.warning("state worker consuming %s as %s", settings.topic_events, settings.state_group)
+        log.info("state worker consuming %s as %s", settings.topic_events, settings.state_group)
         try:
             await consumer.run(worker.handle)
         finally:

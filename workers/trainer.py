@@ -341,7 +341,7 @@ class TrainerLoop:
         self.decisions.append(decision)
         outcome = "failed" if decision.get("failed") else str(bool(decision["promoted"])).lower()
         TRAINER_DECISIONS.labels(promoted=outcome).inc()
-        log.warning("trainer: %s -> %s (%s)", trigger, decision.get("version") or "kept current", decision["reason"])
+        log.info("trainer: %s -> %s (%s)", trigger, decision.get("version") or "kept current", decision["reason"])
         return decision
 
     async def _commit(self, offsets: dict[str, int]) -> None:
@@ -385,7 +385,7 @@ def build_app(settings: Settings | None = None):
         await loop.start()
         metrics_server = await serve(settings.metrics_port, lambda: readiness(loop.runtime, redis))
         await announce_ready(redis, "trainer")
-        log.warning("trainer consuming %s as %s", settings.topic_events, settings.trainer_group)
+        log.info("trainer consuming %s as %s", settings.topic_events, settings.trainer_group)
         try:
             await loop.run()
         finally:
