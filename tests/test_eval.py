@@ -283,3 +283,30 @@ def test_rank_fusion_adds_weighted_reciprocal_ranks():
     assert [score for _, score in ranked] == pytest.approx([4 / 3, 1.0, 1.0, 1 / 3])
     [weighted] = RankFusion([(a, 3.0), (b, 1.0)], c=1).recommend_batch([UserState("u")], 2)
     assert [item for item, _ in weighted] == ["x", "y"]  # x: 3, y: 1.5 + 0.5, z: 1 + 1
+
+
+def test_a_late_failure_keeps_the_results_computed_before_it(tmp_path, monkeypatch):
+    """A family that fails to train (after 40 minutes, say) must not take the baselines and earlier families with it."""
+    import model.pipeline as pipeline
+    from rich.console import Console
+
+    events = generate_events(SyntheticConfig(n_users=60, n_items=200, n_events=4000, seed=1))
+    for e in events:
+        e.pop("event_id", None)  # optional in files: the eval derives ids, as replay does
+    path = tmp_path / "events.csv"
+    write_events(path, events)
+    real = pipeline.train_generator
+
+    def second_family_fails(settings, split, *args, **kwargs):
+        if settings.model_family == "t5":
+            raise RuntimeError("injected late failure")
+        return real(settings, split, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_generator", second_family_fails)
+    settings = Settings(kafka_bootstrap=None, redis_url=None, train_epochs=2, model_layers=1)
+    with pytest.raises(RuntimeError, match="injected"):
+        pipeline.run_eval(settings, str(path), ["llama", "t5"], tmp_path / "out", Console(quiet=True))
+    [csv_path] = (tmp_path / "out").glob("*.csv")
+    names = [line.split(",")[0] for line in csv_path.read_text().splitlines()[1:]]
+    assert {"blending", "popularity", "river-BiasedMF", "generative-llama"} <= set(names)
+    assert (tmp_path / "out" / "generative-llama.json").is_file()
