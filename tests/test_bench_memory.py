@@ -54,9 +54,14 @@ def test_a_tiny_run_gives_consistent_figures_and_writes_png_and_json(tmp_path):
     assert fam["rt:pop"]["keys"] == fam["rt:items:n"]["keys"] == 1
     assert 0 < r["families_total_bytes"] <= 1.5 * r["growth_bytes"]
     assert [p["active_users"] for p in r["samples"]][0] == 0 and r["samples"][-1]["active_users"] == r["users"]
+    assert all(set(FAMILIES) <= set(p["families"]) for p in r["samples"])  # a breakdown at every sample
+    half = r["samples"][1]["families"]  # 1000 and 2000 are equally near the half: the first is taken
+    assert fam["rt:u:*:seq"]["second_half_growth_bytes"] == (r["samples"][-1]["families"]["rt:u:*:seq"]
+                                                             - half["rt:u:*:seq"])
 
     d = r["dedupe"]  # per user: the id window plus one watermark field per partition the user's events came from
-    assert d["window"] == Settings().dedupe_window
+    assert d["window"] == Settings().dedupe_window == r["caps"]["dedupe_window"]
+    assert r["caps"]["sequence_length"] == Settings().sequence_length
     assert d["ids_bytes"] == pytest.approx(fam["rt:u:*:ids"]["total_bytes"])
     per_user = Counter(e["user_id"] for e in bench_events(50, 100, 3000, 3, end_ms=0))  # the same users, any end
     window_bytes = 8 * sum(min(n, d["window"]) for n in per_user.values())  # each user's last `window` ids

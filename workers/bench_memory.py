@@ -5,8 +5,10 @@ RTREC_KAFKA_BOOTSTRAP / RTREC_REDIS_URL are set, one state worker) *time-compres
 events' timestamps span ``days`` of event time ending now, but they are sent as fast as
 the worker applies them. The stream goes out in ``samples`` chunks; after each chunk the
 bench waits until the worker applied it (``rt:stats`` ``applied``) and records Redis
-``INFO memory`` ``used_memory``, ``DBSIZE`` and the distinct users sent so far; the baseline
-is taken before any event.
+``INFO memory`` ``used_memory``, ``DBSIZE``, the distinct users sent so far and a quick
+breakdown by key family (as below, ``MEMORY USAGE`` of up to 5,000 keys per family, so
+every key of smaller families; its time is left out of the replay rate); the baseline is
+taken before any event.
 
 At the end every key is classified into a family (``rt:u:*:h``, ``rt:u:*:seq``, ...,
 ``rt:u:*:ids``, ``rt:covis:*``, ``rt:pop``, ``rt:items:n``; keys of no family are counted as
@@ -31,11 +33,13 @@ Figures:
   (dedupe bytes / events applied);
 * flatness, two ways: the largest deviation of used_memory over the second half of the events
   from its value at the half, in % of that value (the "flat within +-10%" test; ``flat``), and
-  the second half's growth as a percentage of the first half's (0%: flat, 100%: linear);
+  the second half's growth as a percentage of the first half's (0%: flat, 100%: linear); and
+  per family, its growth over the second half (which state is still filling);
 * projection for ``rate`` events/s over 7 days and ``project_users`` users: user state =
   users x bytes per active user (as measured at this stream's events per user: once the
-  per-user caps are full, more events per user add nothing), dedupe bytes = users x dedupe
-  bytes per user, amortized over rate x 7 d events; item state at this stream's items.
+  per-user caps are full, more events per user add nothing; when memory was not flat yet, a
+  note says the projected user state is a floor), dedupe bytes = users x dedupe bytes per
+  user, amortized over rate x 7 d events; item state at this stream's items.
 
 Key TTLs (RTREC_USER_TTL_DAYS, RTREC_ITEM_TTL_DAYS) run in wall-clock time: during a
 time-compressed replay nothing expires, so every user of the stream is counted as active.
@@ -67,6 +71,7 @@ DAY_MS = 86_400_000
 PROJECTION_DAYS = 7
 FLAT_PCT = 10.0  # "used_memory flat within +-10% over the second half"
 SAMPLE_KEYS = 500  # MEMORY USAGE calls per family
+SERIES_SAMPLE_KEYS = 5000  # the same at each memory sample during the replay (every key of smaller families)
 USER_PARTS = ("h", "seq", "aff", "bought", "ids")  # always listed; other rt:u:*:<part> families are found by the scan
 FAMILIES = tuple(f"{PREFIX}:u:*:{p}" for p in USER_PARTS) + (f"{PREFIX}:covis:*", f"{PREFIX}:pop", f"{PREFIX}:items:n")
 ITEM_FAMILIES = (f"{PREFIX}:covis:*", f"{PREFIX}:pop", f"{PREFIX}:items:n")
@@ -204,6 +209,12 @@ def watermark_cost(client, hash_keys: list[str]) -> dict:
             "bytes_per_hash": sum(costs) / hashes if hashes else 0.0}
 
 
+def caps_of(settings: Settings) -> dict[str, int]:
+    """The settings that bound the state, recorded with the figures."""
+    return {"sequence_length": settings.sequence_length, "affinity_cap": settings.affinity_cap,
+            "covis_cap": settings.covis_cap, "items_cap": settings.items_cap, "dedupe_window": settings.dedupe_window}
+
+
 def _wait_applied(store: StateStore, client, target: int, stack: Stack, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while (applied := store.stats(client).get("applied", 0)) < target:
@@ -216,10 +227,16 @@ def _wait_applied(store: StateStore, client, target: int, stack: Stack, timeout_
 
 
 def _sample(client, applied: int, active_users: int, started: float) -> dict:
+    """used_memory etc. first, then the family breakdown (its SCAN's buffers are not in the figure)."""
     info = client.info("memory")
-    return {"events": applied, "active_users": active_users, "used_memory": int(info["used_memory"]),
-            "used_memory_dataset": int(info.get("used_memory_dataset", 0)), "keys": int(client.dbsize()),
-            "seconds": round(time.monotonic() - started, 3)}
+    point = {"events": applied, "active_users": active_users, "used_memory": int(info["used_memory"]),
+             "used_memory_dataset": int(info.get("used_memory_dataset", 0)), "keys": int(client.dbsize()),
+             "seconds": round(time.monotonic() - started, 3)}
+    t0 = time.monotonic()
+    point["families"] = {name: round(f["total_bytes"])
+                         for name, f in key_families(client, sample=SERIES_SAMPLE_KEYS).items()}
+    point["breakdown_seconds"] = round(time.monotonic() - t0, 3)
+    return point
 
 
 def run_memory_bench(settings: Settings, users: int = 2000, items: int = 5000, events: int = 200_000,
@@ -267,7 +284,7 @@ def run_memory_bench(settings: Settings, users: int = 2000, items: int = 5000, e
                     series.append(_sample(client, int(hi), active_at[k], started))
                     bar.update(int(hi) - bar.n)
                     bar.set_postfix(used_mb=f"{series[-1]['used_memory'] / 2**20:.1f}", keys=series[-1]["keys"])
-            seconds = time.monotonic() - started
+            seconds = time.monotonic() - started - sum(p["breakdown_seconds"] for p in series)
             console.print("breaking memory down by key family (SCAN + MEMORY USAGE) ...")
             chosen: dict[str, list[str]] = {}
             families = key_families(client, chosen_out=chosen)
@@ -277,6 +294,7 @@ def run_memory_bench(settings: Settings, users: int = 2000, items: int = 5000, e
 
     result = _figures(series, families, watermarks, dbsize, events, active_users, active_items, days, rate,
                       project_users, settings.dedupe_window, seconds)
+    result["caps"] = caps_of(settings)
     _print(result, console)
     if plot is not None:
         plot = Path(plot)
@@ -300,6 +318,9 @@ def _figures(series: list[dict], families: dict[str, dict], watermarks: dict, db
     second_half_pct = second / first * 100 if first > 0 else None
     later = [mid, *used[applied > half].tolist()]  # used_memory from the half (interpolated) to the end
     deviation_pct = max(abs(u - mid) for u in later) / mid * 100
+    at_half = min(series, key=lambda p: abs(p["events"] - half))["families"]  # the sample nearest the half
+    for name, f in families.items():
+        f["second_half_growth_bytes"] = series[-1]["families"].get(name, 0) - at_half.get(name, 0)
     user_bytes = sum(f["total_bytes"] for name, f in families.items() if name.startswith(f"{PREFIX}:u:"))
     item_bytes = sum(families[name]["total_bytes"] for name in ITEM_FAMILIES if name in families)
     per_user = user_bytes / users
@@ -364,6 +385,9 @@ def _print(r: dict, console: Console) -> None:
     table.add_column("value", justify="right")
     table.add_row("events applied", f"{r['events']:,}")
     table.add_row("active users / items", f"{r['users']:,} / {r['items']:,}")
+    if c := r.get("caps"):
+        table.add_row("caps: sequence / affinity / co-visitation / dedupe window",
+                      f"{c['sequence_length']} / {c['affinity_cap']} / {c['covis_cap']} / {c['dedupe_window']}")
     table.add_row("used_memory baseline -> half -> end (MB)",
                   f"{_mb(r['baseline_used_memory'])} -> {_mb(r['half_used_memory'])} -> {_mb(r['end_used_memory'])}")
     table.add_row("used_memory growth (MB)", _mb(r["growth_bytes"]))
@@ -385,14 +409,15 @@ def _print(r: dict, console: Console) -> None:
     console.print(table)
 
     fam = Table(title=f"Redis keys by family  ({r['dbsize']:,} keys; MEMORY USAGE of up to {SAMPLE_KEYS} per family)")
-    for col in ("family", "keys", "sampled", "avg bytes", "total MB", "share of growth"):
-        fam.add_column(col, justify="left" if col == "family" else "right")
+    for col in ("family", "keys", "sampled", "avg bytes", "total MB", "share of growth", "2nd-half growth MB"):
+        fam.add_column(col, justify="left" if col == "family" else "right", no_wrap=col == "family")
     for name, f in r["families"].items():
         share = f["total_bytes"] / r["growth_bytes"] * 100 if r["growth_bytes"] > 0 else 0.0
         fam.add_row(name, f"{f['keys']:,}", f"{f['sampled']:,}", f"{f['avg_bytes']:,.0f}", _mb(f["total_bytes"]),
-                    f"{share:.0f}%")
+                    f"{share:.0f}%", f"{f['second_half_growth_bytes'] / 2**20:+,.2f}")
     fam.add_row("[b]all families", f"[b]{sum(f['keys'] for f in r['families'].values()):,}", "", "",
-                f"[b]{_mb(r['families_total_bytes'])}", "")
+                f"[b]{_mb(r['families_total_bytes'])}", "",
+                f"[b]{sum(f['second_half_growth_bytes'] for f in r['families'].values()) / 2**20:+,.2f}")
     console.print(fam)
 
     p = r["projection"]
@@ -405,6 +430,9 @@ def _print(r: dict, console: Console) -> None:
         f"{_size(p['item_state_bytes'])}; total {_size(p['total_bytes'])}")
     if p["events_per_user"] < p["measured_events_per_user"]:
         console.print("[yellow]the projection has fewer events per user than the replay: user state is overstated")
+    elif p["events_per_user"] > p["measured_events_per_user"] and not r["flat"]:
+        console.print("[yellow]used_memory was still growing at the end of the replay: with more events per user "
+                      "the user state is larger than projected (up to what the caps allow)")
 
 
 def _plot(r: dict, path: Path) -> None:
@@ -412,16 +440,27 @@ def _plot(r: dict, path: Path) -> None:
 
     pts = r["samples"]
     x = [p["events"] for p in pts]
-    fig = Figure(figsize=(8, 4.5))
+    c = r.get("caps")
+    caps = "" if not c else (f"\ncaps: sequence {c['sequence_length']}, affinity {c['affinity_cap']}, "
+                             f"co-visitation {c['covis_cap']}, dedupe window {c['dedupe_window']}")
+    fig = Figure(figsize=(10, 5.5))
     ax = fig.subplots()
-    ax.plot(x, [p["used_memory"] / 2**20 for p in pts], marker="o", markersize=3, label="used_memory")
+    end = pts[-1]["families"]
+    big = [f for f in sorted(end, key=end.get, reverse=True)
+           if end[f] >= 0.03 * max(sum(end.values()), 1) or f == IDS_FAMILY]  # dedupe state always shown
+    stacks = [[p["families"].get(f, 0) / 2**20 for p in pts] for f in big]
+    stacks.append([sum(v for f, v in p["families"].items() if f not in big) / 2**20 for p in pts])
+    ax.stackplot(x, *stacks, labels=[*big, "other families"], alpha=0.45)
+    ax.plot(x, [p["used_memory"] / 2**20 for p in pts], color="black", marker="o", markersize=3,
+            label="used_memory")
     mid = r["half_used_memory"] / 2**20
     ax.fill_between([r["events"] / 2, r["events"]], mid * (1 - FLAT_PCT / 100), mid * (1 + FLAT_PCT / 100),
                     color="green", alpha=0.12, label=f"±{FLAT_PCT:g}% of used_memory at the half")
     ax.axvline(r["events"] / 2, color="grey", linestyle=":", linewidth=0.8)
-    ax.set(xlabel="events applied (count)", ylabel="Redis used_memory (MB)", ylim=(0, None),
+    ax.set(xlabel="events applied (count)", ylabel="Redis memory (MB): used_memory and MEMORY USAGE by family",
+           ylim=(0, None), xlim=(0, r["events"]),
            title=f"Redis memory while replaying {r['events']:,} events "
-                 f"({r['users']:,} users, {r['items']:,} items, {r['days']:g} simulated days)")
+                 f"({r['users']:,} users, {r['items']:,} items, {r['days']:g} simulated days)" + caps)
     ax.ticklabel_format(axis="x", style="plain")
     users = ax.twinx()
     users.plot(x, [p.get("active_users", 0) for p in pts], color="tab:orange", linestyle="--", linewidth=1,
@@ -429,7 +468,7 @@ def _plot(r: dict, path: Path) -> None:
     users.set(ylabel="active users (distinct users so far)", ylim=(0, None))
     lines = ax.get_legend_handles_labels()
     more = users.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right")
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
