@@ -62,32 +62,32 @@ def _die_with_parent(parent_pid: int):
     return preexec
 
 
-def mask_url(url: str | None) -> str | None:
-    """A URL fit to print: its password (if any) replaced by ***."""
+def _with_password(url: str | None, password: str | None) -> str | None:
+    """`url` with its password replaced by `password` (None: removed); a URL without one is returned as is."""
     if not url:
         return url
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    user = parts.username or ""
     host = parts.hostname or ""
     if parts.port:
         host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    user = parts.username or ""
+    if password is not None:
+        netloc = f"{user}:{password}@{host}"
+    else:
+        netloc = f"{user}@{host}" if user else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def mask_url(url: str | None) -> str | None:
+    """A URL fit to print: its password (if any) replaced by ***."""
+    return _with_password(url, "***")
 
 
 def strip_password(url: str | None) -> str | None:
     """A URL fit to store: its password removed (clients take RTREC_REDIS_PASSWORD instead)."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}@{host}" if parts.username else host
-    return urlunsplit(parts._replace(netloc=netloc))
+    return _with_password(url, None)
 
 
 @dataclass
