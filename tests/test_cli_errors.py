@@ -95,6 +95,7 @@ CASES = [
     ("state unreachable redis", ["state", "u1"], "unreachable", 2, ["Redis"]),
     ("catalog unreachable redis", ["catalog", "ok.jsonl"], "unreachable", 2, []),
     ("dlq unreachable redis", ["dlq"], "unreachable", 2, ["Redis"]),
+    ("up unreachable broker", ["up", "--no-trainer"], "unreachable", 2, ["Kafka", "RTREC_KAFKA_BOOTSTRAP"]),
 ]
 
 
