@@ -127,8 +127,10 @@ class Settings(BaseSettings):
     weight_browse: float = 1.0
     weight_click: float = 2.0
     weight_purchase: float = 4.0
-    affinity_cap: int = Field(500, ge=1, description="affinity members kept per user (the strongest)")
-    covis_cap: int = Field(200, ge=1, description="co-visited neighbours kept per item (the most counted)")
+    affinity_cap: int = Field(120, ge=1, description="affinity members kept per user (the strongest; see README "
+                              "'Caps' for why below 128)")
+    covis_cap: int = Field(120, ge=1, description="co-visited neighbours kept per item (the most counted; keep it well "
+                           "above the neighbours a read takes, 50, so newcomers can climb)")
     items_cap: int = Field(
         100_000, ge=1, description="items kept in the trending (rt:pop) and item-count (rt:items:n) sets (the top)"
     )
