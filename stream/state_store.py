@@ -535,7 +535,24 @@ class StateStore:
         return [(item, score / top) for item, score in pairs]
 
     def fetch(self, client: redis.Redis, user_ids: Sequence[str], reads: StateReads | None = None) -> list[UserState]:
-        """Users' states and the trending list in one pipelined round-trip (two rounds in a cluster)."""
+        """Users' states and the trending list in one pipelined round-trip (two rounds in a cluster).
+
+        A dropped connection (Redis restarted since the last call) is retried once: redis-py pipelines do
+        not retry it, since a pipeline may not be idempotent, but a read is.
+        """
+        try:
+            return self._fetch(client, user_ids, reads)
+        except redis.ConnectionError:
+            return self._fetch(client, user_ids, reads)
+
+    async def fetch_async(self, client: "redis.asyncio.Redis", user_ids: Sequence[str],
+                          reads: StateReads | None = None) -> list[UserState]:
+        try:
+            return await self._fetch_async(client, user_ids, reads)
+        except redis.ConnectionError:  # as in fetch: a read is safe to repeat on a fresh connection
+            return await self._fetch_async(client, user_ids, reads)
+
+    def _fetch(self, client: redis.Redis, user_ids: Sequence[str], reads: StateReads | None) -> list[UserState]:
         reads = reads or self.default_reads()
         script = client.register_script(READ_LUA)
         if self.buckets:
@@ -555,8 +572,8 @@ class StateStore:
         trending = self._trending([x for pair in res[0] for x in pair])
         return [self._build(uid, raw, trending) for uid, raw in zip(user_ids, res[1:])]
 
-    async def fetch_async(self, client: "redis.asyncio.Redis", user_ids: Sequence[str],
-                          reads: StateReads | None = None) -> list[UserState]:
+    async def _fetch_async(self, client: "redis.asyncio.Redis", user_ids: Sequence[str],
+                           reads: StateReads | None) -> list[UserState]:
         reads = reads or self.default_reads()
         script = client.register_script(READ_LUA)
         if self.buckets:

@@ -635,3 +635,34 @@ def test_the_fairness_window_lets_the_same_user_count_again_later(redis_only) ->
                               if n % 5 < 2])  # the four that counted, with no cap
     assert redis_only.zscore(f"{store.prefix}:pop", "song") == pytest.approx(
         redis_only.zscore(f"{shared.prefix}:pop", "song"), rel=1e-9)
+
+
+def test_a_read_survives_a_redis_restart_between_two_reads(tmp_path) -> None:
+    """Pipelines do not retry a dropped connection (they may not be idempotent); reads are, so the store
+    retries them once: the first request after a Redis restart is answered, not failed."""
+    import asyncio
+
+    from stream.connections import async_redis_client, redis_client
+    from stream.embedded import start_redis
+
+    server, url = start_redis(BASE, tmp_path)
+    try:
+        s = BASE.model_copy(update={"redis_url": url})
+        store, client = StateStore(s), redis_client(s)
+        store.apply(client, [ev("u", "a", T0)])
+        client.save()
+
+        async def read_restart_read() -> bool:
+            aclient = async_redis_client(s)
+            assert (await store.fetch_async(aclient, ["u"]))[0].known  # the pool holds a connection now
+            server.restart()
+            server.wait_port(server.port)
+            return (await store.fetch_async(aclient, ["u"]))[0].known
+
+        assert store.fetch(client, ["u"])[0].known
+        assert asyncio.run(read_restart_read())  # the worker's path
+        server.restart()
+        server.wait_port(server.port)
+        assert store.fetch(client, ["u"])[0].known  # the CLI's path
+    finally:
+        server.stop()
