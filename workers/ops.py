@@ -18,6 +18,7 @@ from workers.metrics import readiness, record_lag, serve
 from workers.quality import QUALITY_KEY, QualityJoin
 from workers.runtime import ConsumerRuntime
 from workers.stack import announce_gone, announce_ready
+from workers.startup import wait_for_services
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def build_app(settings: Settings | None = None):
     @app.task
     async def export_lag() -> None:
         redis = async_redis_client(settings)
+        await wait_for_services(settings, redis)  # until RTREC_STARTUP_TIMEOUT_S
         exporter = LagExporter(settings)
         join = QualityJoin(settings)
         quality = ConsumerRuntime(settings, [settings.topic_events, settings.topic_responses],

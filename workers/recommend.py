@@ -29,7 +29,7 @@ from stream.connections import aiokafka_auth, async_redis_client, kafka_bootstra
 from stream.events import InvalidEvent
 from stream.rec_messages import RecItem, RecRequest, RecResponse, best_effort_ids, parse_request
 from stream.settings import Settings, get_settings
-from stream.topics import ensure_topics
+from workers.startup import wait_for_services
 from stream.state_store import StateReads, StateStore, UserState
 from workers.dead_letters import DeadLetter, DeadLetters
 from workers.faults import is_transient
@@ -301,8 +301,9 @@ def build_app(settings: Settings | None = None, recommender: Recommender | None 
 
     @app.task
     async def answer_requests() -> None:
-        await asyncio.to_thread(ensure_topics, settings)  # idempotent; an external Kafka may be bare
         redis_client = async_redis_client(settings)
+        # topics (idempotent; an external Kafka may be bare) and Redis, waited for until RTREC_STARTUP_TIMEOUT_S
+        await wait_for_services(settings, redis_client)
         producer = AIOKafkaProducer(
             bootstrap_servers=kafka_bootstrap(settings),
             acks="all",

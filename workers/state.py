@@ -6,7 +6,6 @@ more of them: they share the consumer group, Kafka spreads the partitions.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Sequence
@@ -17,7 +16,7 @@ from stream.connections import aiokafka_auth, async_redis_client, kafka_bootstra
 from stream.events import Event, InvalidEvent, parse_event
 from stream.log_positions import AsyncLogEpochs, LogPosition
 from stream.settings import Settings, get_settings
-from stream.topics import ensure_topics
+from workers.startup import wait_for_services
 from stream.state_store import StateStore
 from workers.dead_letters import DeadLetter, DeadLetters
 from workers.faust_app import make_app, run_module
@@ -86,8 +85,9 @@ def build_app(settings: Settings | None = None):
 
     @app.task
     async def consume_events() -> None:
-        await asyncio.to_thread(ensure_topics, settings)  # idempotent; an external Kafka may be bare
         redis_client = async_redis_client(settings)
+        # topics (idempotent; an external Kafka may be bare) and Redis, waited for until RTREC_STARTUP_TIMEOUT_S
+        await wait_for_services(settings, redis_client)
         producer = AIOKafkaProducer(
             bootstrap_servers=kafka_bootstrap(settings), acks="all", **aiokafka_auth(settings)
         )

@@ -31,7 +31,7 @@ from stream.connections import aiokafka_auth, async_redis_client, kafka_bootstra
 from stream.events import InvalidEvent, parse_event
 from stream.settings import Settings, get_settings
 from stream.state_store import StateReads, StateStore
-from stream.topics import ensure_topics
+from workers.startup import wait_for_services
 from workers.faults import is_transient
 from workers.faust_app import make_app, run_module
 from workers.metrics import TRAINER_DECISIONS, readiness, serve
@@ -379,8 +379,8 @@ def build_app(settings: Settings | None = None):
 
     @app.task
     async def train_continuously() -> None:
-        await asyncio.to_thread(ensure_topics, settings)
         redis = async_redis_client(settings)
+        await wait_for_services(settings, redis)  # until RTREC_STARTUP_TIMEOUT_S
         loop = TrainerLoop(settings)
         await loop.start()
         metrics_server = await serve(settings.metrics_port, lambda: readiness(loop.runtime, redis))

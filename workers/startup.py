@@ -1,0 +1,57 @@
+"""A worker's first contact with the broker and Redis, retried until RTREC_STARTUP_TIMEOUT_S.
+
+`docker compose up` (or any orchestrator) may start a worker before Kafka or Redis accept
+connections; the worker waits for them instead of crashing, and gives up with one log line
+naming what it waited for once the deadline has passed (the container's restart policy takes
+over from there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from kafka.errors import KafkaError
+from redis.exceptions import AuthenticationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from stream.embedded import mask_url
+from stream.settings import Settings
+from stream.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+class StartupTimeout(RuntimeError):
+    """The broker or Redis did not answer within RTREC_STARTUP_TIMEOUT_S."""
+
+
+async def wait_for_services(settings: Settings, redis_client=None, topics: bool = True) -> None:
+    """Create rtrec's topics (waiting for the broker) and PING Redis (waiting for it), both within one deadline."""
+    budget = settings.startup_timeout_s
+    deadline = time.monotonic() + budget
+    if topics:
+        try:
+            await asyncio.to_thread(ensure_topics, settings, None, budget)
+        except KafkaError as exc:  # ensure_topics retried what waiting can fix, until the deadline
+            raise StartupTimeout(f"could not create rtrec's topics on the broker at {settings.kafka_bootstrap} "
+                                 f"(retried up to RTREC_STARTUP_TIMEOUT_S={budget:g} s): "
+                                 f"{type(exc).__name__}: {exc}") from exc
+    if redis_client is None:
+        return
+    delay = 0.2
+    while True:
+        try:
+            await redis_client.ping()
+            return
+        except AuthenticationError:
+            raise  # a wrong password does not get better by waiting
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise StartupTimeout(f"Redis at {mask_url(settings.redis_url)} did not answer within "
+                                     f"RTREC_STARTUP_TIMEOUT_S={budget:g} s: {type(exc).__name__}: {exc}") from exc
+            log.info("waiting for Redis (%s: %s)", type(exc).__name__, exc)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
