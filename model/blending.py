@@ -13,7 +13,7 @@ import heapq
 from collections import defaultdict
 from typing import Sequence
 
-from model.recommender import Scored
+from model.recommender import Recommender, Scored
 from stream.settings import Settings
 from stream.state_store import UserState
 
@@ -31,7 +31,7 @@ def recent_distinct_items(state: UserState, limit: int) -> list[str]:
     return list(seen)
 
 
-class BlendingRecommender:
+class BlendingRecommender(Recommender):
     """Covisitation + affinity + trending, computed from the state the worker fetched."""
 
     version = "blend-v1"

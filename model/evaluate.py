@@ -88,7 +88,7 @@ def _delete_prefix(client: redis.Redis, prefix: str) -> None:
 
 
 # ---- baselines --------------------------------------------------------------------------
-class PopularityRecommender:
+class PopularityRecommender(Recommender):
     """Most-interacted items in the training events, minus the user's history.
 
     The floor every personalised model must beat; ties break by item id for determinism.
@@ -120,7 +120,7 @@ def mf_target(event: Mapping[str, Any]) -> float:
     return float(rating) if rating is not None else TYPE_TARGET[event["type"]]
 
 
-class BiasedMFRecommender:
+class BiasedMFRecommender(Recommender):
     """river ``reco.BiasedMF`` trained online, one pass over ``split.train_events`` in time order.
 
     Scoring calls ``predict_one`` per (user, item) would be ~catalogue x users Python calls, so

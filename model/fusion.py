@@ -27,7 +27,7 @@ def fuse(rankings: Sequence[tuple[Scored, float]], k: int, c: int = 10) -> Score
     return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
 
 
-class RankFusion:
+class RankFusion(Recommender):
     """A `Recommender` whose ranking is the weighted reciprocal-rank fusion of its members'."""
 
     def __init__(self, members: Sequence[tuple[Recommender, float]], depth: int = FUSION_DEPTH, c: int = 10) -> None:

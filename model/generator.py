@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from model.checkpoint import Checkpoint, load_checkpoint
-from model.recommender import Scored
+from model.recommender import GenerativeRecommender, Scored
 from model.sequence_model import next_item_logits, top_items
 from model.tokens import encode
 from stream.state_store import UserState
@@ -23,13 +23,14 @@ def resolve_device(preference: str = "auto") -> torch.device:
     return device
 
 
-class TorchGenerator:
+class TorchGenerator(GenerativeRecommender):
     """Recommender over a checkpoint: bf16 on GPU, fp32 on CPU, inference mode."""
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, max_events: int | None = None) -> None:
         self.checkpoint = checkpoint
         self.device = device
         self.version = checkpoint.version
+        self.vocab = checkpoint.vocab
         # serving may read fewer events than training did: the cost per request is linear in it
         self.max_events = min(checkpoint.max_events, max_events or checkpoint.max_events)
 

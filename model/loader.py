@@ -7,7 +7,7 @@ from pathlib import Path
 
 from model.blending import BlendingRecommender
 from model.checkpoint import latest_checkpoint
-from model.recommender import Recommender
+from model.recommender import GenerativeRecommender, Recommender
 from stream.settings import Settings
 from stream.state_store import SeqEntry, UserState
 
@@ -23,11 +23,11 @@ def load_recommender(settings: Settings) -> Recommender:
         log.info("no checkpoint under %s: serving the blending baseline", settings.checkpoint_dir)
         return BlendingRecommender(settings)
     generator = load_generator(settings, path)
-    log.info("serving %s on %s (%s)", generator.version, getattr(generator, "device", "?"), settings.backend)
+    log.info("serving %s on %s (%s)", generator.version, generator.device, settings.backend)
     return generator
 
 
-def load_generator(settings: Settings, path: Path) -> Recommender:
+def load_generator(settings: Settings, path: Path) -> GenerativeRecommender:
     """A verified checkpoint on the configured backend (raises CheckpointError if it must be refused)."""
     if settings.backend == "vllm":
         from model.vllm_backend import VllmGenerator
@@ -45,9 +45,8 @@ def load_generator(settings: Settings, path: Path) -> Recommender:
     return generator
 
 
-def warm_up(recommender: Recommender) -> None:
+def warm_up(recommender: GenerativeRecommender) -> None:
     """One small batch through the model, so the first real batch after a swap is not the slow one."""
-    vocab = getattr(recommender, "vocab", None) or getattr(getattr(recommender, "checkpoint", None), "vocab", None)
-    items = vocab.items[:3] if vocab is not None else []
+    items = recommender.vocab.items[:3]
     state = UserState("warm-up", sequence=[SeqEntry(item, "click", 0, f"w{n}") for n, item in enumerate(items)])
     recommender.recommend_batch([state], 10)

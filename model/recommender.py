@@ -1,9 +1,19 @@
-"""The interface every recommender implements: the blending baseline now, the generative model later."""
+"""The interfaces recommenders implement: any ranking (`Recommender`) and a served generative model.
+
+`Recommender` is all the evaluation and the fused ranking need: a version and one
+batched call. `GenerativeRecommender` is what a recommend worker serves from a
+checkpoint, on either backend (model/generator.py, model/vllm_backend.py): it
+also says how much history it reads, which vocabulary it ranks, and how to read
+its ranking and version together and free what it holds. The worker, the loader
+and the model watcher use these members directly; nothing is probed.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from abc import abstractmethod
+from typing import Any, Protocol, Sequence, runtime_checkable
 
+from model.vocab import ItemVocab
 from stream.state_store import UserState
 
 Scored = list[tuple[str, float]]
@@ -18,3 +28,27 @@ class Recommender(Protocol):
     def recommend_batch(self, states: Sequence[UserState], k: int) -> list[Scored]:
         """Top-k (item_id, score) per state, best first, never containing ``state.exclude``."""
         ...
+
+
+class GenerativeRecommender(Recommender):
+    """A sequence model served from a checkpoint: the base class of both serving backends.
+
+    A nominal base, not a protocol: ``isinstance(r, GenerativeRecommender)`` tells a served
+    model from the blending baseline (which only implements `Recommender`).
+    """
+
+    version: str
+    max_events: int  # the most recent events of a user's history in a prompt (serving may read fewer than training)
+    vocab: ItemVocab  # the items it can rank
+    device: Any  # where it runs: a torch.device or a device name, for logs
+
+    @abstractmethod
+    def recommend_batch(self, states: Sequence[UserState], k: int) -> list[Scored]:
+        """Top-k (item_id, score) per state, best first, never containing ``state.exclude``."""
+
+    def recommend_versioned(self, states: Sequence[UserState], k: int) -> tuple[list[Scored], str]:
+        """The rankings and the version that made them (a backend updating weights in place reads both at once)."""
+        return self.recommend_batch(states, k), self.version
+
+    def close(self) -> None:
+        """Frees what the model holds outside the Python heap (an engine process); nothing by default."""

@@ -1,9 +1,9 @@
 """A user's history as a token sequence, and batches of them for the model.
 
-Layout ``item_type`` (default): ``BOS item1 type1 item2 type2 ... itemN typeN``;
-the next item is predicted at each type token, so the model knows what the
-user did with an item before guessing the next one. Layout ``item``:
-``BOS item1 ... itemN`` (types dropped), kept for the measured comparison.
+Layout ``item`` (default): ``BOS item1 ... itemN`` (types dropped; measured better,
+at half the tokens). Layout ``item_type``: ``BOS item1 type1 item2 type2 ... itemN typeN``;
+the next item is predicted at each type token, so the model knows what the user did
+with an item before guessing the next one (kept for the measured comparison).
 """
 
 from __future__ import annotations

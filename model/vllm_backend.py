@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from model.checkpoint import VOCAB, CheckpointError, verify_checkpoint
-from model.recommender import Scored
+from model.recommender import GenerativeRecommender, Scored
 from model.tokens import encode
 from model.vllm_weights import EXTENSION as WEIGHT_EXTENSION
 from model.vocab import ItemVocab
@@ -183,7 +183,7 @@ class ShapeChanged(CheckpointError):
     """A checkpoint whose architecture or vocabulary size differs from the running engine's."""
 
 
-class VllmGenerator:
+class VllmGenerator(GenerativeRecommender):
     """Recommender over a checkpoint served by vLLM: same interface and same ranking as `TorchGenerator`.
 
     All requests of one `recommend_batch` call go to the engine in a single

@@ -8,16 +8,15 @@ from typing import Iterable
 from stream.connections import redis_client
 from stream.eventfile import file_format, open_text
 from stream.events import canonical_id
+from stream.keys import ITEM_CATEGORY
 from stream.settings import Settings
-
-CATEGORY_KEY = "rt:item:category"
 
 
 def store_categories(settings: Settings, categories: Iterable[tuple[str, str]]) -> int:
     client = redis_client(settings)
     mapping = {canonical_id(item, "item_id"): str(cat)[:64] for item, cat in categories}
     if mapping:
-        client.hset(CATEGORY_KEY, mapping=mapping)
+        client.hset(ITEM_CATEGORY, mapping=mapping)
     client.close()
     return len(mapping)
 

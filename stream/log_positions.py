@@ -27,7 +27,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
 
-LOGS_KEY = "rt:logs"
+from stream.keys import LOGS
 
 # compare-and-set of one partition's identity: two owners during a rebalance must not bump the epoch twice
 BUMP_LUA = r"""
@@ -133,7 +133,7 @@ def _fields(records: Iterable[LogRecord]) -> list[str]:
 class LogEpochs:
     """Positions for batches of records, with the identities kept in Redis (sync client)."""
 
-    def __init__(self, client, key: str = LOGS_KEY) -> None:
+    def __init__(self, client, key: str = LOGS) -> None:
         self.client = client
         self.key = key
         self._bump = client.register_script(BUMP_LUA)

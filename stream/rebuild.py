@@ -31,7 +31,6 @@ the tail then applies the event again, that key counts it twice.
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ import redis
 from kafka.errors import KafkaError
 from redis.exceptions import RedisClusterException
 
+from stream import keys
 from stream.connections import redis_client
 from stream.events import Event, InvalidEvent, parse_event
 from stream.log_positions import LogEpochs, LogPosition, LogRecord
@@ -50,12 +50,8 @@ from stream.settings import Settings
 from stream.state_store import StateStore
 from stream.topic_window import TopicReadError, iter_topic_records
 
-STAGING = "rebuild"  # the staging prefix is "<live prefix>:rebuild"
-SINGLE_KEYS = frozenset({"pop", "pop:L", "items:n", "stats"})  # one of each per shard
-FAMILIES = ("u:", "covis:")  # one key per user part / per item
 LOCK_TTL_MS = 60_000  # a rebuild refreshes its lock while it runs; a killed one frees it this long after
 SCAN_COUNT = 1000
-BUCKET = re.compile(r":\{b\d+\}")  # what follows the store prefix in a cluster shard prefix
 
 # Switch one shard: the live state keys go, each staging key takes its live name. One script: atomic.
 # ARGV: live prefix, staging prefix, number of live suffixes, the live suffixes, then the staging suffixes.
@@ -111,7 +107,7 @@ class RebuildReport:
 
 def staging_store(live: StateStore) -> StateStore:
     """The store writing under the staging prefix; in a cluster its buckets share the live buckets' hash tags."""
-    return StateStore(live.settings, prefix=f"{live.prefix}:{STAGING}")
+    return StateStore(live.settings, prefix=keys.staging_prefix(live.prefix))
 
 
 def split_state_key(key: str, store: StateStore) -> tuple[str, str] | None:
@@ -125,14 +121,14 @@ def split_state_key(key: str, store: StateStore) -> tuple[str, str] | None:
     if store.buckets:
         end = key.find("}")
         shard = key[: end + 1]
-        if end < 0 or not shard.startswith(store.prefix) or not BUCKET.fullmatch(shard[len(store.prefix) :]):
+        if end < 0 or not shard.startswith(store.prefix) or not keys.BUCKET_TAG.fullmatch(shard[len(store.prefix) :]):
             return None
     else:
         shard = store.prefix
     if not key.startswith(shard + ":"):
         return None
     rest = key[len(shard) + 1 :]
-    return (shard, rest) if rest in SINGLE_KEYS or rest.startswith(FAMILIES) else None
+    return (shard, rest) if rest in keys.STATE_SINGLE_KEYS or rest.startswith(keys.STATE_FAMILIES) else None
 
 
 def state_keys(client: redis.Redis, stores: Sequence[StateStore]) -> list[dict[str, list[str]]]:
@@ -234,7 +230,7 @@ def rebuild_lock(client: redis.Redis, live: StateStore) -> Iterator[Callable[[],
 
     The lock expires LOCK_TTL_MS after its last refresh, so a killed rebuild does not block the next for long.
     """
-    key, token = f"{live.prefix}:{STAGING}:lock", uuid.uuid4().hex
+    key, token = keys.rebuild_lock(live.prefix), uuid.uuid4().hex
     if not client.set(key, token, nx=True, px=LOCK_TTL_MS):
         raise RebuildError(f"another rebuild-state is running ({key} is held); wait for it to finish "
                            f"(a killed one frees the lock within {LOCK_TTL_MS // 1000} s)")

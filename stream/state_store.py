@@ -68,11 +68,11 @@ from typing import Sequence
 
 import redis
 
+from stream import keys
 from stream.events import Event
 from stream.log_positions import LogPosition
 from stream.settings import Settings
 
-PREFIX = "rt"
 BOUGHT_CAP = 500
 RESCALE_AFTER_HALF_LIVES = 60.0
 TIE_SLOTS = 1000  # sequence score = ts * 1000 + arrival number: equal timestamps keep arrival order
@@ -383,7 +383,7 @@ class StateStore:
 
     CHUNK = 250  # events per script call: keeps each atomic step short for other clients
 
-    def __init__(self, settings: Settings, prefix: str = PREFIX) -> None:
+    def __init__(self, settings: Settings, prefix: str = keys.PREFIX) -> None:
         self.settings = settings
         self.prefix = prefix
         self.buckets = settings.redis_cluster_buckets if settings.redis_cluster else 0
@@ -409,17 +409,17 @@ class StateStore:
         """The prefix of a user's keys (and, in a cluster, of its bucket's shared aggregates)."""
         if not self.buckets:
             return self.prefix
-        return f"{self.prefix}:{{b{zlib.crc32(user_id.encode()) % self.buckets}}}"
+        return keys.bucket_prefix(self.prefix, zlib.crc32(user_id.encode()) % self.buckets)
 
     def shard_prefixes(self) -> list[str]:
         """Every prefix holding a part of the shared aggregates: one, or one per cluster bucket."""
         if not self.buckets:
             return [self.prefix]
-        return [f"{self.prefix}:{{b{b}}}" for b in range(self.buckets)]
+        return [keys.bucket_prefix(self.prefix, b) for b in range(self.buckets)]
 
     def user_key(self, user_id: str, part: str) -> str:
         """e.g. ``user_key(u, "h")``: the user's hash of counts."""
-        return f"{self.user_prefix(user_id)}:u:{user_id}:{part}"
+        return keys.user_key(self.user_prefix(user_id), user_id, part)
 
     # ---- writing ---------------------------------------------------------------
     def _calls(self, events: Sequence[Event], positions: Sequence[LogPosition | None] | None
@@ -565,7 +565,7 @@ class StateStore:
                            for p in self.shard_prefixes()] if items else []
             return self._merged(user_ids, raws, trending_parts, items, covis_parts, reads)
         pipe = client.pipeline(transaction=False)
-        pipe.zrevrange(f"{self.prefix}:pop", 0, self.settings.trending_pool - 1, withscores=True)
+        pipe.zrevrange(keys.trending(self.prefix), 0, self.settings.trending_pool - 1, withscores=True)
         for uid in user_ids:
             script(args=self._read_args(uid, reads), client=pipe)
         res = pipe.execute()
@@ -590,7 +590,7 @@ class StateStore:
                                                  for p in self.shard_prefixes())) if items else []
             return self._merged(user_ids, list(raws), list(trending_parts), items, list(covis_parts), reads)
         pipe = client.pipeline(transaction=False)
-        pipe.zrevrange(f"{self.prefix}:pop", 0, self.settings.trending_pool - 1, withscores=True)
+        pipe.zrevrange(keys.trending(self.prefix), 0, self.settings.trending_pool - 1, withscores=True)
         for uid in user_ids:
             await script(args=self._read_args(uid, reads), client=pipe)
         res = await pipe.execute()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Callable
 
@@ -73,14 +72,3 @@ def uid() -> Callable[[str], str]:
     """Unique ids per test, so tests sharing the stack never see each other's users."""
     tag = uuid.uuid4().hex[:8]
     return lambda name: f"{name}-{tag}"
-
-
-def wait_for(predicate: Callable[[], object], timeout_s: float = 20, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from stream.events import REQUIRED, InvalidEvent, parse_event
 from stream.rec_messages import parse_request
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 from workers.dead_letters import dlq_counts
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from stream.settings import Settings
-from tests.test_cli import run_cli
+from tests.helpers import run_cli
 from workers.bench_memory import FAMILIES, OTHER, BenchInputError, bench_events, family_of, run_memory_bench
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from model.blending import RECENCY_DECAY, BlendingRecommender, recent_distinct_items
 from model.reasons import explain
-from model.recommender import Recommender
+from model.recommender import GenerativeRecommender, Recommender
 from stream.settings import Settings
 from stream.state_store import SeqEntry, UserState
 
@@ -57,6 +57,7 @@ def rec() -> BlendingRecommender:
 
 def test_is_a_recommender(rec: BlendingRecommender) -> None:
     assert isinstance(rec, Recommender)
+    assert not isinstance(rec, GenerativeRecommender)  # the worker fuses a served model with it, never itself
     assert rec.version == "blend-v1"
 
 

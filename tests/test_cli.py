@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,19 +16,7 @@ from stream.eventfile import read_events, write_events
 from stream.sample import SAMPLE_CONFIG, SAMPLE_PATH
 from stream.settings import Settings
 from stream.synthetic import generate_events
-from tests.conftest import wait_for
-
-RTREC = [sys.executable, "-m", "workers.cli"]
-
-
-def run_cli(args: list[str], env: dict[str, str] | None = None, stdin: str | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(RTREC + args, env={**os.environ, **(env or {})}, input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def stack_env(settings: Settings) -> dict[str, str]:
-    return {"RTREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "RTREC_REDIS_URL": settings.redis_url}
+from tests.helpers import RTREC, run_cli, stack_env, tiny_checkpoint, wait_for
 
 
 def test_bundled_sample_is_the_documented_generator_output():
@@ -200,7 +187,6 @@ def test_train_from_the_events_topic(settings, producer, redis, tmp_path, uid):
 
 
 def test_model_list_promote_and_rollback(tmp_path):
-    from tests.test_trainer import tiny_checkpoint
     from stream.synthetic import SyntheticConfig, generate_events
 
     events = generate_events(SyntheticConfig(n_users=10, n_items=20, n_events=200, seed=3))

@@ -14,6 +14,7 @@ import pytest
 
 from stream.eventfile import write_events
 from stream.synthetic import SyntheticConfig, generate_events
+from tests.helpers import tiny_checkpoint, wait_for
 
 RTREC = [sys.executable, "-m", "workers.cli"]
 REPO = Path(__file__).resolve().parents[1]
@@ -140,8 +141,6 @@ TINY = {"RTREC_MODEL_HIDDEN": "16", "RTREC_MODEL_INTERMEDIATE": "32", "RTREC_MOD
 
 
 def test_train_on_an_empty_file_leaves_current_unchanged(files, tmp_path):
-    from tests.test_trainer import tiny_checkpoint
-
     root = tmp_path / "ck"
     version = tiny_checkpoint(root, generate_events(SyntheticConfig(n_users=10, n_items=20, n_events=200,
                                                                     seed=3))).name
@@ -183,8 +182,6 @@ def test_replay_sends_the_good_lines_and_reports_the_bad(settings, redis, uid, t
     assert "sent 4, rejected 2" in res.stdout and "lines 3, 5" in res.stdout, res.stdout
     lines = error_lines(res.stderr)
     assert len(lines) == 1 and "rejected 2" in lines[0] and "Traceback" not in res.stderr
-    from tests.conftest import wait_for
-
     wait_for(lambda: redis.hget(f"rt:u:{user}:h", "n") == "4", what="the good lines")
 
     res, _ = rtrec(["produce"], tmp_path, env, stdin="not json\n")

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 import uuid
 
 import pytest
 
-from stream.events import event_from_dict
 from stream.producer import EventProducer
 from stream.state_store import StateStore
 from stream.topics import ensure_topics
-from tests.conftest import wait_for
-from tests.test_ops import scrape
+from tests.helpers import assert_state_matches_reference, scrape, wait_for
 from workers.lag import LagMonitor
 from workers.stack import Stack
 
 pytestmark = pytest.mark.integration
 
-N_EVENTS = 50_000  # the issue's replay size
+N_EVENTS = 50_000  # long enough to kill a worker mid-replay
 
 
 def own_events_topic(settings, tag: str):
@@ -60,33 +57,6 @@ def test_kill_9_mid_replay_loses_nothing_and_counts_nothing_twice(settings, redi
         stack.stop()
 
     assert_state_matches_reference(s, redis, events, tag)
-
-
-def assert_state_matches_reference(s, redis, events: list[dict], tag: str) -> None:
-    """Live state of the events' users and items == the same events applied once under a fresh prefix."""
-    # reference: the same events applied once, in one go, under a fresh prefix of the same server
-    reference = StateStore(s, prefix=f"ref-{tag}")
-    parsed = [event_from_dict(e, s) for e in events]
-    for start in range(0, len(parsed), 2000):
-        reference.apply(redis, parsed[start : start + 2000])
-    live = StateStore(s)
-    users = sorted({e["user_id"] for e in events})
-    for got, want in zip(live.fetch(redis, users), reference.fetch(redis, users)):
-        assert got.counts == want.counts, got.user_id
-        assert [(x.item_id, x.type, x.ts) for x in got.sequence] == [(x.item_id, x.type, x.ts) for x in want.sequence]
-        assert got.affinities.keys() == want.affinities.keys()
-        for item, value in want.affinities.items():
-            assert math.isclose(got.affinities[item], value, rel_tol=1e-6), (got.user_id, item)
-    for user in users[:50]:  # independently of the store: plain counting
-        mine = [e for e in events if e["user_id"] == user]
-        assert int(redis.hget(f"rt:u:{user}:h", "n")) == len(mine)
-    now = int(time.time() * 1000)
-    items = {e["item_id"] for e in events}
-    live_pop = {i: v for i, v in live.decayed_popularity(redis, now).items() if i in items}
-    ref_pop = reference.decayed_popularity(redis, now)
-    assert live_pop.keys() == ref_pop.keys() == items
-    for item in items:
-        assert math.isclose(live_pop[item], ref_pop[item], rel_tol=1e-6), item
 
 
 def _produce(s, events: list[dict], pause_s: float = 0.0) -> None:
@@ -192,15 +162,16 @@ def test_redis_restart_mid_stream_with_aof_loses_nothing(settings, tmp_path):
         producing = threading.Thread(target=_produce, args=(s, events, 0.3))  # ~3 s of stream
         producing.start()
         wait_for(lambda: StateStore(s).stats(own).get("applied", 0) > 2_000, timeout_s=60, what="part applied")
+        retries_before = worker.log_path.read_text().count("retrying")
         server.stop()  # SIGTERM: Redis flushes its AOF and exits; writes now fail
-        time.sleep(2)  # batches fail and are retried meanwhile
+        wait_for(lambda: worker.log_path.read_text().count("retrying") > retries_before, timeout_s=60,
+                 what="a batch failing and being retried while Redis is down")
         server, _ = start_redis(settings, redis_dir, port=port, appendonly=True)  # reloads the AOF
         producing.join()
         with LagMonitor(s, {s.state_group: s.topic_events}) as monitor:
             wait_for(lambda: (rows := monitor.measure()) and sum(r.lag for r in rows) == 0, timeout_s=120,
                      what="caught up after the Redis restart")
         assert worker.alive()  # it reconnected rather than crashed
-        assert "retrying" in worker.log_path.read_text()  # batches did fail while Redis was down
         assert StateStore(s).stats(own)["applied"] == len(events)
         assert_state_matches_reference(s, own, events, tag)
     finally:
@@ -212,7 +183,7 @@ def test_broker_restart_producer_and_state_worker_reconnect(settings, redis, tmp
     """The broker comes back with an empty log while the producer goes on: nothing is lost, nothing needs a restart.
 
     The embedded broker forgets its logs, topics and offsets, so the worker's positions
-    point past the new, empty logs (the issue's repro lost 164 of 3,000 events here).
+    point past the new, empty logs (before the fix, a 3,000-event run lost 164 events here).
     The same producer object sends the second half at once, while the worker is still
     at its old positions; every event of it must be applied, none twice, and the
     worker must say it reset (`rtrec_offset_resets_total`).

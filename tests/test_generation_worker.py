@@ -20,13 +20,14 @@ from model.pipeline import model_meta
 from model.sequence_model import build_model
 from model.train import train_model, user_histories, vocab_for
 from stream.connections import async_redis_client, kafka_bootstrap
+from stream.keys import ITEM_CATEGORY
 from stream.rec_messages import RecRequest
 from stream.state_store import StateReads, StateStore
 from stream.synthetic import SyntheticConfig, generate_events
 from stream.topics import ensure_topics
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 from workers.dead_letters import DeadLetters
-from workers.recommend import CATEGORY_KEY, RecommendWorker
+from workers.recommend import RecommendWorker
 
 pytestmark = pytest.mark.integration
 
@@ -162,7 +163,7 @@ def test_responses_keep_request_order(settings, generator):
 
 def test_diversity_caps_items_per_category(settings, producer, redis, generator, uid):
     vocab_items = generator.checkpoint.vocab.items
-    redis.hset(CATEGORY_KEY, mapping={item: "same" if n % 2 == 0 else f"c{n}" for n, item in enumerate(vocab_items)})
+    redis.hset(ITEM_CATEGORY, mapping={item: "same" if n % 2 == 0 else f"c{n}" for n, item in enumerate(vocab_items)})
     shopper, now = uid("div-shopper"), int(time.time() * 1000)  # trending holds both kinds, whatever ran before
     producer.send_many([{"event_id": uid(f"div-{n}"), "user_id": shopper, "item_id": item, "type": "purchase",
                          "ts": now} for n, item in enumerate(vocab_items[:8])])
@@ -171,7 +172,7 @@ def test_diversity_caps_items_per_category(settings, producer, redis, generator,
     user = "div-" + uuid.uuid4().hex[:6]
     [plain] = run_batch(settings, generator, [request(user, k=10)])  # unknown user: trending fallback
     [capped] = run_batch(settings, generator, [request(user, k=10)], diversity=1)
-    categories = redis.hmget(CATEGORY_KEY, [it["item_id"] for it in capped["items"]])
+    categories = redis.hmget(ITEM_CATEGORY, [it["item_id"] for it in capped["items"]])
     assert categories.count("same") <= 1
     assert len(capped["items"]) >= 1 and plain["items"]
 

@@ -22,14 +22,13 @@ from stream.embedded import free_port, start_redis
 from stream.producer import EventProducer
 from stream.rec_client import RecClient
 from stream.topics import ensure_topics, internal_topics
-from tests.conftest import wait_for
-from tests.test_ops import scrape
+from tests.helpers import scrape, tiny_checkpoint, wait_for
 from workers.stack import Stack
 
 pytestmark = pytest.mark.integration
 
 TWO_MB = 2 * 1024 * 1024
-CANARY_S = 10  # the bound for a canary behind hostile records
+CANARY_S = 10  # the bound on a canary's answer behind hostile records
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -311,7 +310,6 @@ def _marker_requests(s, tag: str) -> list[str]:
 def test_a_crashed_model_watcher_is_restarted_and_hot_swaps_after_it(settings, tmp_path):
     from model.store import CheckpointStore
     from stream.synthetic import SyntheticConfig, generate_events
-    from tests.test_trainer import tiny_checkpoint
     from workers.model_watch import ModelWatcher
     from workers.supervisor import Supervisor
 

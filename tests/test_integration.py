@@ -10,7 +10,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from stream.connections import kafka_bootstrap
 from stream.state_store import StateStore
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 NOW = int(time.time() * 1000)

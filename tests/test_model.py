@@ -11,6 +11,7 @@ import torch
 from model.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, set_current
 from model.generator import TorchGenerator
 from model.pipeline import model_meta, train_generator
+from model.recommender import GenerativeRecommender
 from model.sequence_model import build_model, resize_for
 from model.datasets import leave_one_out
 from model.train import ValidationCase, evaluate_cases, train_model, user_histories, vocab_for
@@ -138,6 +139,16 @@ def test_current_pointer_selects_the_version(tmp_path, checkpoint):
 
 
 # ---- inference --------------------------------------------------------------------------------
+def test_the_torch_generator_is_a_generative_recommender(checkpoint):
+    gen = TorchGenerator.from_path(checkpoint, device="cpu", max_events=5)
+    assert isinstance(gen, GenerativeRecommender)
+    assert gen.max_events == 5 and gen.vocab is gen.checkpoint.vocab and gen.device.type == "cpu"
+    states = [state("u", [("i1", "click")])]
+    rows, version = gen.recommend_versioned(states, 3)
+    assert version == gen.version and rows == gen.recommend_batch(states, 3)
+    gen.close()  # nothing to free: a no-op
+
+
 def test_batch_results_do_not_depend_on_padding(checkpoint):
     gen = TorchGenerator.from_path(checkpoint, device="cpu")
     short = state("s", [("i1", "click")])

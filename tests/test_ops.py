@@ -11,8 +11,7 @@ import pytest
 
 from stream.producer import EventProducer
 from stream.topics import ensure_topics
-from tests.conftest import wait_for
-from tests.test_cli import run_cli, stack_env
+from tests.helpers import run_cli, scrape, stack_env, tiny_checkpoint, wait_for
 from workers.lag import LagMonitor, breaches
 from workers.stack import Stack
 
@@ -53,9 +52,9 @@ def test_lag_grows_while_the_state_worker_is_down_and_returns_to_zero(settings, 
         producer.flush()
         first = monitor.measure()
         assert sum(r.lag for r in first) == 50
-        time.sleep(1.0)
-        later = monitor.measure()
-        assert max(r.lag_seconds for r in later) >= max(r.lag_seconds for r in first) + 0.9  # growing
+        oldest = max(r.lag_seconds for r in first)
+        later = wait_for(lambda: (rows := monitor.measure()) and max(r.lag_seconds for r in rows) >= oldest + 0.9
+                         and rows, timeout_s=20, what="lag in seconds growing while nothing consumes")
         assert breaches(later, max_lag=10, max_lag_seconds=None)
         seconds_line = f'kafka_consumergroup_group_max_lag_seconds{{group="{s.state_group}"}}'
 
@@ -206,17 +205,6 @@ def test_lag_group_option_measures_a_user_group_on_the_topics_it_committed(setti
     assert billing in res.stdout and f"no committed offsets: ghost-{tag}" in res.stdout
 
 
-def scrape(port: int) -> dict[str, float]:
-    """A worker's /metrics as {'name{labels}': value}."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
 def test_compose_services_run_modules_that_exist_and_metric_names_are_exported():
     import importlib
     from pathlib import Path
@@ -280,8 +268,7 @@ def test_online_quality_joins_responses_with_later_events():
 def test_trainer_rolls_back_a_promotion_whose_online_hit_rate_dropped(settings, redis, tmp_path):
     from model.store import CheckpointStore
     from stream.synthetic import SyntheticConfig, generate_events
-    from tests.test_trainer import tiny_checkpoint
-    from workers.quality import QUALITY_KEY
+    from stream.keys import QUALITY
     from workers.trainer import Trainer
 
     events = generate_events(SyntheticConfig(n_users=10, n_items=20, n_events=200, seed=3))
@@ -291,9 +278,9 @@ def test_trainer_rolls_back_a_promotion_whose_online_hit_rate_dropped(settings, 
     store.promote(old)
     store.promote(new)
     trainer = Trainer(settings.model_copy(update={"checkpoint_dir": root, "quality_min_served": 100}))
-    redis.hset(QUALITY_KEY, mapping={f"{old}|served": 300, f"{old}|hits": 90, f"{new}|served": 50, f"{new}|hits": 1})
+    redis.hset(QUALITY, mapping={f"{old}|served": 300, f"{old}|hits": 90, f"{new}|served": 50, f"{new}|hits": 1})
     assert trainer.judge_online() is None  # too few responses from the new version to judge
-    redis.hset(QUALITY_KEY, mapping={f"{new}|served": 300, f"{new}|hits": 30})
+    redis.hset(QUALITY, mapping={f"{new}|served": 300, f"{new}|hits": 30})
     decision = trainer.judge_online()
     assert decision and decision["rolled_back"] == new and decision["version"] == old
     assert store.current_version() == old

@@ -21,9 +21,7 @@ from stream.rebuild import apply_tail, rebuild, stage, staging_store, switch
 from stream.settings import Settings
 from stream.state_store import StateStore
 from stream.topics import ensure_topics
-from tests.conftest import wait_for
-from tests.test_cli import run_cli
-from tests.test_faults import assert_state_matches_reference
+from tests.helpers import assert_state_matches_reference, run_cli, wait_for
 from workers.stack import Stack
 
 pytestmark = pytest.mark.integration

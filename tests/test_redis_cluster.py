@@ -23,7 +23,7 @@ from stream.rec_client import RecClient
 from stream.sample import SAMPLE_PATH
 from stream.settings import Settings
 from stream.state_store import StateReads, StateStore
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 from workers.dead_letters import dlq_counts
 from workers.stack import Stack
 

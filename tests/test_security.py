@@ -51,6 +51,7 @@ def test_a_model_update_naming_a_path_outside_the_store_is_refused(settings, tmp
     assert "refused model" in caplog.text
 
 
+@pytest.mark.integration
 def test_a_malformed_model_update_message_is_refused_not_fatal(settings, tmp_path):
     from stream.connections import async_redis_client
 

@@ -12,7 +12,7 @@ from stream.events import Event
 from stream.settings import Settings
 from stream.log_positions import LogPosition
 from stream.state_store import ID_BYTES, RESCALE_AFTER_HALF_LIVES, SeqEntry, StateStore, StateReads
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 BASE = Settings(
     kafka_bootstrap=None,

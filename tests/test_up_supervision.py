@@ -22,7 +22,7 @@ from stream.embedded import ManagedProcess, mask_url, strip_password
 from stream.producer import EventProducer
 from stream.rec_client import RecClient
 from stream.settings import Settings
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 from workers import stack as stack_mod
 from workers.stack import CrashLoop, Stack
 

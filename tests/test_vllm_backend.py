@@ -257,7 +257,7 @@ def test_hot_swap_on_the_vllm_backend_updates_weights_in_place_under_load(tmp_pa
     from model.store import CheckpointStore
     from stream.producer import EventProducer
     from stream.rec_client import RecClient
-    from tests.conftest import wait_for
+    from tests.helpers import answered_by, wait_for
     from workers.stack import Stack
     from workers.trainer import announce_sync
 
@@ -312,13 +312,13 @@ def test_hot_swap_on_the_vllm_backend_updates_weights_in_place_under_load(tmp_pa
                 pid = str(worker.proc.pid)
                 wait_for(lambda: redis.hget("rt:model:serving", pid) == versions[1], timeout_s=60,
                          what="the worker serving the promoted version")
-                time.sleep(1.0)
+                wait_for(lambda: answered_by(client, versions[1]), timeout_s=60, what=f"an answer from {versions[1]}")
             finally:
                 stop.set()
                 sender.join()
             got = client.collect(list(sent), timeout_s=60)
         log_text = worker.log_path.read_text()
-    assert len(got) == len(sent) > 20
+    assert sent and len(got) == len(sent)  # every request answered, before and after the swap
     assert not [r for r in got.values() if r.get("error")]
     assert {r["model_version"] for r in got.values()} >= set(versions)  # both versions answered
     assert "weights updated in place" in log_text  # the same engine, not a second one

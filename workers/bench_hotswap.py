@@ -24,6 +24,7 @@ from tqdm import tqdm
 from model.checkpoint import save_checkpoint
 from model.store import CheckpointStore
 from stream.connections import redis_client
+from stream.keys import RECOMMEND_STATS
 from stream.rec_client import RecClient
 from stream.replay import Pacer
 from stream.settings import Settings
@@ -69,7 +70,7 @@ def run_bench(settings: Settings, rate: float, seconds: float, swaps: int, plot:
                 stop.set()
                 reader.join()
                 responses, arrivals = dict(client.responses), dict(client.arrivals)
-            worker_swap_ms = float(redis.hget("rt:stats:recommend", "last_swap_ms") or "nan")
+            worker_swap_ms = float(redis.hget(RECOMMEND_STATS, "last_swap_ms") or "nan")
     return _report(sent, responses, arrivals, swap_at, worker_swap_ms, rate, plot, console)
 
 

@@ -27,13 +27,13 @@ from tqdm import tqdm
 
 from stream.connections import kafka_bootstrap, kafka_python_auth, redis_client
 from stream.events import parse_event
+from stream.keys import INGEST_LATENCY
 from stream.producer import EventProducer
 from stream.replay import Pacer
 from stream.settings import Settings
 from stream.state_store import StateStore
 from stream.synthetic import SyntheticConfig, generate_events
 from workers.stack import Stack
-from workers.state import LATENCY_KEY
 
 
 def _events(n: int, seed: int) -> list[dict]:
@@ -98,16 +98,16 @@ def run_bench(settings: Settings, n_events: int, baseline_events: int, plot: Pat
         start = time.monotonic()
         end = _wait_applied(store, client, n_events)
         results["rtrec_events_per_s"] = n_events / (end - start)
-        while client.llen(LATENCY_KEY) < n_events:  # samples are pushed just after each apply
+        while client.llen(INGEST_LATENCY) < n_events:  # samples are pushed just after each apply
             time.sleep(0.01)
-        client.delete(LATENCY_KEY)
+        client.delete(INGEST_LATENCY)
 
         rate = min(5000.0, results["rtrec_events_per_s"] / 2)
         n_paced = min(n_events, int(rate * 5))
         console.rule(f"2. latency: {n_paced:,} events at a steady {rate:,.0f}/s")
         _produce(s, _events(n_paced, seed=2), rate=rate, desc="paced")
         _wait_applied(store, client, n_events + n_paced)
-        lat = np.array([float(x) for x in client.lrange(LATENCY_KEY, 0, -1)])
+        lat = np.array([float(x) for x in client.lrange(INGEST_LATENCY, 0, -1)])
         results["p50_ms"], results["p99_ms"] = np.percentile(lat, [50, 99])
 
         console.rule(f"3. naive baseline: {baseline_events:,} events, one Redis round-trip each")

@@ -63,7 +63,8 @@ from tqdm import tqdm
 from stream.connections import redis_client
 from stream.producer import EventProducer
 from stream.settings import Settings
-from stream.state_store import PREFIX, StateStore
+from stream.keys import BENCH_SCRATCH, PREFIX
+from stream.state_store import StateStore
 from stream.synthetic import SyntheticConfig, generate_events
 from workers.stack import Stack
 
@@ -77,7 +78,6 @@ FAMILIES = tuple(f"{PREFIX}:u:*:{p}" for p in USER_PARTS) + (f"{PREFIX}:covis:*"
 ITEM_FAMILIES = (f"{PREFIX}:covis:*", f"{PREFIX}:pop", f"{PREFIX}:items:n")
 HASH_FAMILY, IDS_FAMILY = f"{PREFIX}:u:*:h", f"{PREFIX}:u:*:ids"
 WATERMARK = "o:"  # a user's applied-offset watermark fields: o:<topic>:<partition> -> "epoch:offset"
-SCRATCH_KEY = "rtrec-bench-memory:scratch"  # outside every family; deleted again
 OTHER = "other"
 _USER_KEY = re.compile(rf"^{PREFIX}:u:[^:]+:([^:]+)$")  # ids cannot contain ':' (stream.events.ID_PATTERN)
 PRODUCER_LINGER_MS = 50  # fuller record batches: the embedded broker prefers few large ones (see bench_soak)
@@ -190,11 +190,11 @@ def watermark_cost(client, hash_keys: list[str]) -> dict:
     pipe = client.pipeline(transaction=False)
     measured = [(key, fs) for key, fs in zip(hash_keys, fields) if fs]
     for key, fs in measured:
-        pipe.copy(key, SCRATCH_KEY, replace=True)
-        pipe.memory_usage(SCRATCH_KEY, samples=0)
-        pipe.hdel(SCRATCH_KEY, *fs)
-        pipe.memory_usage(SCRATCH_KEY, samples=0)
-    pipe.delete(SCRATCH_KEY)
+        pipe.copy(key, BENCH_SCRATCH, replace=True)
+        pipe.memory_usage(BENCH_SCRATCH, samples=0)
+        pipe.hdel(BENCH_SCRATCH, *fs)
+        pipe.memory_usage(BENCH_SCRATCH, samples=0)
+    pipe.delete(BENCH_SCRATCH)
     res = pipe.execute()
     costs = []
     for n in range(len(measured)):

@@ -633,10 +633,11 @@ def quality() -> None:
     """Online hit rate per model version: responses whose items the user then browsed/clicked/bought."""
     from model.store import CheckpointStore
     from stream.connections import redis_client
-    from workers.quality import QUALITY_KEY, hit_rates
+    from stream.keys import QUALITY
+    from workers.quality import hit_rates
 
     settings = connected_settings()
-    rates = hit_rates(redis_client(settings).hgetall(QUALITY_KEY))
+    rates = hit_rates(redis_client(settings).hgetall(QUALITY))
     current = CheckpointStore(settings.checkpoint_dir).current_version()
     table = Table(title=f"online hit rate (window {settings.quality_window_s:g} s)")
     for col in ("", "model version", "served", "hits", "hit rate"):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from stream.connections import is_cluster
+from stream.keys import PREFIX, dead_letter_counts, dead_letter_marker
 from stream.settings import Settings
 from workers.faults import is_transient
 from workers.metrics import DEAD_LETTERS, DEAD_LETTERS_FAILED
@@ -52,7 +53,7 @@ class DeadLetter:
 class DeadLetters:
     """Publishes dead letters and keeps exactly-once counts by reason."""
 
-    def __init__(self, settings: Settings, producer: AIOKafkaProducer, redis_client, prefix: str = "rt") -> None:
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer, redis_client, prefix: str = PREFIX) -> None:
         self.settings = settings
         self.producer = producer
         self.redis = redis_client
@@ -68,12 +69,11 @@ class DeadLetters:
         await asyncio.gather(*sends)
         for dl in letters:
             DEAD_LETTERS.labels(reason=dl.reason).inc()
-        counts = f"{self.prefix}:dlq"
+        counts = dead_letter_counts(self.prefix)
         calls = []
         for dl in letters:
             rec = dl.record
-            # "{rt:dlq}" hashes like "rt:dlq": marker and counts share a Cluster slot, as a script needs
-            marker = f"{{{counts}}}:seen:{rec.topic}:{rec.partition}:{rec.offset}"
+            marker = dead_letter_marker(counts, rec.topic, rec.partition, rec.offset)  # same slot as counts
             calls.append(([marker, counts], [dl.reason, self.settings.dedupe_ttl_s]))
         if is_cluster(self.redis):  # cluster clients refuse scripts in pipelines
             await asyncio.gather(*(self._count_once(keys=k, args=a) for k, a in calls))
@@ -133,6 +133,6 @@ def fitted(dl: DeadLetter, max_bytes: int) -> tuple[bytes | None, bytes, list[He
     return key, value[: max_bytes - (len(key) if key is not None else 0)], headers
 
 
-def dlq_counts(redis_client, prefix: str = "rt") -> dict[str, int]:
+def dlq_counts(redis_client, prefix: str = PREFIX) -> dict[str, int]:
     """Dead letters counted so far, by reason (sync client)."""
-    return {k: int(v) for k, v in redis_client.hgetall(f"{prefix}:dlq").items()}
+    return {k: int(v) for k, v in redis_client.hgetall(dead_letter_counts(prefix)).items()}

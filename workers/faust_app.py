@@ -1,8 +1,8 @@
 """The Faust application every rtrec worker process runs in.
 
 Faust owns the process: signal handling, logging, service start/stop. JSON is
-the only serializer configured (never pickle); web is off until the ops issue
-adds metrics.
+the only serializer configured (never pickle); Faust's own web server is off, since
+metrics and health endpoints are served by ``workers.metrics`` on ``RTREC_METRICS_PORT``.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import redis.exceptions
@@ -26,13 +27,14 @@ from aiokafka import AIOKafkaConsumer
 
 from model.checkpoint import MANIFEST, CheckpointError, sha256_file
 from model.loader import load_generator, warm_up
+from model.recommender import GenerativeRecommender
 from model.store import CheckpointStore
 from stream.connections import aiokafka_auth, kafka_bootstrap
+from stream.keys import MODEL_SERVING
 from stream.settings import Settings
 from workers.metrics import MODEL_REFUSED, MODEL_SWAPS, set_model
 
 log = logging.getLogger(__name__)
-SERVING_KEY = "rt:model:serving"  # worker pid -> version it serves (ops reads it)
 
 
 class ModelWatcher:
@@ -63,10 +65,10 @@ class ModelWatcher:
 
     async def stop(self) -> None:
         await self.consumer.stop()
-        await self.redis.hdel(SERVING_KEY, str(os.getpid()))
+        await self.redis.hdel(MODEL_SERVING, str(os.getpid()))
 
     async def publish_serving(self) -> None:
-        await self.redis.hset(SERVING_KEY, str(os.getpid()), self.serving)
+        await self.redis.hset(MODEL_SERVING, str(os.getpid()), self.serving)
 
     async def run(self) -> None:
         last_look = 0.0
@@ -116,28 +118,36 @@ class ModelWatcher:
             await self._write_stats("swaps", {"last_swap_ms": round(load_ms, 1), "last_swap_version": version})
             log.info("hot-swapped %s -> %s (%s, warmed in %.0f ms)", previous, version,
                         "weights updated in place" if old is recommender else "loaded", load_ms)
-            close = getattr(old, "close", None) if old is not recommender else None
-            if close is not None:  # a vLLM engine holds memory; torch models are garbage-collected
-                await asyncio.to_thread(close)
+            if isinstance(old, GenerativeRecommender) and old is not recommender:
+                await asyncio.to_thread(old.close)  # a vLLM engine holds memory; torch models are garbage-collected
             return True
 
-    def _load(self, version: str, expected_sha256: str | None):
+    def _load(self, version: str, expected_sha256: str | None) -> GenerativeRecommender:
         path = self.store.path_of(version)  # resolved in our store: a message never names a file to load
         if expected_sha256 is not None and sha256_file(path / MANIFEST) != expected_sha256:
             raise CheckpointError(f"{path}: manifest sha256 differs from the announcement")
-        current = self.worker.recommender
-        if self.settings.backend == "vllm" and hasattr(current, "update_in_place"):
-            from model.vllm_backend import ShapeChanged
-
-            try:  # the same engine, new weights: no second engine in memory, paused only between batches
-                current.update_in_place(path)
-                warm_up(current)
-                return current
-            except ShapeChanged as exc:  # e.g. a grown vocabulary: a new engine, then swap the reference
-                log.warning("%s; starting a new engine", exc)
+        if self.settings.backend == "vllm":
+            updated = self._updated_in_place(path)
+            if updated is not None:
+                return updated
         recommender = load_generator(self.settings, path)
         warm_up(recommender)
         return recommender
+
+    def _updated_in_place(self, path: Path) -> GenerativeRecommender | None:
+        """The serving vLLM engine with the new weights, or None when a new engine must be loaded."""
+        from model.vllm_backend import ShapeChanged, VllmGenerator  # lazy: vLLM is optional
+
+        current = self.worker.recommender
+        if not isinstance(current, VllmGenerator):
+            return None
+        try:  # the same engine, new weights: no second engine in memory, paused only between batches
+            current.update_in_place(path)
+            warm_up(current)
+            return current
+        except ShapeChanged as exc:  # e.g. a grown vocabulary: a new engine, then swap the reference
+            log.warning("%s; starting a new engine", exc)
+            return None
 
     async def _refuse(self, version: str, reason: str) -> None:
         self.refused.append(version)

@@ -11,11 +11,12 @@ import asyncio
 import logging
 
 from stream.connections import async_redis_client
+from stream.keys import QUALITY
 from stream.settings import Settings, get_settings
 from workers.faust_app import make_app, run_module
 from workers.lag import LagError, LagMonitor
 from workers.metrics import readiness, record_lag, serve
-from workers.quality import QUALITY_KEY, QualityJoin
+from workers.quality import QualityJoin
 from workers.runtime import ConsumerRuntime
 from workers.stack import announce_gone, announce_ready
 from workers.startup import wait_for_services
@@ -76,7 +77,7 @@ class QualityCounts:
         if self._counts:
             pipe = self.redis.pipeline(transaction=False)
             for field, n in self._counts.items():
-                pipe.hincrby(QUALITY_KEY, field, n)
+                pipe.hincrby(QUALITY, field, n)
             await pipe.execute()
 
 

@@ -26,7 +26,6 @@ from aiokafka import ConsumerRecord
 from stream.settings import Settings
 from workers.metrics import ONLINE_HITS, ONLINE_SERVED, RECORDS_SKIPPED
 
-QUALITY_KEY = "rt:quality"
 TRACKED_USERS = 200_000
 
 

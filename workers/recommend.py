@@ -24,9 +24,10 @@ from model.blending import BlendingRecommender
 from model.fusion import FUSION_DEPTH, fuse
 from model.loader import load_recommender
 from model.reasons import explain_all
-from model.recommender import Recommender
+from model.recommender import GenerativeRecommender, Recommender
 from stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap
 from stream.events import InvalidEvent
+from stream.keys import ITEM_CATEGORY, RECOMMEND_STATS
 from stream.rec_messages import RecItem, RecRequest, RecResponse, best_effort_ids, parse_request
 from stream.settings import Settings, get_settings
 from workers.startup import wait_for_services
@@ -41,8 +42,6 @@ from workers.runtime import ConsumerRuntime
 from workers.stack import announce_gone, announce_ready
 
 log = logging.getLogger(__name__)
-STATS_KEY = "rt:stats:recommend"
-CATEGORY_KEY = "rt:item:category"
 FRESHNESS_USERS = 100_000  # users whose last reflected event the worker remembers
 
 
@@ -115,8 +114,8 @@ class RecommendWorker:
         """Batch and request counts in Redis: best-effort, the responses are already out."""
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.hincrby(STATS_KEY, "batches", 1)
-            pipe.hincrby(STATS_KEY, "requests", requests)
+            pipe.hincrby(RECOMMEND_STATS, "batches", 1)
+            pipe.hincrby(RECOMMEND_STATS, "requests", requests)
             await pipe.execute()
         except redis.exceptions.RedisError as exc:
             log.warning("recommendation stats not written (%s: %s)", type(exc).__name__, exc)
@@ -165,8 +164,7 @@ class RecommendWorker:
 
     def _blend_weight(self, recommender: Recommender) -> float:
         """The baseline's weight in the fused ranking: 0 unless a model (not the baseline) serves."""
-        is_model = getattr(recommender, "max_events", None) is not None
-        return self.settings.serve_blend_weight if is_model else 0.0
+        return self.settings.serve_blend_weight if isinstance(recommender, GenerativeRecommender) else 0.0
 
     def _reads(self, recommender: Recommender) -> StateReads:
         """What to read per user: a generative model reads its window and a few reason anchors.
@@ -174,10 +172,10 @@ class RecommendWorker:
         The fused baseline scores from this same light read: on ML-100K its ranking from it is as
         good as from the full read (HR@10 0.2047 vs 0.2068), and so is the fused one.
         """
-        max_events = getattr(recommender, "max_events", None)
-        if max_events is None:  # the blending baseline alone scores with the full default read
+        if not isinstance(recommender, GenerativeRecommender):  # the baseline alone scores from the full default read
             return self.store.default_reads()
-        return StateReads(sequence=max_events, recent_items=self.settings.reason_recent_items, neighbours=20)
+        return StateReads(sequence=recommender.max_events, recent_items=self.settings.reason_recent_items,
+                          neighbours=20)
 
     def _rank(self, recommender: Recommender, states: list[UserState], k: int) -> tuple[list, str]:
         """Known users go to the model in one batch, users without history to the trending fallback.
@@ -193,8 +191,10 @@ class RecommendWorker:
             batch = [states[i] for i in known]
             blend = self._blend_weight(recommender)
             want = max(k, FUSION_DEPTH) if blend else k
-            versioned = getattr(recommender, "recommend_versioned", None)
-            rows, version = versioned(batch, want) if versioned else (recommender.recommend_batch(batch, want), version)
+            if isinstance(recommender, GenerativeRecommender):
+                rows, version = recommender.recommend_versioned(batch, want)
+            else:
+                rows = recommender.recommend_batch(batch, want)
             if blend:
                 rows = [fuse([(model_row, 1.0), (blend_row, blend)], k)
                         for model_row, blend_row in zip(rows, self.fallback.recommend_batch(batch, want))]
@@ -209,7 +209,7 @@ class RecommendWorker:
         """At most N items per category (categories from `rtrec catalog`); unknown categories are free."""
         cap = self.settings.diversity_max_per_category
         items = sorted({item for row in ranked for item, _ in row})
-        categories = dict(zip(items, await self.redis.hmget(CATEGORY_KEY, items))) if items else {}
+        categories = dict(zip(items, await self.redis.hmget(ITEM_CATEGORY, items))) if items else {}
         out = []
         for row in ranked:
             seen: dict[str, int] = {}
@@ -317,7 +317,7 @@ def build_app(settings: Settings | None = None, recommender: Recommender | None 
                                    dead_letters=dead_letters)
         worker = RecommendWorker(settings, redis_client, producer, dead_letters,
                                  recommender or load_recommender(settings))
-        watcher = ModelWatcher(settings, worker, redis_client, STATS_KEY)
+        watcher = ModelWatcher(settings, worker, redis_client, RECOMMEND_STATS)
         await consumer.start()
         await watcher.start()
         set_model(worker.recommender.version)

@@ -25,10 +25,10 @@ from typing import Callable
 from stream.connections import redis_client
 from stream.embedded import (ManagedProcess, free_port, mask_url, python_env, start_redis, start_redis_cluster,
                              start_tansu, strip_password)
+from stream.keys import workers_ready
 from stream.settings import Settings
 from stream.topics import ensure_topics
 
-READY_KEY = "rt:workers:{kind}"
 WORKER_MODULES = {"state": "workers.state", "recommend": "workers.recommend", "trainer": "workers.trainer",
                   "ops": "workers.ops"}
 EMBEDDED_SESSION_TIMEOUT_MS = 3000  # Tansu accepts it; group joins take ~2 s instead of ~8 s
@@ -261,7 +261,7 @@ class Stack:
 
     def _ready_pids(self, client, kind: str) -> set[str]:
         alive = {str(w.proc.pid) for w in self.workers if w.name.startswith(kind) and w.alive()}
-        return alive & client.smembers(READY_KEY.format(kind=kind))
+        return alive & client.smembers(workers_ready(kind))
 
     def start(self, state_workers: int = 1, recommend_workers: int = 1, trainer: bool = False,
               ops: bool = False) -> Settings:
@@ -359,8 +359,8 @@ class Stack:
 
 async def announce_ready(redis_client, kind: str) -> None:
     """A worker says it holds its assignment (wait_ready counts live pids in this set)."""
-    await redis_client.sadd(READY_KEY.format(kind=kind), str(os.getpid()))
+    await redis_client.sadd(workers_ready(kind), str(os.getpid()))
 
 
 async def announce_gone(redis_client, kind: str) -> None:
-    await redis_client.srem(READY_KEY.format(kind=kind), str(os.getpid()))
+    await redis_client.srem(workers_ready(kind), str(os.getpid()))

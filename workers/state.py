@@ -17,6 +17,7 @@ from stream.events import Event, InvalidEvent, parse_event
 from stream.log_positions import AsyncLogEpochs, LogPosition
 from stream.settings import Settings, get_settings
 from workers.startup import wait_for_services
+from stream.keys import INGEST_LATENCY
 from stream.state_store import StateStore
 from workers.dead_letters import DeadLetter, DeadLetters
 from workers.faust_app import make_app, run_module
@@ -26,7 +27,6 @@ from workers.metrics import (BATCH_SIZE, EVENT_TO_STATE, EVENTS_DUPLICATE, EVENT
 from workers.stack import announce_gone, announce_ready
 
 log = logging.getLogger(__name__)
-LATENCY_KEY = "rt:lat:ingest"
 
 
 class StateWorker:
@@ -75,7 +75,7 @@ class StateWorker:
         if self.settings.record_latency and events:
             samples = [round(visible_ms - ts, 3) for ts, ok in zip(stamps, flags) if ok]
             if samples:
-                await self.redis.rpush(LATENCY_KEY, *samples)
+                await self.redis.rpush(INGEST_LATENCY, *samples)
 
 
 def build_app(settings: Settings | None = None):

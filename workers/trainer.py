@@ -29,6 +29,7 @@ from model.generator import resolve_device
 from model.store import CheckpointStore
 from stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap, redis_client
 from stream.events import InvalidEvent, parse_event
+from stream.keys import QUALITY, TRAINER_STATS
 from stream.settings import Settings, get_settings
 from stream.state_store import StateReads, StateStore
 from workers.startup import wait_for_services
@@ -36,11 +37,10 @@ from workers.faults import is_transient
 from workers.faust_app import make_app, run_module
 from workers.metrics import TRAINER_DECISIONS, readiness, serve
 from workers.runtime import ConsumerRuntime
-from workers.quality import QUALITY_KEY, hit_rates
+from workers.quality import hit_rates
 from workers.stack import announce_gone, announce_ready
 
 log = logging.getLogger(__name__)
-STATS_KEY = "rt:stats:trainer"
 QUALITY_CHECK_S = 10.0
 
 
@@ -131,8 +131,8 @@ class Trainer:
             context = self.context(client, window, max_events)
             replay = self.replay(client, set(context), max_events)
             decision = self._decide(window, trigger, offsets, current, context, replay)
-            client.hincrby(STATS_KEY, "promoted" if decision["promoted"] else "kept", 1)
-            client.hset(STATS_KEY, mapping={"last_decision": json.dumps(decision, default=str),
+            client.hincrby(TRAINER_STATS, "promoted" if decision["promoted"] else "kept", 1)
+            client.hset(TRAINER_STATS, mapping={"last_decision": json.dumps(decision, default=str),
                                             "last_decision_at": int(time.time() * 1000)})
         finally:
             client.close()
@@ -192,7 +192,7 @@ class Trainer:
             return None
         client = redis_client(s)
         try:
-            rates = hit_rates(client.hgetall(QUALITY_KEY))
+            rates = hit_rates(client.hgetall(QUALITY))
         finally:
             client.close()
         cur, prev = rates.get(current), rates.get(previous)

@@ -1,0 +1,110 @@
+"""Helpers shared by the test modules: waiting for a condition, running the CLI, scraping metrics,
+a tiny checkpoint, and comparing live state with a reference.
+
+Test modules import these from here, never from each other, so that running one test file
+never collects (or depends on the fixtures of) another.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from stream.settings import Settings
+
+RTREC = [sys.executable, "-m", "workers.cli"]
+
+# a model small enough to train in a second on a CPU
+SMALL = dict(model_hidden=32, model_heads=1, model_layers=1, model_intermediate=64, model_max_events=30,
+             model_item_capacity=200, finetune_first_epochs=4, finetune_epochs=1, finetune_replay_users=20,
+             promote_min_cases=5, train_batch_size=32, drift_enabled=False)
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float = 20, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy (returned) or `timeout_s` passes (AssertionError)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def answered_by(client, version: str) -> bool:
+    """Read the responses that have arrived at a RecClient; True once one of them came from model `version`."""
+    client.poll()
+    return any(r.get("model_version") == version for r in client.responses.values())
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, stdin: str | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(RTREC + args, env={**os.environ, **(env or {})}, input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def stack_env(settings: Settings) -> dict[str, str]:
+    return {"RTREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "RTREC_REDIS_URL": settings.redis_url}
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A worker's /metrics as {'name{labels}': value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def tiny_checkpoint(root: Path, events: list[dict], seed: int = 0) -> Path:
+    """A saved (not promoted) checkpoint of a SMALL model over the events' vocabulary."""
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.pipeline import model_meta
+    from model.sequence_model import build_model
+    from model.train import user_histories, vocab_for
+
+    s = Settings(**SMALL)
+    vocab = vocab_for(user_histories(events).values(), s)
+    torch.manual_seed(seed)
+    return save_checkpoint(build_model(s, vocab), vocab, root, model_meta(s))
+
+
+def assert_state_matches_reference(s: Settings, redis, events: list[dict], tag: str) -> None:
+    """Live state of the events' users and items == the same events applied once under a fresh prefix."""
+    from stream.events import event_from_dict
+    from stream.state_store import StateStore
+
+    # reference: the same events applied once, in one go, under a fresh prefix of the same server
+    reference = StateStore(s, prefix=f"ref-{tag}")
+    parsed = [event_from_dict(e, s) for e in events]
+    for start in range(0, len(parsed), 2000):
+        reference.apply(redis, parsed[start : start + 2000])
+    live = StateStore(s)
+    users = sorted({e["user_id"] for e in events})
+    for got, want in zip(live.fetch(redis, users), reference.fetch(redis, users)):
+        assert got.counts == want.counts, got.user_id
+        assert [(x.item_id, x.type, x.ts) for x in got.sequence] == [(x.item_id, x.type, x.ts) for x in want.sequence]
+        assert got.affinities.keys() == want.affinities.keys()
+        for item, value in want.affinities.items():
+            assert math.isclose(got.affinities[item], value, rel_tol=1e-6), (got.user_id, item)
+    for user in users[:50]:  # independently of the store: plain counting
+        mine = [e for e in events if e["user_id"] == user]
+        assert int(redis.hget(f"rt:u:{user}:h", "n")) == len(mine)
+    now = int(time.time() * 1000)
+    items = {e["item_id"] for e in events}
+    live_pop = {i: v for i, v in live.decayed_popularity(redis, now).items() if i in items}
+    ref_pop = reference.decayed_popularity(redis, now)
+    assert live_pop.keys() == ref_pop.keys() == items
+    for item in items:
+        assert math.isclose(live_pop[item], ref_pop[item], rel_tol=1e-6), item
