@@ -7,6 +7,7 @@ on ports chosen beforehand.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -111,3 +112,29 @@ def test_wait_for_services_gives_up_at_the_deadline_with_one_line():
     with pytest.raises(StartupTimeout, match="could not create rtrec.s topics on the broker at 127.0.0.1:.* RTREC_STARTUP_TIMEOUT_S"):
         asyncio.run(wait_for_services(settings))
     assert time.monotonic() - t0 < 15
+
+
+def test_a_worker_announcing_itself_waits_out_a_stalled_redis(tmp_path):
+    """Under load a start-up write can time out: the worker retries it instead of crashing (seen in CI)."""
+    import signal
+
+    from stream.connections import redis_client
+    from stream.keys import workers_ready
+    from workers.stack import announce_ready
+
+    server, url = start_redis(Settings(), tmp_path)
+    s = Settings(redis_url=url, redis_timeout_s=0.3)
+    try:
+        server.proc.send_signal(signal.SIGSTOP)  # Redis accepts connections but does not answer
+        threading.Timer(1.5, server.proc.send_signal, args=(signal.SIGCONT,)).start()
+
+        async def announce() -> None:
+            client = async_redis_client(s)
+            await announce_ready(client, "state", timeout_s=30)
+            await client.aclose()
+
+        asyncio.run(announce())
+        assert redis_client(s).sismember(workers_ready("state"), str(os.getpid()))
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        server.stop()

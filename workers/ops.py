@@ -101,7 +101,7 @@ def build_app(settings: Settings | None = None):
         metrics_server = await serve(settings.metrics_port, ready)
         await quality.start()
         quality.supervise("lag-exporter", exporter.run)
-        await announce_ready(redis, "ops")
+        await announce_ready(redis, "ops", settings.startup_timeout_s)
         try:
             await quality.run(QualityCounts(join, redis).add)
         finally:

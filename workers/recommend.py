@@ -325,7 +325,7 @@ def build_app(settings: Settings | None = None, recommender: Recommender | None 
             consumer, redis_client, model=worker.recommender is not None))
         if settings.recommender != "blend":
             consumer.supervise("model-watch", watcher.run)
-        await announce_ready(redis_client, "recommend")
+        await announce_ready(redis_client, "recommend", settings.startup_timeout_s)
         log.info("recommend worker answering %s as %s", settings.topic_requests, settings.recommend_group)
         try:
             await consumer.run(worker.handle)

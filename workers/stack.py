@@ -357,9 +357,26 @@ class Stack:
         self.stop()
 
 
-async def announce_ready(redis_client, kind: str) -> None:
-    """A worker says it holds its assignment (wait_ready counts live pids in this set)."""
-    await redis_client.sadd(workers_ready(kind), str(os.getpid()))
+async def announce_ready(redis_client, kind: str, timeout_s: float = 120.0) -> None:
+    """A worker says it holds its assignment (wait_ready counts live pids in this set).
+
+    Retried while Redis is slow or away, up to `timeout_s`: a worker must not crash at start
+    because one write timed out (seen under load with a short RTREC_REDIS_TIMEOUT_S).
+    """
+    import asyncio
+
+    from workers.faults import is_transient
+
+    deadline, delay = time.monotonic() + timeout_s, 0.2
+    while True:
+        try:
+            await redis_client.sadd(workers_ready(kind), str(os.getpid()))
+            return
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
 
 async def announce_gone(redis_client, kind: str) -> None:

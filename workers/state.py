@@ -98,7 +98,7 @@ def build_app(settings: Settings | None = None):
         worker = StateWorker(settings, redis_client, dead_letters)
         await consumer.start()
         metrics_server = await serve(settings.metrics_port, lambda: readiness(consumer, redis_client))
-        await announce_ready(redis_client, "state")
+        await announce_ready(redis_client, "state", settings.startup_timeout_s)
         log.info("state worker consuming %s as %s", settings.topic_events, settings.state_group)
         try:
             await consumer.run(worker.handle)

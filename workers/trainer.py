@@ -384,7 +384,7 @@ def build_app(settings: Settings | None = None):
         loop = TrainerLoop(settings)
         await loop.start()
         metrics_server = await serve(settings.metrics_port, lambda: readiness(loop.runtime, redis))
-        await announce_ready(redis, "trainer")
+        await announce_ready(redis, "trainer", settings.startup_timeout_s)
         log.info("trainer consuming %s as %s", settings.topic_events, settings.trainer_group)
         try:
             await loop.run()
