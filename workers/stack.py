@@ -363,20 +363,11 @@ async def announce_ready(redis_client, kind: str, timeout_s: float = 120.0) -> N
     Retried while Redis is slow or away, up to `timeout_s`: a worker must not crash at start
     because one write timed out (seen under load with a short RTREC_REDIS_TIMEOUT_S).
     """
-    import asyncio
-
     from workers.faults import is_transient
+    from workers.startup import retry_until
 
-    deadline, delay = time.monotonic() + timeout_s, 0.2
-    while True:
-        try:
-            await redis_client.sadd(workers_ready(kind), str(os.getpid()))
-            return
-        except Exception as exc:
-            if not is_transient(exc) or time.monotonic() + delay > deadline:
-                raise
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 2.0)
+    await retry_until(lambda: redis_client.sadd(workers_ready(kind), str(os.getpid())),
+                      time.monotonic() + timeout_s, is_transient)
 
 
 async def announce_gone(redis_client, kind: str) -> None:

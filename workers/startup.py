@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Awaitable, Callable, TypeVar
 
 from kafka.errors import KafkaError
 from redis.exceptions import AuthenticationError
@@ -22,6 +23,7 @@ from stream.settings import Settings
 from stream.topics import ensure_topics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StartupTimeout(RuntimeError):
@@ -41,17 +43,36 @@ async def wait_for_services(settings: Settings, redis_client=None, topics: bool 
                                  f"{type(exc).__name__}: {exc}") from exc
     if redis_client is None:
         return
+
+    def worth_waiting(exc: BaseException) -> bool:  # a wrong password does not get better by waiting
+        return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)) \
+            and not isinstance(exc, AuthenticationError)
+
+    def waiting(exc: BaseException) -> None:
+        log.info("waiting for Redis (%s: %s)", type(exc).__name__, exc)
+
+    try:
+        await retry_until(redis_client.ping, deadline, worth_waiting, waiting)
+    except AuthenticationError:
+        raise
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise StartupTimeout(f"Redis at {mask_url(settings.redis_url)} did not answer within "
+                             f"RTREC_STARTUP_TIMEOUT_S={budget:g} s: {type(exc).__name__}: {exc}") from exc
+
+
+async def retry_until(call: Callable[[], Awaitable[T]], deadline: float,
+                      worth_waiting: Callable[[BaseException], bool],
+                      on_retry: Callable[[BaseException], None] | None = None) -> T:
+    """`await call()` until it succeeds; a failure `worth_waiting` rejects, or one past `deadline` (monotonic
+    time), is raised. Backoff 0.2 s, doubling to 2 s: start-up waits for servers that are still coming up."""
     delay = 0.2
     while True:
         try:
-            await redis_client.ping()
-            return
-        except AuthenticationError:
-            raise  # a wrong password does not get better by waiting
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            if time.monotonic() + delay > deadline:
-                raise StartupTimeout(f"Redis at {mask_url(settings.redis_url)} did not answer within "
-                                     f"RTREC_STARTUP_TIMEOUT_S={budget:g} s: {type(exc).__name__}: {exc}") from exc
-            log.info("waiting for Redis (%s: %s)", type(exc).__name__, exc)
+            return await call()
+        except Exception as exc:
+            if not worth_waiting(exc) or time.monotonic() + delay > deadline:
+                raise
+            if on_retry is not None:
+                on_retry(exc)
             await asyncio.sleep(delay)
             delay = min(2 * delay, 2.0)
