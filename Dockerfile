@@ -30,4 +30,4 @@ RUN useradd --system --uid 10001 --create-home --home-dir /home/rtrec rtrec \
  && mkdir -p /checkpoints /tmp/rtrec && chown rtrec:rtrec /checkpoints /tmp/rtrec
 USER rtrec
 ENV RTREC_RUN_DIR=/tmp/rtrec HOME=/home/rtrec
-CMD ["python", "-m", "workers.state"]
+CMD ["python", "-m", "rtrec.workers.state"]

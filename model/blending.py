@@ -13,9 +13,9 @@ import heapq
 from collections import defaultdict
 from typing import Sequence
 
-from model.recommender import Recommender, Scored
-from stream.settings import Settings
-from stream.state_store import UserState
+from rtrec.model.recommender import Recommender, Scored
+from rtrec.stream.settings import Settings
+from rtrec.stream.state_store import UserState
 
 RECENCY_DECAY = 0.85
 

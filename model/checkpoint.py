@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, PreTrainedModel
 from transformers import AutoModelForCausalLM, T5ForConditionalGeneration
 
-from model.vocab import ItemVocab
+from rtrec.model.vocab import ItemVocab
 
 MANIFEST = "manifest.json"
 VOCAB = "vocab.json"

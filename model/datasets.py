@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from stream.settings import Settings
+    from rtrec.stream.settings import Settings
 
-from stream.eventfile import read_events
+from rtrec.stream.eventfile import read_events
 
 RATING_TO_TYPE: dict[int, str] = {5: "purchase", 4: "click", 3: "browse", 2: "browse", 1: "browse"}
 """MovieLens rating -> rtrec event type: 5 = purchase (strongest), 4 = click, 3 or less = browse.
@@ -150,8 +150,8 @@ def prepare_training_events(events: list[dict], settings: "Settings", source: An
     """Check events before any training: derive missing event ids (as `rtrec replay` does), validate each
     event, and refuse input below RTREC_TRAIN_MIN_EVENTS events or RTREC_TRAIN_MIN_USERS users with the three
     events leave-one-out needs. Returns the events (ids filled in); raises TrainingInputError."""
-    from stream.events import InvalidEvent, event_from_dict
-    from stream.replay import derived_event_id
+    from rtrec.stream.events import InvalidEvent, event_from_dict
+    from rtrec.stream.replay import derived_event_id
 
     now_ms = max((e["ts"] for e in events if isinstance(e.get("ts"), int)), default=0) + 86_400_000
     bad: list[str] = []

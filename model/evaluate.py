@@ -24,12 +24,12 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from model.datasets import Split
-from model.metrics import summarize
-from model.recommender import Recommender, Scored
-from stream.events import event_from_dict
-from stream.settings import Settings
-from stream.state_store import StateStore, UserState
+from rtrec.model.datasets import Split
+from rtrec.model.metrics import summarize
+from rtrec.model.recommender import Recommender, Scored
+from rtrec.stream.events import event_from_dict
+from rtrec.stream.settings import Settings
+from rtrec.stream.state_store import StateStore, UserState
 
 DAY_MS = 86_400_000
 APPLY_BATCH = 5_000  # events per StateStore.apply call (one pipelined round-trip each)

@@ -16,11 +16,11 @@ from typing import Any, Sequence
 
 import torch
 
-from model.checkpoint import Checkpoint, load_checkpoint
-from model.sequence_model import build_model, resize_for
-from model.tokens import History
-from model.train import TrainReport, ValidationCase, evaluate_cases, seed_everything, train_model, vocab_for
-from stream.settings import Settings
+from rtrec.model.checkpoint import Checkpoint, load_checkpoint
+from rtrec.model.sequence_model import build_model, resize_for
+from rtrec.model.tokens import History
+from rtrec.model.train import TrainReport, ValidationCase, evaluate_cases, seed_everything, train_model, vocab_for
+from rtrec.stream.settings import Settings
 
 
 @dataclass

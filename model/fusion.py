@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from model.recommender import Recommender, Scored
-from stream.state_store import UserState
+from rtrec.model.recommender import Recommender, Scored
+from rtrec.stream.state_store import UserState
 
 
 FUSION_DEPTH = 100  # how far down each ranking counts

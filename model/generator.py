@@ -7,11 +7,11 @@ from typing import Sequence
 
 import torch
 
-from model.checkpoint import Checkpoint, load_checkpoint
-from model.recommender import GenerativeRecommender, Scored
-from model.sequence_model import next_item_logits, top_items
-from model.tokens import encode
-from stream.state_store import UserState
+from rtrec.model.checkpoint import Checkpoint, load_checkpoint
+from rtrec.model.recommender import GenerativeRecommender, Scored
+from rtrec.model.sequence_model import next_item_logits, top_items
+from rtrec.model.tokens import encode
+from rtrec.stream.state_store import UserState
 
 
 def resolve_device(preference: str = "auto") -> torch.device:

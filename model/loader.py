@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from model.blending import BlendingRecommender
-from model.checkpoint import latest_checkpoint
-from model.recommender import GenerativeRecommender, Recommender
-from stream.settings import Settings
-from stream.state_store import SeqEntry, UserState
+from rtrec.model.blending import BlendingRecommender
+from rtrec.model.checkpoint import latest_checkpoint
+from rtrec.model.recommender import GenerativeRecommender, Recommender
+from rtrec.stream.settings import Settings
+from rtrec.stream.state_store import SeqEntry, UserState
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,12 @@ def load_recommender(settings: Settings) -> Recommender:
 def load_generator(settings: Settings, path: Path) -> GenerativeRecommender:
     """A verified checkpoint on the configured backend (raises CheckpointError if it must be refused)."""
     if settings.backend == "vllm":
-        from model.vllm_backend import VllmGenerator
+        from rtrec.model.vllm_backend import VllmGenerator
 
         vllm_generator = VllmGenerator.from_path(path, device=settings.device)
         vllm_generator.max_events = min(vllm_generator.max_events, settings.serve_max_events)
         return vllm_generator
-    from model.generator import TorchGenerator
+    from rtrec.model.generator import TorchGenerator
 
     generator = TorchGenerator.from_path(path, device=settings.device, max_events=settings.serve_max_events)
     if generator.device.type == "cpu" and settings.serve_torch_threads:

@@ -9,13 +9,13 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import Checkpoint, save_checkpoint
-from model.datasets import (Split, TrainingInputError, leave_one_out, prepare_training_events,  # noqa: F401
+from rtrec.model.checkpoint import Checkpoint, save_checkpoint
+from rtrec.model.datasets import (Split, TrainingInputError, leave_one_out, prepare_training_events,  # noqa: F401
                             resolve_source)
-from model.generator import TorchGenerator, resolve_device
-from model.sequence_model import build_model
-from model.train import TrainReport, ValidationCase, seed_everything, train_model, user_histories, vocab_for
-from stream.settings import Settings
+from rtrec.model.generator import TorchGenerator, resolve_device
+from rtrec.model.sequence_model import build_model
+from rtrec.model.train import TrainReport, ValidationCase, seed_everything, train_model, user_histories, vocab_for
+from rtrec.stream.settings import Settings
 
 
 def model_meta(settings: Settings) -> dict[str, Any]:
@@ -136,13 +136,13 @@ def run_eval(settings: Settings, source: str, families: Sequence[str], out_dir: 
     """
     import tempfile
 
-    from model.blending import BlendingRecommender
-    from model.datasets import load_events
-    from model.fusion import RankFusion
-    from model.evaluate import (BiasedMFRecommender, PopularityRecommender, build_states, evaluate,
+    from rtrec.model.blending import BlendingRecommender
+    from rtrec.model.datasets import load_events
+    from rtrec.model.fusion import RankFusion
+    from rtrec.model.evaluate import (BiasedMFRecommender, PopularityRecommender, build_states, evaluate,
                                 print_table, published_reference, write_report)
-    from stream.connections import redis_client
-    from stream.embedded import start_redis
+    from rtrec.stream.connections import redis_client
+    from rtrec.stream.embedded import start_redis
 
     import json
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from stream.state_store import UserState
+from rtrec.stream.state_store import UserState
 
 VERB = {"browse": "browsed", "click": "clicked", "purchase": "bought"}
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from model.vocab import ItemVocab
-from stream.state_store import UserState
+from rtrec.model.vocab import ItemVocab
+from rtrec.stream.state_store import UserState
 
 Scored = list[tuple[str, float]]
 

@@ -21,9 +21,9 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from model.tokens import left_padded, right_padded
-from model.vocab import BOS, EOS, PAD, ItemVocab
-from stream.settings import Settings
+from rtrec.model.tokens import left_padded, right_padded
+from rtrec.model.vocab import BOS, EOS, PAD, ItemVocab
+from rtrec.stream.settings import Settings
 
 DECODER_FAMILIES = ("llama", "qwen2")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model.checkpoint import MANIFEST, CheckpointError, latest_checkpoint, set_current, verify_checkpoint
+from rtrec.model.checkpoint import MANIFEST, CheckpointError, latest_checkpoint, set_current, verify_checkpoint
 
 PROMOTIONS = "promotions.jsonl"
 DECISIONS = "decisions.jsonl"

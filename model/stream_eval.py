@@ -23,13 +23,13 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from model.blending import BlendingRecommender
-from model.checkpoint import Checkpoint
-from model.finetune import build_data, fine_tune, gate
-from model.generator import TorchGenerator, resolve_device
-from stream.events import event_from_dict
-from stream.settings import Settings
-from stream.state_store import StateStore, UserState
+from rtrec.model.blending import BlendingRecommender
+from rtrec.model.checkpoint import Checkpoint
+from rtrec.model.finetune import build_data, fine_tune, gate
+from rtrec.model.generator import TorchGenerator, resolve_device
+from rtrec.stream.events import event_from_dict
+from rtrec.stream.settings import Settings
+from rtrec.stream.state_store import StateStore, UserState
 
 DAY_MS = 86_400_000
 
@@ -96,8 +96,8 @@ def _histories(events: Sequence[dict[str, Any]]) -> dict[str, list[tuple[str, st
 def run_stream_eval(settings: Settings, events: list[dict[str, Any]], every: Sequence[float], period_days: float,
                     initial_frac: float, sample: float, out_dir: Path, console: Any) -> list[dict[str, Any]]:
     """HR@10 per period for: frozen, fine-tune every T (days, multiples of `period_days`), blending."""
-    from stream.connections import redis_client
-    from stream.embedded import start_redis
+    from rtrec.stream.connections import redis_client
+    from rtrec.stream.embedded import start_redis
 
     events = sorted(events, key=lambda e: e["ts"])
     t0, t1 = events[0]["ts"], events[-1]["ts"]

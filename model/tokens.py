@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from model.vocab import BOS, PAD, TYPE_TOKENS, ItemVocab
+from rtrec.model.vocab import BOS, PAD, TYPE_TOKENS, ItemVocab
 
 History = Sequence[tuple[str, str]]  # (item_id, event type), oldest first
 

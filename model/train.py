@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from model.sequence_model import is_encoder_decoder, next_item_logits, top_items
-from model.tokens import History, encode, item_labels, right_padded
-from model.vocab import ItemVocab
-from stream.settings import Settings
+from rtrec.model.sequence_model import is_encoder_decoder, next_item_logits, top_items
+from rtrec.model.tokens import History, encode, item_labels, right_padded
+from rtrec.model.vocab import ItemVocab
+from rtrec.stream.settings import Settings
 
 
 @dataclass

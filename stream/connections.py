@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from stream.settings import Settings
+from rtrec.stream.settings import Settings
 
 
 class NotConfigured(RuntimeError):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from stream.settings import Settings
+from rtrec.stream.settings import Settings
 
 
 class ServerStartError(RuntimeError):

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from stream.settings import EVENT_TYPES, Settings
+from rtrec.stream.settings import EVENT_TYPES, Settings
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 """Ids become parts of Redis keys: a closed alphabet keeps one user's keys apart from another's."""

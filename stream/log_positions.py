@@ -27,7 +27,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
 
-from stream.keys import LOGS
+from rtrec.stream.keys import LOGS
 
 # compare-and-set of one partition's identity: two owners during a rebalance must not bump the epoch twice
 BUMP_LUA = r"""

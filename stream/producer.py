@@ -7,10 +7,10 @@ from typing import Any, Iterable
 
 from kafka import KafkaProducer
 
-from stream.connections import kafka_bootstrap, kafka_connect_kwargs, kafka_python_auth
-from stream.events import Event, event_from_dict
-from stream.rec_messages import RecRequest
-from stream.settings import Settings
+from rtrec.stream.connections import kafka_bootstrap, kafka_connect_kwargs, kafka_python_auth
+from rtrec.stream.events import Event, event_from_dict
+from rtrec.stream.rec_messages import RecRequest
+from rtrec.stream.settings import Settings
 
 
 def make_kafka_producer(settings: Settings, **overrides: Any) -> KafkaProducer:

@@ -42,13 +42,13 @@ import redis
 from kafka.errors import KafkaError
 from redis.exceptions import RedisClusterException
 
-from stream import keys
-from stream.connections import redis_client
-from stream.events import Event, InvalidEvent, parse_event
-from stream.log_positions import LogEpochs, LogPosition, LogRecord
-from stream.settings import Settings
-from stream.state_store import StateStore
-from stream.topic_window import TopicReadError, iter_topic_records
+from rtrec.stream import keys
+from rtrec.stream.connections import redis_client
+from rtrec.stream.events import Event, InvalidEvent, parse_event
+from rtrec.stream.log_positions import LogEpochs, LogPosition, LogRecord
+from rtrec.stream.settings import Settings
+from rtrec.stream.state_store import StateStore
+from rtrec.stream.topic_window import TopicReadError, iter_topic_records
 
 LOCK_TTL_MS = 60_000  # a rebuild refreshes its lock while it runs; a killed one frees it this long after
 SCAN_COUNT = 1000

@@ -14,10 +14,10 @@ from typing import Any, Sequence
 
 from kafka import KafkaConsumer, TopicPartition
 
-from stream.connections import kafka_bootstrap, kafka_connect_kwargs, kafka_python_auth
-from stream.producer import make_kafka_producer
-from stream.rec_messages import RecRequest
-from stream.settings import Settings
+from rtrec.stream.connections import kafka_bootstrap, kafka_connect_kwargs, kafka_python_auth
+from rtrec.stream.producer import make_kafka_producer
+from rtrec.stream.rec_messages import RecRequest
+from rtrec.stream.settings import Settings
 
 
 class RecClient:

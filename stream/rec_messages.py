@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from stream.events import InvalidEvent, canonical_id, decode_json
-from stream.settings import Settings
-from stream.topics import internal_topics, is_legal_topic_name
+from rtrec.stream.events import InvalidEvent, canonical_id, decode_json
+from rtrec.stream.settings import Settings
+from rtrec.stream.topics import internal_topics, is_legal_topic_name
 
 MAX_REQUEST_BYTES = 4096
 

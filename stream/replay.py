@@ -10,9 +10,9 @@ from typing import Any, Iterable
 
 from tqdm import tqdm
 
-from stream.eventfile import read_events
-from stream.events import InvalidEvent
-from stream.producer import EventProducer
+from rtrec.stream.eventfile import read_events
+from rtrec.stream.events import InvalidEvent
+from rtrec.stream.producer import EventProducer
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stream.synthetic import SyntheticConfig
+from rtrec.stream.synthetic import SyntheticConfig
 
 SAMPLE_CONFIG = SyntheticConfig(n_users=200, n_items=600, n_clusters=12, n_events=12_000, seed=2026)
 SAMPLE_PATH = Path(__file__).parent / "data" / "sample_events.jsonl.gz"

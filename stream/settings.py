@@ -57,7 +57,7 @@ class Settings(BaseSettings):
         "says so in one line instead of waiting kafka-python's 30 s and more)"
     )
     startup_timeout_s: float = Field(
-        120.0, gt=0, description="a worker starting (python -m workers.<kind>) retries its first contact with the "
+        120.0, gt=0, description="a worker starting (python -m rtrec.workers.<kind>) retries its first contact with the "
         "broker and Redis this long before it exits (a compose stack starts the broker and the workers together)"
     )
     redis_timeout_s: float = Field(

@@ -68,10 +68,10 @@ from typing import Sequence
 
 import redis
 
-from stream import keys
-from stream.events import Event
-from stream.log_positions import LogPosition
-from stream.settings import Settings
+from rtrec.stream import keys
+from rtrec.stream.events import Event
+from rtrec.stream.log_positions import LogPosition
+from rtrec.stream.settings import Settings
 
 BOUGHT_CAP = 500
 RESCALE_AFTER_HALF_LIVES = 60.0

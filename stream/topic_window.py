@@ -16,9 +16,9 @@ from typing import Iterator, Mapping
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from stream.connections import kafka_bootstrap, kafka_python_auth
-from stream.events import InvalidEvent, parse_event
-from stream.settings import Settings
+from rtrec.stream.connections import kafka_bootstrap, kafka_python_auth
+from rtrec.stream.events import InvalidEvent, parse_event
+from rtrec.stream.settings import Settings
 
 STALL_S = 60.0  # no record and no fetch answer for this long: the broker is gone, the read fails
 POLL_MS = 200

@@ -9,8 +9,8 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import (BrokerNotAvailableError, InvalidReplicationFactorError, KafkaError,
                           TopicAlreadyExistsError)
 
-from stream.connections import kafka_bootstrap, kafka_connect_kwargs, kafka_python_auth
-from stream.settings import Settings
+from rtrec.stream.connections import kafka_bootstrap, kafka_connect_kwargs, kafka_python_auth
+from rtrec.stream.settings import Settings
 
 
 def topic_names(settings: Settings) -> list[str]:

@@ -7,12 +7,12 @@ from typing import Callable
 
 import pytest
 
-from stream.connections import redis_client
-from stream.embedded import start_redis
-from stream.producer import EventProducer
-from stream.rec_client import RecClient
-from stream.settings import Settings
-from workers.stack import Stack
+from rtrec.stream.connections import redis_client
+from rtrec.stream.embedded import start_redis
+from rtrec.stream.producer import EventProducer
+from rtrec.stream.rec_client import RecClient
+from rtrec.stream.settings import Settings
+from rtrec.workers.stack import Stack
 
 
 def _settings(**kw) -> Settings:

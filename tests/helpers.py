@@ -16,9 +16,9 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from stream.settings import Settings
+from rtrec.stream.settings import Settings
 
-RTREC = [sys.executable, "-m", "workers.cli"]
+RTREC = [sys.executable, "-m", "rtrec.workers.cli"]
 
 # a model small enough to train in a second on a CPU
 SMALL = dict(model_hidden=32, model_heads=1, model_layers=1, model_intermediate=64, model_max_events=30,
@@ -69,10 +69,10 @@ def tiny_checkpoint(root: Path, events: list[dict], seed: int = 0) -> Path:
     """A saved (not promoted) checkpoint of a SMALL model over the events' vocabulary."""
     import torch
 
-    from model.checkpoint import save_checkpoint
-    from model.pipeline import model_meta
-    from model.sequence_model import build_model
-    from model.train import user_histories, vocab_for
+    from rtrec.model.checkpoint import save_checkpoint
+    from rtrec.model.pipeline import model_meta
+    from rtrec.model.sequence_model import build_model
+    from rtrec.model.train import user_histories, vocab_for
 
     s = Settings(**SMALL)
     vocab = vocab_for(user_histories(events).values(), s)
@@ -82,8 +82,8 @@ def tiny_checkpoint(root: Path, events: list[dict], seed: int = 0) -> Path:
 
 def assert_state_matches_reference(s: Settings, redis, events: list[dict], tag: str) -> None:
     """Live state of the events' users and items == the same events applied once under a fresh prefix."""
-    from stream.events import event_from_dict
-    from stream.state_store import StateStore
+    from rtrec.stream.events import event_from_dict
+    from rtrec.stream.state_store import StateStore
 
     # reference: the same events applied once, in one go, under a fresh prefix of the same server
     reference = StateStore(s, prefix=f"ref-{tag}")

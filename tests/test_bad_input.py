@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from stream.events import REQUIRED, InvalidEvent, parse_event
-from stream.rec_messages import parse_request
+from rtrec.stream.events import REQUIRED, InvalidEvent, parse_event
+from rtrec.stream.rec_messages import parse_request
 from tests.helpers import wait_for
-from workers.dead_letters import dlq_counts
+from rtrec.workers.dead_letters import dlq_counts
 
 pytestmark = pytest.mark.integration
 
@@ -79,9 +79,9 @@ FUZZ = hyp_settings(max_examples=EXAMPLES, derandomize=True, database=None, dead
 def test_10k_generated_bad_events_are_dead_lettered_and_valid_ones_around_them_applied(settings, redis, tmp_path):
     """On a state worker of its own (own events and dead-letter topics: ~10k letters, some of 1 MB,
     would otherwise slow every other test that reads the shared dead-letter topic)."""
-    from stream.producer import EventProducer
-    from stream.topics import ensure_topics
-    from workers.stack import Stack
+    from rtrec.stream.producer import EventProducer
+    from rtrec.stream.topics import ensure_topics
+    from rtrec.workers.stack import Stack
 
     tag = uuid.uuid4().hex[:8]
     settings = settings.model_copy(update={"topic_events": f"events-{tag}", "topic_dead_letters": f"dlq-{tag}",

@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 from rich.console import Console
 
-from stream.settings import Settings
+from rtrec.stream.settings import Settings
 from tests.helpers import run_cli
-from workers.bench_memory import FAMILIES, OTHER, BenchInputError, bench_events, family_of, run_memory_bench
+from rtrec.workers.bench_memory import FAMILIES, OTHER, BenchInputError, bench_events, family_of, run_memory_bench
 
 
 def test_family_of_sorts_every_key_layout_name():

@@ -6,11 +6,11 @@ import random
 
 import pytest
 
-from model.blending import RECENCY_DECAY, BlendingRecommender, recent_distinct_items
-from model.reasons import explain
-from model.recommender import GenerativeRecommender, Recommender
-from stream.settings import Settings
-from stream.state_store import SeqEntry, UserState
+from rtrec.model.blending import RECENCY_DECAY, BlendingRecommender, recent_distinct_items
+from rtrec.model.reasons import explain
+from rtrec.model.recommender import GenerativeRecommender, Recommender
+from rtrec.stream.settings import Settings
+from rtrec.stream.state_store import SeqEntry, UserState
 
 CFG = Settings(
     kafka_bootstrap=None,

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from stream.embedded import start_redis, start_tansu
-from stream.eventfile import read_events, write_events
-from stream.sample import SAMPLE_CONFIG, SAMPLE_PATH
-from stream.settings import Settings
-from stream.synthetic import generate_events
+from rtrec.stream.embedded import start_redis, start_tansu
+from rtrec.stream.eventfile import read_events, write_events
+from rtrec.stream.sample import SAMPLE_CONFIG, SAMPLE_PATH
+from rtrec.stream.settings import Settings
+from rtrec.stream.synthetic import generate_events
 from tests.helpers import RTREC, run_cli, stack_env, tiny_checkpoint, wait_for
 
 
@@ -187,7 +187,7 @@ def test_train_from_the_events_topic(settings, producer, redis, tmp_path, uid):
 
 
 def test_model_list_promote_and_rollback(tmp_path):
-    from stream.synthetic import SyntheticConfig, generate_events
+    from rtrec.stream.synthetic import SyntheticConfig, generate_events
 
     events = generate_events(SyntheticConfig(n_users=10, n_items=20, n_events=200, seed=3))
     root = tmp_path / "ck"

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from stream.eventfile import write_events
-from stream.synthetic import SyntheticConfig, generate_events
+from rtrec.stream.eventfile import write_events
+from rtrec.stream.synthetic import SyntheticConfig, generate_events
 from tests.helpers import tiny_checkpoint, wait_for
 
-RTREC = [sys.executable, "-m", "workers.cli"]
+RTREC = [sys.executable, "-m", "rtrec.workers.cli"]
 REPO = Path(__file__).resolve().parents[1]
 FAIL_FAST_S = 10.0  # a functional bound: a mistake is answered at once, not after connection retries
 
@@ -209,8 +209,8 @@ def test_train_promotes_through_the_trainers_gate_or_with_force(tmp_path):
 
 
 def test_replay_stops_on_ctrl_c_and_reports_what_was_sent():
-    from stream.events import InvalidEvent
-    from stream.replay import replay_events
+    from rtrec.stream.events import InvalidEvent
+    from rtrec.stream.replay import replay_events
 
     class Producer:
         sent, flushed = 0, False

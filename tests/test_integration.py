@@ -8,8 +8,8 @@ import time
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from stream.connections import kafka_bootstrap
-from stream.state_store import StateStore
+from rtrec.stream.connections import kafka_bootstrap
+from rtrec.stream.state_store import StateStore
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from stream import keys
+from rtrec.stream import keys
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_LITERAL = re.compile(r"""["']\{?rt:""")  # "rt:...", f"rt:...", "{rt:...}": docstrings' ``rt:...`` are fine

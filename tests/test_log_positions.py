@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from stream.log_positions import LogEpochs, LogIdentity, LogPosition, assign_positions, record_fingerprint
+from rtrec.stream.log_positions import LogEpochs, LogIdentity, LogPosition, assign_positions, record_fingerprint
 
 
 @dataclass

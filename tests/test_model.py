@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, set_current
-from model.generator import TorchGenerator
-from model.pipeline import model_meta, train_generator
-from model.recommender import GenerativeRecommender
-from model.sequence_model import build_model, resize_for
-from model.datasets import leave_one_out
-from model.train import ValidationCase, evaluate_cases, train_model, user_histories, vocab_for
-from model.tokens import encode
-from model.vocab import BOS, N_SPECIAL, TYPE_TOKENS, ItemVocab
-from stream.settings import Settings
-from stream.state_store import SeqEntry, UserState
-from stream.synthetic import SyntheticConfig, generate_events
+from rtrec.model.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, set_current
+from rtrec.model.generator import TorchGenerator
+from rtrec.model.pipeline import model_meta, train_generator
+from rtrec.model.recommender import GenerativeRecommender
+from rtrec.model.sequence_model import build_model, resize_for
+from rtrec.model.datasets import leave_one_out
+from rtrec.model.train import ValidationCase, evaluate_cases, train_model, user_histories, vocab_for
+from rtrec.model.tokens import encode
+from rtrec.model.vocab import BOS, N_SPECIAL, TYPE_TOKENS, ItemVocab
+from rtrec.stream.settings import Settings
+from rtrec.stream.state_store import SeqEntry, UserState
+from rtrec.stream.synthetic import SyntheticConfig, generate_events
 
 TINY = dict(model_hidden=64, model_heads=1, model_layers=1, model_intermediate=128, model_max_events=20,
             model_item_capacity=300, train_batch_size=32, train_epochs=2)

@@ -9,11 +9,11 @@ import uuid
 
 import pytest
 
-from stream.producer import EventProducer
-from stream.topics import ensure_topics
+from rtrec.stream.producer import EventProducer
+from rtrec.stream.topics import ensure_topics
 from tests.helpers import run_cli, scrape, stack_env, tiny_checkpoint, wait_for
-from workers.lag import LagMonitor, breaches
-from workers.stack import Stack
+from rtrec.workers.lag import LagMonitor, breaches
+from rtrec.workers.stack import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -103,7 +103,7 @@ def fill_and_commit(s, group: str, sizes: dict[str, int], committed: dict[str, i
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
     from kafka.structs import OffsetAndMetadata
 
-    from stream.connections import kafka_bootstrap
+    from rtrec.stream.connections import kafka_bootstrap
 
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap(s))
     for topic, n in sizes.items():
@@ -118,8 +118,8 @@ def fill_and_commit(s, group: str, sizes: dict[str, int], committed: dict[str, i
 
 
 def test_rtrec_groups_names_every_group_the_stack_runs():
-    from stream.settings import Settings
-    from workers.lag import normalise_groups, rtrec_groups
+    from rtrec.stream.settings import Settings
+    from rtrec.workers.lag import normalise_groups, rtrec_groups
 
     s = Settings()
     assert rtrec_groups(s) == {s.state_group: [s.topic_events], s.recommend_group: [s.topic_requests],
@@ -131,7 +131,7 @@ def test_rtrec_groups_names_every_group_the_stack_runs():
 
 
 def test_lag_against_an_unreachable_broker_exits_2_fast_with_one_line():
-    from stream.embedded import free_port
+    from rtrec.stream.embedded import free_port
 
     env = {"RTREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}", "RTREC_REDIS_URL": "redis://127.0.0.1:1",
            "COLUMNS": "80"}
@@ -147,9 +147,9 @@ def test_lag_against_an_unreachable_broker_exits_2_fast_with_one_line():
 
 
 def test_lag_monitor_fails_fast_with_lag_error_when_the_broker_goes_away(tmp_path):
-    from stream.embedded import start_tansu
-    from stream.settings import Settings
-    from workers.lag import LagError
+    from rtrec.stream.embedded import start_tansu
+    from rtrec.stream.settings import Settings
+    from rtrec.workers.lag import LagError
 
     tansu, bootstrap = start_tansu(tmp_path)
     try:
@@ -220,7 +220,7 @@ def test_compose_services_run_modules_that_exist_and_metric_names_are_exported()
         assert callable(importlib.import_module(module).main), name
     from prometheus_client import REGISTRY
 
-    import workers.metrics  # noqa: F401 - registers the metrics
+    import rtrec.workers.metrics  # noqa: F401 - registers the metrics
 
     names = {m.name for m in REGISTRY.collect()}
     for required in ("kafka_consumergroup_group_lag", "kafka_consumergroup_group_lag_seconds",
@@ -239,8 +239,8 @@ class Rec:
 
 
 def test_online_quality_joins_responses_with_later_events():
-    from stream.settings import Settings
-    from workers.quality import QualityJoin, hit_rates
+    from rtrec.stream.settings import Settings
+    from rtrec.workers.quality import QualityJoin, hit_rates
 
     s = Settings(quality_window_s=60)
     join = QualityJoin(s)
@@ -266,10 +266,10 @@ def test_online_quality_joins_responses_with_later_events():
 
 
 def test_trainer_rolls_back_a_promotion_whose_online_hit_rate_dropped(settings, redis, tmp_path):
-    from model.store import CheckpointStore
-    from stream.synthetic import SyntheticConfig, generate_events
-    from stream.keys import QUALITY
-    from workers.trainer import Trainer
+    from rtrec.model.store import CheckpointStore
+    from rtrec.stream.synthetic import SyntheticConfig, generate_events
+    from rtrec.stream.keys import QUALITY
+    from rtrec.workers.trainer import Trainer
 
     events = generate_events(SyntheticConfig(n_users=10, n_items=20, n_events=200, seed=3))
     root = tmp_path / "ck"
@@ -291,7 +291,7 @@ def test_trainer_rolls_back_a_promotion_whose_online_hit_rate_dropped(settings, 
 def _exported_names() -> set[str]:
     from prometheus_client import REGISTRY
 
-    import workers.metrics  # noqa: F401 - registers the metrics
+    import rtrec.workers.metrics  # noqa: F401 - registers the metrics
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     return {m.name + sfx for m in REGISTRY.collect() for sfx in suffixes.get(m.type, ("",))}

@@ -14,15 +14,15 @@ from collections import Counter
 
 import pytest
 
-from stream.connections import redis_client
-from stream.embedded import python_env, start_redis
-from stream.producer import EventProducer
-from stream.rebuild import apply_tail, rebuild, stage, staging_store, switch
-from stream.settings import Settings
-from stream.state_store import StateStore
-from stream.topics import ensure_topics
+from rtrec.stream.connections import redis_client
+from rtrec.stream.embedded import python_env, start_redis
+from rtrec.stream.producer import EventProducer
+from rtrec.stream.rebuild import apply_tail, rebuild, stage, staging_store, switch
+from rtrec.stream.settings import Settings
+from rtrec.stream.state_store import StateStore
+from rtrec.stream.topics import ensure_topics
 from tests.helpers import assert_state_matches_reference, run_cli, wait_for
-from workers.stack import Stack
+from rtrec.workers.stack import Stack
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from stream.events import InvalidEvent
-from stream.rec_messages import (
+from rtrec.stream.events import InvalidEvent
+from rtrec.stream.rec_messages import (
     MAX_REQUEST_BYTES,
     RecItem,
     RecRequest,
@@ -16,8 +16,8 @@ from stream.rec_messages import (
     best_effort_ids,
     parse_request,
 )
-from stream.settings import Settings
-from stream.topics import internal_topics, is_legal_topic_name, topic_names
+from rtrec.stream.settings import Settings
+from rtrec.stream.topics import internal_topics, is_legal_topic_name, topic_names
 
 CFG = Settings(kafka_bootstrap=None, redis_url=None, max_k=100)
 BASE = {"request_id": "r1", "user_id": "u1"}

@@ -13,19 +13,19 @@ import uuid
 
 import pytest
 
-from stream.connections import redis_client
-from stream.embedded import start_redis_cluster
-from stream.eventfile import read_events
-from stream.events import event_from_dict
-from stream.producer import EventProducer
-from stream.rebuild import staging_store, state_keys, switch
-from stream.rec_client import RecClient
-from stream.sample import SAMPLE_PATH
-from stream.settings import Settings
-from stream.state_store import StateReads, StateStore
+from rtrec.stream.connections import redis_client
+from rtrec.stream.embedded import start_redis_cluster
+from rtrec.stream.eventfile import read_events
+from rtrec.stream.events import event_from_dict
+from rtrec.stream.producer import EventProducer
+from rtrec.stream.rebuild import staging_store, state_keys, switch
+from rtrec.stream.rec_client import RecClient
+from rtrec.stream.sample import SAMPLE_PATH
+from rtrec.stream.settings import Settings
+from rtrec.stream.state_store import StateReads, StateStore
 from tests.helpers import wait_for
-from workers.dead_letters import dlq_counts
-from workers.stack import Stack
+from rtrec.workers.dead_letters import dlq_counts
+from rtrec.workers.stack import Stack
 
 pytestmark = pytest.mark.integration
 

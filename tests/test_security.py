@@ -10,8 +10,8 @@ import pytest
 
 from pydantic import SecretStr
 
-from stream.settings import Settings
-from workers.model_watch import ModelWatcher
+from rtrec.stream.settings import Settings
+from rtrec.workers.model_watch import ModelWatcher
 
 
 def test_secrets_are_not_in_the_settings_repr_or_its_json():
@@ -29,7 +29,7 @@ class FakeWorker:  # only the attribute the watcher swaps; the loading path is r
 @pytest.mark.integration
 @pytest.mark.parametrize("version", ["../../etc", "/etc/passwd", ".tmp-x", "no-such-version"])
 def test_a_model_update_naming_a_path_outside_the_store_is_refused(settings, tmp_path, caplog, version):
-    from stream.connections import async_redis_client
+    from rtrec.stream.connections import async_redis_client
 
     s = settings.model_copy(update={"checkpoint_dir": tmp_path / "store"})
     (tmp_path / "store").mkdir()
@@ -53,7 +53,7 @@ def test_a_model_update_naming_a_path_outside_the_store_is_refused(settings, tmp
 
 @pytest.mark.integration
 def test_a_malformed_model_update_message_is_refused_not_fatal(settings, tmp_path):
-    from stream.connections import async_redis_client
+    from rtrec.stream.connections import async_redis_client
 
     s = settings.model_copy(update={"checkpoint_dir": tmp_path})
 
@@ -113,10 +113,10 @@ def test_redis_with_an_acl_user_over_tls(tmp_path):
 
     import redis as redis_py
 
-    from stream.connections import redis_client
-    from stream.embedded import ManagedProcess, free_port
-    from stream.events import event_from_dict
-    from stream.state_store import StateStore
+    from rtrec.stream.connections import redis_client
+    from rtrec.stream.embedded import ManagedProcess, free_port
+    from rtrec.stream.events import event_from_dict
+    from rtrec.stream.state_store import StateStore
 
     server_bin = shutil.which("redis-server")
     if server_bin is None:
@@ -148,7 +148,7 @@ def test_redis_with_an_acl_user_over_tls(tmp_path):
 
 
 def test_a_ca_file_without_a_tls_url_is_a_clear_error():
-    from stream.connections import NotConfigured, redis_client
+    from rtrec.stream.connections import NotConfigured, redis_client
 
     with pytest.raises(NotConfigured, match="rediss://"):
         redis_client(Settings(redis_url="redis://127.0.0.1:1/0", redis_ssl_cafile="/ca.pem"))

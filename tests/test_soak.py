@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from stream.settings import Settings
-from workers.bench_soak import run_soak
+from rtrec.stream.settings import Settings
+from rtrec.workers.bench_soak import run_soak
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -14,11 +14,11 @@ import time
 import pytest
 from kafka.admin import KafkaAdminClient
 
-from stream.connections import async_redis_client
-from stream.embedded import free_port, start_redis, start_tansu
-from stream.settings import Settings
-from stream.topics import ensure_topics, topic_names
-from workers.startup import StartupTimeout, wait_for_services
+from rtrec.stream.connections import async_redis_client
+from rtrec.stream.embedded import free_port, start_redis, start_tansu
+from rtrec.stream.settings import Settings
+from rtrec.stream.topics import ensure_topics, topic_names
+from rtrec.workers.startup import StartupTimeout, wait_for_services
 
 pytestmark = pytest.mark.integration
 
@@ -118,9 +118,9 @@ def test_a_worker_announcing_itself_waits_out_a_stalled_redis(tmp_path):
     """Under load a start-up write can time out: the worker retries it instead of crashing (seen in CI)."""
     import signal
 
-    from stream.connections import redis_client
-    from stream.keys import workers_ready
-    from workers.stack import announce_ready
+    from rtrec.stream.connections import redis_client
+    from rtrec.stream.keys import workers_ready
+    from rtrec.workers.stack import announce_ready
 
     server, url = start_redis(Settings(), tmp_path)
     s = Settings(redis_url=url, redis_timeout_s=0.3)

@@ -8,10 +8,10 @@ import uuid
 
 import pytest
 
-from stream.events import Event
-from stream.settings import Settings
-from stream.log_positions import LogPosition
-from stream.state_store import ID_BYTES, RESCALE_AFTER_HALF_LIVES, SeqEntry, StateStore, StateReads
+from rtrec.stream.events import Event
+from rtrec.stream.settings import Settings
+from rtrec.stream.log_positions import LogPosition
+from rtrec.stream.state_store import ID_BYTES, RESCALE_AFTER_HALF_LIVES, SeqEntry, StateStore, StateReads
 from tests.helpers import wait_for
 
 BASE = Settings(
@@ -642,8 +642,8 @@ def test_a_read_survives_a_redis_restart_between_two_reads(tmp_path) -> None:
     retries them once: the first request after a Redis restart is answered, not failed."""
     import asyncio
 
-    from stream.connections import async_redis_client, redis_client
-    from stream.embedded import start_redis
+    from rtrec.stream.connections import async_redis_client, redis_client
+    from rtrec.stream.embedded import start_redis
 
     server, url = start_redis(BASE, tmp_path)
     try:

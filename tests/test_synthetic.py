@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from stream.synthetic import (
+from rtrec.stream.synthetic import (
     SyntheticConfig,
     generate_events,
     item_catalog,
@@ -53,8 +53,8 @@ def test_schema_and_ids(events: list[dict]) -> None:
 
 
 def test_events_pass_the_wire_validation(events: list[dict]) -> None:
-    events_mod = pytest.importorskip("stream.events")
-    settings_mod = pytest.importorskip("stream.settings")
+    events_mod = pytest.importorskip("rtrec.stream.events")
+    settings_mod = pytest.importorskip("rtrec.stream.settings")
     settings = settings_mod.Settings()
     now = CFG.start_ts_ms + CFG.duration_ms
     for e in events[:2000]:

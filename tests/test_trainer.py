@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from model.checkpoint import CheckpointError, load_checkpoint
-from model.drift import DriftWatch
-from model.store import CheckpointStore
-from stream.producer import EventProducer
-from stream.rec_client import RecClient
-from stream.settings import Settings
-from stream.synthetic import SyntheticConfig, generate_events
-from stream.topics import ensure_topics
+from rtrec.model.checkpoint import CheckpointError, load_checkpoint
+from rtrec.model.drift import DriftWatch
+from rtrec.model.store import CheckpointStore
+from rtrec.stream.producer import EventProducer
+from rtrec.stream.rec_client import RecClient
+from rtrec.stream.settings import Settings
+from rtrec.stream.synthetic import SyntheticConfig, generate_events
+from rtrec.stream.topics import ensure_topics
 from tests.helpers import SMALL, answered_by, tiny_checkpoint, wait_for
-from workers.stack import Stack
-from workers.trainer import Trainer, TrainerLoop, announce_sync
+from rtrec.workers.stack import Stack
+from rtrec.workers.trainer import Trainer, TrainerLoop, announce_sync
 
 pytestmark = pytest.mark.integration
 

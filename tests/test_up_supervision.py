@@ -17,17 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from stream.connections import redis_client
-from stream.embedded import ManagedProcess, mask_url, strip_password
-from stream.producer import EventProducer
-from stream.rec_client import RecClient
-from stream.settings import Settings
+from rtrec.stream.connections import redis_client
+from rtrec.stream.embedded import ManagedProcess, mask_url, strip_password
+from rtrec.stream.producer import EventProducer
+from rtrec.stream.rec_client import RecClient
+from rtrec.stream.settings import Settings
 from tests.helpers import wait_for
-from workers import stack as stack_mod
-from workers.stack import CrashLoop, Stack
+from rtrec.workers import stack as stack_mod
+from rtrec.workers.stack import CrashLoop, Stack
 
 REPO = Path(__file__).resolve().parents[1]
-RTREC = [sys.executable, "-m", "workers.cli"]
+RTREC = [sys.executable, "-m", "rtrec.workers.cli"]
 PASSWORD = "s3cret-pw"
 
 
@@ -225,7 +225,7 @@ def test_up_with_an_embedded_redis_cluster_from_a_relative_folder(tmp_path):
 @pytest.mark.integration
 @pytest.mark.slow  # the external-server mode is also covered (absolute run dir) by test_cli.py
 def test_up_with_external_servers_and_more_workers_from_a_relative_folder(tmp_path, monkeypatch):
-    from stream.embedded import start_redis, start_tansu
+    from rtrec.stream.embedded import start_redis, start_tansu
 
     monkeypatch.chdir(tmp_path)
     servers = Path("servers")  # relative on purpose: the servers get absolute folders
@@ -253,7 +253,7 @@ def test_up_with_external_servers_and_more_workers_from_a_relative_folder(tmp_pa
 @pytest.mark.integration
 @pytest.mark.slow  # the give-up logic itself is tested fast below
 def test_up_gives_up_on_a_crash_loop_and_stops_the_stack(tmp_path):
-    from stream.embedded import redis_server_binary
+    from rtrec.stream.embedded import redis_server_binary
 
     project = tmp_path / "project"
     project.mkdir()

@@ -35,20 +35,20 @@ except Exception as exc:  # not installed, or a broken install (e.g. a CUDA torc
 
 import torch  # noqa: E402
 
-from model.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
-from model.generator import TorchGenerator  # noqa: E402
-from model.pipeline import model_meta  # noqa: E402
-from model.sequence_model import build_model  # noqa: E402
-from model.train import train_model, user_histories, vocab_for  # noqa: E402
-from model.vllm_backend import (  # noqa: E402
+from rtrec.model.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from rtrec.model.generator import TorchGenerator  # noqa: E402
+from rtrec.model.pipeline import model_meta  # noqa: E402
+from rtrec.model.sequence_model import build_model  # noqa: E402
+from rtrec.model.train import train_model, user_histories, vocab_for  # noqa: E402
+from rtrec.model.vllm_backend import (  # noqa: E402
     UnsupportedCheckpointError,
     VllmGenerator,
     VllmUnavailableError,
     require_vllm,
 )
-from stream.settings import Settings  # noqa: E402
-from stream.state_store import SeqEntry, UserState  # noqa: E402
-from stream.synthetic import SyntheticConfig, generate_events  # noqa: E402
+from rtrec.stream.settings import Settings  # noqa: E402
+from rtrec.stream.state_store import SeqEntry, UserState  # noqa: E402
+from rtrec.stream.synthetic import SyntheticConfig, generate_events  # noqa: E402
 
 K = 10
 TIE = 1e-5  # two items may swap places only where their probabilities are this close
@@ -168,7 +168,7 @@ def test_in_place_update_refuses_a_tampered_or_reshaped_checkpoint(tmp_path, bac
                                                                    second_checkpoint):
     import shutil
 
-    from model.vllm_backend import ShapeChanged
+    from rtrec.model.vllm_backend import ShapeChanged
 
     torch_gen, vllm_gen = backends
     before = _ids(vllm_gen.recommend_batch(states, K))
@@ -254,12 +254,12 @@ def test_hot_swap_on_the_vllm_backend_updates_weights_in_place_under_load(tmp_pa
     import threading
     import time
 
-    from model.store import CheckpointStore
-    from stream.producer import EventProducer
-    from stream.rec_client import RecClient
+    from rtrec.model.store import CheckpointStore
+    from rtrec.stream.producer import EventProducer
+    from rtrec.stream.rec_client import RecClient
     from tests.helpers import answered_by, wait_for
-    from workers.stack import Stack
-    from workers.trainer import announce_sync
+    from rtrec.workers.stack import Stack
+    from rtrec.workers.trainer import announce_sync
 
     root = tmp_path / "checkpoints"
     store = CheckpointStore(root)
@@ -287,8 +287,8 @@ def test_hot_swap_on_the_vllm_backend_updates_weights_in_place_under_load(tmp_pa
                 for n, (item, etype) in enumerate(histories[user]):
                     producer.send({"event_id": f"{user}-{n}", "user_id": user, "item_id": item, "type": etype,
                                    "ts": now + n})
-        from stream.connections import redis_client
-        from stream.state_store import StateStore
+        from rtrec.stream.connections import redis_client
+        from rtrec.stream.state_store import StateStore
         redis = redis_client(s)
         total = sum(len(histories[u]) for u in users)
         wait_for(lambda: StateStore(s).stats(redis).get("applied", 0) >= total, what="the users' events applied")

@@ -18,7 +18,7 @@ def test_worker_log_has_no_banner_and_no_escape_codes(tmp_path):
     log = tmp_path / "state.log"
     with open(log, "wb") as out:
         try:
-            subprocess.run([sys.executable, "-m", "workers.state"], stdout=out, stderr=subprocess.STDOUT, env=env,
+            subprocess.run([sys.executable, "-m", "rtrec.workers.state"], stdout=out, stderr=subprocess.STDOUT, env=env,
                            cwd=tmp_path, timeout=30)
         except subprocess.TimeoutExpired:
             pass

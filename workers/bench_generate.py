@@ -21,20 +21,20 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from model.checkpoint import Checkpoint, save_checkpoint
-from model.generator import TorchGenerator, resolve_device
-from model.pipeline import model_meta
-from model.sequence_model import build_model
-from model.vocab import ItemVocab
-from stream.producer import EventProducer
-from stream.rec_client import RecClient
-from stream.replay import Pacer
-from stream.connections import redis_client
-from stream.settings import Settings
-from stream.state_store import StateStore
-from stream.state_store import SeqEntry, UserState
-from stream.synthetic import SyntheticConfig, generate_events
-from workers.stack import Stack
+from rtrec.model.checkpoint import Checkpoint, save_checkpoint
+from rtrec.model.generator import TorchGenerator, resolve_device
+from rtrec.model.pipeline import model_meta
+from rtrec.model.sequence_model import build_model
+from rtrec.model.vocab import ItemVocab
+from rtrec.stream.producer import EventProducer
+from rtrec.stream.rec_client import RecClient
+from rtrec.stream.replay import Pacer
+from rtrec.stream.connections import redis_client
+from rtrec.stream.settings import Settings
+from rtrec.stream.state_store import StateStore
+from rtrec.stream.state_store import SeqEntry, UserState
+from rtrec.stream.synthetic import SyntheticConfig, generate_events
+from rtrec.workers.stack import Stack
 
 N_ITEMS = 3000
 

@@ -21,17 +21,17 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from model.checkpoint import save_checkpoint
-from model.store import CheckpointStore
-from stream.connections import redis_client
-from stream.keys import RECOMMEND_STATS
-from stream.rec_client import RecClient
-from stream.replay import Pacer
-from stream.settings import Settings
-from stream.synthetic import SyntheticConfig
-from workers.bench_generate import N_ITEMS, default_generator, fill_histories, read_responses_until
-from workers.stack import Stack
-from workers.trainer import announce_sync
+from rtrec.model.checkpoint import save_checkpoint
+from rtrec.model.store import CheckpointStore
+from rtrec.stream.connections import redis_client
+from rtrec.stream.keys import RECOMMEND_STATS
+from rtrec.stream.rec_client import RecClient
+from rtrec.stream.replay import Pacer
+from rtrec.stream.settings import Settings
+from rtrec.stream.synthetic import SyntheticConfig
+from rtrec.workers.bench_generate import N_ITEMS, default_generator, fill_histories, read_responses_until
+from rtrec.workers.stack import Stack
+from rtrec.workers.trainer import announce_sync
 
 
 def run_bench(settings: Settings, rate: float, seconds: float, swaps: int, plot: Path | None,

@@ -25,15 +25,15 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from stream.connections import kafka_bootstrap, kafka_python_auth, redis_client
-from stream.events import parse_event
-from stream.keys import INGEST_LATENCY
-from stream.producer import EventProducer
-from stream.replay import Pacer
-from stream.settings import Settings
-from stream.state_store import StateStore
-from stream.synthetic import SyntheticConfig, generate_events
-from workers.stack import Stack
+from rtrec.stream.connections import kafka_bootstrap, kafka_python_auth, redis_client
+from rtrec.stream.events import parse_event
+from rtrec.stream.keys import INGEST_LATENCY
+from rtrec.stream.producer import EventProducer
+from rtrec.stream.replay import Pacer
+from rtrec.stream.settings import Settings
+from rtrec.stream.state_store import StateStore
+from rtrec.stream.synthetic import SyntheticConfig, generate_events
+from rtrec.workers.stack import Stack
 
 
 def _events(n: int, seed: int) -> list[dict]:
@@ -113,7 +113,7 @@ def run_bench(settings: Settings, n_events: int, baseline_events: int, plot: Pat
         console.rule(f"3. naive baseline: {baseline_events:,} events, one Redis round-trip each")
         baseline_topic = "bench-naive-events"
         s_naive = s.model_copy(update={"topic_events": baseline_topic})
-        from stream.topics import ensure_topics
+        from rtrec.stream.topics import ensure_topics
 
         ensure_topics(s_naive)
         _produce(s_naive, _events(baseline_events, seed=3))

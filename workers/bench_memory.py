@@ -60,13 +60,13 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from stream.connections import redis_client
-from stream.producer import EventProducer
-from stream.settings import Settings
-from stream.keys import BENCH_SCRATCH, PREFIX
-from stream.state_store import StateStore
-from stream.synthetic import SyntheticConfig, generate_events
-from workers.stack import Stack
+from rtrec.stream.connections import redis_client
+from rtrec.stream.producer import EventProducer
+from rtrec.stream.settings import Settings
+from rtrec.stream.keys import BENCH_SCRATCH, PREFIX
+from rtrec.stream.state_store import StateStore
+from rtrec.stream.synthetic import SyntheticConfig, generate_events
+from rtrec.workers.stack import Stack
 
 DAY_MS = 86_400_000
 PROJECTION_DAYS = 7

@@ -26,16 +26,16 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from model.checkpoint import save_checkpoint
-from model.store import CheckpointStore
-from stream.connections import redis_client
-from stream.producer import EventProducer
-from stream.rec_client import RecClient
-from stream.settings import Settings
-from stream.state_store import StateStore
-from workers.bench_generate import N_ITEMS, default_generator, read_responses_until
-from workers.stack import Stack
-from workers.trainer import announce_sync
+from rtrec.model.checkpoint import save_checkpoint
+from rtrec.model.store import CheckpointStore
+from rtrec.stream.connections import redis_client
+from rtrec.stream.producer import EventProducer
+from rtrec.stream.rec_client import RecClient
+from rtrec.stream.settings import Settings
+from rtrec.stream.state_store import StateStore
+from rtrec.workers.bench_generate import N_ITEMS, default_generator, read_responses_until
+from rtrec.workers.stack import Stack
+from rtrec.workers.trainer import announce_sync
 
 TICK_S = 0.01  # the load loop sends whatever is due every tick
 # Events go out in 100 ms producer batches: the embedded Tansu broker (memory storage) slows

@@ -16,8 +16,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from stream.settings import Settings, get_settings
-from workers.cli_errors import BoundaryTyper, UserError
+from rtrec.stream.settings import Settings, get_settings
+from rtrec.workers.cli_errors import BoundaryTyper, UserError
 
 app = BoundaryTyper(add_completion=False, no_args_is_help=True,
                     help="rtrec: streaming real-time recommender. Mistakes are one line on stderr (exit 2); "
@@ -39,13 +39,13 @@ console = Console()
 
 def connected_settings() -> Settings:
     """Settings with server addresses from the environment or a running `rtrec up`."""
-    from stream.connections import NotConfigured
-    from workers.stack import adopt_running_stack
+    from rtrec.stream.connections import NotConfigured
+    from rtrec.workers.stack import adopt_running_stack
 
     env = get_settings()
     settings = adopt_running_stack(env)
     if (settings.kafka_bootstrap, settings.redis_url) != (env.kafka_bootstrap, env.redis_url):
-        from workers import cli_errors  # a connection error then hints at a stale stack.json
+        from rtrec.workers import cli_errors  # a connection error then hints at a stale stack.json
 
         cli_errors.context["stack_file"] = f"{settings.run_dir}/stack.json"
     if not settings.kafka_bootstrap or not settings.redis_url:
@@ -62,7 +62,7 @@ def up(
 ) -> None:
     """Start broker, Redis and workers (embedded unless RTREC_KAFKA_BOOTSTRAP/RTREC_REDIS_URL are set), restart
     any that crash; Ctrl-C or `rtrec down` stops all."""
-    from workers.stack import AlreadyRunning, CrashLoop, Stack, locate, lock_run_dir, redis_data_dir
+    from rtrec.workers.stack import AlreadyRunning, CrashLoop, Stack, locate, lock_run_dir, redis_data_dir
 
     settings = locate(get_settings())
     try:
@@ -111,7 +111,7 @@ def up(
 
 
 def _stack_or_none():
-    from workers.stack import locate, running_stack
+    from rtrec.workers.stack import locate, running_stack
 
     settings = locate(get_settings())
     return settings, running_stack(settings.run_dir)
@@ -120,7 +120,7 @@ def _stack_or_none():
 @app.command()
 def down(timeout: float = typer.Option(60.0, help="seconds to wait before killing it")) -> None:
     """Stop the `rtrec up` that runs here (found through .rtrec/run/stack.json); one line if none runs."""
-    from workers.stack import pid_alive
+    from rtrec.workers.stack import pid_alive
 
     settings, info = _stack_or_none()
     if info is None:
@@ -149,8 +149,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="machine-readable 
 
     from rich.markup import escape
 
-    from stream.embedded import mask_url, port_open
-    from workers.stack import adopt_running_stack, pid_alive
+    from rtrec.stream.embedded import mask_url, port_open
+    from rtrec.workers.stack import adopt_running_stack, pid_alive
 
     settings, info = _stack_or_none()
     if info is None:
@@ -176,7 +176,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="machine-readable 
                      "restarts": p.get("restarts", 0), "log": p.get("log")})
     lag: dict | str
     try:
-        from workers.lag import LagMonitor, summarize
+        from rtrec.workers.lag import LagMonitor, summarize
 
         with LagMonitor(adopt_running_stack(get_settings())) as monitor:
             lag = summarize(monitor.measure())
@@ -211,7 +211,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="machine-readable 
 @app.command()
 def demo(users: int = typer.Option(3, help="users to show before/after")) -> None:
     """Start the embedded stack, replay the bundled sample, show recommendations change with new events."""
-    from workers.demo import run_demo
+    from rtrec.workers.demo import run_demo
 
     run_demo(get_settings(), users, console)
 
@@ -228,9 +228,9 @@ def generate(
     sample: bool = typer.Option(False, help="write the bundled demo sample instead"),
 ) -> None:
     """Write deterministic synthetic events (tastes, Zipf popularity, funnels, drifting trends)."""
-    from stream.eventfile import write_events
-    from stream.sample import SAMPLE_CONFIG
-    from stream.synthetic import SyntheticConfig, generate_events
+    from rtrec.stream.eventfile import write_events
+    from rtrec.stream.sample import SAMPLE_CONFIG
+    from rtrec.stream.synthetic import SyntheticConfig, generate_events
 
     cfg = SAMPLE_CONFIG if sample else SyntheticConfig(
         n_users=users, n_items=items, n_clusters=clusters, n_events=events,
@@ -252,10 +252,10 @@ def produce(
     """Send one event from options, or JSON lines from stdin/a file. Invalid events are reported, not sent."""
     import uuid
 
-    from stream.eventfile import read_numbered_events
-    from stream.events import InvalidEvent
-    from stream.producer import EventProducer
-    from stream.replay import ReplayReport, replay_events
+    from rtrec.stream.eventfile import read_numbered_events
+    from rtrec.stream.events import InvalidEvent
+    from rtrec.stream.producer import EventProducer
+    from rtrec.stream.replay import ReplayReport, replay_events
 
     settings = connected_settings()
     with EventProducer(settings) as producer:
@@ -318,9 +318,9 @@ def replay(
     reported (count, first line numbers) and not sent; the others are. Exit 1 if any was rejected."""
     import itertools
 
-    from stream.eventfile import count_records, read_numbered_events
-    from stream.producer import EventProducer
-    from stream.replay import ReplayReport, replay_events
+    from rtrec.stream.eventfile import count_records, read_numbered_events
+    from rtrec.stream.producer import EventProducer
+    from rtrec.stream.replay import ReplayReport, replay_events
 
     report = ReplayReport()
     lines = read_numbered_events(file, on_error=lambda n, msg: report.reject("unparseable", n))
@@ -349,7 +349,7 @@ def recommend(
     timeout: float = typer.Option(30.0, min=0.1, help="seconds to wait for the answer"),
 ) -> None:
     """Send a recommendation request and print its response. Exit 1 on an error response."""
-    from stream.rec_client import RecClient
+    from rtrec.stream.rec_client import RecClient
 
     if k > get_settings().max_k:
         raise UserError(f"-k {k}: more than RTREC_MAX_K ({get_settings().max_k}); ask for fewer items")
@@ -385,8 +385,8 @@ def print_response(resp: dict, title: str | None = None) -> None:
 @app.command()
 def state(user: str = typer.Argument(..., help="user_id")) -> None:
     """Print a user's state as stored in Redis."""
-    from stream.connections import redis_client
-    from stream.state_store import StateStore
+    from rtrec.stream.connections import redis_client
+    from rtrec.stream.state_store import StateStore
 
     settings = connected_settings()
     [st] = StateStore(settings).fetch(redis_client(settings), [user])
@@ -400,8 +400,8 @@ def state(user: str = typer.Argument(..., help="user_id")) -> None:
 @app.command()
 def dlq() -> None:
     """Dead-lettered messages counted so far, by reason."""
-    from stream.connections import redis_client
-    from workers.dead_letters import dlq_counts
+    from rtrec.stream.connections import redis_client
+    from rtrec.workers.dead_letters import dlq_counts
 
     counts = dlq_counts(redis_client(connected_settings()))
     console.print(counts or "no dead letters")
@@ -424,14 +424,14 @@ def train(
     Refuses input with fewer than RTREC_TRAIN_MIN_EVENTS events or RTREC_TRAIN_MIN_USERS users with 3+ events
     (exit 2). The new checkpoint becomes CURRENT only through the incremental trainer's gate (its NDCG@10 on
     each user's last event may be at most RTREC_PROMOTE_TOLERANCE below CURRENT's), or with --force."""
-    from model.datasets import TrainingInputError, leave_one_out, load_events, prepare_training_events
+    from rtrec.model.datasets import TrainingInputError, leave_one_out, load_events, prepare_training_events
 
     settings = get_settings()
     update = {k: v for k, v in {"model_family": family.value if family else None,
                                 "train_epochs": epochs}.items() if v is not None}
     settings = settings.model_copy(update=update)
     if from_topic:
-        from stream.topic_window import read_topic_events
+        from rtrec.stream.topic_window import read_topic_events
 
         data, source = read_topic_events(connected_settings(), since_ms=int(since_hours * 3_600_000) or None), \
             f"topic {settings.topic_events}"
@@ -443,11 +443,11 @@ def train(
         data = prepare_training_events(data, settings, source)  # before the long part
     except TrainingInputError as exc:
         raise UserError(f"{exc}; CURRENT is unchanged") from None
-    from model.checkpoint import load_checkpoint  # torch: imported once the input is known to be usable
-    from model.finetune import gate
-    from model.generator import resolve_device
-    from model.pipeline import _cases, plot_training, train_checkpoint
-    from model.store import CheckpointStore
+    from rtrec.model.checkpoint import load_checkpoint  # torch: imported once the input is known to be usable
+    from rtrec.model.finetune import gate
+    from rtrec.model.generator import resolve_device
+    from rtrec.model.pipeline import _cases, plot_training, train_checkpoint
+    from rtrec.model.store import CheckpointStore
 
     root = out or settings.checkpoint_dir
     store = CheckpointStore(root)
@@ -493,7 +493,7 @@ def evaluate_cmd(
         return
     if events is None:
         raise UserError("give --events FILE (or use `rtrec eval stream`)")
-    from model.datasets import load_events, prepare_training_events, resolve_source
+    from rtrec.model.datasets import load_events, prepare_training_events, resolve_source
 
     names = [f.strip() for f in families.split(",") if f.strip()]
     unknown = [f for f in names if f not in Family.__members__]
@@ -505,7 +505,7 @@ def evaluate_cmd(
         settings = settings.model_copy(update={"train_epochs": epochs})
     path = resolve_source(events)
     data = prepare_training_events(load_events(path), settings, path)  # ids derived, checked: before training
-    from model.pipeline import run_eval
+    from rtrec.model.pipeline import run_eval
 
     run_eval(settings, str(path), names, out, console, events=data)
 
@@ -520,7 +520,7 @@ def evaluate_stream(
     out: Path = typer.Option(Path("eval-stream-out"), help="CSV and PNG go here"),
 ) -> None:
     """Prequential replay in time order: frozen model vs fine-tuning every T vs blending (HR@10 over time)."""
-    from model.datasets import load_events, prepare_training_events, resolve_source
+    from rtrec.model.datasets import load_events, prepare_training_events, resolve_source
 
     try:
         intervals = [float(x) for x in every.split(",") if x.strip()]
@@ -530,14 +530,14 @@ def evaluate_stream(
         raise UserError(f"--every {every!r}: give one or more positive numbers of days, e.g. 7,28")
     path = resolve_source(events)
     data = prepare_training_events(load_events(path), get_settings(), path)  # an empty file fails here
-    from model.stream_eval import run_stream_eval
+    from rtrec.model.stream_eval import run_stream_eval
     run_stream_eval(get_settings(), data, intervals, period_days, initial_frac, sample, out, console)
 
 
 def _lag_table(rows, problems, silent: list[str] | None = None) -> Table:
     from rich.markup import escape
 
-    from workers.lag import summarize
+    from rtrec.workers.lag import summarize
 
     table = Table(title=f"consumer lag at {time.strftime('%H:%M:%S')}")
     for col in ("group", "topic", "partition", "committed", "end", "lag", "lag s"):
@@ -560,7 +560,7 @@ def _lag_report(monitor, watch: float, as_json: bool, max_lag: Optional[int], ma
     """Measure, print (once, as JSON, or refreshed every `watch` s); returns the last breaches."""
     from rich.live import Live
 
-    from workers.lag import breaches, summarize
+    from rtrec.workers.lag import breaches, summarize
 
     rows = monitor.measure()
     problems = breaches(rows, max_lag, max_lag_seconds)
@@ -593,7 +593,7 @@ def lag(
 ) -> None:
     """Consumer lag of every rtrec group (state, recommend, trainer, quality) and any --group, per partition,
     in messages and seconds. Exit 0: within bounds; 1: a group above a threshold; 2: the broker could not be asked."""
-    from workers.lag import LagError, LagMonitor
+    from rtrec.workers.lag import LagError, LagMonitor
 
     extra = group or []
     try:
@@ -616,7 +616,7 @@ def rebuild_state(
     from rich.markup import escape
     from tqdm import tqdm
 
-    from stream.rebuild import RebuildError, rebuild
+    from rtrec.stream.rebuild import RebuildError, rebuild
 
     settings = connected_settings()
     try:
@@ -631,10 +631,10 @@ def rebuild_state(
 @app.command()
 def quality() -> None:
     """Online hit rate per model version: responses whose items the user then browsed/clicked/bought."""
-    from model.store import CheckpointStore
-    from stream.connections import redis_client
-    from stream.keys import QUALITY
-    from workers.quality import hit_rates
+    from rtrec.model.store import CheckpointStore
+    from rtrec.stream.connections import redis_client
+    from rtrec.stream.keys import QUALITY
+    from rtrec.workers.quality import hit_rates
 
     settings = connected_settings()
     rates = hit_rates(redis_client(settings).hgetall(QUALITY))
@@ -651,8 +651,8 @@ def quality() -> None:
 @app.command()
 def trainer() -> None:
     """Run the incremental trainer in the foreground (fine-tune on new events, gate, promote, announce)."""
-    from workers.trainer import build_app
-    from workers.faust_app import run_worker
+    from rtrec.workers.trainer import build_app
+    from rtrec.workers.faust_app import run_worker
 
     settings = connected_settings()
     run_worker(build_app(settings), settings)
@@ -661,7 +661,7 @@ def trainer() -> None:
 @model_app.command("list")
 def model_list() -> None:
     """Versions in the checkpoint store, oldest first; CURRENT marked."""
-    from model.store import CheckpointStore
+    from rtrec.model.store import CheckpointStore
 
     store = CheckpointStore(get_settings().checkpoint_dir)
     versions = store.versions()
@@ -692,8 +692,8 @@ def model_list() -> None:
 
 
 def _announce(version: str, reason: str) -> None:
-    from workers.stack import adopt_running_stack
-    from workers.trainer import announce_sync
+    from rtrec.workers.stack import adopt_running_stack
+    from rtrec.workers.trainer import announce_sync
 
     settings = adopt_running_stack(get_settings())
     if settings.kafka_bootstrap:
@@ -709,8 +709,8 @@ def _announce(version: str, reason: str) -> None:
 @model_app.command("promote")
 def model_promote(version: str = typer.Argument(..., help="a version from `rtrec model list`")) -> None:
     """Verify VERSION and make it CURRENT; serving workers hot-swap to it."""
-    from model.checkpoint import CheckpointError
-    from model.store import CheckpointStore
+    from rtrec.model.checkpoint import CheckpointError
+    from rtrec.model.store import CheckpointStore
 
     try:
         path = CheckpointStore(get_settings().checkpoint_dir).promote(version, reason="rtrec model promote")
@@ -724,8 +724,8 @@ def model_promote(version: str = typer.Argument(..., help="a version from `rtrec
 @model_app.command("rollback")
 def model_rollback() -> None:
     """Make the previously served version CURRENT again; serving workers hot-swap back."""
-    from model.checkpoint import CheckpointError
-    from model.store import CheckpointStore
+    from rtrec.model.checkpoint import CheckpointError
+    from rtrec.model.store import CheckpointStore
 
     try:
         path = CheckpointStore(get_settings().checkpoint_dir).rollback()
@@ -739,7 +739,7 @@ def model_rollback() -> None:
 @app.command()
 def catalog(file: Path = typer.Argument(..., help="JSON lines/CSV with item_id and category")) -> None:
     """Load item categories into Redis (used by diversity re-ranking)."""
-    from stream.catalog import read_catalog, store_categories
+    from rtrec.stream.catalog import read_catalog, store_categories
 
     pairs = read_catalog(file)  # the file is checked before connecting
     n = store_categories(connected_settings(), pairs)
@@ -753,7 +753,7 @@ def bench_ingest(
     plot: Optional[Path] = typer.Option(Path("bench-ingest.png"), help="latency histogram PNG"),
 ) -> None:
     """Events/s and event->Redis-visible latency through broker + state worker, vs a naive consumer."""
-    from workers.bench_ingest import run_bench
+    from rtrec.workers.bench_ingest import run_bench
 
     run_bench(get_settings(), events, baseline_events, plot, console)
 
@@ -766,7 +766,7 @@ def bench_generate(
     plot: Optional[Path] = typer.Option(Path("bench-generate.png"), help="latency histogram PNG"),
 ) -> None:
     """recs/s and per-batch latency of the default model on this machine, and request->response over Kafka."""
-    from workers.bench_generate import run_bench as run_generate_bench
+    from rtrec.workers.bench_generate import run_bench as run_generate_bench
 
     run_generate_bench(get_settings(), [int(b) for b in batches.split(",")], rate, seconds, plot, console)
 
@@ -779,7 +779,7 @@ def bench_hotswap(
     plot: Optional[Path] = typer.Option(Path("bench-hotswap.png"), help="latency-over-time PNG"),
 ) -> None:
     """Requests sent/answered/failed and latency before/during/after several promotions."""
-    from workers.bench_hotswap import run_bench as run_hotswap_bench
+    from rtrec.workers.bench_hotswap import run_bench as run_hotswap_bench
 
     result = run_hotswap_bench(get_settings(), rate, seconds, swaps, plot, console)
     if result["failed"] or result["unanswered"]:
@@ -797,7 +797,7 @@ def bench_soak(
     plot: Optional[Path] = typer.Option(Path("bench-soak.png"), help="memory-over-time PNG"),
 ) -> None:
     """Steady events + requests with promotions: lost/duplicated/failed counts and worker memory growth."""
-    from workers.bench_soak import run_soak
+    from rtrec.workers.bench_soak import run_soak
 
     result = run_soak(get_settings(), minutes, event_rate, request_rate, promote_every_s, users, sample_s, plot,
                       console)
@@ -824,7 +824,7 @@ def bench_memory(
     stays flat, and a 7-day projection for a rate."""
     from rich.markup import escape
 
-    from workers.bench_memory import BenchInputError, check_inputs, run_memory_bench
+    from rtrec.workers.bench_memory import BenchInputError, check_inputs, run_memory_bench
 
     settings = get_settings()
     try:

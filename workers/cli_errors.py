@@ -103,9 +103,9 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
             return f"Redis refused the credentials ({_one_line(str(exc))}); check RTREC_REDIS_URL", USAGE
     except ImportError:  # pragma: no cover
         pass
-    from stream.connections import NotConfigured
-    from stream.eventfile import EventFileError
-    from stream.events import InvalidEvent
+    from rtrec.stream.connections import NotConfigured
+    from rtrec.stream.eventfile import EventFileError
+    from rtrec.stream.events import InvalidEvent
 
     if isinstance(exc, NotConfigured):
         return str(exc), USAGE

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
-from stream.connections import is_cluster
-from stream.keys import PREFIX, dead_letter_counts, dead_letter_marker
-from stream.settings import Settings
-from workers.faults import is_transient
-from workers.metrics import DEAD_LETTERS, DEAD_LETTERS_FAILED
+from rtrec.stream.connections import is_cluster
+from rtrec.stream.keys import PREFIX, dead_letter_counts, dead_letter_marker
+from rtrec.stream.settings import Settings
+from rtrec.workers.faults import is_transient
+from rtrec.workers.metrics import DEAD_LETTERS, DEAD_LETTERS_FAILED
 
 log = logging.getLogger(__name__)
 Header = tuple[str, bytes]

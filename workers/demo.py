@@ -20,19 +20,19 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from model.checkpoint import latest_checkpoint, set_current
-from model.pipeline import train_checkpoint
-from stream.catalog import store_categories
-from stream.connections import redis_client
-from stream.eventfile import read_events
-from stream.producer import EventProducer
-from stream.rec_client import RecClient
-from stream.replay import replay_events
-from stream.sample import SAMPLE_CONFIG, SAMPLE_PATH
-from stream.settings import Settings
-from stream.state_store import StateStore
-from stream.synthetic import item_catalog, item_cluster_map, trending_items
-from workers.stack import Stack
+from rtrec.model.checkpoint import latest_checkpoint, set_current
+from rtrec.model.pipeline import train_checkpoint
+from rtrec.stream.catalog import store_categories
+from rtrec.stream.connections import redis_client
+from rtrec.stream.eventfile import read_events
+from rtrec.stream.producer import EventProducer
+from rtrec.stream.rec_client import RecClient
+from rtrec.stream.replay import replay_events
+from rtrec.stream.sample import SAMPLE_CONFIG, SAMPLE_PATH
+from rtrec.stream.settings import Settings
+from rtrec.stream.state_store import StateStore
+from rtrec.stream.synthetic import item_catalog, item_cluster_map, trending_items
+from rtrec.workers.stack import Stack
 
 K = 8
 DEMO_TRAINING = {"model_max_events": 50, "train_epochs": 25, "train_min_epochs": 5, "train_patience": 4,

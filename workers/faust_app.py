@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import faust
 
-from stream.connections import kafka_bootstrap
-from stream.settings import Settings, get_settings
+from rtrec.stream.connections import kafka_bootstrap
+from rtrec.stream.settings import Settings, get_settings
 
 
 def make_app(name: str, settings: Settings, **overrides: Any) -> faust.App:
@@ -82,7 +82,7 @@ def _credentials(settings: Settings) -> Any:
 
 
 def run_module(build_app: Callable[[Settings], faust.App]) -> None:
-    """`python -m workers.<kind>`: settings from the environment, logging, then the app's worker."""
+    """`python -m rtrec.workers.<kind>`: settings from the environment, logging, then the app's worker."""
     settings = get_settings()
     logging.basicConfig(level=settings.log_level)
     run_worker(build_app(settings), settings)

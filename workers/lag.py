@@ -26,8 +26,8 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from kafka.errors import AuthorizationError, GroupIdNotFoundError, KafkaError, SaslAuthenticationFailedError
 
-from stream.connections import kafka_bootstrap, kafka_python_auth
-from stream.settings import Settings
+from rtrec.stream.connections import kafka_bootstrap, kafka_python_auth
+from rtrec.stream.settings import Settings
 
 # kafka-python waits 30 s by default for a first connection and for each request; a monitor should
 # say "broker unreachable" sooner. Measured against 127.0.0.1:1 and an unused port: the constructor

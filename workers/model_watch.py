@@ -25,14 +25,14 @@ from typing import Any
 import redis.exceptions
 from aiokafka import AIOKafkaConsumer
 
-from model.checkpoint import MANIFEST, CheckpointError, sha256_file
-from model.loader import load_generator, warm_up
-from model.recommender import GenerativeRecommender
-from model.store import CheckpointStore
-from stream.connections import aiokafka_auth, kafka_bootstrap
-from stream.keys import MODEL_SERVING
-from stream.settings import Settings
-from workers.metrics import MODEL_REFUSED, MODEL_SWAPS, set_model
+from rtrec.model.checkpoint import MANIFEST, CheckpointError, sha256_file
+from rtrec.model.loader import load_generator, warm_up
+from rtrec.model.recommender import GenerativeRecommender
+from rtrec.model.store import CheckpointStore
+from rtrec.stream.connections import aiokafka_auth, kafka_bootstrap
+from rtrec.stream.keys import MODEL_SERVING
+from rtrec.stream.settings import Settings
+from rtrec.workers.metrics import MODEL_REFUSED, MODEL_SWAPS, set_model
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class ModelWatcher:
 
     def _updated_in_place(self, path: Path) -> GenerativeRecommender | None:
         """The serving vLLM engine with the new weights, or None when a new engine must be loaded."""
-        from model.vllm_backend import ShapeChanged, VllmGenerator  # lazy: vLLM is optional
+        from rtrec.model.vllm_backend import ShapeChanged, VllmGenerator  # lazy: vLLM is optional
 
         current = self.worker.recommender
         if not isinstance(current, VllmGenerator):

@@ -28,7 +28,7 @@ import logging
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from workers.metrics import OFFSET_RESETS
+from rtrec.workers.metrics import OFFSET_RESETS
 
 log = logging.getLogger(__name__)
 

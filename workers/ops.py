@@ -1,6 +1,6 @@
 """Ops worker: consumer lag every few seconds (kafka-lag-exporter names) and the online-quality join.
 
-Run as ``python -m workers.ops`` (``rtrec up`` starts one). The measurement is
+Run as ``python -m rtrec.workers.ops`` (``rtrec up`` starts one). The measurement is
 the same as ``rtrec lag`` (workers/lag.py), done in a thread because the
 admin and consumer clients are blocking.
 """
@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from stream.connections import async_redis_client
-from stream.keys import QUALITY
-from stream.settings import Settings, get_settings
-from workers.faust_app import make_app, run_module
-from workers.lag import LagError, LagMonitor
-from workers.metrics import readiness, record_lag, serve
-from workers.quality import QualityJoin
-from workers.runtime import ConsumerRuntime
-from workers.stack import announce_gone, announce_ready
-from workers.startup import wait_for_services
+from rtrec.stream.connections import async_redis_client
+from rtrec.stream.keys import QUALITY
+from rtrec.stream.settings import Settings, get_settings
+from rtrec.workers.faust_app import make_app, run_module
+from rtrec.workers.lag import LagError, LagMonitor
+from rtrec.workers.metrics import readiness, record_lag, serve
+from rtrec.workers.quality import QualityJoin
+from rtrec.workers.runtime import ConsumerRuntime
+from rtrec.workers.stack import announce_gone, announce_ready
+from rtrec.workers.startup import wait_for_services
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import Any, Iterable
 
 from aiokafka import ConsumerRecord
 
-from stream.settings import Settings
-from workers.metrics import ONLINE_HITS, ONLINE_SERVED, RECORDS_SKIPPED
+from rtrec.stream.settings import Settings
+from rtrec.workers.metrics import ONLINE_HITS, ONLINE_SERVED, RECORDS_SKIPPED
 
 TRACKED_USERS = 200_000
 

@@ -1,6 +1,6 @@
 """Recommendation worker: request batches -> user state (one Redis pipeline) -> Recommender -> responses.
 
-Run as ``python -m workers.recommend``. Responses are produced (and acked by
+Run as ``python -m rtrec.workers.recommend``. Responses are produced (and acked by
 the broker) before the request offsets are committed, so a crash re-answers
 rather than drops. A batch whose recommendation step fails (Redis down, a model
 error) answers every request in it with an error response, once: the stats
@@ -20,26 +20,26 @@ from typing import Awaitable, Sequence
 import redis.exceptions
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
-from model.blending import BlendingRecommender
-from model.fusion import FUSION_DEPTH, fuse
-from model.loader import load_recommender
-from model.reasons import explain_all
-from model.recommender import GenerativeRecommender, Recommender
-from stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap
-from stream.events import InvalidEvent
-from stream.keys import ITEM_CATEGORY, RECOMMEND_STATS
-from stream.rec_messages import RecItem, RecRequest, RecResponse, best_effort_ids, parse_request
-from stream.settings import Settings, get_settings
-from workers.startup import wait_for_services
-from stream.state_store import StateReads, StateStore, UserState
-from workers.dead_letters import DeadLetter, DeadLetters
-from workers.faults import is_transient
-from workers.faust_app import make_app, run_module
-from workers.metrics import BATCH_SIZE, FRESHNESS, REQUEST_LATENCY, REQUESTS, readiness, serve, set_model
-from workers.model_watch import ModelWatcher
-from workers.reply_topics import ReplyTopics
-from workers.runtime import ConsumerRuntime
-from workers.stack import announce_gone, announce_ready
+from rtrec.model.blending import BlendingRecommender
+from rtrec.model.fusion import FUSION_DEPTH, fuse
+from rtrec.model.loader import load_recommender
+from rtrec.model.reasons import explain_all
+from rtrec.model.recommender import GenerativeRecommender, Recommender
+from rtrec.stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap
+from rtrec.stream.events import InvalidEvent
+from rtrec.stream.keys import ITEM_CATEGORY, RECOMMEND_STATS
+from rtrec.stream.rec_messages import RecItem, RecRequest, RecResponse, best_effort_ids, parse_request
+from rtrec.stream.settings import Settings, get_settings
+from rtrec.workers.startup import wait_for_services
+from rtrec.stream.state_store import StateReads, StateStore, UserState
+from rtrec.workers.dead_letters import DeadLetter, DeadLetters
+from rtrec.workers.faults import is_transient
+from rtrec.workers.faust_app import make_app, run_module
+from rtrec.workers.metrics import BATCH_SIZE, FRESHNESS, REQUEST_LATENCY, REQUESTS, readiness, serve, set_model
+from rtrec.workers.model_watch import ModelWatcher
+from rtrec.workers.reply_topics import ReplyTopics
+from rtrec.workers.runtime import ConsumerRuntime
+from rtrec.workers.stack import announce_gone, announce_ready
 
 log = logging.getLogger(__name__)
 FRESHNESS_USERS = 100_000  # users whose last reflected event the worker remembers

@@ -40,14 +40,14 @@ from typing import Awaitable, Callable, Sequence
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from stream.connections import aiokafka_auth, kafka_bootstrap
-from stream.settings import Settings
-from stream.topics import ensure_topics
-from workers.dead_letters import DeadLetter, DeadLetters
-from workers.faults import is_transient
-from workers.metrics import BATCH_RETRIES, CONSUMER_STALLED, DEAD_LETTERS_FAILED, RECORDS_SKIPPED
-from workers.offset_guard import OffsetGuard
-from workers.supervisor import Supervisor, TaskFactory
+from rtrec.stream.connections import aiokafka_auth, kafka_bootstrap
+from rtrec.stream.settings import Settings
+from rtrec.stream.topics import ensure_topics
+from rtrec.workers.dead_letters import DeadLetter, DeadLetters
+from rtrec.workers.faults import is_transient
+from rtrec.workers.metrics import BATCH_RETRIES, CONSUMER_STALLED, DEAD_LETTERS_FAILED, RECORDS_SKIPPED
+from rtrec.workers.offset_guard import OffsetGuard
+from rtrec.workers.supervisor import Supervisor, TaskFactory
 
 log = logging.getLogger(__name__)
 TOPIC_CHECK_S = 2.0  # how often a worker looks for its topics on the broker

@@ -22,15 +22,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from stream.connections import redis_client
-from stream.embedded import (ManagedProcess, free_port, mask_url, python_env, start_redis, start_redis_cluster,
+from rtrec.stream.connections import redis_client
+from rtrec.stream.embedded import (ManagedProcess, free_port, mask_url, python_env, start_redis, start_redis_cluster,
                              start_tansu, strip_password)
-from stream.keys import workers_ready
-from stream.settings import Settings
-from stream.topics import ensure_topics
+from rtrec.stream.keys import workers_ready
+from rtrec.stream.settings import Settings
+from rtrec.stream.topics import ensure_topics
 
-WORKER_MODULES = {"state": "workers.state", "recommend": "workers.recommend", "trainer": "workers.trainer",
-                  "ops": "workers.ops"}
+WORKER_MODULES = {"state": "rtrec.workers.state", "recommend": "rtrec.workers.recommend", "trainer": "rtrec.workers.trainer",
+                  "ops": "rtrec.workers.ops"}
 EMBEDDED_SESSION_TIMEOUT_MS = 3000  # Tansu accepts it; group joins take ~2 s instead of ~8 s
 
 
@@ -363,8 +363,8 @@ async def announce_ready(redis_client, kind: str, timeout_s: float = 120.0) -> N
     Retried while Redis is slow or away, up to `timeout_s`: a worker must not crash at start
     because one write timed out (seen under load with a short RTREC_REDIS_TIMEOUT_S).
     """
-    from workers.faults import is_transient
-    from workers.startup import retry_until
+    from rtrec.workers.faults import is_transient
+    from rtrec.workers.startup import retry_until
 
     await retry_until(lambda: redis_client.sadd(workers_ready(kind), str(os.getpid())),
                       time.monotonic() + timeout_s, is_transient)

@@ -18,9 +18,9 @@ from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from stream.embedded import mask_url
-from stream.settings import Settings
-from stream.topics import ensure_topics
+from rtrec.stream.embedded import mask_url
+from rtrec.stream.settings import Settings
+from rtrec.stream.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

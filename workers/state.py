@@ -1,6 +1,6 @@
 """State worker: events topic -> validated -> user state in Redis (idempotent), bad input -> DLQ.
 
-Run as ``python -m workers.state`` (``rtrec up`` starts it). Scale out by running
+Run as ``python -m rtrec.workers.state`` (``rtrec up`` starts it). Scale out by running
 more of them: they share the consumer group, Kafka spreads the partitions.
 """
 
@@ -12,19 +12,19 @@ from typing import Sequence
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
-from stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap
-from stream.events import Event, InvalidEvent, parse_event
-from stream.log_positions import AsyncLogEpochs, LogPosition
-from stream.settings import Settings, get_settings
-from workers.startup import wait_for_services
-from stream.keys import INGEST_LATENCY
-from stream.state_store import StateStore
-from workers.dead_letters import DeadLetter, DeadLetters
-from workers.faust_app import make_app, run_module
-from workers.runtime import ConsumerRuntime
-from workers.metrics import (BATCH_SIZE, EVENT_TO_STATE, EVENTS_DUPLICATE, EVENTS_PROCESSED, readiness,
+from rtrec.stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap
+from rtrec.stream.events import Event, InvalidEvent, parse_event
+from rtrec.stream.log_positions import AsyncLogEpochs, LogPosition
+from rtrec.stream.settings import Settings, get_settings
+from rtrec.workers.startup import wait_for_services
+from rtrec.stream.keys import INGEST_LATENCY
+from rtrec.stream.state_store import StateStore
+from rtrec.workers.dead_letters import DeadLetter, DeadLetters
+from rtrec.workers.faust_app import make_app, run_module
+from rtrec.workers.runtime import ConsumerRuntime
+from rtrec.workers.metrics import (BATCH_SIZE, EVENT_TO_STATE, EVENTS_DUPLICATE, EVENTS_PROCESSED, readiness,
                              serve)
-from workers.stack import announce_gone, announce_ready
+from rtrec.workers.stack import announce_gone, announce_ready
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Callable, Coroutine
 
-from workers.metrics import TASK_RESTARTS
+from rtrec.workers.metrics import TASK_RESTARTS
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Incremental trainer: windows of the events topic -> fine-tune -> gate -> promote + announce.
 
-Run as ``python -m workers.trainer`` or ``rtrec trainer`` (``rtrec up`` starts
+Run as ``python -m rtrec.workers.trainer`` or ``rtrec trainer`` (``rtrec up`` starts
 it). It reads the events topic in its own consumer group. A window closes
 after `trainer_every_events` events, after `trainer_every_s` seconds with at
 least `trainer_min_events`, or early when the drift watch fires. The window's
@@ -22,23 +22,23 @@ from typing import Any, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
-from model.checkpoint import MANIFEST, Checkpoint, load_checkpoint, save_checkpoint, sha256_file
-from model.drift import DriftWatch
-from model.finetune import FineTuneData, build_data, fine_tune, gate
-from model.generator import resolve_device
-from model.store import CheckpointStore
-from stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap, redis_client
-from stream.events import InvalidEvent, parse_event
-from stream.keys import QUALITY, TRAINER_STATS
-from stream.settings import Settings, get_settings
-from stream.state_store import StateReads, StateStore
-from workers.startup import wait_for_services
-from workers.faults import is_transient
-from workers.faust_app import make_app, run_module
-from workers.metrics import TRAINER_DECISIONS, readiness, serve
-from workers.runtime import ConsumerRuntime
-from workers.quality import hit_rates
-from workers.stack import announce_gone, announce_ready
+from rtrec.model.checkpoint import MANIFEST, Checkpoint, load_checkpoint, save_checkpoint, sha256_file
+from rtrec.model.drift import DriftWatch
+from rtrec.model.finetune import FineTuneData, build_data, fine_tune, gate
+from rtrec.model.generator import resolve_device
+from rtrec.model.store import CheckpointStore
+from rtrec.stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap, redis_client
+from rtrec.stream.events import InvalidEvent, parse_event
+from rtrec.stream.keys import QUALITY, TRAINER_STATS
+from rtrec.stream.settings import Settings, get_settings
+from rtrec.stream.state_store import StateReads, StateStore
+from rtrec.workers.startup import wait_for_services
+from rtrec.workers.faults import is_transient
+from rtrec.workers.faust_app import make_app, run_module
+from rtrec.workers.metrics import TRAINER_DECISIONS, readiness, serve
+from rtrec.workers.runtime import ConsumerRuntime
+from rtrec.workers.quality import hit_rates
+from rtrec.workers.stack import announce_gone, announce_ready
 
 log = logging.getLogger(__name__)
 QUALITY_CHECK_S = 10.0
@@ -220,7 +220,7 @@ def announcement(store: CheckpointStore, version: str, extra: dict[str, Any] | N
 
 def announce_sync(settings: Settings, version: str, reason: str) -> None:
     """Publish a promotion or rollback from a CLI (kafka-python, waits for the ack)."""
-    from stream.producer import make_kafka_producer
+    from rtrec.stream.producer import make_kafka_producer
 
     producer = make_kafka_producer(settings, linger_ms=0, client_id="rtrec-model-cli")
     try:
