@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 from rtrec.model.recommender import Recommender, Scored
 from rtrec.stream.settings import Settings

@@ -1,9 +1,11 @@
 """Offline leave-one-out evaluation of recommenders on the state the live system would hold.
 
-Why through Redis: the blending baseline (and any model served by the workers) sees users only
-through ``StateStore`` — capped sequences, decayed affinities, co-visitation. Replaying the
-training events through the real store and fetching states the way the recommend worker does
-means the numbers measure what production would serve, not an idealised offline copy.
+Why through Redis and the ranking pipeline: the blending baseline (and any model served by the
+workers) sees users only through ``StateStore`` — capped sequences, decayed affinities,
+co-visitation. The training events are replayed through the real store, and every recommender
+ranks through a ``RankingPipeline``, the object the recommend worker serves with: the same
+state reads, fusion, backfill and filters. So the numbers measure what production would serve,
+not an idealised offline copy.
 
 The two extra baselines need no Redis: ``PopularityRecommender`` (train counts) and
 ``BiasedMFRecommender`` (river's online biased matrix factorisation, trained in time order).
@@ -11,12 +13,14 @@ The two extra baselines need no Redis: ``PopularityRecommender`` (train counts) 
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import math
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +30,26 @@ from tqdm import tqdm
 
 from rtrec.model.datasets import Split
 from rtrec.model.metrics import summarize
+from rtrec.model.ranking import RankingPipeline, RankQuery
 from rtrec.model.recommender import Recommender, Scored
+from rtrec.stream.connections import async_redis_client
 from rtrec.stream.events import event_from_dict
 from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import StateStore, UserState
 
 DAY_MS = 86_400_000
 APPLY_BATCH = 5_000  # events per StateStore.apply call (one pipelined round-trip each)
-FETCH_BATCH = 500  # users per StateStore.fetch call
 TYPE_TARGET = {"browse": 1.0, "click": 2.0, "purchase": 4.0}  # MF target when an event has no rating
 COLUMNS = ("name", "HR@10", "NDCG@10", "Recall@20", "coverage@10", "novelty@10", "users", "seconds")
 
 
-# ---- states from the real store ----------------------------------------------------------
-def build_states(
-    split: Split, settings: Settings, redis_client: redis.Redis, cleanup: bool = True, progress: bool = True
-) -> dict[str, UserState]:
-    """Replay ``split.train_events`` into Redis under a fresh key prefix; fetch every test user's state.
+# ---- states in the real store ------------------------------------------------------------
+@contextmanager
+def replayed(split: Split, settings: Settings, redis_client: redis.Redis,
+             progress: bool = True) -> Iterator[StateStore]:
+    """``split.train_events`` applied to Redis under a fresh key prefix; yields the store that reads them.
 
-    Each state's ``exclude`` is the user's whole training history (the Redis sequence is capped,
-    so it cannot serve as the exclusion list). With ``cleanup`` the prefix's keys are deleted
-    afterwards, so a shared Redis is left as it was found.
+    The prefix's keys are deleted afterwards, so a shared Redis is left as it was found.
     """
     prefix = f"rt-eval-{uuid.uuid4().hex[:12]}"
     store = StateStore(settings, prefix=prefix)
@@ -61,19 +64,9 @@ def build_states(
                 chunk = events[start : start + APPLY_BATCH]
                 store.apply(redis_client, chunk)
                 bar.update(len(chunk))
-        states: dict[str, UserState] = {}
-        users = split.test_users
-        with tqdm(total=len(users), desc="fetch states", unit="user", disable=not progress, leave=False) as bar:
-            for start in range(0, len(users), FETCH_BATCH):
-                chunk_users = users[start : start + FETCH_BATCH]
-                for state in store.fetch(redis_client, chunk_users):
-                    state.exclude = frozenset(e["item_id"] for e in split.history(state.user_id))
-                    states[state.user_id] = state
-                bar.update(len(chunk_users))
+        yield store
     finally:
-        if cleanup:
-            _delete_prefix(redis_client, prefix)
-    return states
+        _delete_prefix(redis_client, prefix)
 
 
 def _delete_prefix(client: redis.Redis, prefix: str) -> None:
@@ -180,7 +173,7 @@ class BiasedMFRecommender(Recommender):
         if not states:
             return []
         scores = self.score_users([s.user_id for s in states])
-        out = []
+        out: list[Scored] = []
         for row, state in zip(scores, states):
             if self.known.any() and not self.known.all():
                 row[~self.known] = row[self.known].min() - 1.0
@@ -197,41 +190,65 @@ class BiasedMFRecommender(Recommender):
 
 
 # ---- evaluation and reporting ------------------------------------------------------------
+def eval_queries(split: Split, k: int) -> list[RankQuery]:
+    """One query per test user; each excludes the user's whole training history (the sequence in Redis is
+    capped, so the served exclude_seen alone could let an early item through)."""
+    return [RankQuery(u, k, exclude=frozenset(e["item_id"] for e in split.history(u))) for u in split.test_users]
+
+
 def evaluate(
-    recommenders: Mapping[str, Recommender],
-    states: Mapping[str, UserState],
+    pipelines: Mapping[str, RankingPipeline],
     split: Split,
+    redis_settings: Settings,
     batch_size: int = 256,
     k: int = 20,
 ) -> list[dict[str, Any]]:
-    """One metrics row per recommender over the test users that have a state.
+    """One metrics row per pipeline over the split's test users, ranked exactly as the recommend worker serves.
 
-    Raises AssertionError if a recommender returns an excluded (already seen) item: that is a
-    contract violation, and it would also make hit rates meaningless.
+    Each pipeline reads its users' states from the Redis of ``redis_settings`` (its store's key prefix
+    holds the replayed training events) with the served reads, fusion, backfill and filters.
+    Raises AssertionError if a ranking holds an excluded (already seen) item: that is a contract
+    violation, and it would also make hit rates meaningless.
     """
-    users = [u for u in split.test_users if u in states]
-    targets = {u: split.target(u) for u in users}
+    return asyncio.run(_evaluate(pipelines, split, redis_settings, batch_size, k))
+
+
+async def _evaluate(pipelines: Mapping[str, RankingPipeline], split: Split, redis_settings: Settings,
+                    batch_size: int, k: int) -> list[dict[str, Any]]:
+    queries = eval_queries(split, k)
+    targets = {q.user_id: split.target(q.user_id) for q in queries}
+    client = async_redis_client(redis_settings)
     rows = []
-    for name, rec in recommenders.items():
-        ranked: dict[str, list[str]] = {}
-        t0 = time.perf_counter()
-        for start in range(0, len(users), batch_size):
-            chunk = [states[u] for u in users[start : start + batch_size]]
-            results = rec.recommend_batch(chunk, k)
-            if len(results) != len(chunk):
-                raise AssertionError(f"{name}: {len(results)} results for {len(chunk)} states")
-            for state, scored in zip(chunk, results):
-                items = [item for item, _ in scored]
-                leaked = state.exclude.intersection(items)
-                if leaked:
-                    raise AssertionError(f"{name} recommended excluded items to {state.user_id}: {sorted(leaked)[:5]}")
-                ranked[state.user_id] = items
-        seconds = time.perf_counter() - t0
-        row: dict[str, Any] = {"name": name}
-        row.update(summarize(ranked, targets, split.item_popularity, split.items))
-        row["seconds"] = seconds
-        rows.append(row)
+    try:
+        for name, pipeline in pipelines.items():
+            t0 = time.perf_counter()
+            ranked = await _ranked(name, pipeline, client, queries, batch_size)
+            seconds = time.perf_counter() - t0
+            row: dict[str, Any] = {"name": name}
+            row.update(summarize(ranked, targets, split.item_popularity, split.items))
+            row["seconds"] = seconds
+            rows.append(row)
+    finally:
+        await client.aclose()
     return rows
+
+
+async def _ranked(name: str, pipeline: RankingPipeline, client: Any, queries: Sequence[RankQuery],
+                  batch_size: int) -> dict[str, list[str]]:
+    """Every query's ranked item ids from ``pipeline.rank``, checked against the query's exclusions."""
+    ranked: dict[str, list[str]] = {}
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start : start + batch_size]
+        rankings = await pipeline.rank(client, chunk)
+        if len(rankings) != len(chunk):
+            raise AssertionError(f"{name}: {len(rankings)} rankings for {len(chunk)} queries")
+        for query, ranking in zip(chunk, rankings):
+            items = [it.item_id for it in ranking.items]
+            leaked = ranking.state.exclude.union(query.exclude).intersection(items)
+            if leaked:
+                raise AssertionError(f"{name} recommended excluded items to {query.user_id}: {sorted(leaked)[:5]}")
+            ranked[query.user_id] = items
+    return ranked
 
 
 def published_reference() -> dict[str, dict[str, float]]:
@@ -288,7 +305,8 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, title: 
     return csv_path, png_path
 
 
-def print_table(rows: Sequence[Mapping[str, Any]], console: Any, reference: Mapping[str, Mapping[str, float]] | None = None) -> None:
+def print_table(rows: Sequence[Mapping[str, Any]], console: Any,
+                reference: Mapping[str, Mapping[str, float]] | None = None) -> None:
     """A rich table of the rows; ``reference`` rows (e.g. ``published_reference()``) are shown dimmed."""
     from rich.table import Table
 

@@ -10,13 +10,15 @@ it, and candidate and current model are both scored on it before promotion.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from rtrec.model.checkpoint import Checkpoint, load_checkpoint
+from rtrec.model.histories import user_histories
 from rtrec.model.sequence_model import build_model, resize_for
 from rtrec.model.tokens import History
 from rtrec.model.train import TrainReport, ValidationCase, evaluate_cases, seed_everything, train_model, vocab_for
@@ -32,16 +34,14 @@ class FineTuneData:
     items: set[str] = field(default_factory=set)
 
 
-def build_data(window: Sequence[dict[str, Any]], context: dict[str, History], replay: Sequence[History],
+def build_data(window: Sequence[dict[str, Any]], context: Mapping[str, History], replay: Sequence[History],
                settings: Settings) -> FineTuneData:
     """Training histories and held-out cases from a window (time-ordered events).
 
     A window user with at least two events (window + context) gives one
     held-out case: their newest event, predicted from everything before it.
     """
-    per_user: dict[str, list[tuple[str, str]]] = {}
-    for e in window:
-        per_user.setdefault(str(e["user_id"]), []).append((str(e["item_id"]), str(e["type"])))
+    per_user = user_histories(window)
     train: list[History] = []
     holdout: list[ValidationCase] = []
     items: set[str] = set()

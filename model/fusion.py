@@ -9,11 +9,10 @@ measures how much the two signals complement each other (`rtrec eval`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from rtrec.model.recommender import Recommender, Scored
+from rtrec.model.recommender import GenerativeRecommender, Recommender, Scored
 from rtrec.stream.state_store import UserState
-
 
 FUSION_DEPTH = 100  # how far down each ranking counts
 
@@ -28,7 +27,11 @@ def fuse(rankings: Sequence[tuple[Scored, float]], k: int, c: int = 10) -> Score
 
 
 class RankFusion(Recommender):
-    """A `Recommender` whose ranking is the weighted reciprocal-rank fusion of its members'."""
+    """A `Recommender` whose ranking is the weighted reciprocal-rank fusion of its members'.
+
+    The first member leads: a fused ranking is served under its version (`recommend_versioned`),
+    the others only help it rank.
+    """
 
     def __init__(self, members: Sequence[tuple[Recommender, float]], depth: int = FUSION_DEPTH, c: int = 10) -> None:
         if not members:
@@ -39,6 +42,20 @@ class RankFusion(Recommender):
         self.version = "+".join(rec.version for rec, _ in self.members)
 
     def recommend_batch(self, states: Sequence[UserState], k: int) -> list[Scored]:
-        lists = [rec.recommend_batch(states, max(k, self.depth)) for rec, _ in self.members]
+        return self.recommend_versioned(states, k)[0]
+
+    def recommend_versioned(self, states: Sequence[UserState], k: int) -> tuple[list[Scored], str]:
+        """The fused rankings and the lead member's version, read together with its ranking."""
+        ranked = [versioned(rec, states, max(k, self.depth)) for rec, _ in self.members]
         weights = [weight for _, weight in self.members]
-        return [fuse(list(zip((ranked[row] for ranked in lists), weights)), k, self.c) for row in range(len(states))]
+        fused = [fuse(list(zip((lists[row] for lists, _ in ranked), weights)), k, self.c)
+                 for row in range(len(states))]
+        return fused, ranked[0][1]
+
+
+def versioned(recommender: Recommender, states: Sequence[UserState], k: int) -> tuple[list[Scored], str]:
+    """Rankings and the version that made them: a model whose weights are updated in place (or a fusion it
+    leads) reports both under one lock, any other recommender its fixed version."""
+    if isinstance(recommender, (GenerativeRecommender, RankFusion)):
+        return recommender.recommend_versioned(states, k)
+    return recommender.recommend_batch(states, k), recommender.version

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from rtrec.model.blending import BlendingRecommender
 from rtrec.model.checkpoint import Checkpoint, save_checkpoint
-from rtrec.model.datasets import (Split, TrainingInputError, leave_one_out, prepare_training_events,  # noqa: F401
-                            resolve_source)
+from rtrec.model.datasets import (
+    Split,
+    TrainingInputError,  # noqa: F401 - importable from here, as before
+    leave_one_out,
+    prepare_training_events,
+    resolve_source,
+)
 from rtrec.model.generator import TorchGenerator, resolve_device
+from rtrec.model.ranking import RankingPipeline
+from rtrec.model.recommender import Recommender
 from rtrec.model.sequence_model import build_model
-from rtrec.model.train import TrainReport, ValidationCase, seed_everything, train_model, user_histories, vocab_for
+from rtrec.model.histories import user_histories
+from rtrec.model.train import TrainReport, ValidationCase, seed_everything, train_model, vocab_for
 from rtrec.stream.settings import Settings
+from rtrec.stream.state_store import StateStore
 
 
 def model_meta(settings: Settings) -> dict[str, Any]:
@@ -42,7 +56,7 @@ def family_settings(settings: Settings) -> Settings:
 
 
 def train_generator(settings: Settings, split: Split, progress: bool = True,
-                    refit_events: Sequence[dict] | None = None) -> tuple[TorchGenerator, TrainReport]:
+                    refit_events: Sequence[dict[str, Any]] | None = None) -> tuple[TorchGenerator, TrainReport]:
     """Train on all but each user's last two events, early-stop on the second-to-last.
 
     With `train_refit` a fresh model is then trained for the best epoch count on
@@ -71,7 +85,7 @@ def train_generator(settings: Settings, split: Split, progress: bool = True,
     return TorchGenerator(Checkpoint(model, vocab, manifest, Path(".")), device), report
 
 
-def train_checkpoint(settings: Settings, events: list[dict], root: Path,
+def train_checkpoint(settings: Settings, events: list[dict[str, Any]], root: Path,
                      progress: bool = True) -> tuple[Path, TrainReport]:
     """Train on an event log and save a versioned checkpoint.
 
@@ -128,78 +142,122 @@ def plot_training(reports: dict[str, TrainReport], path: Path) -> Path:
 
 
 def run_eval(settings: Settings, source: str, families: Sequence[str], out_dir: Path, console: Any,
-             baselines: bool = True, events: list[dict] | None = None) -> list[dict[str, Any]]:
+             baselines: bool = True, events: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Leave-one-out table: generative families vs blending, popularity and river BiasedMF.
 
     `source` is an event file in rtrec's format or a MovieLens file/folder, or the
-    name of a dataset in ../shared/data (ml-100k, ml-1m-partial).
+    name of a dataset in ../shared/data (ml-100k, ml-1m-partial). Every row is ranked by
+    the `RankingPipeline` the recommend worker serves with, so the table measures what is served.
     """
-    import tempfile
-
-    from rtrec.model.blending import BlendingRecommender
     from rtrec.model.datasets import load_events
-    from rtrec.model.fusion import RankFusion
-    from rtrec.model.evaluate import (BiasedMFRecommender, PopularityRecommender, build_states, evaluate,
-                                print_table, published_reference, write_report)
+    from rtrec.model.evaluate import replayed
     from rtrec.stream.connections import redis_client
-    from rtrec.stream.embedded import start_redis
-
-    import json
 
     path = resolve_source(source)
     if events is None:  # (the CLI loads and checks them before importing this module)
         events = prepare_training_events(load_events(path), settings, path)  # before anything long starts
     split = leave_one_out(events)
     console.print(f"{path}: {len(events):,} events, {len(split.test_users):,} test users, {len(split.items):,} items")
-    title = f"eval {path.stem if path.is_file() else path.name}"
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run = EvalRun(settings, split, Path(out_dir), f"eval {path.stem if path.is_file() else path.name}", console)
+    # the training events are replayed through the real store in a real Redis, which every pipeline then reads
+    # (first: the cheap steps that can fail on the input run before any training)
+    with _eval_redis(settings) as redis_settings:
+        client = redis_client(redis_settings)
+        try:
+            with replayed(split, settings, client) as store:
+                run.store, run.redis_settings = store, redis_settings
+                if baselines:
+                    run.add_baselines()
+                for family in families:
+                    run.add_family(family, fused=baselines)
+        finally:
+            client.close()
+    return run.finish(families, reference="ml-1m" in str(path))
 
-    # every recommender ranks from the same states, built by the real store in a real Redis (first: the cheap
-    # steps that can fail on the input run before any training)
-    state_settings = settings.model_copy(update={"sequence_length": max(settings.sequence_length, settings.model_max_events)})
+
+@contextmanager
+def _eval_redis(settings: Settings) -> Iterator[Settings]:
+    """A Redis server of the evaluation's own (in a temporary folder) while it runs; yields the settings reaching it."""
+    from rtrec.stream.embedded import start_redis
+
     with tempfile.TemporaryDirectory(prefix="rtrec-eval-") as tmp:
         server, url = start_redis(settings, Path(tmp))
         try:
-            client = redis_client(settings.model_copy(update={"redis_url": url}))
-            states = build_states(split, state_settings, client)
+            yield settings.model_copy(update={"redis_url": url})
         finally:
             server.stop()
-    rows: list[dict[str, Any]] = []
-    blending = BlendingRecommender(settings)
-    if baselines:
-        rows += evaluate({"blending": blending, "popularity": PopularityRecommender(split),
-                          "river-BiasedMF": BiasedMFRecommender(split)}, states, split)
-        write_report(rows, out_dir, title)  # results so far are on disk before any training
 
-    reports, train_seconds = {}, {}
-    for family in families:
-        fs = settings.model_copy(update={"model_family": family})
-        started = time.monotonic()
+
+def served_generator(settings: Settings, generator: TorchGenerator) -> TorchGenerator:
+    """The trained model as a worker serves it: reading the last `serve_max_events` of a history, not all."""
+    return TorchGenerator(generator.checkpoint, generator.device, settings.serve_max_events)
+
+
+class EvalRun:
+    """One `rtrec eval`: the rows so far, written to disk after each recommender, so a late failure keeps them."""
+
+    def __init__(self, settings: Settings, split: Split, out_dir: Path, title: str, console: Any) -> None:
+        self.settings, self.split, self.out_dir, self.title, self.console = settings, split, out_dir, title, console
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.store: StateStore | None = None  # the replayed training events (set once they are in Redis)
+        self.redis_settings = settings
+        self.rows: list[dict[str, Any]] = []
+        self.reports: dict[str, TrainReport] = {}
+        self.baseline = BlendingRecommender(settings)
+
+    def pipeline(self, recommender: Recommender, settings: Settings | None = None) -> RankingPipeline:
+        """The served ranking of `recommender`, reading the replayed events."""
+        return RankingPipeline(settings or self.settings, recommender, baseline=self.baseline, store=self.store)
+
+    def evaluate(self, pipelines: dict[str, RankingPipeline]) -> list[dict[str, Any]]:
+        from rtrec.model.evaluate import evaluate
+
+        return evaluate(pipelines, self.split, self.redis_settings)
+
+    def add_baselines(self) -> None:
+        """Blending (what serves without a model), popularity and river BiasedMF."""
+        from rtrec.model.evaluate import BiasedMFRecommender, PopularityRecommender, write_report
+
+        self.rows += self.evaluate({"blending": self.pipeline(self.baseline),
+                                    "popularity": self.pipeline(PopularityRecommender(self.split)),
+                                    "river-BiasedMF": self.pipeline(BiasedMFRecommender(self.split))})
+        write_report(self.rows, self.out_dir, self.title)  # results so far are on disk before any training
+
+    def add_family(self, family: str, fused: bool) -> None:
+        """Train one family; its row alone and (with `fused` and a blend weight) fused with blending, as served."""
+        from rtrec.model.evaluate import write_report
+
         name = f"generative-{family}"
-        generator, reports[family] = train_generator(fs, split)
-        train_seconds[name] = time.monotonic() - started
-        refit = f" (refit {reports[family].refit_seconds:.0f}s)" if reports[family].refit_seconds else ""
-        console.print(f"{name}: trained in {train_seconds[name]:.0f}s{refit}, best epoch {reports[family].best_epoch}")
-        family_recs: dict[str, Any] = {name: generator}
-        if baselines and settings.serve_blend_weight:  # the fused ranking the worker serves
-            family_recs[f"{name}+blending"] = RankFusion([(generator, 1.0), (blending, settings.serve_blend_weight)])
-        family_rows = evaluate(family_recs, states, split)
+        started = time.monotonic()
+        generator, report = train_generator(self.settings.model_copy(update={"model_family": family}), self.split)
+        seconds = time.monotonic() - started
+        self.reports[family] = report
+        refit = f" (refit {report.refit_seconds:.0f}s)" if report.refit_seconds else ""
+        self.console.print(f"{name}: trained in {seconds:.0f}s{refit}, best epoch {report.best_epoch}")
+        served = served_generator(self.settings, generator)
+        pipelines = {name: self.pipeline(served, self.settings.model_copy(update={"serve_blend_weight": 0.0}))}
+        if fused and self.settings.serve_blend_weight:  # the fused ranking the worker serves
+            pipelines[f"{name}+blending"] = self.pipeline(served)
+        family_rows = self.evaluate(pipelines)
         for row in family_rows:
-            row["train_seconds"] = round(train_seconds.get(row["name"], 0.0), 1)
-        rows += family_rows
-        (out_dir / f"{name}.json").write_text(json.dumps(
-            {"family": family, "best_epoch": reports[family].best_epoch, "validation": reports[family].best,
-             "test": family_rows, "train_seconds": round(train_seconds[name], 1)}, indent=2, default=float))
-        write_report(rows, out_dir, title)  # each family's results are kept before the next one trains
+            row["train_seconds"] = round(seconds if row["name"] == name else 0.0, 1)
+        self.rows += family_rows
+        (self.out_dir / f"{name}.json").write_text(json.dumps(
+            {"family": family, "best_epoch": report.best_epoch, "validation": report.best,
+             "test": family_rows, "train_seconds": round(seconds, 1)}, indent=2, default=float))
+        write_report(self.rows, self.out_dir, self.title)  # each family's results are kept before the next one trains
 
-    order = ([f"generative-{f}" for f in families] + ["blending", "popularity", "river-BiasedMF"]
-             + [f"generative-{f}+blending" for f in families])
-    rows.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
-    for row in rows:
-        row.setdefault("train_seconds", 0.0)
-    csv_path, png_path = write_report(rows, out_dir, title)
-    curves = plot_training({f: r for f, r in reports.items()}, out_dir / "training-curves.png") if reports else None
-    print_table(rows, console, published_reference() if "ml-1m" in str(path) else None)
-    console.print(f"table: {csv_path}  chart: {png_path}" + (f"  curves: {curves}" if curves else ""))
-    return rows
+    def finish(self, families: Sequence[str], reference: bool) -> list[dict[str, Any]]:
+        """The rows in table order, the report, the training curves and the printed table."""
+        from rtrec.model.evaluate import print_table, published_reference, write_report
+
+        order = ([f"generative-{f}" for f in families] + ["blending", "popularity", "river-BiasedMF"]
+                 + [f"generative-{f}+blending" for f in families])
+        rows = sorted(self.rows, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+        for row in rows:
+            row.setdefault("train_seconds", 0.0)
+        csv_path, png_path = write_report(rows, self.out_dir, self.title)
+        curves = plot_training(self.reports, self.out_dir / "training-curves.png") if self.reports else None
+        print_table(rows, self.console, published_reference() if reference else None)
+        self.console.print(f"table: {csv_path}  chart: {png_path}" + (f"  curves: {curves}" if curves else ""))
+        return rows

@@ -17,9 +17,10 @@ import csv
 import random
 import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -27,6 +28,7 @@ from rtrec.model.blending import BlendingRecommender
 from rtrec.model.checkpoint import Checkpoint
 from rtrec.model.finetune import build_data, fine_tune, gate
 from rtrec.model.generator import TorchGenerator, resolve_device
+from rtrec.model.histories import extend_histories, newest, user_histories
 from rtrec.stream.events import event_from_dict
 from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import StateStore, UserState
@@ -86,13 +88,6 @@ def hit_rate(recommender: Any, cases: Sequence[tuple[UserState, str]], k: int = 
     return hits / len(cases)
 
 
-def _histories(events: Sequence[dict[str, Any]]) -> dict[str, list[tuple[str, str]]]:
-    out: dict[str, list[tuple[str, str]]] = {}
-    for e in events:
-        out.setdefault(str(e["user_id"]), []).append((str(e["item_id"]), str(e["type"])))
-    return out
-
-
 def run_stream_eval(settings: Settings, events: list[dict[str, Any]], every: Sequence[float], period_days: float,
                     initial_frac: float, sample: float, out_dir: Path, console: Any) -> list[dict[str, Any]]:
     """HR@10 per period for: frozen, fine-tune every T (days, multiples of `period_days`), blending."""
@@ -107,7 +102,8 @@ def run_stream_eval(settings: Settings, events: list[dict[str, Any]], every: Seq
         server, url = start_redis(settings, Path(tmp))
         try:
             client = redis_client(settings.model_copy(update={"redis_url": url}))
-            initial, periods = replay_periods(events, settings, client, start_ts, period_ms, sample, settings.train_seed)
+            initial, periods = replay_periods(events, settings, client, start_ts, period_ms, sample,
+                                              settings.train_seed)
         finally:
             server.stop()
     device = resolve_device(settings.device)
@@ -120,7 +116,7 @@ def run_stream_eval(settings: Settings, events: list[dict[str, Any]], every: Seq
     for days in every:
         variants[f"every {days:g} d"] = {"ck": first, "every": max(1, round(days / period_days))}
     blending = BlendingRecommender(settings)
-    history = _histories(initial)
+    history = user_histories(initial)
     rows: list[dict[str, Any]] = []
     pending: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for n, period in enumerate(tqdm(periods, desc="periods", unit="period")):
@@ -136,8 +132,7 @@ def run_stream_eval(settings: Settings, events: list[dict[str, Any]], every: Seq
             if (n + 1) % v["every"] == 0 and len(pending[name]) >= 2:
                 v["ck"] = _update(v["ck"], pending[name], history, settings, device)
                 pending[name] = []
-        for user, hist in _histories(period.events).items():
-            history.setdefault(user, []).extend(hist)
+        extend_histories(history, period.events)
     _write(rows, list(variants) + ["blending"], out_dir, console)
     return rows
 
@@ -146,10 +141,11 @@ def _update(current: Checkpoint, window: list[dict[str, Any]], history: dict[str
             device) -> Checkpoint:
     """One trainer step on a window: context = each user's earlier events, replay = a sample of others."""
     users = {str(e["user_id"]) for e in window}
-    context = {u: history.get(u, [])[-current.max_events:] for u in users}
+    context = {u: newest(history.get(u, []), current.max_events) for u in users}
     others = [u for u in history if u not in users]
     rng = random.Random(len(window))
-    replay = [history[u][-current.max_events:] for u in rng.sample(others, min(settings.finetune_replay_users, len(others)))]
+    replay = [newest(history[u], current.max_events)
+              for u in rng.sample(others, min(settings.finetune_replay_users, len(others)))]
     data = build_data(window, context, replay, settings)
     candidate, _ = fine_tune(current, data, settings, device)
     result = gate(candidate, current, data.holdout, settings.promote_tolerance, device, settings.promote_min_cases)

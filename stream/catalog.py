@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Any
 
 from rtrec.stream.connections import redis_client
 from rtrec.stream.eventfile import file_format, open_text
@@ -11,10 +12,13 @@ from rtrec.stream.events import canonical_id
 from rtrec.stream.keys import ITEM_CATEGORY
 from rtrec.stream.settings import Settings
 
+if TYPE_CHECKING:
+    from redis.typing import EncodableT, FieldT
+
 
 def store_categories(settings: Settings, categories: Iterable[tuple[str, str]]) -> int:
     client = redis_client(settings)
-    mapping = {canonical_id(item, "item_id"): str(cat)[:64] for item, cat in categories}
+    mapping: dict[FieldT, EncodableT] = {canonical_id(item, "item_id"): str(cat)[:64] for item, cat in categories}
     if mapping:
         client.hset(ITEM_CATEGORY, mapping=mapping)
     client.close()
@@ -41,11 +45,12 @@ def read_catalog(path: Path) -> list[tuple[str, str]]:
                 if "item_id" not in fields or not ({"category", "cluster"} & set(fields)):
                     raise EventFileError(f"{path}:1: a catalog CSV needs the columns item_id and category "
                                          f"(header is {','.join(fields) or 'empty'})")
-                rows = ((reader.line_num, r) for r in reader)
+                rows: Iterable[tuple[int, Any]] = ((reader.line_num, r) for r in reader)
             else:
                 rows = _json_rows(f, path)
             for n, r in rows:
-                item, cat = (r.get("item_id"), r.get("category", r.get("cluster"))) if isinstance(r, dict) else (None, None)
+                item, cat = ((r.get("item_id"), r.get("category", r.get("cluster"))) if isinstance(r, dict)
+                             else (None, None))
                 if item in (None, "") or cat in (None, ""):
                     raise EventFileError(f"{path}:{n}: a catalog row needs item_id and category")
                 pairs.append((item, cat))
@@ -56,7 +61,7 @@ def read_catalog(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def _json_rows(f, path: Path):
+def _json_rows(f: Iterable[str], path: Path) -> Iterator[tuple[int, Any]]:
     import json
 
     from rtrec.stream.eventfile import EventFileError

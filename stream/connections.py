@@ -7,7 +7,7 @@ own connection arguments and no secret is ever formatted into a log line.
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -70,15 +70,17 @@ def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
     if settings.redis_cluster:
         from redis.cluster import RedisCluster
 
-        return RedisCluster.from_url(redis_url(settings), **_redis_kwargs(settings, cluster=True), **kwargs)
+        cluster = RedisCluster.from_url(redis_url(settings), **_redis_kwargs(settings, cluster=True), **kwargs)
+        return cast(redis.Redis, cluster)  # not a Redis subclass, but it answers the commands the callers use
     return redis.Redis.from_url(redis_url(settings), **_redis_kwargs(settings), **kwargs)
 
 
-def async_redis_client(settings: Settings, **kwargs: Any) -> "redis.asyncio.Redis":
+def async_redis_client(settings: Settings, **kwargs: Any) -> redis.asyncio.Redis:
     if settings.redis_cluster:
         from redis.asyncio.cluster import RedisCluster
 
-        return RedisCluster.from_url(redis_url(settings), **_redis_kwargs(settings, cluster=True), **kwargs)
+        cluster = RedisCluster.from_url(redis_url(settings), **_redis_kwargs(settings, cluster=True), **kwargs)
+        return cast("redis.asyncio.Redis", cluster)  # not a Redis subclass, but it answers the commands the callers use
     import redis.asyncio as aioredis
 
     return aioredis.Redis.from_url(redis_url(settings), **_redis_kwargs(settings), **kwargs)

@@ -16,8 +16,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from rtrec.stream.settings import Settings
@@ -30,7 +32,8 @@ class ServerStartError(RuntimeError):
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -44,7 +47,7 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent_pid: int):
+def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
     """A preexec_fn: the kernel sends SIGKILL to the child when the spawning thread's process dies.
 
     Linux only (prctl); elsewhere a no-op. If the parent died between fork and
@@ -95,7 +98,7 @@ class ManagedProcess:
     """A child process with its pid and log file under the run directory; `restart()` spawns it again."""
 
     name: str
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     log_path: Path
     pid_path: Path
     argv: list[str] = field(default_factory=list)
@@ -108,7 +111,7 @@ class ManagedProcess:
     def spawn(
         cls, name: str, argv: list[str], run_dir: Path, env: dict[str, str] | None = None,
         die_with_parent: bool = False, port: int = 0,
-    ) -> "ManagedProcess":
+    ) -> ManagedProcess:
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path = run_dir / f"{name}.log"
         pid_path = run_dir / f"{name}.pid"
@@ -117,13 +120,16 @@ class ManagedProcess:
         return cls(name, proc, log_path, pid_path, list(argv), env, die_with_parent, port)
 
     @staticmethod
-    def _popen(argv: list[str], log_path: Path, env: dict[str, str] | None, die_with_parent: bool) -> subprocess.Popen:
+    def _popen(
+        argv: list[str], log_path: Path, env: dict[str, str] | None, die_with_parent: bool,
+    ) -> subprocess.Popen[bytes]:
         log = open(log_path, "ab")
         try:
             return subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True,  # Ctrl-C in the terminal goes to `rtrec up`, which stops us in order
-                preexec_fn=_die_with_parent(os.getpid()) if die_with_parent else None,
+                # PR_SET_PDEATHSIG is set by the child itself, after fork and before exec: only a preexec_fn can
+                preexec_fn=_die_with_parent(os.getpid()) if die_with_parent else None,  # noqa: PLW1509
             )
         finally:
             log.close()
@@ -200,7 +206,10 @@ def redis_server_binary(settings: Settings) -> str:
 
 
 def start_tansu(run_dir: Path, port: int = 0, die_with_parent: bool = False) -> tuple[ManagedProcess, str]:
-    """Start Tansu (memory storage: a restart starts with an empty log) on 127.0.0.1; returns the process and host:port."""
+    """Start Tansu (memory storage: a restart starts with an empty log) on 127.0.0.1.
+
+    Returns the process and its host:port.
+    """
     run_dir = Path(run_dir).resolve()
     port = port or free_port()
     url = f"tcp://127.0.0.1:{port}"
@@ -227,7 +236,7 @@ def start_redis(
     run_dir = Path(run_dir).resolve()  # the server changes its working directory
     port = port or free_port()
     durable = data_dir is not None
-    data_dir = Path(data_dir).resolve() if durable else run_dir / f"redis-{port}"
+    data_dir = Path(data_dir).resolve() if data_dir is not None else run_dir / f"redis-{port}"
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         redis_server_binary(settings),
@@ -260,7 +269,7 @@ def start_redis_cluster(
     nodes: list[ManagedProcess] = []
     ports = [free_port() for _ in range(masters)]
     bus_ports = {port: free_port() for port in ports}
-    auth = {"password": settings.redis_password.get_secret_value()} if settings.redis_password else {}
+    auth: dict[str, Any] = {"password": settings.redis_password.get_secret_value()} if settings.redis_password else {}
     try:
         for port in ports:
             data_dir = run_dir / f"redis-cluster-{port}"

@@ -12,9 +12,9 @@ import csv
 import gzip
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CSV_COLUMNS = ("event_id", "user_id", "item_id", "type", "ts", "session_id", "price", "quantity", "context")
@@ -117,7 +117,7 @@ def _to_int(text: str) -> int:
         return int(value)
 
 
-_CONVERT = {"ts": _to_int, "quantity": _to_int, "price": float, "context": json.loads}
+_CONVERT: dict[str, Callable[[str], Any]] = {"ts": _to_int, "quantity": _to_int, "price": float, "context": json.loads}
 
 
 def _read_csv(path: Path, gz: bool, on_error: OnError | None = None) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -19,15 +19,26 @@ applied from this log (it is the first one applied), so they carry no position
 and rely on the event-id window alone. On Apache Kafka offsets are never reused:
 the identity either reads the same again or has been deleted by retention, and
 the epoch stays.
+
+The Redis side (read the identities, compare-and-set the changes, retry) is one
+plan, ``positions_plan``, run on a sync client by ``LogEpochs`` (the rebuild) and
+on an asyncio one by ``AsyncLogEpochs`` (the state worker): stream/redis_calls.py.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Protocol, Sequence
+from functools import partial
+from typing import Generic, Protocol, TypeVar
 
+from rtrec.stream import redis_calls
 from rtrec.stream.keys import LOGS
+from rtrec.stream.redis_calls import AsyncClient, Plan, Round, ScriptCall, Steps, SyncClient
+
+C = TypeVar("C")  # the client kind: SyncClient or AsyncClient
+BUMP_TRIES = 5  # reads and compare-and-sets before a batch gives up on identities that keep changing
 
 # compare-and-set of one partition's identity: two owners during a rebalance must not bump the epoch twice
 BUMP_LUA = r"""
@@ -69,18 +80,19 @@ class LogIdentity:
     fingerprint: str
 
     def encode(self) -> str:
+        """``epoch:offset:fingerprint``, as ``rt:logs`` holds it."""
         return f"{self.epoch}:{self.offset}:{self.fingerprint}"
 
     @classmethod
-    def decode(cls, raw: str | bytes | None) -> "LogIdentity | None":
+    def decode(cls, raw: str | bytes | None) -> LogIdentity | None:
         if raw is None:
             return None
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        epoch, offset, fingerprint = text.split(":", 2)
+        epoch, offset, fingerprint = redis_calls.text(raw).split(":", 2)
         return cls(int(epoch), int(offset), fingerprint)
 
 
 def partition_field(record: LogRecord) -> str:
+    """The user-hash field of the record's partition, ``topic:partition``."""
     return f"{record.topic}:{record.partition}"
 
 
@@ -94,8 +106,9 @@ def record_fingerprint(record: LogRecord) -> str:
     return digest.hexdigest()
 
 
-def assign_positions(records: Sequence[LogRecord], known: dict[str, LogIdentity | None]
-                     ) -> tuple[list[LogPosition | None], dict[str, LogIdentity]]:
+def assign_positions(
+    records: Sequence[LogRecord], known: dict[str, LogIdentity | None]
+) -> tuple[list[LogPosition | None], dict[str, LogIdentity]]:
     """Positions of `records` given the stored identities, and the identities to store (new or bumped).
 
     Pure: the callers read ``known`` from Redis, store the returned changes with a
@@ -130,47 +143,52 @@ def _fields(records: Iterable[LogRecord]) -> list[str]:
     return sorted({partition_field(r) for r in records})
 
 
-class LogEpochs:
-    """Positions for batches of records, with the identities kept in Redis (sync client)."""
+def positions_plan(records: Sequence[LogRecord], key: str = LOGS) -> Plan[list[LogPosition | None]]:
+    """The Redis work behind the positions of `records`: read the identities, compare-and-set the changes.
 
-    def __init__(self, client, key: str = LOGS) -> None:
+    Built once for both clients (stream/redis_calls.py): ``LogEpochs`` runs it on a
+    sync client, ``AsyncLogEpochs`` on an asyncio one.
+    """
+    return Plan(partial(_position_steps, records, key))
+
+
+def _position_steps(records: Sequence[LogRecord], key: str) -> Steps[list[LogPosition | None]]:
+    fields = _fields(records)
+    if not fields:
+        return []
+    for _ in range(BUMP_TRIES):
+        [stored] = yield Round([redis_calls.hmget(key, fields)], pipelined=False)
+        known = dict(zip(fields, map(LogIdentity.decode, stored)))
+        positions, changes = assign_positions(records, known)
+        bumps = [_bump(key, name, known[name], new) for name, new in changes.items()]
+        got = (yield Round(bumps, pipelined=False, lanes=[range(len(bumps))])) if bumps else []
+        if all(reply is not None and redis_calls.text(reply) == bump.args[2] for reply, bump in zip(got, bumps)):
+            return positions
+    raise RuntimeError(f"{key}: identities kept changing under this batch")
+
+
+def _bump(key: str, name: str, old: LogIdentity | None, new: LogIdentity) -> ScriptCall:
+    """Store `new` as `name`'s identity if it still is `old`; the script replies with the identity it leaves."""
+    return ScriptCall(BUMP_LUA, [key], [name, old.encode() if old else "", new.encode()])
+
+
+class _Epochs(Generic[C]):
+    """The identities' hash (``rt:logs``) on one client."""
+
+    def __init__(self, client: C, key: str = LOGS) -> None:
         self.client = client
         self.key = key
-        self._bump = client.register_script(BUMP_LUA)
+
+
+class LogEpochs(_Epochs[SyncClient]):
+    """Positions for batches of records, with the identities kept in Redis (sync client: the rebuild)."""
 
     def positions(self, records: Sequence[LogRecord]) -> list[LogPosition | None]:
-        fields = _fields(records)
-        if not fields:
-            return []
-        for _ in range(5):
-            known = dict(zip(fields, map(LogIdentity.decode, self.client.hmget(self.key, fields))))
-            positions, changes = assign_positions(records, known)
-            if all(self._stored(name, known[name], new) for name, new in changes.items()):
-                return positions
-        raise RuntimeError(f"{self.key}: identities kept changing under this batch")
-
-    def _stored(self, name: str, old: LogIdentity | None, new: LogIdentity) -> bool:
-        expected = old.encode() if old else ""
-        got = self._bump(keys=[self.key], args=[name, expected, new.encode()])
-        return (got.decode() if isinstance(got, bytes) else got) == new.encode()
+        return redis_calls.run(self.client, positions_plan(records, self.key))
 
 
-class AsyncLogEpochs(LogEpochs):
+class AsyncLogEpochs(_Epochs[AsyncClient]):
     """The same with an asyncio Redis client (the state worker)."""
 
-    async def positions(self, records: Sequence[LogRecord]) -> list[LogPosition | None]:  # type: ignore[override]
-        fields = _fields(records)
-        if not fields:
-            return []
-        for _ in range(5):
-            known = dict(zip(fields, map(LogIdentity.decode, await self.client.hmget(self.key, fields))))
-            positions, changes = assign_positions(records, known)
-            stored = [await self._stored_async(name, known[name], new) for name, new in changes.items()]
-            if all(stored):
-                return positions
-        raise RuntimeError(f"{self.key}: identities kept changing under this batch")
-
-    async def _stored_async(self, name: str, old: LogIdentity | None, new: LogIdentity) -> bool:
-        expected = old.encode() if old else ""
-        got = await self._bump(keys=[self.key], args=[name, expected, new.encode()])
-        return (got.decode() if isinstance(got, bytes) else got) == new.encode()
+    async def positions(self, records: Sequence[LogRecord]) -> list[LogPosition | None]:
+        return await redis_calls.run_async(self.client, positions_plan(records, self.key))

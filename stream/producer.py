@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from kafka import KafkaProducer
 
@@ -92,7 +93,7 @@ class EventProducer:
         finally:
             self._producer.close()
 
-    def __enter__(self) -> "EventProducer":
+    def __enter__(self) -> EventProducer:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
 import redis
@@ -100,9 +100,11 @@ class RebuildReport:
 
     def summary(self) -> str:
         window = f" (last {self.since_ms / 3_600_000:g} h)" if self.since_ms else ""
-        return (f"rebuilt state from {self.events:,} events ({self.invalid:,} records skipped as invalid) of "
-                f"{self.topic}{window}: {self.users:,} users, {self.items:,} items; "
-                f"{self.tail:,} more applied after the switch")
+        return (
+            f"rebuilt state from {self.events:,} events ({self.invalid:,} records skipped as invalid) of "
+            f"{self.topic}{window}: {self.users:,} users, {self.items:,} items; "
+            f"{self.tail:,} more applied after the switch"
+        )
 
 
 def staging_store(live: StateStore) -> StateStore:
@@ -151,20 +153,23 @@ def _glob_escape(text: str) -> str:
 
 def clear(client: redis.Redis, store: StateStore) -> int:
     """Delete `store`'s state keys (a previous rebuild's staging namespace); returns how many."""
-    [keys] = state_keys(client, [store])
+    [found] = state_keys(client, [store])
     n = 0
-    for shard, rests in keys.items():  # one shard's keys share a slot: one UNLINK per chunk works on a cluster
+    for shard, rests in found.items():  # one shard's keys share a slot: one UNLINK per chunk works on a cluster
         for start in range(0, len(rests), 500):
             n += client.unlink(*(f"{shard}:{rest}" for rest in rests[start : start + 500]))
     return n
 
 
-def parse_batch(records: Sequence[LogRecord], positions: Sequence[LogPosition | None], settings: Settings,
-                now_ms: int) -> tuple[list[Event], list[LogPosition | None], int]:
+def parse_batch(
+    records: Sequence[LogRecord], positions: Sequence[LogPosition | None], settings: Settings, now_ms: int
+) -> tuple[list[Event], list[LogPosition | None], int]:
     """Valid events with their positions, and the number of invalid records (left to the dead letters)."""
     events: list[Event] = []
     kept: list[LogPosition | None] = []
     for rec, at in zip(records, positions):
+        if rec.value is None:  # a tombstone: no event (the state worker dead-letters it)
+            continue
         try:
             events.append(parse_event(rec.value, settings, now_ms))
             kept.append(at)
@@ -173,23 +178,45 @@ def parse_batch(records: Sequence[LogRecord], positions: Sequence[LogPosition | 
     return events, kept, len(records) - len(events)
 
 
-def stage(settings: Settings, client: redis.Redis, staging: StateStore, since_ms: int | None = None,
-          progress: Callable[[int], object] | None = None, refresh: Callable[[], None] | None = None) -> Staged:
+def stage(
+    settings: Settings,
+    client: redis.Redis,
+    staging: StateStore,
+    since_ms: int | None = None,
+    progress: Callable[[int], object] | None = None,
+    refresh: Callable[[], None] | None = None,
+) -> Staged:
     """Empty the staging namespace, then apply the topic up to now to it (batches streamed, positions kept)."""
     clear(client, staging)
-    epochs = LogEpochs(client)
     started_ms = int(time.time() * 1000)
     resume_at: dict[int, int] = {}
-    n_events = n_invalid = 0
-    for records in iter_topic_records(settings, started_ms, since_ms=since_ms, resume_at=resume_at):
-        events, positions, invalid = parse_batch(records, epochs.positions(records), settings, started_ms)
-        staging.apply(client, events, positions)
+    batches = iter_topic_records(settings, started_ms, since_ms=since_ms, resume_at=resume_at)
+    n_events, n_invalid, _ = apply_records(settings, client, staging, batches, started_ms, progress, refresh)
+    return Staged(n_events, n_invalid, resume_at)
+
+
+def apply_records(
+    settings: Settings,
+    client: redis.Redis,
+    store: StateStore,
+    batches: Iterable[Sequence[LogRecord]],
+    now_ms: int,
+    progress: Callable[[int], object] | None = None,
+    refresh: Callable[[], None] | None = None,
+) -> tuple[int, int, int]:
+    """Apply batches of records to `store` at their log positions (the worker's epochs, ``rt:logs``);
+    returns (valid events, invalid records, events new to the store)."""
+    epochs = LogEpochs(client)
+    n_events = n_invalid = n_new = 0
+    for records in batches:
+        events, positions, invalid = parse_batch(records, epochs.positions(records), settings, now_ms)
+        n_new += sum(store.apply(client, events, positions))
         n_events, n_invalid = n_events + len(events), n_invalid + invalid
         if progress is not None:
             progress(len(records))
         if refresh is not None:
             refresh()
-    return Staged(n_events, n_invalid, resume_at)
+    return n_events, n_invalid, n_new
 
 
 def switch(client: redis.Redis, live: StateStore, staging: StateStore) -> tuple[int, int]:
@@ -210,18 +237,17 @@ def switch(client: redis.Redis, live: StateStore, staging: StateStore) -> tuple[
     return users, items
 
 
-def apply_tail(settings: Settings, client: redis.Redis, live: StateStore, resume_at: dict[int, int],
-               progress: Callable[[int], object] | None = None) -> int:
+def apply_tail(
+    settings: Settings,
+    client: redis.Redis,
+    live: StateStore,
+    resume_at: dict[int, int],
+    progress: Callable[[int], object] | None = None,
+) -> int:
     """Apply the records appended since the read began to the live namespace; returns the events new to it."""
-    epochs = LogEpochs(client)
     started_ms = int(time.time() * 1000)
-    applied = 0
-    for records in iter_topic_records(settings, started_ms, from_offsets=resume_at):
-        events, positions, _ = parse_batch(records, epochs.positions(records), settings, started_ms)
-        applied += sum(live.apply(client, events, positions))
-        if progress is not None:
-            progress(len(records))
-    return applied
+    batches = iter_topic_records(settings, started_ms, from_offsets=resume_at)
+    return apply_records(settings, client, live, batches, started_ms, progress)[2]
 
 
 @contextmanager
@@ -232,16 +258,26 @@ def rebuild_lock(client: redis.Redis, live: StateStore) -> Iterator[Callable[[],
     """
     key, token = keys.rebuild_lock(live.prefix), uuid.uuid4().hex
     if not client.set(key, token, nx=True, px=LOCK_TTL_MS):
-        raise RebuildError(f"another rebuild-state is running ({key} is held); wait for it to finish "
-                           f"(a killed one frees the lock within {LOCK_TTL_MS // 1000} s)")
+        raise RebuildError(
+            f"another rebuild-state is running ({key} is held); wait for it to finish "
+            f"(a killed one frees the lock within {LOCK_TTL_MS // 1000} s)"
+        )
+
+    def refresh() -> None:
+        client.pexpire(key, LOCK_TTL_MS)
+
     try:
-        yield lambda: client.pexpire(key, LOCK_TTL_MS)
+        yield refresh
     finally:
         client.register_script(UNLOCK_LUA)(keys=[key], args=[token])
 
 
-def rebuild(settings: Settings, since_ms: int | None = None, progress: Callable[[int], object] | None = None,
-            client: redis.Redis | None = None) -> RebuildReport:
+def rebuild(
+    settings: Settings,
+    since_ms: int | None = None,
+    progress: Callable[[int], object] | None = None,
+    client: redis.Redis | None = None,
+) -> RebuildReport:
     """Stage, switch, apply the tail (module docstring); broker and Redis failures become one-line RebuildErrors."""
     phase = "the live state is unchanged"
     try:
@@ -256,12 +292,16 @@ def rebuild(settings: Settings, since_ms: int | None = None, progress: Callable[
             phase = "the state was switched but may lack the latest events: rerun rtrec rebuild-state"
             tail = apply_tail(settings, client, live, staged.resume_at, progress)
     except (KafkaError, TopicReadError) as exc:
-        raise RebuildError(f"cannot read topic {settings.topic_events!r} from the Kafka broker at "
-                           f"{settings.kafka_bootstrap} ({_one_line(exc)}); {phase}; check that the broker is "
-                           "running and RTREC_KAFKA_BOOTSTRAP points at it") from exc
+        raise RebuildError(
+            f"cannot read topic {settings.topic_events!r} from the Kafka broker at "
+            f"{settings.kafka_bootstrap} ({_one_line(exc)}); {phase}; check that the broker is "
+            "running and RTREC_KAFKA_BOOTSTRAP points at it"
+        ) from exc
     except (redis.RedisError, RedisClusterException) as exc:
-        raise RebuildError(f"Redis at {_where(settings.redis_url)} failed ({_one_line(exc)}); {phase}; check "
-                           "that it is running and RTREC_REDIS_URL points at it") from exc
+        raise RebuildError(
+            f"Redis at {_where(settings.redis_url)} failed ({_one_line(exc)}); {phase}; check "
+            "that it is running and RTREC_REDIS_URL points at it"
+        ) from exc
     return RebuildReport(settings.topic_events, since_ms, staged.events, staged.invalid, users, items, tail)
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -97,7 +98,7 @@ class RecClient:
         self.producer.close()
         self.consumer.close()
 
-    def __enter__(self) -> "RecClient":
+    def __enter__(self) -> RecClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -3,6 +3,9 @@
 Writes go through one Lua script per chunk of events so that the check for a
 duplicate and every update an event causes commit together. Chunks are
 pipelined, so a batch of thousands of events costs one network round-trip.
+Each batch's calls and the parsing of their replies are written once, as a plan
+(``apply_plan``, ``fetch_plan``), and run on a sync or an asyncio client by the
+runners of stream/redis_calls.py: the workers and the tools cannot drift apart.
 
 Exactly once, in memory bounded by users, not by events (README "Delivery guarantees"):
 
@@ -58,19 +61,19 @@ and L moves forward.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
+from functools import partial
+from typing import Any
 
-import redis
-
-from rtrec.stream import keys
+from rtrec.stream import keys, redis_calls
 from rtrec.stream.events import Event
 from rtrec.stream.log_positions import LogPosition
+from rtrec.stream.redis_calls import AsyncClient, Plan, Round, ScriptCall, Steps, SyncClient
 from rtrec.stream.settings import Settings
 
 BOUGHT_CAP = 500
@@ -85,6 +88,7 @@ def id_fingerprint(event_id: str) -> str:
     """8 printable characters (48 bits) of the event id's hash: a false duplicate needs a 48-bit
     collision within one user's window (about 1 in 10^12 per event with the default window)."""
     return base64.b64encode(hashlib.blake2b(event_id.encode(), digest_size=6).digest()).decode()
+
 
 APPLY_LUA = r"""
 local ID_BYTES, STRIDE = @ID_BYTES@, @STRIDE@
@@ -374,20 +378,46 @@ class UserState:
         return bool(self.sequence)
 
 
-def _pairs(flat: Sequence) -> list[tuple[str, float]]:
+def _pairs(flat: Sequence[Any]) -> list[tuple[str, float]]:
+    """A flat WITHSCORES reply, ``[member, score, ...]``, as (member, score) pairs."""
     return [(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
+def _relative(pairs: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Scores relative to the highest (forward-decayed scores only compare within one landmark)."""
+    top = pairs[0][1] if pairs and pairs[0][1] > 0 else 1.0
+    return [(item, score / top) for item, score in pairs]
+
+
+def _ranked(sums: dict[str, float], n: int) -> list[tuple[str, float]]:
+    """The n highest sums, ties by name (cluster merges: the order one Redis would give)."""
+    return sorted(sums.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    """One APPLY_LUA call: about CHUNK events of one key prefix (one cluster bucket), whole users."""
+
+    prefix: str
+    numbers: list[int]  # the events' places in the batch
+    args: list[str | int | float]
+
+
 class StateStore:
-    """Applies events to, and reads user state from, one Redis or a Redis Cluster (sync or asyncio client)."""
+    """Applies events to, and reads user state from, one Redis or a Redis Cluster (sync or asyncio client).
+
+    Each batch is built once as a plan of Redis calls (``apply_plan``, ``fetch_plan``) and run by
+    stream/redis_calls.py on whichever client the caller holds: ``apply``/``fetch`` take a sync
+    client, ``apply_async``/``fetch_async`` an asyncio one.
+    """
 
     CHUNK = 250  # events per script call: keeps each atomic step short for other clients
 
     def __init__(self, settings: Settings, prefix: str = keys.PREFIX) -> None:
         self.settings = settings
         self.prefix = prefix
-        self.buckets = settings.redis_cluster_buckets if settings.redis_cluster else 0
-        self._config_args = [
+        self.buckets: int = settings.redis_cluster_buckets if settings.redis_cluster else 0
+        self._config_args: list[str | int | float] = [
             settings.sequence_length,
             settings.covis_fanout,
             settings.covis_window_ms,
@@ -400,9 +430,15 @@ class StateStore:
             RESCALE_AFTER_HALF_LIVES,
             BOUGHT_CAP,
         ]
-        self._cap_args = [settings.affinity_cap, settings.covis_cap, settings.items_cap,
-                          round(settings.user_ttl_days * 86_400_000), round(settings.item_ttl_days * 86_400_000),
-                          settings.fair_max_per_item, settings.fair_window_ms]
+        self._cap_args: list[str | int | float] = [
+            settings.affinity_cap,
+            settings.covis_cap,
+            settings.items_cap,
+            round(settings.user_ttl_days * 86_400_000),
+            round(settings.item_ttl_days * 86_400_000),
+            settings.fair_max_per_item,
+            settings.fair_window_ms,
+        ]
 
     # ---- where keys live ---------------------------------------------------------------
     def user_prefix(self, user_id: str) -> str:
@@ -422,224 +458,174 @@ class StateStore:
         return keys.user_key(self.user_prefix(user_id), user_id, part)
 
     # ---- writing ---------------------------------------------------------------
-    def _calls(self, events: Sequence[Event], positions: Sequence[LogPosition | None] | None
-               ) -> list[tuple[str, list[int], list]]:
-        """(key prefix, event numbers, script args) per script call; one prefix per call."""
-        groups: dict[str, list[int]] = {}
-        for number, ev in enumerate(events):
-            groups.setdefault(self.user_prefix(ev.user_id), []).append(number)
-        calls = []
-        for prefix, numbers in groups.items():
-            for start in range(0, len(numbers), self.CHUNK):
-                part = numbers[start : start + self.CHUNK]
-                args = [*self._config_args, prefix, TIE_SLOTS, *self._cap_args]
-                for i in part:
-                    ev = events[i]
-                    at = positions[i] if positions is not None else None
-                    args += [ev.event_id, ev.user_id, ev.item_id, ev.type, ev.ts, id_fingerprint(ev.event_id),
-                             *((at.field, at.epoch, at.offset) if at is not None else NO_POSITION)]
-                calls.append((prefix, part, args))
-        return calls
-
-    @staticmethod
-    def _flags(n: int, calls: list[tuple[str, list[int], list]], results: Sequence[Sequence[int]]) -> list[bool]:
-        flags = [False] * n
-        for (_, positions, _), res in zip(calls, results):
-            for i, f in zip(positions, res):
-                flags[i] = bool(f)
-        return flags
-
-    def apply(self, client: redis.Redis, events: Sequence[Event],
-              positions: Sequence[LogPosition | None] | None = None) -> list[bool]:
+    def apply(
+        self, client: SyncClient, events: Sequence[Event], positions: Sequence[LogPosition | None] | None = None
+    ) -> list[bool]:
         """Apply events (one pipelined round-trip on one Redis); returns which were new (not duplicates).
 
         ``positions`` (one per event, from ``stream.log_positions``) lets redelivered records be
         recognised by offset; without them only the users' event-id windows dedupe.
         """
+        return redis_calls.run(client, self.apply_plan(events, positions))
+
+    async def apply_async(
+        self, client: AsyncClient, events: Sequence[Event], positions: Sequence[LogPosition | None] | None = None
+    ) -> list[bool]:
+        """``apply`` with an asyncio client (the state worker); a cluster's buckets are written concurrently."""
+        return await redis_calls.run_async(client, self.apply_plan(events, positions))
+
+    def apply_plan(
+        self, events: Sequence[Event], positions: Sequence[LogPosition | None] | None = None
+    ) -> Plan[list[bool]]:
+        """The Redis work of ``apply``: one APPLY_LUA call per chunk, pipelined on one Redis; in a
+        cluster each call goes to its bucket's master, a bucket's calls in order."""
+        return Plan(partial(self._apply_steps, events, positions))
+
+    def _apply_steps(
+        self, events: Sequence[Event], positions: Sequence[LogPosition | None] | None
+    ) -> Steps[list[bool]]:
         if not events:
             return []
-        script = client.register_script(APPLY_LUA)
-        calls = self._calls(events, positions)
-        if self.buckets:  # cluster clients refuse scripts in pipelines; each call goes to its bucket's master
-            results = [script(keys=[prefix], args=args) for prefix, _, args in calls]
-        else:
-            pipe = client.pipeline(transaction=False)
-            for prefix, _, args in calls:
-                script(keys=[prefix], args=args, client=pipe)
-            results = pipe.execute()
-        return self._flags(len(events), calls, results)
+        chunks = self._chunks(events, positions)
+        calls = [ScriptCall(APPLY_LUA, [chunk.prefix], chunk.args) for chunk in chunks]
+        by_prefix: dict[str, list[int]] = {}
+        for n, chunk in enumerate(chunks):
+            by_prefix.setdefault(chunk.prefix, []).append(n)
+        results = yield Round(calls, pipelined=not self.buckets, lanes=list(by_prefix.values()))
+        flags = [False] * len(events)
+        for chunk, reply in zip(chunks, results):
+            for i, flag in zip(chunk.numbers, reply):
+                flags[i] = bool(flag)
+        return flags
 
-    async def apply_async(self, client: "redis.asyncio.Redis", events: Sequence[Event],
-                          positions: Sequence[LogPosition | None] | None = None) -> list[bool]:
-        if not events:
-            return []
-        script = client.register_script(APPLY_LUA)
-        calls = self._calls(events, positions)
-        if self.buckets:  # buckets in parallel, each bucket's calls in order
-            by_prefix: dict[str, list[int]] = {}
-            for n, (prefix, _, _) in enumerate(calls):
-                by_prefix.setdefault(prefix, []).append(n)
+    def _chunks(self, events: Sequence[Event], positions: Sequence[LogPosition | None] | None) -> list[_Chunk]:
+        """The batch cut into script calls: one key prefix per call, about CHUNK events, whole users.
 
-            async def run(numbers: list[int]) -> list:
-                return [await script(keys=[calls[n][0]], args=calls[n][2]) for n in numbers]
+        A user's events never straddle two calls: the calls of a pipeline succeed or fail one by one
+        (Redis at its memory limit fails some), and a later event applied before an earlier one failed
+        would raise the user's watermark above it, so the retry would skip the earlier one as redelivered.
+        One user with more than CHUNK events in a batch gets a call of their own.
+        """
+        users: dict[str, dict[str, list[int]]] = {}  # prefix -> user -> the user's events, in batch order
+        for number, ev in enumerate(events):
+            users.setdefault(self.user_prefix(ev.user_id), {}).setdefault(ev.user_id, []).append(number)
+        chunks = []
+        for prefix, by_user in users.items():
+            part: list[int] = []
+            for numbers in by_user.values():
+                if part and len(part) + len(numbers) > self.CHUNK:
+                    chunks.append(self._chunk(prefix, part, events, positions))
+                    part = []
+                part += numbers
+            chunks.append(self._chunk(prefix, part, events, positions))
+        return chunks
 
-            parts = await asyncio.gather(*(run(numbers) for numbers in by_prefix.values()))
-            results: list = [None] * len(calls)
-            for numbers, outs in zip(by_prefix.values(), parts):
-                for n, out in zip(numbers, outs):
-                    results[n] = out
-        else:
-            pipe = client.pipeline(transaction=False)
-            for prefix, _, args in calls:
-                await script(keys=[prefix], args=args, client=pipe)
-            results = await pipe.execute()
-        return self._flags(len(events), calls, results)
+    def _chunk(self, prefix: str, numbers: list[int], events: Sequence[Event],
+               positions: Sequence[LogPosition | None] | None) -> _Chunk:
+        """One APPLY_LUA call's arguments: the settings, then each event with its log position."""
+        args = [*self._config_args, prefix, TIE_SLOTS, *self._cap_args]
+        for i in numbers:
+            ev = events[i]
+            at = positions[i] if positions is not None else None
+            args += [
+                ev.event_id,
+                ev.user_id,
+                ev.item_id,
+                ev.type,
+                ev.ts,
+                id_fingerprint(ev.event_id),
+                *((at.field, at.epoch, at.offset) if at is not None else NO_POSITION),
+            ]
+        return _Chunk(prefix, numbers, args)
 
     # ---- reading ---------------------------------------------------------------
     def default_reads(self) -> StateReads:
         s = self.settings
         return StateReads(sequence=s.sequence_length, recent_items=s.blend_recent_items)
 
-    def _read_args(self, user_id: str, reads: StateReads) -> list:
-        neighbours = 0 if self.buckets else reads.neighbours  # a cluster merges them from every bucket
-        return [self.user_prefix(user_id), user_id, reads.sequence, reads.affinities, reads.recent_items, neighbours]
-
-    def _build(self, user_id: str, raw: list, trending: list[tuple[str, float]],
-               merged_covis: dict[str, list[tuple[str, float]]] | None = None) -> UserState:
-        h = dict(zip(raw[0][0::2], raw[0][1::2]))
-        seq = []
-        for member, score in _pairs(raw[1]):
-            item, etype, eid = member.split("|", 2)
-            seq.append(SeqEntry(item, etype, int(score) // TIE_SLOTS, eid))
-        aff = _pairs(raw[2])
-        top = aff[0][1] if aff and aff[0][1] > 0 else 1.0
-        if merged_covis is None:
-            covis = {raw[i]: _pairs(raw[i + 1]) for i in range(4, len(raw), 2)}
-        else:
-            covis = {raw[i]: merged_covis.get(raw[i], []) for i in range(4, len(raw), 2)}
-        return UserState(
-            user_id=user_id,
-            sequence=seq,
-            counts={k: int(h[k]) for k in ("browse", "click", "purchase", "n") if k in h},
-            first_ts=int(h["first_ts"]) if "first_ts" in h else None,
-            last_ts=int(h["last_ts"]) if "last_ts" in h else None,
-            affinities={item: score / top for item, score in aff},
-            purchased=set(raw[3]),
-            covis=covis,
-            trending=trending,
-        )
-
-    def _trending(self, flat: list) -> list[tuple[str, float]]:
-        pairs = _pairs(flat)
-        top = pairs[0][1] if pairs and pairs[0][1] > 0 else 1.0
-        return [(item, score / top) for item, score in pairs]
-
-    def fetch(self, client: redis.Redis, user_ids: Sequence[str], reads: StateReads | None = None) -> list[UserState]:
+    def fetch(self, client: SyncClient, user_ids: Sequence[str], reads: StateReads | None = None) -> list[UserState]:
         """Users' states and the trending list in one pipelined round-trip (two rounds in a cluster).
 
-        A dropped connection (Redis restarted since the last call) is retried once: redis-py pipelines do
-        not retry it, since a pipeline may not be idempotent, but a read is.
+        A dropped connection (Redis restarted since the last call) is retried once: a read is safe to repeat.
         """
-        try:
-            return self._fetch(client, user_ids, reads)
-        except redis.ConnectionError:
-            return self._fetch(client, user_ids, reads)
+        return redis_calls.run(client, self.fetch_plan(user_ids, reads))
 
-    async def fetch_async(self, client: "redis.asyncio.Redis", user_ids: Sequence[str],
-                          reads: StateReads | None = None) -> list[UserState]:
-        try:
-            return await self._fetch_async(client, user_ids, reads)
-        except redis.ConnectionError:  # as in fetch: a read is safe to repeat on a fresh connection
-            return await self._fetch_async(client, user_ids, reads)
+    async def fetch_async(
+        self, client: AsyncClient, user_ids: Sequence[str], reads: StateReads | None = None
+    ) -> list[UserState]:
+        """``fetch`` with an asyncio client (the recommend worker)."""
+        return await redis_calls.run_async(client, self.fetch_plan(user_ids, reads))
 
-    def _fetch(self, client: redis.Redis, user_ids: Sequence[str], reads: StateReads | None) -> list[UserState]:
-        reads = reads or self.default_reads()
-        script = client.register_script(READ_LUA)
-        if self.buckets:
-            trending_script, covis_script = client.register_script(TRENDING_LUA), client.register_script(COVIS_LUA)
-            raws = [script(keys=[self.user_prefix(u)], args=self._read_args(u, reads)) for u in user_ids]
-            trending_parts = [trending_script(keys=[p], args=[p, self.settings.trending_pool])
-                              for p in self.shard_prefixes()]
-            items = _recent_items(raws)
-            covis_parts = [covis_script(keys=[p], args=[p, reads.neighbours, *items])
-                           for p in self.shard_prefixes()] if items else []
-            return self._merged(user_ids, raws, trending_parts, items, covis_parts, reads)
-        pipe = client.pipeline(transaction=False)
-        pipe.zrevrange(keys.trending(self.prefix), 0, self.settings.trending_pool - 1, withscores=True)
-        for uid in user_ids:
-            script(args=self._read_args(uid, reads), client=pipe)
-        res = pipe.execute()
-        trending = self._trending([x for pair in res[0] for x in pair])
-        return [self._build(uid, raw, trending) for uid, raw in zip(user_ids, res[1:])]
+    def fetch_plan(self, user_ids: Sequence[str], reads: StateReads | None = None) -> Plan[list[UserState]]:
+        """The Redis work of ``fetch``: trending and one READ_LUA call per user, pipelined on one Redis;
+        in a cluster a first round reads the users and every bucket's trending, a second the buckets'
+        co-visitation of the users' recent items."""
+        steps = self._cluster_fetch_steps if self.buckets else self._fetch_steps
+        return Plan(partial(steps, user_ids, reads or self.default_reads()), repeatable=True)
 
-    async def _fetch_async(self, client: "redis.asyncio.Redis", user_ids: Sequence[str],
-                           reads: StateReads | None) -> list[UserState]:
-        reads = reads or self.default_reads()
-        script = client.register_script(READ_LUA)
-        if self.buckets:
-            trending_script = client.register_script(TRENDING_LUA)
-            raws, trending_parts = await asyncio.gather(
-                asyncio.gather(*(script(keys=[self.user_prefix(u)], args=self._read_args(u, reads))
-                                 for u in user_ids)),
-                asyncio.gather(*(trending_script(keys=[p], args=[p, self.settings.trending_pool])
-                                 for p in self.shard_prefixes())),
+    def _read_call(self, user_id: str, reads: StateReads, routed: bool) -> ScriptCall:
+        neighbours = 0 if self.buckets else reads.neighbours  # a cluster merges them from every bucket
+        prefix = self.user_prefix(user_id)
+        return ScriptCall(
+            READ_LUA,
+            [prefix] if routed else [],
+            [prefix, user_id, reads.sequence, reads.affinities, reads.recent_items, neighbours],
+        )
+
+    def _fetch_steps(self, user_ids: Sequence[str], reads: StateReads) -> Steps[list[UserState]]:
+        top = redis_calls.zrevrange_with_scores(keys.trending(self.prefix), 0, self.settings.trending_pool - 1)
+        replies = yield Round([top, *(self._read_call(uid, reads, routed=False) for uid in user_ids)])
+        trending = _relative(_scored(replies[0]))
+        return [_user_state(uid, raw, trending) for uid, raw in zip(user_ids, replies[1:])]
+
+    def _cluster_fetch_steps(self, user_ids: Sequence[str], reads: StateReads) -> Steps[list[UserState]]:
+        shards = self.shard_prefixes()
+        users = [self._read_call(uid, reads, routed=True) for uid in user_ids]
+        pools = [ScriptCall(TRENDING_LUA, [p], [p, self.settings.trending_pool]) for p in shards]
+        replies = yield Round([*users, *pools], pipelined=False)
+        raws, trending_parts = replies[: len(users)], replies[len(users) :]
+        items = _recent_items(raws)
+        covis_parts: list[Any] = []
+        if items:
+            covis_parts = yield Round(
+                [ScriptCall(COVIS_LUA, [p], [p, reads.neighbours, *items]) for p in shards], pipelined=False
             )
-            items = _recent_items(raws)
-            covis_script = client.register_script(COVIS_LUA)
-            covis_parts = await asyncio.gather(*(covis_script(keys=[p], args=[p, reads.neighbours, *items])
-                                                 for p in self.shard_prefixes())) if items else []
-            return self._merged(user_ids, list(raws), list(trending_parts), items, list(covis_parts), reads)
-        pipe = client.pipeline(transaction=False)
-        pipe.zrevrange(keys.trending(self.prefix), 0, self.settings.trending_pool - 1, withscores=True)
-        for uid in user_ids:
-            await script(args=self._read_args(uid, reads), client=pipe)
-        res = await pipe.execute()
-        trending = self._trending([x for pair in res[0] for x in pair])
-        return [self._build(uid, raw, trending) for uid, raw in zip(user_ids, res[1:])]
+        trending = self._merged_trending(trending_parts)
+        covis = _merged_covis(items, covis_parts, reads.neighbours)
+        return [_user_state(uid, raw, trending, covis) for uid, raw in zip(user_ids, raws)]
 
-    def _merged(self, user_ids: Sequence[str], raws: list, trending_parts: list, items: list[str],
-                covis_parts: list, reads: StateReads) -> list[UserState]:
-        """Cluster reads: the buckets' partial trending and co-visitation summed, then ranked."""
+    def _merged_trending(self, parts: Sequence[Any]) -> list[tuple[str, float]]:
+        """The buckets' partial popularity (TRENDING_LUA replies) brought to one landmark and summed."""
         hl = self.settings.trend_half_life_ms
-        landmarks = [int(L) for L, _ in trending_parts if L]
-        ref = max(landmarks, default=0)
+        ref = max((int(landmark) for landmark, _ in parts if landmark), default=0)
         pop: dict[str, float] = {}
-        for L, flat in trending_parts:
-            if not L:
+        for landmark, flat in parts:
+            if not landmark:
                 continue
-            factor = math.pow(2, (int(L) - ref) / hl)  # bring every bucket to one landmark
+            factor = math.pow(2, (int(landmark) - ref) / hl)
             for item, score in _pairs(flat):
                 pop[item] = pop.get(item, 0.0) + score * factor
-        ranked = sorted(pop.items(), key=lambda kv: (-kv[1], kv[0]))[: self.settings.trending_pool]
-        trending = self._trending([x for pair in ranked for x in pair])
-        covis: dict[str, dict[str, float]] = {item: {} for item in items}
-        for part in covis_parts:
-            for item, flat in zip(items, part):
-                sums = covis[item]
-                for other, score in _pairs(flat):
-                    sums[other] = sums.get(other, 0.0) + score
-        merged = {item: sorted(sums.items(), key=lambda kv: (-kv[1], kv[0]))[: reads.neighbours]
-                  for item, sums in covis.items()}
-        return [self._build(uid, raw, trending, merged) for uid, raw in zip(user_ids, raws)]
+        return _relative(_ranked(pop, self.settings.trending_pool))
 
     # ---- helpers for tests, tools and benches ----------------------------------------
-    def stats(self, client: redis.Redis) -> dict[str, int]:
+    def stats(self, client: SyncClient) -> dict[str, int]:
         """applied / duplicates, summed over the buckets in a cluster."""
         out: dict[str, int] = {}
         for p in self.shard_prefixes():
             for k, v in client.hgetall(f"{p}:stats").items():
-                out[k] = out.get(k, 0) + int(v)
+                name = redis_calls.text(k)
+                out[name] = out.get(name, 0) + int(v)
         return out
 
-    def item_counts(self, client: redis.Redis) -> dict[str, float]:
+    def item_counts(self, client: SyncClient) -> dict[str, float]:
         """Raw event count per item."""
         out: dict[str, float] = {}
         for p in self.shard_prefixes():
-            for item, n in client.zrange(f"{p}:items:n", 0, -1, withscores=True):
+            for item, n in _scored(client.zrange(f"{p}:items:n", 0, -1, withscores=True)):
                 out[item] = out.get(item, 0.0) + n
         return out
 
-    def decayed_popularity(self, client: redis.Redis, now_ms: int) -> dict[str, float]:
+    def decayed_popularity(self, client: SyncClient, now_ms: int) -> dict[str, float]:
         """Popularity in absolute units at `now_ms` (undoes the landmark scaling)."""
         out: dict[str, float] = {}
         for p in self.shard_prefixes():
@@ -647,11 +633,56 @@ class StateStore:
             if landmark is None:
                 continue
             factor = math.pow(2, -(now_ms - int(landmark)) / self.settings.trend_half_life_ms)
-            for item, score in client.zrange(f"{p}:pop", 0, -1, withscores=True):
+            for item, score in _scored(client.zrange(keys.trending(p), 0, -1, withscores=True)):
                 out[item] = out.get(item, 0.0) + score * factor
         return out
 
 
-def _recent_items(raws: Sequence[list]) -> list[str]:
+def _scored(reply: Any) -> list[tuple[str, float]]:
+    """A parsed WITHSCORES reply, (member, score) pairs, typed."""
+    return [(redis_calls.text(member), float(score)) for member, score in reply]
+
+
+def _user_state(
+    user_id: str,
+    raw: Sequence[Any],
+    trending: list[tuple[str, float]],
+    merged_covis: dict[str, list[tuple[str, float]]] | None = None,
+) -> UserState:
+    """A READ_LUA reply as a UserState; in a cluster the recent items' neighbours come merged from every bucket."""
+    h = dict(zip(raw[0][0::2], raw[0][1::2]))
+    sequence = []
+    for member, score in _pairs(raw[1]):
+        item, etype, eid = member.split("|", 2)
+        sequence.append(SeqEntry(item, etype, int(score) // TIE_SLOTS, eid))
+    recent = range(4, len(raw), 2)  # after hash, sequence, affinities, purchases: item, neighbours, item, ...
+    if merged_covis is None:
+        covis = {raw[i]: _pairs(raw[i + 1]) for i in recent}
+    else:
+        covis = {raw[i]: merged_covis.get(raw[i], []) for i in recent}
+    return UserState(
+        user_id=user_id,
+        sequence=sequence,
+        counts={k: int(h[k]) for k in ("browse", "click", "purchase", "n") if k in h},
+        first_ts=int(h["first_ts"]) if "first_ts" in h else None,
+        last_ts=int(h["last_ts"]) if "last_ts" in h else None,
+        affinities=dict(_relative(_pairs(raw[2]))),
+        purchased=set(raw[3]),
+        covis=covis,
+        trending=trending,
+    )
+
+
+def _merged_covis(items: Sequence[str], parts: Sequence[Any], neighbours: int) -> dict[str, list[tuple[str, float]]]:
+    """The buckets' co-visitation of `items` (COVIS_LUA replies) summed, each item's top `neighbours` kept."""
+    sums: dict[str, dict[str, float]] = {item: {} for item in items}
+    for part in parts:
+        for item, flat in zip(items, part):
+            for other, score in _pairs(flat):
+                sums[item][other] = sums[item].get(other, 0.0) + score
+    return {item: _ranked(scores, neighbours) for item, scores in sums.items()}
+
+
+def _recent_items(raws: Sequence[Sequence[Any]]) -> list[str]:
     """Distinct recent items named by the users' READ_LUA replies (cluster mode)."""
     return list(dict.fromkeys(raw[i] for raw in raws for i in range(4, len(raw), 2)))

@@ -109,7 +109,8 @@ def _catalog(cfg: SyntheticConfig) -> _Catalog:
 def _sample_items(cat: _Catalog, clusters: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One Zipf-popular item from each given cluster (inverse CDF, all at once)."""
     pos = np.searchsorted(cat.cdf, clusters + rng.random(len(clusters)), side="right")
-    return cat.order[np.minimum(pos, cat.last[clusters])]
+    items: np.ndarray = cat.order[np.minimum(pos, cat.last[clusters])]
+    return items
 
 
 def _tastes(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -128,7 +129,8 @@ def _trending(cfg: SyntheticConfig) -> np.ndarray:
     """Trending item indices, shape (n_periods, k); periods take fresh items while any are left."""
     k = max(1, min(N_TRENDING, cfg.n_items // 20))
     perm = _rng(cfg, 2).permutation(cfg.n_items)
-    return perm[(np.arange(cfg.n_periods)[:, None] * k + np.arange(k)) % cfg.n_items]
+    trending: np.ndarray = perm[(np.arange(cfg.n_periods)[:, None] * k + np.arange(k)) % cfg.n_items]
+    return trending
 
 
 def item_catalog(cfg: SyntheticConfig) -> list[dict[str, Any]]:
@@ -162,7 +164,8 @@ def _group_cumsum(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Cumulative sum restarting at each group of a grouped array (group sizes in `counts`)."""
     csum = np.cumsum(values)
     starts = np.cumsum(counts) - counts
-    return csum - np.repeat(csum[starts] - values[starts], counts)
+    restarted: np.ndarray = csum - np.repeat(csum[starts] - values[starts], counts)
+    return restarted
 
 
 def _simulate(cfg: SyntheticConfig, n_sessions: int) -> dict[str, np.ndarray]:

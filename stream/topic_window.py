@@ -11,7 +11,8 @@ began, or once it meets a record stamped after the read began.
 from __future__ import annotations
 
 import time
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
@@ -102,7 +103,7 @@ def _assign(consumer: KafkaConsumer, topic: str, started_ms: int, since_ms: int 
             else:
                 consumer.seek_to_beginning(tp)
     elif since_ms:
-        found = consumer.offsets_for_times({tp: started_ms - since_ms for tp in parts})
+        found = consumer.offsets_for_times(dict.fromkeys(parts, started_ms - since_ms))
         for tp in parts:
             if found.get(tp):
                 consumer.seek(tp, found[tp].offset)
@@ -124,14 +125,14 @@ def _caught_up(consumer: KafkaConsumer, parts: list[TopicPartition]) -> set[Topi
     return out
 
 
-def read_topic_events(settings: Settings, since_ms: int | None = None, timeout_s: float = 120) -> list[dict]:
+def read_topic_events(settings: Settings, since_ms: int | None = None, timeout_s: float = 120) -> list[dict[str, Any]]:
     """Valid events from the topic's start (or the last `since_ms` of broker time) up to now.
 
     Invalid records are skipped here: the state worker already dead-letters them.
     The result is sorted by event time, ready for training.
     """
     started_ms = int(time.time() * 1000)
-    events: list[dict] = []
+    events: list[dict[str, Any]] = []
     for records in iter_topic_records(settings, started_ms, since_ms=since_ms, timeout_s=timeout_s):
         for rec in records:
             try:

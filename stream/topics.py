@@ -6,8 +6,7 @@ import re
 import time
 
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import (BrokerNotAvailableError, InvalidReplicationFactorError, KafkaError,
-                          TopicAlreadyExistsError)
+from kafka.errors import BrokerNotAvailableError, InvalidReplicationFactorError, KafkaError, TopicAlreadyExistsError
 
 from rtrec.stream.connections import kafka_bootstrap, kafka_connect_kwargs, kafka_python_auth
 from rtrec.stream.settings import Settings

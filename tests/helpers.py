@@ -11,19 +11,21 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 from rtrec.stream.settings import Settings
 
 RTREC = [sys.executable, "-m", "rtrec.workers.cli"]
 
 # a model small enough to train in a second on a CPU
-SMALL = dict(model_hidden=32, model_heads=1, model_layers=1, model_intermediate=64, model_max_events=30,
-             model_item_capacity=200, finetune_first_epochs=4, finetune_epochs=1, finetune_replay_users=20,
-             promote_min_cases=5, train_batch_size=32, drift_enabled=False)
+SMALL = {"model_hidden": 32, "model_heads": 1, "model_layers": 1, "model_intermediate": 64, "model_max_events": 30,
+         "model_item_capacity": 200, "finetune_first_epochs": 4, "finetune_epochs": 1, "finetune_replay_users": 20,
+         "promote_min_cases": 5, "train_batch_size": 32, "drift_enabled": False}
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 20, what: str = "condition"):
@@ -44,10 +46,35 @@ def answered_by(client, version: str) -> bool:
     return any(r.get("model_version") == version for r in client.responses.values())
 
 
+@contextmanager
+def steady_requests(client, users: Sequence[str], k: int = 5, pause_s: float = 0.01) -> Iterator[list[str]]:
+    """Send requests for `users` in turn from a thread while the block runs (load during a hot-swap).
+
+    Yields the ids sent so far: a list that grows until the block ends and the sender stops.
+    """
+    sent: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        n = 0
+        while not stop.is_set():
+            sent.append(client.send(users[n % len(users)], k=k))
+            n += 1
+            time.sleep(pause_s)  # pacing: a steady stream of requests, not a flood
+
+    sender = threading.Thread(target=load, name="steady-requests")
+    sender.start()
+    try:
+        yield sent
+    finally:
+        stop.set()
+        sender.join()
+
+
 def run_cli(args: list[str], env: dict[str, str] | None = None, stdin: str | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(RTREC + args, env={**os.environ, **(env or {})}, input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def stack_env(settings: Settings) -> dict[str, str]:
@@ -72,7 +99,8 @@ def tiny_checkpoint(root: Path, events: list[dict], seed: int = 0) -> Path:
     from rtrec.model.checkpoint import save_checkpoint
     from rtrec.model.pipeline import model_meta
     from rtrec.model.sequence_model import build_model
-    from rtrec.model.train import user_histories, vocab_for
+    from rtrec.model.histories import user_histories
+    from rtrec.model.train import vocab_for
 
     s = Settings(**SMALL)
     vocab = vocab_for(user_histories(events).values(), s)

@@ -9,8 +9,8 @@ import pytest
 from rich.console import Console
 
 from rtrec.stream.settings import Settings
+from rtrec.workers.bench.memory import FAMILIES, OTHER, BenchInputError, bench_events, family_of, run_memory_bench
 from tests.helpers import run_cli
-from rtrec.workers.bench_memory import FAMILIES, OTHER, BenchInputError, bench_events, family_of, run_memory_bench
 
 
 def test_family_of_sorts_every_key_layout_name():

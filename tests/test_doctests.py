@@ -10,9 +10,9 @@ import doctest
 
 import pytest
 
-from rtrec.model import datasets, metrics
+from rtrec.model import datasets, histories, metrics
 
-MODULES = [metrics, datasets]
+MODULES = [metrics, datasets, histories]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=[m.__name__ for m in MODULES])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import math
 import time
@@ -13,22 +14,24 @@ from rtrec.model.datasets import (
     RATING_TO_TYPE,
     leave_one_out,
     load_events,
-    load_movielens_100k,
     load_movielens_1m,
+    load_movielens_100k,
     shared_dataset,
 )
 from rtrec.model.evaluate import (
     BiasedMFRecommender,
     PopularityRecommender,
-    build_states,
     evaluate,
     print_table,
     published_reference,
+    replayed,
     write_report,
 )
 from rtrec.model.fusion import RankFusion
 from rtrec.model.metrics import coverage, hit_rate_at, ndcg_at, novelty, recall_at, summarize
+from rtrec.model.ranking import RankingPipeline, RankQuery
 from rtrec.model.recommender import Recommender
+from rtrec.stream.connections import async_redis_client
 from rtrec.stream.eventfile import write_events
 from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import UserState
@@ -190,25 +193,30 @@ def test_baselines_respect_exclude_and_k():
 
 
 # ---- end to end through Redis -------------------------------------------------------------------
-def test_build_states_and_evaluate_end_to_end(redis_only, tmp_path):
+def redis_settings(client) -> Settings:
+    """Settings that reach the server behind a (sync) test client: evaluate() opens its own async client."""
+    kw = client.connection_pool.connection_kwargs
+    return Settings(kafka_bootstrap=None, redis_url=f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}")
+
+
+def test_replay_and_evaluate_end_to_end(redis_only, tmp_path):
     settings = Settings(kafka_bootstrap=None, redis_url=None)
     events = generate_events(SyntheticConfig(n_users=60, n_items=200, n_events=4000, seed=1))
     split = leave_one_out(events)
     before = redis_only.dbsize()
-    states = build_states(split, settings, redis_only, progress=False)
+    with replayed(split, settings, redis_only, progress=False) as store:
+        pipelines = {
+            "popularity": RankingPipeline(settings, PopularityRecommender(split), store=store),
+            "blending": RankingPipeline(settings, BlendingRecommender(settings), store=store),
+            "biasedmf": RankingPipeline(settings, BiasedMFRecommender(split, seed=0, progress=False), store=store),
+        }
+        rows = evaluate(pipelines, split, redis_settings(redis_only), batch_size=16)
+        states = asyncio.run(_read(pipelines["blending"], redis_settings(redis_only), split.test_users))
     assert redis_only.dbsize() == before  # the eval prefix was cleaned up
-    assert set(states) == set(split.test_users)
-    for user, state in states.items():
-        assert state.known
-        assert state.exclude == {e["item_id"] for e in split.history(user)}
+    for state in states:
+        assert state.known  # every test user's training events are in the replayed state
         assert len(state.sequence) <= settings.sequence_length
-    recs = {
-        "popularity": PopularityRecommender(split),
-        "blending": BlendingRecommender(settings),
-        "biasedmf": BiasedMFRecommender(split, seed=0, progress=False),
-    }
-    rows = evaluate(recs, states, split, batch_size=16)
-    assert [r["name"] for r in rows] == list(recs)
+    assert [r["name"] for r in rows] == list(pipelines)
     for r in rows:
         assert r["users"] == len(split.test_users)
         for key in ("HR@10", "NDCG@10", "Recall@20", "coverage@10"):
@@ -220,7 +228,16 @@ def test_build_states_and_evaluate_end_to_end(redis_only, tmp_path):
     assert csv_path.read_text().splitlines()[0].startswith("name,HR@10,NDCG@10")
 
 
-def test_evaluate_rejects_excluded_items():
+async def _read(pipeline: RankingPipeline, settings: Settings, users: list[str]):
+    client = async_redis_client(settings)
+    try:
+        return await pipeline.read(client, [RankQuery(u, 10) for u in users], pipeline.recommender)
+    finally:
+        await client.aclose()
+
+
+def test_evaluate_rejects_excluded_items(redis_only):
+    settings = Settings(kafka_bootstrap=None, redis_url=None)
     split = leave_one_out([ev("u", "a", 1), ev("u", "b", 2), ev("u", "c", 3)])
 
     class Leaky:
@@ -229,9 +246,9 @@ def test_evaluate_rejects_excluded_items():
         def recommend_batch(self, states, k):
             return [[("a", 1.0)] for _ in states]
 
-    states = {"u": UserState("u", exclude=frozenset({"a", "b"}))}
-    with pytest.raises(AssertionError, match="excluded"):
-        evaluate({"leaky": Leaky()}, states, split)
+    with replayed(split, settings, redis_only, progress=False) as store, \
+            pytest.raises(AssertionError, match="excluded"):
+        evaluate({"leaky": RankingPipeline(settings, Leaky(), store=store)}, split, redis_settings(redis_only))
 
 
 # ---- real data (developer machines / CI only) ------------------------------------------------------
@@ -247,15 +264,14 @@ def test_baselines_on_movielens_100k(redis_only, tmp_path):
     split = leave_one_out(load_events(folder))
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    states = build_states(split, settings, redis_only)
-    t_states = time.perf_counter() - t0
-    t0 = time.perf_counter()
     mf = BiasedMFRecommender(split)
     t_mf = time.perf_counter() - t0
-    recs = {"popularity": PopularityRecommender(split), "blending": BlendingRecommender(settings), "biasedmf": mf}
-    rows = evaluate(recs, states, split)
+    with replayed(split, settings, redis_only) as store:
+        recs = {"popularity": PopularityRecommender(split), "blending": BlendingRecommender(settings), "biasedmf": mf}
+        rows = evaluate({name: RankingPipeline(settings, rec, store=store) for name, rec in recs.items()},
+                        split, redis_settings(redis_only))
     console = Console(width=140)
-    console.print(f"ml-100k: {split}; load+split {t_load:.2f}s, build_states {t_states:.2f}s, BiasedMF fit {t_mf:.2f}s")
+    console.print(f"ml-100k: {split}; load+split {t_load:.2f}s, BiasedMF fit {t_mf:.2f}s")
     print_table(rows, console, reference=published_reference())
     csv_path, png_path = write_report(rows, tmp_path, "ml-100k baselines")
     console.print(f"report: {csv_path} {png_path}")
@@ -287,8 +303,9 @@ def test_rank_fusion_adds_weighted_reciprocal_ranks():
 
 def test_a_late_failure_keeps_the_results_computed_before_it(tmp_path, monkeypatch):
     """A family that fails to train (after 40 minutes, say) must not take the baselines and earlier families with it."""
-    import rtrec.model.pipeline as pipeline
     from rich.console import Console
+
+    import rtrec.model.pipeline as pipeline
 
     events = generate_events(SyntheticConfig(n_users=60, n_items=200, n_events=4000, seed=1))
     for e in events:
@@ -310,3 +327,37 @@ def test_a_late_failure_keeps_the_results_computed_before_it(tmp_path, monkeypat
     names = [line.split(",")[0] for line in csv_path.read_text().splitlines()[1:]]
     assert {"blending", "popularity", "river-BiasedMF", "generative-llama"} <= set(names)
     assert (tmp_path / "out" / "generative-llama.json").is_file()
+
+
+def test_every_eval_row_is_ranked_by_the_serving_pipeline(tmp_path, monkeypatch):
+    """`rtrec eval` ranks through RankingPipeline.rank, the worker's path: same reads, fusion and model window."""
+    from rich.console import Console
+
+    from rtrec.model.generator import TorchGenerator
+    from rtrec.model.pipeline import run_eval
+
+    calls: list[tuple[str, float, int | None, int]] = []
+    real_rank = RankingPipeline.rank
+
+    async def spy(self, redis, queries):
+        rec = self.recommender
+        calls.append((type(rec).__name__, self.blend_weight(rec), getattr(rec, "max_events", None), len(queries)))
+        return await real_rank(self, redis, queries)
+
+    monkeypatch.setattr(RankingPipeline, "rank", spy)
+    events = generate_events(SyntheticConfig(n_users=40, n_items=120, n_events=2000, seed=2))
+    path = tmp_path / "events.csv"
+    write_events(path, events)
+    settings = Settings(kafka_bootstrap=None, redis_url=None, train_epochs=1, model_layers=1, model_hidden=32,
+                        model_intermediate=64, model_max_events=30, serve_max_events=10, serve_blend_weight=0.5)
+    rows = run_eval(settings, str(path), ["llama"], tmp_path / "out", Console(quiet=True))
+    users = len(leave_one_out(events).test_users)
+    ranked: dict[tuple[str, float, int | None], int] = {}
+    for name, weight, window, n in calls:
+        ranked[(name, weight, window)] = ranked.get((name, weight, window), 0) + n
+    # every row: each test user once, through the pipeline; the model with the served window, alone and fused
+    assert ranked == {("BlendingRecommender", 0.0, None): users, ("PopularityRecommender", 0.0, None): users,
+                      ("BiasedMFRecommender", 0.0, None): users, (TorchGenerator.__name__, 0.0, 10): users,
+                      (TorchGenerator.__name__, 0.5, 10): users}
+    assert {r["name"] for r in rows} == {"generative-llama", "generative-llama+blending", "blending", "popularity",
+                                         "river-BiasedMF"}

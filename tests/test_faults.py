@@ -11,9 +11,9 @@ import pytest
 from rtrec.stream.producer import EventProducer
 from rtrec.stream.state_store import StateStore
 from rtrec.stream.topics import ensure_topics
-from tests.helpers import assert_state_matches_reference, scrape, wait_for
 from rtrec.workers.lag import LagMonitor
 from rtrec.workers.stack import Stack
+from tests.helpers import assert_state_matches_reference, scrape, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -129,7 +129,9 @@ def test_a_second_state_worker_joining_and_leaving_mid_stream_loses_nothing(sett
         stack.wait_ready("state")
         producing = threading.Thread(target=_produce, args=(s, events, 0.3))  # ~15 s of stream
         producing.start()
-        applied = lambda w: scrape(stack.metrics_ports[w.name]).get("rtrec_events_processed_total", 0)
+        def applied(w) -> float:
+            return scrape(stack.metrics_ports[w.name]).get("rtrec_events_processed_total", 0)
+
         wait_for(lambda: applied(first) > 5_000, timeout_s=120, what="a tenth of the replay applied")
         second = stack.start_worker("state")  # rebalance: partitions move to the newcomer
         stack.wait_ready("state", 2)
@@ -197,7 +199,9 @@ def test_broker_restart_producer_and_state_worker_reconnect(settings, redis, tmp
     events = replay_events(tag, 3000)
     stack = Stack(s, run_dir=tmp_path / "run")
     worker = stack.start_worker("state")
-    count = lambda batch: sum(int(redis.hget(f"rt:u:{u}:h", "n") or 0) for u in {e["user_id"] for e in batch})
+    def count(batch: list[dict]) -> int:
+        return sum(int(redis.hget(f"rt:u:{u}:h", "n") or 0) for u in {e["user_id"] for e in batch})
+
     try:
         stack.wait_ready("state")
         with EventProducer(s) as producer:
@@ -247,7 +251,9 @@ def test_redis_at_its_memory_limit_stalls_visibly_and_loses_nothing(settings, tm
             return json.loads(exc.read())
 
     events = replay_events(tag, 3000)
-    count = lambda: sum(int(own.hget(f"rt:u:{u}:h", "n") or 0) for u in {e["user_id"] for e in events})
+    def count() -> int:
+        return sum(int(own.hget(f"rt:u:{u}:h", "n") or 0) for u in {e["user_id"] for e in events})
+
     try:
         stack.wait_ready("state")
         used = int(own.info("memory")["used_memory"])

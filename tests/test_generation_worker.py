@@ -17,17 +17,19 @@ from rtrec.model.checkpoint import save_checkpoint
 from rtrec.model.fusion import FUSION_DEPTH, fuse
 from rtrec.model.generator import TorchGenerator
 from rtrec.model.pipeline import model_meta
+from rtrec.model.ranking import RankingPipeline, RankQuery
 from rtrec.model.sequence_model import build_model
-from rtrec.model.train import train_model, user_histories, vocab_for
+from rtrec.model.histories import user_histories
+from rtrec.model.train import train_model, vocab_for
 from rtrec.stream.connections import async_redis_client, kafka_bootstrap
 from rtrec.stream.keys import ITEM_CATEGORY
 from rtrec.stream.rec_messages import RecRequest
 from rtrec.stream.state_store import StateReads, StateStore
 from rtrec.stream.synthetic import SyntheticConfig, generate_events
 from rtrec.stream.topics import ensure_topics
-from tests.helpers import wait_for
 from rtrec.workers.dead_letters import DeadLetters
 from rtrec.workers.recommend import RecommendWorker
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -60,8 +62,11 @@ def generator(synthetic, tmp_path_factory):
 
 
 def run_batch(settings, recommender, requests: list[bytes], diversity: int = 0,
-              expected: int | None = None) -> list[dict]:
-    """Hand `requests` to a RecommendWorker as one batch; return the responses from its topic."""
+              expected: int | None = None, swap_to=None) -> list[dict]:
+    """Hand `requests` to a RecommendWorker as one batch; return the responses from its topic.
+
+    With `swap_to`, that recommender is swapped in before the batch, as the model watcher does.
+    """
     topic = f"responses-{uuid.uuid4().hex[:8]}"
     s = settings.model_copy(update={"topic_responses": topic, "diversity_max_per_category": diversity})
     ensure_topics(s)
@@ -72,6 +77,8 @@ def run_batch(settings, recommender, requests: list[bytes], diversity: int = 0,
         await producer.start()
         try:
             worker = RecommendWorker(s, redis, producer, DeadLetters(s, producer, redis), recommender)
+            if swap_to is not None:
+                worker.recommender = swap_to
             now = int(time.time() * 1000)
             records = [ConsumerRecord(s.topic_requests, 0, n, now, 0, b"k", raw, None, len(b"k"), len(raw), [])
                        for n, raw in enumerate(requests)]
@@ -200,10 +207,78 @@ def test_a_user_whose_candidates_are_exhausted_gets_trending_backfill(settings, 
 
 
 def test_backfill_tops_up_with_unseen_trending_items_or_gives_nothing():
+    from rtrec.model.ranking import backfilled
     from rtrec.stream.state_store import UserState
-    from rtrec.workers.recommend import backfilled
 
     state = UserState("u", trending=[("a", 3.0), ("b", 2.0), ("c", 1.0)], exclude=frozenset({"b"}))
     assert backfilled([("x", 0.9)], state, 3) == [("x", 0.9), ("a", 0.0), ("c", 0.0)]
     assert backfilled([("a", 0.9), ("x", 0.5)], state, 2) == [("a", 0.9), ("x", 0.5)]
     assert backfilled([], UserState("u", trending=[("b", 1.0)], exclude=frozenset({"b"})), 5) == []
+
+
+def pipeline_rankings(settings, recommender, queries: list[RankQuery]):
+    """The ranking pipeline called directly, on the same Redis the worker reads."""
+
+    async def go():
+        redis = async_redis_client(settings)
+        try:
+            return await RankingPipeline(settings, recommender).rank(redis, queries)
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(go())
+
+
+def test_the_worker_answers_exactly_what_the_ranking_pipeline_ranks(settings, producer, redis, synthetic, generator):
+    """The worker only carries records: its items (ids, order, scores, reasons) are the pipeline's ranking."""
+    user = synthetic[1]["user_id"]
+    tag = uuid.uuid4().hex[:6]
+    # longer than the model's window and with more recent items than its reason anchors: the served (light)
+    # read differs from the full one, so a worker reading otherwise than the pipeline would answer otherwise
+    mine = [e for e in synthetic if e["user_id"] == user][-30:]
+    for e in mine:
+        producer.send({**e, "event_id": f"{e['event_id']}-{tag}", "user_id": f"{user}-{tag}"})
+    producer.flush()
+    wait_for(lambda: redis.hget(f"rt:u:{user}-{tag}:h", "n") == str(len(mine)), what="history applied")
+    items = generator.checkpoint.vocab.items
+    redis.hset(ITEM_CATEGORY, mapping={item: "same" if n % 2 == 0 else f"c{n}" for n, item in enumerate(items)})
+    # fused serving with the category cap on: every stage between the request and the response is exercised
+    s = settings.model_copy(update={"serve_blend_weight": 0.5, "diversity_max_per_category": 2})
+    known, unknown = f"{user}-{tag}", f"nobody-{tag}"
+    queries = [RankQuery(known, 10, True), RankQuery(unknown, 7, True), RankQuery(known, 4, False)]
+    raws = [RecRequest(uuid.uuid4().hex, q.user_id, q.k, exclude_seen=q.exclude_seen).to_json() for q in queries]
+    responses = run_batch(s, generator, raws, diversity=2)
+    direct = pipeline_rankings(s, generator, queries)
+    by_request = {r["request_id"]: r for r in responses}
+    for raw, ranking in zip(raws, direct):
+        got = by_request[json.loads(raw)["request_id"]]
+        assert [it["item_id"] for it in got["items"]] == [it.item_id for it in ranking.items]
+        assert [it["score"] for it in got["items"]] == pytest.approx([it.score for it in ranking.items], abs=1e-6)
+        assert [it["reason"] for it in got["items"]] == [it.reason for it in ranking.items]
+        assert (got["model_version"], got["fallback"]) == (ranking.version, ranking.fallback)
+    assert direct[0].version == generator.version and direct[1].version == "trending"
+    assert len(direct[0].items) == 10 and len(direct[2].items) == 4
+    assert not {e["item_id"] for e in mine} & {it.item_id for it in direct[0].items}  # exclude_seen
+
+
+class Fixed:
+    """A recommender that ranks the same items for everyone."""
+
+    def __init__(self, version: str, items: list[str]) -> None:
+        self.version, self.items = version, items
+
+    def recommend_batch(self, states, k):
+        return [[(item, 1.0 - n / 100) for n, item in enumerate(self.items[:k])] for _ in states]
+
+
+def test_a_swapped_in_model_answers_the_next_batch(settings, producer, redis, uid, generator):
+    """The model watcher assigns worker.recommender; the pipeline must rank with the new model from then on."""
+    user = uid("swapped")
+    producer.send({"event_id": uid("e"), "user_id": user, "item_id": uid("seen"), "type": "click",
+                   "ts": int(time.time() * 1000)})
+    producer.flush()
+    wait_for(lambda: redis.hget(f"rt:u:{user}:h", "n"), what="user state")
+    swapped = Fixed("fixed-2", ["p", "q", "r"])
+    [response] = run_batch(settings, generator, [request(user, k=3)], swap_to=swapped)
+    assert response["model_version"] == "fixed-2"
+    assert [it["item_id"] for it in response["items"]] == ["p", "q", "r"]

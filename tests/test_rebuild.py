@@ -21,14 +21,21 @@ from rtrec.stream.rebuild import apply_tail, rebuild, stage, staging_store, swit
 from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import StateStore
 from rtrec.stream.topics import ensure_topics
-from tests.helpers import assert_state_matches_reference, run_cli, wait_for
 from rtrec.workers.stack import Stack
+from tests.helpers import assert_state_matches_reference, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 
 # keys outside the state families, some named like them: a switch must leave every one alone
-OTHER_KEYS = {"rt:stats:recommend": "hash", "rt:popular": "string", "rt:user:x": "string",
-              "rt:covisit": "string", "rt:quality": "hash", "rt:lat:ingest": "list", "rt:item:category": "hash"}
+OTHER_KEYS = {
+    "rt:stats:recommend": "hash",
+    "rt:popular": "string",
+    "rt:user:x": "string",
+    "rt:covisit": "string",
+    "rt:quality": "hash",
+    "rt:lat:ingest": "list",
+    "rt:item:category": "hash",
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +49,9 @@ def own_redis(tmp_path_factory):
 def env(settings, own_redis):
     """(settings on this test's topic, state group and empty Redis; a client of that Redis; the tag)."""
     tag = uuid.uuid4().hex[:8]
-    s = settings.model_copy(update={"topic_events": f"events-{tag}", "state_group": f"state-{tag}",
-                                    "redis_url": own_redis})
+    s = settings.model_copy(
+        update={"topic_events": f"events-{tag}", "state_group": f"state-{tag}", "redis_url": own_redis}
+    )
     ensure_topics(s)
     client = redis_client(s)
     client.flushall()
@@ -53,8 +61,16 @@ def env(settings, own_redis):
 
 def make_events(tag: str, n: int, users: int = 40, start: int = 0) -> list[dict]:
     now = int(time.time() * 1000) - 10 * n
-    return [{"event_id": f"{tag}-{i}", "user_id": f"u-{tag}-{i % users}", "item_id": f"it-{tag}-{(i * 7) % 90}",
-             "type": ("browse", "click", "purchase")[i % 3], "ts": now + 10 * i} for i in range(start, start + n)]
+    return [
+        {
+            "event_id": f"{tag}-{i}",
+            "user_id": f"u-{tag}-{i % users}",
+            "item_id": f"it-{tag}-{(i * 7) % 90}",
+            "type": ("browse", "click", "purchase")[i % 3],
+            "ts": now + 10 * i,
+        }
+        for i in range(start, start + n)
+    ]
 
 
 def send(s, events: list[dict]) -> None:
@@ -85,8 +101,11 @@ def assert_counts_equal_sent(client, events: list[dict]) -> None:
 
 def plant_other_keys(client) -> None:
     for key, kind in OTHER_KEYS.items():
-        {"hash": lambda k: client.hset(k, "f", "v"), "string": lambda k: client.set(k, "v"),
-         "list": lambda k: client.rpush(k, "1")}[kind](key)
+        {
+            "hash": lambda k: client.hset(k, "f", "v"),
+            "string": lambda k: client.set(k, "v"),
+            "list": lambda k: client.rpush(k, "1"),
+        }[kind](key)
 
 
 def test_rebuild_twice_with_the_worker_running_gives_what_was_sent_and_keeps_other_keys(env, tmp_path):
@@ -97,17 +116,26 @@ def test_rebuild_twice_with_the_worker_running_gives_what_was_sent_and_keeps_oth
     stack.start_worker("state")
     try:
         stack.wait_ready("state")
-        wait_for(lambda: int(client.hget("rt:stats", "applied") or 0) == len(events), timeout_s=60,
-                 what="the worker applied the events")
+        wait_for(
+            lambda: int(client.hget("rt:stats", "applied") or 0) == len(events),
+            timeout_s=60,
+            what="the worker applied the events",
+        )
         assert_counts_equal_sent(client, events)
         plant_other_keys(client)
         others = {k for k in rt_keys(client) if not k.startswith(("rt:u:", "rt:covis:"))} - {
-            "rt:pop", "rt:pop:L", "rt:items:n", "rt:stats"}
+            "rt:pop",
+            "rt:pop:L",
+            "rt:items:n",
+            "rt:stats",
+        }
         assert {"rt:logs", "rt:lat:ingest", *OTHER_KEYS} <= others
 
         out = rebuild_cli(s)
-        assert out == f"rebuilt state from 600 events (0 records skipped as invalid) of {s.topic_events}: " \
-                      "40 users 90 items; 0 more applied after the switch", out  # (thousands separators removed)
+        assert (
+            out == f"rebuilt state from 600 events (0 records skipped as invalid) of {s.topic_events}: "
+            "40 users 90 items; 0 more applied after the switch"
+        ), out  # (thousands separators removed)
         assert_counts_equal_sent(client, events)
 
         more = make_events(tag, 300, start=600)  # sent while the second rebuild runs: the tail, or the worker
@@ -116,8 +144,11 @@ def test_rebuild_twice_with_the_worker_running_gives_what_was_sent_and_keeps_oth
         out = rebuild_cli(s)
         sending.join()
         assert "rebuilt state from" in out, out
-        wait_for(lambda: sum(int(n) for _, n in client.zrange("rt:items:n", 0, -1, withscores=True)) >= 900,
-                 timeout_s=60, what="the events sent during the rebuild applied")
+        wait_for(
+            lambda: sum(int(n) for _, n in client.zrange("rt:items:n", 0, -1, withscores=True)) >= 900,
+            timeout_s=60,
+            what="the events sent during the rebuild applied",
+        )
         assert_counts_equal_sent(client, events + more)
         assert others <= rt_keys(client)
         assert all(client.type(k) == kind for k, kind in OTHER_KEYS.items())

@@ -7,7 +7,6 @@ import json
 import logging
 
 import pytest
-
 from pydantic import SecretStr
 
 from rtrec.stream.settings import Settings
@@ -83,7 +82,7 @@ def _tls_files(folder) -> tuple[str, str, str]:
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca = (x509.CertificateBuilder().subject_name(name("rtrec test CA")).issuer_name(name("rtrec test CA"))
           .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)

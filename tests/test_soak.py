@@ -6,7 +6,7 @@ import pytest
 from rich.console import Console
 
 from rtrec.stream.settings import Settings
-from rtrec.workers.bench_soak import run_soak
+from rtrec.workers.bench.soak import run_soak
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -120,7 +120,7 @@ def test_a_worker_announcing_itself_waits_out_a_stalled_redis(tmp_path):
 
     from rtrec.stream.connections import redis_client
     from rtrec.stream.keys import workers_ready
-    from rtrec.workers.stack import announce_ready
+    from rtrec.workers.lifecycle import announce_ready
 
     server, url = start_redis(Settings(), tmp_path)
     s = Settings(redis_url=url, redis_timeout_s=0.3)

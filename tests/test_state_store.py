@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import math
 import random
 import uuid
 
 import pytest
+import redis
 
 from rtrec.stream.events import Event
-from rtrec.stream.settings import Settings
 from rtrec.stream.log_positions import LogPosition
-from rtrec.stream.state_store import ID_BYTES, RESCALE_AFTER_HALF_LIVES, SeqEntry, StateStore, StateReads
+from rtrec.stream.settings import Settings
+from rtrec.stream.state_store import (
+    ARGS_PER_EVENT,
+    ID_BYTES,
+    RESCALE_AFTER_HALF_LIVES,
+    SeqEntry,
+    StateReads,
+    StateStore,
+)
 from tests.helpers import wait_for
 
 BASE = Settings(
@@ -30,6 +40,7 @@ BASE = Settings(
     trending_pool=200,
 )
 T0 = 1_767_225_600_000
+FIRST_EVENT_ARG = 20  # settings, prefix, tie slots and caps come first (APPLY_LUA's FIRST = 21, 1-based)
 MINUTE = 60_000
 HOUR = 3_600_000
 
@@ -76,6 +87,66 @@ def raw_scores(client, key: str) -> list[float]:
 def one(client, store: StateStore, user: str):
     [state] = store.fetch(client, [user])
     return state
+
+
+def async_twin(client: redis.Redis) -> redis.asyncio.Redis:
+    """An asyncio client of the same server: the workers' kind of client."""
+    kw = client.connection_pool.connection_kwargs
+    return redis.asyncio.Redis(host=kw["host"], port=kw["port"], decode_responses=True)
+
+
+# ---- one plan, two clients -------------------------------------------------------------------------
+
+
+def test_a_batch_is_one_pipeline_on_one_redis_and_lanes_per_bucket_on_a_cluster() -> None:
+    """The calls of a batch are built without a server; the replies map back to the batch's order."""
+    events = [ev(f"user{n % 40}", f"i{n % 9}", T0 + n) for n in range(600)]
+    number = {e.event_id: n for n, e in enumerate(events)}
+    single, cluster = new_store(), new_store(redis_cluster=True, redis_cluster_buckets=4)
+    with pytest.raises(StopIteration):  # an empty batch: no round at all
+        next(single.apply_plan([]).steps())
+    for store in (single, cluster):
+        steps = store.apply_plan(events).steps()
+        round_ = next(steps)
+        assert round_.pipelined == (store is single)
+        ids = [[call.args[i] for i in range(FIRST_EVENT_ARG, len(call.args), ARGS_PER_EVENT)] for call in round_.calls]
+        assert sorted(n for part in ids for n in map(number.get, part)) == list(range(600))
+        assert all(len(part) <= store.CHUNK for part in ids)
+        for lane in round_.lane_numbers():  # each lane: one bucket, its calls in batch order
+            assert len({round_.calls[n].keys[0] for n in lane}) == 1
+        with pytest.raises(StopIteration) as done:
+            steps.send([[number[eid] % 2 for eid in part] for part in ids])
+        assert done.value.value == [n % 2 == 1 for n in range(600)]
+
+
+def test_the_async_client_runs_the_same_plan_to_the_same_state(redis_only) -> None:
+    """The workers (asyncio) and the tools (sync) share one copy of the calls: same keys, same values."""
+    events = [
+        ev(f"u{n % 7}", f"i{n % 11}", T0 + n * MINUTE, ("browse", "click", "purchase")[n % 3]) for n in range(600)
+    ]  # more than two chunks
+    positions = [LogPosition("events:0", 0, n) for n in range(600)]
+    users = [f"u{n}" for n in range(7)]
+    sync_store, async_store = new_store(), new_store()
+    assert sync_store.apply(redis_only, events, positions) == [True] * 600
+
+    async def apply_twice_and_read() -> tuple[list[bool], list[bool], list]:
+        client = async_twin(redis_only)
+        try:
+            return (
+                await async_store.apply_async(client, events, positions),
+                await async_store.apply_async(client, events[::-1], positions[::-1]),
+                await async_store.fetch_async(client, users),
+            )
+        finally:
+            await client.aclose()
+
+    first, again, states = asyncio.run(apply_twice_and_read())
+    assert first == [True] * 600 and again == [False] * 600
+    assert dump(redis_only, async_store, skip_stats=False) == {
+        **dump(redis_only, sync_store),
+        ":stats": {"applied": "600", "duplicates": "600"},
+    }
+    assert states == sync_store.fetch(redis_only, users)
 
 
 # ---- apply: new / duplicate ---------------------------------------------------------------------
@@ -179,6 +250,22 @@ def test_batches_larger_than_one_chunk(redis_only) -> None:
     assert flags == [True] * n + [False] * 3
     assert sum(raw_scores(redis_only, f"{store.prefix}:items:n")) == n
     assert store.stats(redis_only) == {"applied": n, "duplicates": 3}
+
+
+def test_a_call_a_full_redis_refused_loses_no_event_of_its_users(redis_only) -> None:
+    """Redis at its memory limit refuses some calls of a pipeline and runs the others; the retry of the
+    batch must still apply every event once (a user's later event applied first would raise the user's
+    watermark over the earlier one, which the retry would then skip as redelivered)."""
+    store = new_store()
+    n = StateStore.CHUNK * 2 + 17
+    events = [ev(f"u{i % 7}", f"i{i % 13}", T0 + i) for i in range(n)]  # every user in every part of the batch
+    positions = [at(i) for i in range(n)]
+    round_ = next(store.apply_plan(events, positions).steps())
+    assert len(round_.calls) > 1
+    for call in round_.calls[1:]:  # the first call was refused (OOM), the others ran
+        redis_only.register_script(call.source)(keys=call.keys, args=call.args)
+    assert sum(store.apply(redis_only, events, positions)) == len(round_.calls[0].args[FIRST_EVENT_ARG::ARGS_PER_EVENT])
+    assert sum(int(redis_only.hget(f"{store.prefix}:u:u{k}:h", "n")) for k in range(7)) == n
 
 
 # ---- sequence and counts ------------------------------------------------------------------------------
@@ -317,9 +404,7 @@ def test_popularity_half_life(redis_only) -> None:
     hl = BASE.trend_half_life_ms
     store.apply(redis_only, [ev("u", "early", T0), ev("v", "late", T0 + hl)])
     assert store.decayed_popularity(redis_only, T0 + hl) == pytest.approx({"early": 0.5, "late": 1.0}, rel=1e-9)
-    assert store.decayed_popularity(redis_only, T0 + 3 * hl) == pytest.approx(
-        {"early": 0.125, "late": 0.25}, rel=1e-9
-    )
+    assert store.decayed_popularity(redis_only, T0 + 3 * hl) == pytest.approx({"early": 0.125, "late": 0.25}, rel=1e-9)
 
 
 def test_event_types_are_weighted(redis_only) -> None:
@@ -387,9 +472,7 @@ def test_out_of_order_arrival_across_rescales(redis_only) -> None:
     assert pb == pytest.approx(pa, rel=1e-9)
     assert max(pa.values()) / min(pa.values()) > 2**20  # the values really span many half-lives
     for user in ("u0", "u1", "u2"):
-        assert one(redis_only, b, user).affinities == pytest.approx(
-            one(redis_only, a, user).affinities, rel=1e-9
-        )
+        assert one(redis_only, b, user).affinities == pytest.approx(one(redis_only, a, user).affinities, rel=1e-9)
     assert all(math.isfinite(s) for s in raw_scores(redis_only, f"{b.prefix}:pop"))
 
 
@@ -523,7 +606,7 @@ def test_trending_is_capped_by_the_pool_size(redis_only) -> None:
     assert len(trending) == 5
     assert [item for item, _ in trending] == ["i11", "i10", "i09", "i08", "i07"]
     assert trending[0][1] == 1.0
-    assert all(a[1] >= b[1] for a, b in zip(trending, trending[1:]))
+    assert all(a[1] >= b[1] for a, b in itertools.pairwise(trending))
 
 
 def test_stores_with_different_prefixes_do_not_share_state(redis_only) -> None:
@@ -546,7 +629,8 @@ def test_equal_timestamps_keep_arrival_order(redis_only) -> None:
 
 def test_a_smaller_read_returns_the_newest_events_and_fewer_neighbour_lists(redis_only) -> None:
     store = new_store()
-    others = [ev(f"o{n}", f"item{n}", T0 + n) for n in range(8)] + [ev(f"o{n}", "shared", T0 + 100 + n) for n in range(8)]
+    others = [ev(f"o{n}", f"item{n}", T0 + n) for n in range(8)]
+    others += [ev(f"o{n}", "shared", T0 + 100 + n) for n in range(8)]
     mine = [ev("me", f"item{n}", T0 + 1000 + n) for n in range(8)]
     store.apply(redis_only, others + mine)
     [full] = store.fetch(redis_only, ["me"])
@@ -631,10 +715,12 @@ def test_the_fairness_window_lets_the_same_user_count_again_later(redis_only) ->
     store.apply(redis_only, events)
     assert redis_only.zscore(f"{store.prefix}:items:n", "song") == 10  # raw counts stay raw
     shared = new_store(fair_max_per_item=100, fair_window_ms=HOUR)
-    shared.apply(redis_only, [ev("fan", "song", e.ts, eid=f"x{e.event_id}") for n, e in enumerate(events)
-                              if n % 5 < 2])  # the four that counted, with no cap
+    shared.apply(
+        redis_only, [ev("fan", "song", e.ts, eid=f"x{e.event_id}") for n, e in enumerate(events) if n % 5 < 2]
+    )  # the four that counted, with no cap
     assert redis_only.zscore(f"{store.prefix}:pop", "song") == pytest.approx(
-        redis_only.zscore(f"{shared.prefix}:pop", "song"), rel=1e-9)
+        redis_only.zscore(f"{shared.prefix}:pop", "song"), rel=1e-9
+    )
 
 
 def test_a_read_survives_a_redis_restart_between_two_reads(tmp_path) -> None:

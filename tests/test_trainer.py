@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -18,9 +17,9 @@ from rtrec.stream.rec_client import RecClient
 from rtrec.stream.settings import Settings
 from rtrec.stream.synthetic import SyntheticConfig, generate_events
 from rtrec.stream.topics import ensure_topics
-from tests.helpers import SMALL, answered_by, tiny_checkpoint, wait_for
 from rtrec.workers.stack import Stack
 from rtrec.workers.trainer import Trainer, TrainerLoop, announce_sync
+from tests.helpers import SMALL, answered_by, steady_requests, tiny_checkpoint, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -193,26 +192,15 @@ def test_hot_swap_under_load_answers_every_request(settings, producer, redis, tm
     stack.start_worker("recommend")
     try:
         stack.wait_ready("recommend")
-        sent: list[str] = []
-        stop = threading.Event()
         with RecClient(s) as client:
-            def load() -> None:
-                n = 0
-                while not stop.is_set():
-                    sent.append(client.send(users[n % len(users)], k=5))
-                    n += 1
-                    time.sleep(0.01)
-
-            sender = threading.Thread(target=load)
-            sender.start()
-            try:
+            with steady_requests(client, users) as sent:
                 wait_for(lambda: answered_by(client, versions[0]), timeout_s=30, what=f"an answer from {versions[0]}")
                 for v in versions[1:]:
                     store.promote(v)
                     announce_sync(s, v, "test")
-                    wait_for(lambda: redis.hget("rt:model:serving", str(stack.workers[0].proc.pid)) == v,
+                    wait_for(lambda v=v: redis.hget("rt:model:serving", str(stack.workers[0].proc.pid)) == v,
                              timeout_s=30, what=f"worker serving {v}")
-                    wait_for(lambda: answered_by(client, v), timeout_s=30, what=f"an answer from {v}")
+                    wait_for(lambda v=v: answered_by(client, v), timeout_s=30, what=f"an answer from {v}")
                 # a corrupt checkpoint made CURRENT behind the store's back is refused; serving goes on
                 bad = tiny_checkpoint(root, events, seed=9)
                 (bad / "vocab.json").write_text("{}")
@@ -226,9 +214,6 @@ def test_hot_swap_under_load_answers_every_request(settings, producer, redis, tm
                     return any(rid in client.responses for rid in sent[after_refusal:])
 
                 wait_for(answered_after_refusal, timeout_s=30, what="an answer to a request sent after the refusal")
-            finally:
-                stop.set()
-                sender.join()
             got = client.collect(list(sent), timeout_s=60)
         assert sent and len(got) == len(sent)  # every request answered, across every swap (each version below)
         assert not [r for r in got.values() if r.get("error")]

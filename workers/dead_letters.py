@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import KafkaError
 
 from rtrec.stream.connections import is_cluster
 from rtrec.stream.keys import PREFIX, dead_letter_counts, dead_letter_marker
@@ -84,14 +85,17 @@ class DeadLetters:
             await pipe.execute()
         self.published += len(letters)
 
-
     async def _send(self, dl: DeadLetter) -> None:
-        """One letter, acked; shrunk to its headers if the broker refuses it for good."""
+        """One letter, acked; shrunk to its headers if the broker refuses it for good.
+
+        Only the broker's refusals (KafkaError) are handled here; anything else is a bug in
+        building the letter and reaches the runtime, which logs and counts it.
+        """
         key, value, headers = fitted(dl, self.settings.dlq_max_bytes)
         try:
             await (await self.producer.send(self.settings.topic_dead_letters, value=value, key=key, headers=headers))
             return
-        except Exception as exc:
+        except KafkaError as exc:  # too large, refused, timed out: the broker's answer, not a bug
             if is_transient(exc):
                 raise
             log.error("dead letter of %s:%d@%d refused (%s: %s); sending its headers only", dl.record.topic,
@@ -99,7 +103,7 @@ class DeadLetters:
         try:
             await (await self.producer.send(self.settings.topic_dead_letters, value=b"", key=None,
                                             headers=headers + [("rtrec.value_dropped", b"1")]))
-        except Exception as exc:
+        except KafkaError as exc:
             if is_transient(exc):
                 raise
             DEAD_LETTERS_FAILED.inc()

@@ -19,8 +19,8 @@ cannot be asked (unreachable, credentials refused, gone mid-measurement) raises
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient
@@ -107,28 +107,29 @@ class LagMonitor:
         for group in extra_groups:
             self.groups.setdefault(group, [])  # []: the topics it committed on
         self.bootstrap = kafka_bootstrap(settings)
-        self.admin: KafkaAdminClient | None = None
-        self.consumer: KafkaConsumer | None = None
         try:
-            self._connect()
+            self.admin, self.consumer = self._connect()
         except (KafkaError, OSError) as exc:
-            self.close()
             raise lag_error(self.bootstrap, "reach the Kafka broker", exc) from exc
 
-    def _connect(self) -> None:
+    def _connect(self) -> tuple[KafkaAdminClient, KafkaConsumer]:
+        """Both clients, or neither: the admin client is closed again if the consumer cannot connect."""
         auth = {**kafka_python_auth(self.settings), **_CLIENT_TIMEOUTS,
                 "bootstrap_timeout_ms": int(self.settings.connect_timeout_s * 1000)}  # RTREC_CONNECT_TIMEOUT_S
-        self.admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="rtrec-lag", **auth)
-        self.consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-                                      client_id="rtrec-lag", fetch_max_wait_ms=10, **auth)
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="rtrec-lag", **auth)
+        try:
+            consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                                     client_id="rtrec-lag", fetch_max_wait_ms=10, **auth)
+        except BaseException:
+            admin.close()
+            raise
+        return admin, consumer
 
     def close(self) -> None:
-        if self.consumer is not None:
-            self.consumer.close()
-        if self.admin is not None:
-            self.admin.close()
+        self.consumer.close()
+        self.admin.close()
 
-    def __enter__(self) -> "LagMonitor":
+    def __enter__(self) -> LagMonitor:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -201,6 +202,7 @@ class LagMonitor:
             if records:
                 return end, records[0].timestamp
         raise TimeoutError(f"{tp.topic}[{tp.partition}]: no fetch answer within {PROBE_TIMEOUT_S:g} s")
+
 
 def summarize(rows: Sequence[PartitionLag]) -> dict[str, dict[str, float]]:
     """Per group: total lag in messages and the largest lag in seconds (the alerting figures)."""

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiokafka.errors import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from redis.exceptions import RedisClusterException, RedisError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ RECORDS_SKIPPED = Counter("rtrec_records_skipped_total", "Records a reader skipp
                           ["worker", "reason"])
 TASK_RESTARTS = Counter("rtrec_task_restarts_total", "Supervised side tasks restarted after a crash",
                         ["worker", "task"])
+READINESS_FAILURES = Counter("rtrec_readiness_failures_total",
+                             "Readiness checks that could not answer (not ready); reason: the exception type",
+                             ["check", "reason"])
 DEAD_LETTERS_FAILED = Counter("rtrec_dead_letters_failed_total",
                               "Dead letters the broker refused even in their smallest form (logged, dropped)")
 
@@ -71,6 +76,8 @@ GROUP_MAX_LAG_SECONDS = Gauge("kafka_consumergroup_group_max_lag_seconds", "Larg
                               ["group"])
 GROUP_MAX_LAG = Gauge("kafka_consumergroup_group_max_lag", "Largest partition lag in messages of a group", ["group"])
 PARTITION_LATEST = Gauge("kafka_partition_latest_offset", "Log-end offset", ["topic", "partition"])
+LAG_MEASURE_FAILURES = Counter("rtrec_lag_measure_failures_total",
+                               "Lag measurements the broker could not answer (the lag gauges are cleared: unknown)")
 
 
 def set_model(version: str) -> None:
@@ -84,7 +91,7 @@ def record_lag(rows) -> None:
     max_lag_s: dict[str, float] = {}
     max_lag: dict[str, int] = {}
     for r in rows:
-        labels = dict(group=r.group, topic=r.topic, partition=str(r.partition))
+        labels = {"group": r.group, "topic": r.topic, "partition": str(r.partition)}
         GROUP_LAG.labels(**labels).set(r.lag)
         GROUP_LAG_SECONDS.labels(**labels).set(r.lag_seconds)
         PARTITION_LATEST.labels(topic=r.topic, partition=str(r.partition)).set(r.end)
@@ -93,6 +100,13 @@ def record_lag(rows) -> None:
     for group, value in max_lag_s.items():
         GROUP_MAX_LAG_SECONDS.labels(group=group).set(value)
         GROUP_MAX_LAG.labels(group=group).set(max_lag[group])
+
+
+def record_lag_unknown() -> None:
+    """A measurement failed: drop every lag figure (absent = unknown, not "no lag") and count the failure."""
+    for gauge in (GROUP_LAG, GROUP_LAG_SECONDS, GROUP_MAX_LAG_SECONDS, GROUP_MAX_LAG, PARTITION_LATEST):
+        gauge.clear()
+    LAG_MEASURE_FAILURES.inc()
 
 
 Readiness = Callable[[], Awaitable[dict[str, bool]]]
@@ -112,9 +126,10 @@ async def serve(port: int, ready: Readiness) -> web.AppRunner | None:
     async def readyz(_: web.Request) -> web.Response:
         try:
             checks = await ready()
-        except Exception as exc:  # a failing check is "not ready", never a crash
+        except Exception as exc:  # a bug in a check (outages are caught there): 503 + traceback, never silent
+            READINESS_FAILURES.labels(check="readyz", reason=type(exc).__name__).inc()
+            log.exception("readiness check raised (a bug, not an outage: the checks catch outages)")
             checks = {"error": False}
-            log.warning("readiness check failed: %s", exc)
         return web.json_response(checks, status=200 if all(checks.values()) else 503)
 
     app = web.Application()
@@ -127,15 +142,32 @@ async def serve(port: int, ready: Readiness) -> web.AppRunner | None:
     return runner
 
 
+# What an unreachable, slow or refusing broker or Redis raises (wait_for raises TimeoutError).
+UNAVAILABLE = (KafkaError, RedisError, RedisClusterException, TimeoutError, OSError)
+_failing: set[str] = set()  # checks that failed last time: log a change of state, not every probe
+
+
 async def readiness(runtime, redis_client, **extra: bool) -> dict[str, bool]:
-    """Broker answers a metadata request, Redis answers PING, the runtime is not stalled, plus the worker's own."""
-    checks: dict[str, bool] = {}
-    try:
-        checks["broker"] = bool(await asyncio.wait_for(runtime.consumer.topics(), 2))
-    except Exception:  # any failure to answer is "not ready"
-        checks["broker"] = False
-    try:
-        checks["redis"] = bool(await asyncio.wait_for(redis_client.ping(), 2))
-    except Exception:
-        checks["redis"] = False
+    """Broker answers a metadata request, Redis answers PING, the runtime is not stalled, plus the worker's own.
+
+    A check that cannot answer is "not ready", counted and logged when it starts failing; any other
+    exception (a bug) propagates to /readyz, which logs its traceback.
+    """
+    checks = {"broker": await _answers("broker", runtime.consumer.topics()),
+              "redis": await _answers("redis", redis_client.ping())}
     return {**checks, **runtime.checks(), **extra}
+
+
+async def _answers(check: str, probe: Awaitable[object]) -> bool:
+    try:
+        ok = bool(await asyncio.wait_for(probe, 2))
+    except UNAVAILABLE as exc:
+        READINESS_FAILURES.labels(check=check, reason=type(exc).__name__).inc()
+        if check not in _failing:
+            log.warning("readiness: %s does not answer (%s: %s)", check, type(exc).__name__, exc)
+        _failing.add(check)
+        return False
+    if check in _failing:
+        log.info("readiness: %s answers again", check)
+        _failing.discard(check)
+    return ok

@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from rtrec.stream.connections import async_redis_client
+from kafka.errors import KafkaError
+
 from rtrec.stream.keys import QUALITY
 from rtrec.stream.settings import Settings, get_settings
 from rtrec.workers.faust_app import make_app, run_module
 from rtrec.workers.lag import LagError, LagMonitor
-from rtrec.workers.metrics import readiness, record_lag, serve
+from rtrec.workers.lifecycle import serving, worker_redis
+from rtrec.workers.metrics import readiness, record_lag, record_lag_unknown
 from rtrec.workers.quality import QualityJoin
 from rtrec.workers.runtime import ConsumerRuntime
-from rtrec.workers.stack import announce_gone, announce_ready
-from rtrec.workers.startup import wait_for_services
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +46,23 @@ class LagExporter:
             try:
                 await asyncio.to_thread(self.measure_once)
                 self.last_ok = True
-            except Exception as exc:  # the broker may be restarting: report not-ready, keep trying
-                await self._failed(exc)
+            except (LagError, KafkaError, OSError) as exc:  # the broker may be restarting: not ready, keep trying
+                await self._failed(exc)  # (anything else is a bug: the supervisor restarts the task, visibly)
             await asyncio.sleep(self.settings.lag_interval_s)
 
     async def _failed(self, exc: Exception) -> None:
         """Log one line (a LagError already says what to check) and reconnect on the next try."""
         self.last_ok = False
+        record_lag_unknown()  # old figures would read as the current lag
         text = str(exc) if isinstance(exc, LagError) else f"{type(exc).__name__}: {exc}"
         log.warning("lag measurement failed: %s", " ".join(text.split()))
         if self.monitor is not None:
             monitor, self.monitor = self.monitor, None
             await asyncio.to_thread(monitor.close)
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
 
 
 class QualityCounts:
@@ -87,31 +92,23 @@ def build_app(settings: Settings | None = None):
 
     @app.task
     async def export_lag() -> None:
-        redis = async_redis_client(settings)
-        await wait_for_services(settings, redis)  # until RTREC_STARTUP_TIMEOUT_S
-        exporter = LagExporter(settings)
-        join = QualityJoin(settings)
-        quality = ConsumerRuntime(settings, [settings.topic_events, settings.topic_responses],
-                                  settings.quality_group, max_records=5000, max_wait_ms=100, worker="quality")
+        async with worker_redis(settings) as redis:
+            exporter = LagExporter(settings)
+            quality = ConsumerRuntime(settings, [settings.topic_events, settings.topic_responses],
+                                      settings.quality_group, max_records=5000, max_wait_ms=100, worker="quality")
 
-        async def ready() -> dict[str, bool]:
-            checks = await readiness(quality, redis)
-            return {**checks, "broker": checks["broker"] and exporter.last_ok}
+            async def ready() -> dict[str, bool]:
+                checks = await readiness(quality, redis)
+                return {**checks, "broker": checks["broker"] and exporter.last_ok}
 
-        metrics_server = await serve(settings.metrics_port, ready)
-        await quality.start()
-        quality.supervise("lag-exporter", exporter.run)
-        await announce_ready(redis, "ops", settings.startup_timeout_s)
-        try:
-            await quality.run(QualityCounts(join, redis).add)
-        finally:
-            await quality.stop()
-            if metrics_server is not None:
-                await metrics_server.cleanup()
-            await announce_gone(redis, "ops")
-            if exporter.monitor is not None:
-                exporter.monitor.close()
-            await redis.aclose()
+            await quality.start()
+            try:
+                quality.supervise("lag-exporter", exporter.run)
+                async with serving(settings, "ops", redis, ready):
+                    await quality.run(QualityCounts(QualityJoin(settings), redis).add)
+            finally:
+                await quality.stop()
+                exporter.close()
 
     return app
 

@@ -355,20 +355,3 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-async def announce_ready(redis_client, kind: str, timeout_s: float = 120.0) -> None:
-    """A worker says it holds its assignment (wait_ready counts live pids in this set).
-
-    Retried while Redis is slow or away, up to `timeout_s`: a worker must not crash at start
-    because one write timed out (seen under load with a short RTREC_REDIS_TIMEOUT_S).
-    """
-    from rtrec.workers.faults import is_transient
-    from rtrec.workers.startup import retry_until
-
-    await retry_until(lambda: redis_client.sadd(workers_ready(kind), str(os.getpid())),
-                      time.monotonic() + timeout_s, is_transient)
-
-
-async def announce_gone(redis_client, kind: str) -> None:
-    await redis_client.srem(workers_ready(kind), str(os.getpid()))

@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+import faust
+from aiokafka import ConsumerRecord
 
-from rtrec.stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap
 from rtrec.stream.events import Event, InvalidEvent, parse_event
-from rtrec.stream.log_positions import AsyncLogEpochs, LogPosition
-from rtrec.stream.settings import Settings, get_settings
-from rtrec.workers.startup import wait_for_services
 from rtrec.stream.keys import INGEST_LATENCY
+from rtrec.stream.log_positions import AsyncLogEpochs, LogPosition
+from rtrec.stream.redis_calls import AsyncClient
+from rtrec.stream.settings import Settings, get_settings
 from rtrec.stream.state_store import StateStore
 from rtrec.workers.dead_letters import DeadLetter, DeadLetters
 from rtrec.workers.faust_app import make_app, run_module
+from rtrec.workers.metrics import BATCH_SIZE, EVENT_TO_STATE, EVENTS_DUPLICATE, EVENTS_PROCESSED, readiness
 from rtrec.workers.runtime import ConsumerRuntime
-from rtrec.workers.metrics import (BATCH_SIZE, EVENT_TO_STATE, EVENTS_DUPLICATE, EVENTS_PROCESSED, readiness,
-                             serve)
-from rtrec.workers.stack import announce_gone, announce_ready
+from rtrec.workers.lifecycle import consuming, serving, worker_producer, worker_redis
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ log = logging.getLogger(__name__)
 class StateWorker:
     """Turns a batch of raw records into state updates and dead letters."""
 
-    def __init__(self, settings: Settings, redis_client, dead_letters: DeadLetters) -> None:
+    def __init__(self, settings: Settings, redis_client: AsyncClient, dead_letters: DeadLetters) -> None:
         self.settings = settings
         self.redis = redis_client
         self.store = StateStore(settings)
@@ -41,8 +40,9 @@ class StateWorker:
         self.applied = 0
         self.duplicates = 0
 
-    def split(self, records: Sequence[ConsumerRecord], positions: Sequence[LogPosition | None]
-              ) -> tuple[list[Event], list[LogPosition | None], list[int], list[DeadLetter]]:
+    def split(
+        self, records: Sequence[ConsumerRecord], positions: Sequence[LogPosition | None]
+    ) -> tuple[list[Event], list[LogPosition | None], list[int], list[DeadLetter]]:
         """Valid events (with their log positions and broker timestamps) and dead letters."""
         now_ms = int(time.time() * 1000)
         events: list[Event] = []
@@ -78,37 +78,22 @@ class StateWorker:
                 await self.redis.rpush(INGEST_LATENCY, *samples)
 
 
-def build_app(settings: Settings | None = None):
+def build_app(settings: Settings | None = None) -> faust.App:
     """The Faust app of the state worker, with its consuming task."""
     settings = settings or get_settings()
     app = make_app("rtrec-state-app", settings)
 
-    @app.task
+    @app.task  # type: ignore[untyped-decorator]  # faust ships no types
     async def consume_events() -> None:
-        redis_client = async_redis_client(settings)
-        # topics (idempotent; an external Kafka may be bare) and Redis, waited for until RTREC_STARTUP_TIMEOUT_S
-        await wait_for_services(settings, redis_client)
-        producer = AIOKafkaProducer(
-            bootstrap_servers=kafka_bootstrap(settings), acks="all", **aiokafka_auth(settings)
-        )
-        await producer.start()
-        dead_letters = DeadLetters(settings, producer, redis_client)
-        consumer = ConsumerRuntime(settings, [settings.topic_events], settings.state_group, settings.state_batch_max,
-                                   settings.state_batch_wait_ms, worker="state", dead_letters=dead_letters)
-        worker = StateWorker(settings, redis_client, dead_letters)
-        await consumer.start()
-        metrics_server = await serve(settings.metrics_port, lambda: readiness(consumer, redis_client))
-        await announce_ready(redis_client, "state", settings.startup_timeout_s)
-        log.info("state worker consuming %s as %s", settings.topic_events, settings.state_group)
-        try:
-            await consumer.run(worker.handle)
-        finally:
-            if metrics_server is not None:
-                await metrics_server.cleanup()
-            await announce_gone(redis_client, "state")
-            await consumer.stop()
-            await producer.stop()
-            await redis_client.aclose()
+        async with worker_redis(settings) as redis, worker_producer(settings) as producer:
+            dead_letters = DeadLetters(settings, producer, redis)
+            consumer = ConsumerRuntime(settings, [settings.topic_events], settings.state_group,
+                                       settings.state_batch_max, settings.state_batch_wait_ms, worker="state",
+                                       dead_letters=dead_letters)
+            worker = StateWorker(settings, redis, dead_letters)
+            async with consuming(consumer), serving(settings, "state", redis, lambda: readiness(consumer, redis)):
+                log.info("state worker consuming %s as %s", settings.topic_events, settings.state_group)
+                await consumer.run(worker.handle)
 
     return app
 

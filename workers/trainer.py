@@ -27,18 +27,17 @@ from rtrec.model.drift import DriftWatch
 from rtrec.model.finetune import FineTuneData, build_data, fine_tune, gate
 from rtrec.model.generator import resolve_device
 from rtrec.model.store import CheckpointStore
-from rtrec.stream.connections import aiokafka_auth, async_redis_client, kafka_bootstrap, redis_client
+from rtrec.stream.connections import aiokafka_auth, kafka_bootstrap, redis_client
 from rtrec.stream.events import InvalidEvent, parse_event
 from rtrec.stream.keys import QUALITY, TRAINER_STATS
 from rtrec.stream.settings import Settings, get_settings
 from rtrec.stream.state_store import StateReads, StateStore
-from rtrec.workers.startup import wait_for_services
 from rtrec.workers.faults import is_transient
 from rtrec.workers.faust_app import make_app, run_module
-from rtrec.workers.metrics import TRAINER_DECISIONS, readiness, serve
+from rtrec.workers.lifecycle import serving, worker_redis
+from rtrec.workers.metrics import TRAINER_DECISIONS, readiness
 from rtrec.workers.runtime import ConsumerRuntime
 from rtrec.workers.quality import hit_rates
-from rtrec.workers.stack import announce_gone, announce_ready
 
 log = logging.getLogger(__name__)
 QUALITY_CHECK_S = 10.0
@@ -379,21 +378,15 @@ def build_app(settings: Settings | None = None):
 
     @app.task
     async def train_continuously() -> None:
-        redis = async_redis_client(settings)
-        await wait_for_services(settings, redis)  # until RTREC_STARTUP_TIMEOUT_S
-        loop = TrainerLoop(settings)
-        await loop.start()
-        metrics_server = await serve(settings.metrics_port, lambda: readiness(loop.runtime, redis))
-        await announce_ready(redis, "trainer", settings.startup_timeout_s)
-        log.info("trainer consuming %s as %s", settings.topic_events, settings.trainer_group)
-        try:
-            await loop.run()
-        finally:
-            if metrics_server is not None:
-                await metrics_server.cleanup()
-            await announce_gone(redis, "trainer")
-            await loop.stop()
-            await redis.aclose()
+        async with worker_redis(settings) as redis:
+            loop = TrainerLoop(settings)
+            await loop.start()
+            try:
+                async with serving(settings, "trainer", redis, lambda: readiness(loop.runtime, redis)):
+                    log.info("trainer consuming %s as %s", settings.topic_events, settings.trainer_group)
+                    await loop.run()
+            finally:
+                await loop.stop()
 
     return app
 

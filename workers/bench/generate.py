@@ -11,7 +11,6 @@ send -> response-received time at the client.
 from __future__ import annotations
 
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -21,34 +20,21 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from rtrec.model.checkpoint import Checkpoint, save_checkpoint
-from rtrec.model.generator import TorchGenerator, resolve_device
-from rtrec.model.pipeline import model_meta
-from rtrec.model.sequence_model import build_model
-from rtrec.model.vocab import ItemVocab
-from rtrec.stream.producer import EventProducer
+from rtrec.model.checkpoint import save_checkpoint
+from rtrec.model.generator import TorchGenerator
 from rtrec.stream.rec_client import RecClient
 from rtrec.stream.replay import Pacer
-from rtrec.stream.connections import redis_client
 from rtrec.stream.settings import Settings
-from rtrec.stream.state_store import StateStore
 from rtrec.stream.state_store import SeqEntry, UserState
-from rtrec.stream.synthetic import SyntheticConfig, generate_events
+from rtrec.stream.synthetic import SyntheticConfig
+from rtrec.workers.bench.stack_load import (
+    N_ITEMS,
+    default_generator,
+    fill_histories,
+    responses_read_in_background,
+    wait_for_answers,
+)
 from rtrec.workers.stack import Stack
-
-N_ITEMS = 3000
-
-
-def default_generator(settings: Settings) -> TorchGenerator:
-    vocab = ItemVocab(capacity=settings.model_item_capacity, hash_buckets=settings.model_hash_buckets)
-    for n in range(N_ITEMS):
-        vocab.add(f"i{n}")
-    torch.manual_seed(0)
-    model = build_model(settings, vocab).eval()
-    device = resolve_device(settings.device)
-    manifest = {"version": "bench-untrained", "meta": model_meta(settings)}
-    return TorchGenerator(Checkpoint(model.to(device), vocab, manifest, Path(".")), device,
-                          max_events=settings.serve_max_events)
 
 
 def _states(n: int, length: int, rng: np.random.Generator) -> list[UserState]:
@@ -91,19 +77,13 @@ def kafka_latency(settings: Settings, generator: TorchGenerator, rate: float, se
             pacer = Pacer(rate=rate)
             with RecClient(s) as client:
                 client.collect([client.send(users[0])], timeout_s=60)  # model warm, partitions assigned
-                stop = threading.Event()
-                reader = threading.Thread(target=read_responses_until, args=(client, stop), daemon=True)
-                reader.start()  # responses are stamped as they arrive, not when the sender has time
-                for i in tqdm(range(n), desc=f"requests at {rate:.0f}/s", unit="req"):
-                    pacer.wait(None)
-                    started = time.perf_counter()
-                    rid = client.send(users[i % len(users)], k=10)  # linger 0: sent at once
-                    sent[rid] = started
-                deadline = time.monotonic() + 60
-                while len(client.responses) < len(sent) + 1 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                stop.set()
-                reader.join()
+                with responses_read_in_background(client):  # stamped as they arrive, not when the sender has time
+                    for i in tqdm(range(n), desc=f"requests at {rate:.0f}/s", unit="req"):
+                        pacer.wait(None)
+                        started = time.perf_counter()
+                        rid = client.send(users[i % len(users)], k=10)  # linger 0: sent at once
+                        sent[rid] = started
+                    wait_for_answers(client, len(sent) + 1)
                 got = [r for r in sent if r in client.responses]
                 arrivals = dict(client.arrivals)
                 worker_ms = np.array([client.responses[r]["latency_ms"] for r in got])
@@ -111,24 +91,6 @@ def kafka_latency(settings: Settings, generator: TorchGenerator, rate: float, se
             if missing:
                 console.print(f"[red]{missing} requests unanswered")
             return np.array([(arrivals[r] - sent[r]) * 1000 for r in got]), worker_ms
-
-
-def fill_histories(settings: Settings, config: SyntheticConfig) -> list[str]:
-    """Produce synthetic events through the running stack, wait until Redis holds them; the user ids."""
-    events = generate_events(config)
-    with EventProducer(settings) as producer:
-        producer.send_many(events)
-    redis = redis_client(settings)
-    while StateStore(settings).stats(redis).get("applied", 0) < len(events):
-        time.sleep(0.05)
-    redis.close()
-    return sorted({e["user_id"] for e in events})
-
-
-def read_responses_until(client: RecClient, stop: threading.Event) -> None:
-    """Poll responses on a thread of its own, so each is stamped as it arrives."""
-    while not stop.is_set():
-        client.poll(timeout_ms=20)
 
 
 def run_bench(settings: Settings, batch_sizes: list[int], rate: float, seconds: float,

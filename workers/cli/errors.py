@@ -89,7 +89,8 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
                                                         "KafkaConnectionError") if hasattr(kerr, n))
         KafkaError = kerr.KafkaError
         if isinstance(exc, unreachable):
-            return f"cannot reach the Kafka broker ({_one_line(str(exc)) or type(exc).__name__}); {_kafka_hint()}", USAGE
+            reason = _one_line(str(exc)) or type(exc).__name__
+            return f"cannot reach the Kafka broker ({reason}); {_kafka_hint()}", USAGE
         if isinstance(exc, KafkaError):
             return f"Kafka error: {_one_line(str(exc)) or type(exc).__name__}", USAGE
     except ImportError:  # pragma: no cover - kafka-python is a dependency

@@ -53,6 +53,7 @@ import re
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,11 +62,12 @@ from rich.table import Table
 from tqdm import tqdm
 
 from rtrec.stream.connections import redis_client
+from rtrec.stream.keys import BENCH_SCRATCH, PREFIX
 from rtrec.stream.producer import EventProducer
 from rtrec.stream.settings import Settings
-from rtrec.stream.keys import BENCH_SCRATCH, PREFIX
 from rtrec.stream.state_store import StateStore
 from rtrec.stream.synthetic import SyntheticConfig, generate_events
+from rtrec.workers.bench.stack_load import wait_applied
 from rtrec.workers.stack import Stack
 
 DAY_MS = 86_400_000
@@ -80,7 +82,7 @@ HASH_FAMILY, IDS_FAMILY = f"{PREFIX}:u:*:h", f"{PREFIX}:u:*:ids"
 WATERMARK = "o:"  # a user's applied-offset watermark fields: o:<topic>:<partition> -> "epoch:offset"
 OTHER = "other"
 _USER_KEY = re.compile(rf"^{PREFIX}:u:[^:]+:([^:]+)$")  # ids cannot contain ':' (stream.events.ID_PATTERN)
-PRODUCER_LINGER_MS = 50  # fuller record batches: the embedded broker prefers few large ones (see bench_soak)
+PRODUCER_LINGER_MS = 50  # fuller record batches: the embedded broker prefers few large ones (see bench/soak.py)
 
 
 class BenchInputError(ValueError):
@@ -215,17 +217,6 @@ def caps_of(settings: Settings) -> dict[str, int]:
             "covis_cap": settings.covis_cap, "items_cap": settings.items_cap, "dedupe_window": settings.dedupe_window}
 
 
-def _wait_applied(store: StateStore, client, target: int, stack: Stack, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while (applied := store.stats(client).get("applied", 0)) < target:
-        dead = [w for w in stack.workers if not w.alive()]
-        if dead:
-            raise RuntimeError(f"{dead[0].name} exited:\n{dead[0].log_tail()}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {applied} of {target} events applied after {timeout_s:g}s")
-        time.sleep(0.02)
-
-
 def _sample(client, applied: int, active_users: int, started: float) -> dict:
     """used_memory etc. first, then the family breakdown (its SCAN's buffers are not in the figure)."""
     info = client.info("memory")
@@ -239,6 +230,17 @@ def _sample(client, applied: int, active_users: int, started: float) -> dict:
     return point
 
 
+@dataclass
+class ReplayMeasurement:
+    """What a replay measured: memory samples, the final key-family breakdown, watermark cost, DBSIZE, seconds."""
+
+    series: list[dict]
+    families: dict[str, dict]
+    watermarks: dict
+    dbsize: int
+    seconds: float  # replay time, the samples' family breakdowns left out
+
+
 def run_memory_bench(settings: Settings, users: int = 2000, items: int = 5000, events: int = 200_000,
                      days: float = 7.0, rate: float = 1000.0, project_users: int | None = None, samples: int = 20,
                      plot: Path | None = Path("bench-memory.png"), console: Console | None = None,
@@ -249,62 +251,78 @@ def run_memory_bench(settings: Settings, users: int = 2000, items: int = 5000, e
     project_users = project_users or users
     stream = bench_events(users, items, events, days, end_ms=int(time.time() * 1000) - 1000)
     bounds = np.linspace(0, events, min(samples, events) + 1).round().astype(int)
-    seen: set[str] = set()
-    active_at = [0]  # distinct users among the events sent up to each bound
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        seen.update(e["user_id"] for e in stream[lo:hi])
-        active_at.append(len(seen))
-    active_users = len(seen)
+    active_at = _active_users_at(stream, bounds)
+    active_users = active_at[-1]
     active_items = len({e["item_id"] for e in stream})
-
+    title = (f"replaying {events:,} events ({active_users:,} users, {active_items:,} items) "
+             f"spanning {days:g} days of event time")
     with tempfile.TemporaryDirectory(prefix="rtrec-bench-memory-") as tmp:
-        with Stack(settings, run_dir=run_dir or Path(tmp)) as stack:
-            s = stack.start_servers()
-            stack.start_worker("state")
-            stack.wait_ready("state")
-            client = redis_client(s)
-            store = StateStore(s)
-            already = store.stats(client).get("applied", 0)
-            if already:
-                console.print(f"[yellow]this Redis already holds state ({already:,} events applied): "
-                              "the key families below include it")
-            started = time.monotonic()
-            series = [_sample(client, 0, 0, started)]
-            console.rule(f"replaying {events:,} events ({active_users:,} users, {active_items:,} items) "
-                         f"spanning {days:g} days of event time")
-            with EventProducer(s.model_copy(update={"producer_linger_ms": PRODUCER_LINGER_MS})) as producer, \
-                    tqdm(total=events, desc="replay", unit="ev") as bar:
-                for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
-                    for n in range(lo, hi):
-                        producer.send(stream[n])
-                        if n % 1000 == 999:
-                            bar.update(1000)
-                    producer.flush()
-                    _wait_applied(store, client, already + int(hi), stack)
-                    series.append(_sample(client, int(hi), active_at[k], started))
-                    bar.update(int(hi) - bar.n)
-                    bar.set_postfix(used_mb=f"{series[-1]['used_memory'] / 2**20:.1f}", keys=series[-1]["keys"])
-            seconds = time.monotonic() - started - sum(p["breakdown_seconds"] for p in series)
-            console.print("breaking memory down by key family (SCAN + MEMORY USAGE) ...")
-            chosen: dict[str, list[str]] = {}
-            families = key_families(client, chosen_out=chosen)
-            watermarks = watermark_cost(client, chosen.get(HASH_FAMILY, []))
-            dbsize = int(client.dbsize())
-            client.close()
-
-    result = _figures(series, families, watermarks, dbsize, events, active_users, active_items, days, rate,
-                      project_users, settings.dedupe_window, seconds)
+        m = _replay(settings, stream, bounds, active_at, run_dir or Path(tmp), title, console)
+    result = _figures(m.series, m.families, m.watermarks, m.dbsize, events, active_users, active_items, days, rate,
+                      project_users, settings.dedupe_window, m.seconds)
     result["caps"] = caps_of(settings)
     _print(result, console)
     if plot is not None:
-        plot = Path(plot)
-        plot.parent.mkdir(parents=True, exist_ok=True)
-        _plot(result, plot)
-        json_path = plot.with_suffix(".json")
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-        result["plot"], result["json"] = str(plot), str(json_path)
-        console.print(f"memory over events: {plot}   figures: {json_path}")
+        _save(result, Path(plot), console)
     return result
+
+
+def _active_users_at(stream: list[dict], bounds: np.ndarray) -> list[int]:
+    """Distinct users among the events sent up to each bound (0 before any event)."""
+    seen: set[str] = set()
+    active_at = [0]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        seen.update(e["user_id"] for e in stream[lo:hi])
+        active_at.append(len(seen))
+    return active_at
+
+
+def _replay(settings: Settings, stream: list[dict], bounds: np.ndarray, active_at: list[int], run_dir: Path,
+            title: str, console: Console) -> ReplayMeasurement:
+    """Start the stack, send the stream chunk by chunk (sampling memory after each is applied), break memory down."""
+    with Stack(settings, run_dir=run_dir) as stack:
+        s = stack.start_servers()
+        stack.start_worker("state")
+        stack.wait_ready("state")
+        client = redis_client(s)
+        store = StateStore(s)
+        already = store.stats(client).get("applied", 0)
+        if already:
+            console.print(f"[yellow]this Redis already holds state ({already:,} events applied): "
+                          "the key families below include it")
+        started = time.monotonic()
+        series = [_sample(client, 0, 0, started)]
+        console.rule(title)
+        with EventProducer(s.model_copy(update={"producer_linger_ms": PRODUCER_LINGER_MS})) as producer, \
+                tqdm(total=len(stream), desc="replay", unit="ev") as bar:
+            for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
+                for n in range(lo, hi):
+                    producer.send(stream[n])
+                    if n % 1000 == 999:
+                        bar.update(1000)
+                producer.flush()
+                wait_applied(store, client, already + int(hi), stack)
+                series.append(_sample(client, int(hi), active_at[k], started))
+                bar.update(int(hi) - bar.n)
+                bar.set_postfix(used_mb=f"{series[-1]['used_memory'] / 2**20:.1f}", keys=series[-1]["keys"])
+        seconds = time.monotonic() - started - sum(p["breakdown_seconds"] for p in series)
+        console.print("breaking memory down by key family (SCAN + MEMORY USAGE) ...")
+        chosen: dict[str, list[str]] = {}
+        families = key_families(client, chosen_out=chosen)
+        watermarks = watermark_cost(client, chosen.get(HASH_FAMILY, []))
+        dbsize = int(client.dbsize())
+        client.close()
+    return ReplayMeasurement(series, families, watermarks, dbsize, seconds)
+
+
+def _save(result: dict, plot: Path, console: Console) -> None:
+    """The PNG at `plot` and the figures as JSON beside it; their paths go into `result`."""
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    _plot(result, plot)
+    json_path = plot.with_suffix(".json")
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    result["plot"], result["json"] = str(plot), str(json_path)
+    console.print(f"memory over events: {plot}   figures: {json_path}")
 
 
 def _figures(series: list[dict], families: dict[str, dict], watermarks: dict, dbsize: int, events: int, users: int,

@@ -33,6 +33,7 @@ from rtrec.stream.replay import Pacer
 from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import StateStore
 from rtrec.stream.synthetic import SyntheticConfig, generate_events
+from rtrec.workers.bench.stack_load import wait_applied
 from rtrec.workers.stack import Stack
 
 
@@ -47,15 +48,6 @@ def _produce(settings: Settings, events: list[dict], rate: float = 0.0, desc: st
             if rate:
                 pacer.wait(None)
             producer.send(e)
-
-
-def _wait_applied(store: StateStore, client, target: int, timeout_s: float = 600) -> float:
-    deadline = time.monotonic() + timeout_s
-    while store.stats(client).get("applied", 0) < target:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {store.stats(client)} of {target} applied")
-        time.sleep(0.01)
-    return time.monotonic()
 
 
 def naive_baseline(settings: Settings, topic: str, n: int) -> float:
@@ -96,7 +88,7 @@ def run_bench(settings: Settings, n_events: int, baseline_events: int, plot: Pat
         stack.start_worker("state", RTREC_RECORD_LATENCY="1")
         stack.wait_ready("state")
         start = time.monotonic()
-        end = _wait_applied(store, client, n_events)
+        end = wait_applied(store, client, n_events, stack, timeout_s=600)
         results["rtrec_events_per_s"] = n_events / (end - start)
         while client.llen(INGEST_LATENCY) < n_events:  # samples are pushed just after each apply
             time.sleep(0.01)
@@ -106,7 +98,7 @@ def run_bench(settings: Settings, n_events: int, baseline_events: int, plot: Pat
         n_paced = min(n_events, int(rate * 5))
         console.rule(f"2. latency: {n_paced:,} events at a steady {rate:,.0f}/s")
         _produce(s, _events(n_paced, seed=2), rate=rate, desc="paced")
-        _wait_applied(store, client, n_events + n_paced)
+        wait_applied(store, client, n_events + n_paced, stack, timeout_s=600)
         lat = np.array([float(x) for x in client.lrange(INGEST_LATENCY, 0, -1)])
         results["p50_ms"], results["p99_ms"] = np.percentile(lat, [50, 99])
 

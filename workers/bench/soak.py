@@ -19,6 +19,8 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -33,7 +35,7 @@ from rtrec.stream.producer import EventProducer
 from rtrec.stream.rec_client import RecClient
 from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import StateStore
-from rtrec.workers.bench_generate import N_ITEMS, default_generator, read_responses_until
+from rtrec.workers.bench.stack_load import N_ITEMS, default_generator, responses_read_in_background
 from rtrec.workers.stack import Stack
 from rtrec.workers.trainer import announce_sync
 
@@ -45,14 +47,34 @@ SOAK_LINGER_MS = 100
 TYPES = ("browse", "browse", "browse", "click", "click", "purchase")
 
 
+@dataclass(frozen=True)
+class SoakPlan:
+    """The load: how long, how fast, how often a promotion and a memory sample."""
+
+    minutes: float
+    event_rate: float
+    request_rate: float
+    promote_every_s: float
+    sample_s: float
+
+
+@dataclass
+class SoakLog:
+    """What the load loop did: events sent per user, request ids, promotion times, memory samples per worker."""
+
+    sent_events: Counter[str] = field(default_factory=Counter)
+    requests: list[str] = field(default_factory=list)
+    promotions: list[float] = field(default_factory=list)
+    memory: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+
+
 def run_soak(settings: Settings, minutes: float, event_rate: float, request_rate: float, promote_every_s: float,
              users: int, sample_s: float, plot: Path | None, console: Console) -> dict:
     generator = default_generator(settings)
     ck = generator.checkpoint
     tag = uuid.uuid4().hex[:6]
     pool = [f"soak-{tag}-{n}" for n in range(users)]
-    rng = random.Random(7)
-    seconds = minutes * 60
+    plan = SoakPlan(minutes, event_rate, request_rate, promote_every_s, sample_s)
     with tempfile.TemporaryDirectory(prefix="rtrec-soak-") as tmp:
         root = Path(tmp) / "checkpoints"
         store = CheckpointStore(root)
@@ -61,10 +83,7 @@ def run_soak(settings: Settings, minutes: float, event_rate: float, request_rate
             s = stack.start()
             redis = redis_client(s)
             processes = {w.name: psutil.Process(w.proc.pid) for w in stack.workers}
-            memory: dict[str, list[tuple[float, float]]] = {name: [] for name in processes}
-            sent_events: Counter[str] = Counter()
-            requests: list[str] = []
-            promotions: list[float] = []
+            log = SoakLog(memory={name: [] for name in processes})
 
             def promote() -> None:
                 version = save_checkpoint(ck.model, ck.vocab, root, ck.manifest["meta"]).name
@@ -73,40 +92,44 @@ def run_soak(settings: Settings, minutes: float, event_rate: float, request_rate
 
             events_settings = s.model_copy(update={"producer_linger_ms": SOAK_LINGER_MS})
             with EventProducer(events_settings) as producer, RecClient(s) as client:
-                stop = threading.Event()
-                reader = threading.Thread(target=read_responses_until, args=(client, stop), daemon=True)
-                reader.start()
-                start = time.monotonic()
-                next_sample = next_promotion = 0.0
-                with tqdm(total=int(seconds), desc=f"soak {minutes:g} min", unit="s") as bar:
-                    while (elapsed := time.monotonic() - start) < seconds:
-                        for _ in range(int(elapsed * event_rate) - sum(sent_events.values())):
-                            user = rng.choice(pool)
-                            producer.send({"event_id": uuid.uuid4().hex, "user_id": user,
-                                           "item_id": f"i{rng.randrange(N_ITEMS)}", "type": rng.choice(TYPES),
-                                           "ts": int(time.time() * 1000)})
-                            sent_events[user] += 1
-                        for _ in range(int(elapsed * request_rate) - len(requests)):
-                            requests.append(client.send(rng.choice(pool), k=10))
-                        if elapsed >= next_sample:
-                            for name, proc in processes.items():
-                                memory[name].append((elapsed, proc.memory_info().rss / 2**20))
-                            next_sample += sample_s
-                        if elapsed >= next_promotion + promote_every_s:
-                            next_promotion += promote_every_s
-                            promotions.append(elapsed)
-                            threading.Thread(target=promote, daemon=True).start()
-                        bar.update(int(elapsed) - bar.n)
-                        time.sleep(TICK_S)
-                producer.flush()
-                client.producer.flush()
-                drained = _wait_drained(s, redis, sent_events, client, requests)
-                stop.set()
-                reader.join()
+                with responses_read_in_background(client):
+                    _run_load(plan, producer, client, pool, processes, promote, log)
+                    producer.flush()
+                    client.producer.flush()
+                    drained = _wait_drained(s, redis, log.sent_events, client, log.requests)
                 responses, duplicates = dict(client.responses), client.duplicates
-            counts = _event_counts(s, redis, sorted(sent_events))
-    return _report(sent_events, counts, requests, responses, duplicates, memory, promotions, drained,
+            counts = _event_counts(s, redis, sorted(log.sent_events))
+    return _report(log.sent_events, counts, log.requests, responses, duplicates, log.memory, log.promotions, drained,
                    plot, console)
+
+
+def _run_load(plan: SoakPlan, producer: EventProducer, client: RecClient, pool: list[str],
+              processes: dict[str, psutil.Process], promote: Callable[[], None], log: SoakLog) -> None:
+    """Every tick for the plan's minutes: send the events and requests now due, sample memory, start promotions."""
+    rng = random.Random(7)
+    seconds = plan.minutes * 60
+    start = time.monotonic()
+    next_sample = next_promotion = 0.0
+    with tqdm(total=int(seconds), desc=f"soak {plan.minutes:g} min", unit="s") as bar:
+        while (elapsed := time.monotonic() - start) < seconds:
+            for _ in range(int(elapsed * plan.event_rate) - sum(log.sent_events.values())):
+                user = rng.choice(pool)
+                producer.send({"event_id": uuid.uuid4().hex, "user_id": user,
+                               "item_id": f"i{rng.randrange(N_ITEMS)}", "type": rng.choice(TYPES),
+                               "ts": int(time.time() * 1000)})
+                log.sent_events[user] += 1
+            for _ in range(int(elapsed * plan.request_rate) - len(log.requests)):
+                log.requests.append(client.send(rng.choice(pool), k=10))
+            if elapsed >= next_sample:
+                for name, proc in processes.items():
+                    log.memory[name].append((elapsed, proc.memory_info().rss / 2**20))
+                next_sample += plan.sample_s
+            if elapsed >= next_promotion + plan.promote_every_s:
+                next_promotion += plan.promote_every_s
+                log.promotions.append(elapsed)
+                threading.Thread(target=promote, daemon=True).start()
+            bar.update(int(elapsed) - bar.n)
+            time.sleep(TICK_S)
 
 
 def _event_counts(settings: Settings, redis, users: list[str]) -> dict[str, int]:

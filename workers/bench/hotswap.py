@@ -29,7 +29,13 @@ from rtrec.stream.rec_client import RecClient
 from rtrec.stream.replay import Pacer
 from rtrec.stream.settings import Settings
 from rtrec.stream.synthetic import SyntheticConfig
-from rtrec.workers.bench_generate import N_ITEMS, default_generator, fill_histories, read_responses_until
+from rtrec.workers.bench.stack_load import (
+    N_ITEMS,
+    default_generator,
+    fill_histories,
+    responses_read_in_background,
+    wait_for_answers,
+)
 from rtrec.workers.stack import Stack
 from rtrec.workers.trainer import announce_sync
 
@@ -53,22 +59,16 @@ def run_bench(settings: Settings, rate: float, seconds: float, swaps: int, plot:
             moments = {int(n * (i + 1) / (swaps + 1)): v for i, v in enumerate(versions[1:])}
             with RecClient(s) as client:
                 client.collect([client.send(users[0])], timeout_s=60)  # warm, partitions assigned
-                stop = threading.Event()
-                reader = threading.Thread(target=read_responses_until, args=(client, stop), daemon=True)
-                reader.start()
                 pacer = Pacer(rate=rate)
-                for i in tqdm(range(n), desc=f"requests at {rate:.0f}/s, {swaps} swaps", unit="req"):
-                    pacer.wait(None)
-                    if i in moments:
-                        store.promote(moments[i], reason="bench")
-                        threading.Thread(target=announce_sync, args=(s, moments[i], "bench"), daemon=True).start()
-                        swap_at.append((moments[i], time.perf_counter()))
-                    sent[client.send(users[i % len(users)], k=10)] = time.perf_counter()
-                deadline = time.monotonic() + 60
-                while len(client.responses) < len(sent) + 1 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                stop.set()
-                reader.join()
+                with responses_read_in_background(client):
+                    for i in tqdm(range(n), desc=f"requests at {rate:.0f}/s, {swaps} swaps", unit="req"):
+                        pacer.wait(None)
+                        if i in moments:
+                            store.promote(moments[i], reason="bench")
+                            threading.Thread(target=announce_sync, args=(s, moments[i], "bench"), daemon=True).start()
+                            swap_at.append((moments[i], time.perf_counter()))
+                        sent[client.send(users[i % len(users)], k=10)] = time.perf_counter()
+                    wait_for_answers(client, len(sent) + 1)
                 responses, arrivals = dict(client.responses), dict(client.arrivals)
             worker_swap_ms = float(redis.hget(RECOMMEND_STATS, "last_swap_ms") or "nan")
     return _report(sent, responses, arrivals, swap_at, worker_swap_ms, rate, plot, console)
