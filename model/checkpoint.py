@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, PreTrainedModel
-from transformers import AutoModelForCausalLM, T5ForConditionalGeneration
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, T5ForConditionalGeneration
 
 from rtrec.model.vocab import ItemVocab
 
@@ -146,8 +145,13 @@ def latest_checkpoint(root: Path) -> Path | None:
         candidate = root / current.read_text().strip()
         if candidate.is_dir():
             return candidate
-    versions = sorted((p for p in root.glob("*") if p.is_dir() and not p.name.startswith(".")),
-                      key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    versions = (
+        sorted(
+            (p for p in root.glob("*") if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime
+        )
+        if root.is_dir()
+        else []
+    )
     return versions[-1] if versions else None
 
 

@@ -146,7 +146,7 @@ class TrainingInputError(ValueError):
     """Training input that cannot give a useful model: invalid events, or too few events/users (one line)."""
 
 
-def prepare_training_events(events: list[dict], settings: "Settings", source: Any = "input") -> list[dict]:
+def prepare_training_events(events: list[dict], settings: Settings, source: Any = "input") -> list[dict]:
     """Check events before any training: derive missing event ids (as `rtrec replay` does), validate each
     event, and refuse input below RTREC_TRAIN_MIN_EVENTS events or RTREC_TRAIN_MIN_USERS users with the three
     events leave-one-out needs. Returns the events (ids filled in); raises TrainingInputError."""
@@ -175,7 +175,8 @@ def prepare_training_events(events: list[dict], settings: "Settings", source: An
         raise TrainingInputError(
             f"{source}: {len(events)} events and {users} users with 3+ events; training needs at least "
             f"{settings.train_min_events} events (RTREC_TRAIN_MIN_EVENTS) and {settings.train_min_users} such users "
-            f"(RTREC_TRAIN_MIN_USERS)")
+            f"(RTREC_TRAIN_MIN_USERS)"
+        )
     return events
 
 
@@ -185,8 +186,7 @@ def resolve_source(source: str) -> Path:
     if path.exists():
         return path
     if source not in SHARED_DATASETS:
-        raise FileNotFoundError(2, f"no such file (nor a shared dataset name: {', '.join(SHARED_DATASETS)})",
-                                source)
+        raise FileNotFoundError(2, f"no such file (nor a shared dataset name: {', '.join(SHARED_DATASETS)})", source)
     found = shared_dataset(source)
     if found is None:
         raise FileNotFoundError(f"{source}: no such file, and no dataset of that name in ../shared/data")

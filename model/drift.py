@@ -9,7 +9,8 @@ this as the trigger.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from river.drift import ADWIN
 
@@ -40,8 +41,10 @@ class DriftWatch:
         return False
 
     def describe(self) -> str:
-        return (f"drift: ADWIN saw the share of events on the last window's top {self.head_items} items "
-                f"move from {self.before:.2f} to {self.after:.2f}")
+        return (
+            f"drift: ADWIN saw the share of events on the last window's top {self.head_items} items "
+            f"move from {self.before:.2f} to {self.after:.2f}"
+        )
 
     def reset(self, window: Iterable[dict[str, Any]]) -> None:
         """A new model trained on `window`: its popular items become the head; start a fresh detector."""

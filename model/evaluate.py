@@ -45,8 +45,9 @@ COLUMNS = ("name", "HR@10", "NDCG@10", "Recall@20", "coverage@10", "novelty@10",
 
 # ---- states in the real store ------------------------------------------------------------
 @contextmanager
-def replayed(split: Split, settings: Settings, redis_client: redis.Redis,
-             progress: bool = True) -> Iterator[StateStore]:
+def replayed(
+    split: Split, settings: Settings, redis_client: redis.Redis, progress: bool = True
+) -> Iterator[StateStore]:
     """``split.train_events`` applied to Redis under a fresh key prefix; yields the store that reads them.
 
     The prefix's keys are deleted afterwards, so a shared Redis is left as it was found.
@@ -213,8 +214,9 @@ def evaluate(
     return asyncio.run(_evaluate(pipelines, split, redis_settings, batch_size, k))
 
 
-async def _evaluate(pipelines: Mapping[str, RankingPipeline], split: Split, redis_settings: Settings,
-                    batch_size: int, k: int) -> list[dict[str, Any]]:
+async def _evaluate(
+    pipelines: Mapping[str, RankingPipeline], split: Split, redis_settings: Settings, batch_size: int, k: int
+) -> list[dict[str, Any]]:
     queries = eval_queries(split, k)
     targets = {q.user_id: split.target(q.user_id) for q in queries}
     client = async_redis_client(redis_settings)
@@ -233,8 +235,9 @@ async def _evaluate(pipelines: Mapping[str, RankingPipeline], split: Split, redi
     return rows
 
 
-async def _ranked(name: str, pipeline: RankingPipeline, client: Any, queries: Sequence[RankQuery],
-                  batch_size: int) -> dict[str, list[str]]:
+async def _ranked(
+    name: str, pipeline: RankingPipeline, client: Any, queries: Sequence[RankQuery], batch_size: int
+) -> dict[str, list[str]]:
     """Every query's ranked item ids from ``pipeline.rank``, checked against the query's exclusions."""
     ranked: dict[str, list[str]] = {}
     for start in range(0, len(queries), batch_size):
@@ -295,9 +298,12 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, title: 
     ax.set_xlabel("score (0-1; HR@10: share of users whose held-out item is in the top 10)")
     ax.set_ylabel("recommender")
     users = rows[0]["users"] if rows else 0
-    dataset = title[len("eval "):] if title.startswith("eval ") else title
-    ax.set_title(f"Next-item accuracy on {dataset}: HR@10 and NDCG@10\n"
-                 f"(leave-one-out, full ranking, {users:,} test users; higher is better)", fontsize=10)
+    dataset = title[len("eval ") :] if title.startswith("eval ") else title
+    ax.set_title(
+        f"Next-item accuracy on {dataset}: HR@10 and NDCG@10\n"
+        f"(leave-one-out, full ranking, {users:,} test users; higher is better)",
+        fontsize=10,
+    )
     ax.legend(loc="lower right")
     ax.margins(x=0.15)
     fig.tight_layout()
@@ -305,8 +311,9 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, title: 
     return csv_path, png_path
 
 
-def print_table(rows: Sequence[Mapping[str, Any]], console: Any,
-                reference: Mapping[str, Mapping[str, float]] | None = None) -> None:
+def print_table(
+    rows: Sequence[Mapping[str, Any]], console: Any, reference: Mapping[str, Mapping[str, float]] | None = None
+) -> None:
     """A rich table of the rows; ``reference`` rows (e.g. ``published_reference()``) are shown dimmed."""
     from rich.table import Table
 
@@ -323,7 +330,14 @@ def print_table(rows: Sequence[Mapping[str, Any]], console: Any,
         )
     for name, ref in (reference or {}).items():
         table.add_row(
-            f"{name} (published, ML-1M)", f"{ref['HR@10']:.4f}", f"{ref['NDCG@10']:.4f}", "", "", "", "", "",
+            f"{name} (published, ML-1M)",
+            f"{ref['HR@10']:.4f}",
+            f"{ref['NDCG@10']:.4f}",
+            "",
+            "",
+            "",
+            "",
+            "",
             style="dim",
         )
     console.print(table)

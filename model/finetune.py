@@ -34,8 +34,9 @@ class FineTuneData:
     items: set[str] = field(default_factory=set)
 
 
-def build_data(window: Sequence[dict[str, Any]], context: Mapping[str, History], replay: Sequence[History],
-               settings: Settings) -> FineTuneData:
+def build_data(
+    window: Sequence[dict[str, Any]], context: Mapping[str, History], replay: Sequence[History], settings: Settings
+) -> FineTuneData:
     """Training histories and held-out cases from a window (time-ordered events).
 
     A window user with at least two events (window + context) gives one
@@ -61,14 +62,24 @@ def build_data(window: Sequence[dict[str, Any]], context: Mapping[str, History],
 
 
 def _tuning_settings(settings: Settings, layout: str, max_events: int) -> Settings:
-    return settings.model_copy(update={
-        "model_layout": layout, "model_max_events": max_events, "train_lr": settings.finetune_lr,
-        "train_epochs": settings.finetune_epochs, "train_warmup_steps": 0,
-    })
+    return settings.model_copy(
+        update={
+            "model_layout": layout,
+            "model_max_events": max_events,
+            "train_lr": settings.finetune_lr,
+            "train_epochs": settings.finetune_epochs,
+            "train_warmup_steps": 0,
+        }
+    )
 
 
-def fine_tune(current: Path | Checkpoint | None, data: FineTuneData, settings: Settings, device: torch.device,
-              progress: bool = False) -> tuple[Checkpoint, TrainReport]:
+def fine_tune(
+    current: Path | Checkpoint | None,
+    data: FineTuneData,
+    settings: Settings,
+    device: torch.device,
+    progress: bool = False,
+) -> tuple[Checkpoint, TrainReport]:
     """Continue training a fresh copy of `current` (or a new model when there is none) on `data`.
 
     New items take free vocabulary rows; when they would overflow the reserved
@@ -79,8 +90,11 @@ def fine_tune(current: Path | Checkpoint | None, data: FineTuneData, settings: S
         vocab = vocab_for(data.train, settings)
         model = build_model(settings, vocab)
         s = settings.model_copy(update={"train_epochs": settings.finetune_first_epochs})
-        meta = {"family": settings.model_family, "layout": settings.model_layout,
-                "max_events": settings.model_max_events}
+        meta = {
+            "family": settings.model_family,
+            "layout": settings.model_layout,
+            "max_events": settings.model_max_events,
+        }
         parent = None
     else:
         if isinstance(current, Checkpoint):  # in memory (stream eval): train a copy, keep the original
@@ -120,19 +134,33 @@ class GateResult:
     current: dict[str, float] | None
 
 
-def gate(candidate: Checkpoint, current: Checkpoint | None, cases: Sequence[ValidationCase],
-         tolerance: float, device: torch.device, min_cases: int = 1) -> GateResult:
+def gate(
+    candidate: Checkpoint,
+    current: Checkpoint | None,
+    cases: Sequence[ValidationCase],
+    tolerance: float,
+    device: torch.device,
+    min_cases: int = 1,
+) -> GateResult:
     """Promote only if the candidate is not worse than the current model beyond `tolerance` (NDCG@10)."""
     cand = score(candidate, cases, device)
     if current is None:
         return GateResult(True, "first model", cand, None)
     if len(cases) < min_cases:
-        return GateResult(False, f"only {len(cases)} held-out cases (< {min_cases}): nothing to judge by",
-                          cand, None)
+        return GateResult(False, f"only {len(cases)} held-out cases (< {min_cases}): nothing to judge by", cand, None)
     cur = score(current, cases, device)
     delta = cand["NDCG@10"] - cur["NDCG@10"]
     if delta < -tolerance:
-        return GateResult(False, f"candidate NDCG@10 {cand['NDCG@10']:.4f} < current {cur['NDCG@10']:.4f} "
-                                 f"- tolerance {tolerance}", cand, cur)
-    return GateResult(True, f"candidate NDCG@10 {cand['NDCG@10']:.4f} vs current {cur['NDCG@10']:.4f} "
-                            f"(delta {delta:+.4f}, tolerance {tolerance})", cand, cur)
+        return GateResult(
+            False,
+            f"candidate NDCG@10 {cand['NDCG@10']:.4f} < current {cur['NDCG@10']:.4f} - tolerance {tolerance}",
+            cand,
+            cur,
+        )
+    return GateResult(
+        True,
+        f"candidate NDCG@10 {cand['NDCG@10']:.4f} vs current {cur['NDCG@10']:.4f} "
+        f"(delta {delta:+.4f}, tolerance {tolerance})",
+        cand,
+        cur,
+    )

@@ -48,8 +48,7 @@ class RankFusion(Recommender):
         """The fused rankings and the lead member's version, read together with its ranking."""
         ranked = [versioned(rec, states, max(k, self.depth)) for rec, _ in self.members]
         weights = [weight for _, weight in self.members]
-        fused = [fuse(list(zip((lists[row] for lists, _ in ranked), weights)), k, self.c)
-                 for row in range(len(states))]
+        fused = [fuse(list(zip((lists[row] for lists, _ in ranked), weights)), k, self.c) for row in range(len(states))]
         return fused, ranked[0][1]
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -35,7 +35,7 @@ class TorchGenerator(GenerativeRecommender):
         self.max_events = min(checkpoint.max_events, max_events or checkpoint.max_events)
 
     @classmethod
-    def from_path(cls, path: Path, device: str = "auto", max_events: int | None = None) -> "TorchGenerator":
+    def from_path(cls, path: Path, device: str = "auto", max_events: int | None = None) -> TorchGenerator:
         dev = resolve_device(device)
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         return cls(load_checkpoint(path, device=dev, dtype=dtype), dev, max_events)

@@ -23,10 +23,10 @@ from rtrec.model.datasets import (
     resolve_source,
 )
 from rtrec.model.generator import TorchGenerator, resolve_device
+from rtrec.model.histories import user_histories
 from rtrec.model.ranking import RankingPipeline
 from rtrec.model.recommender import Recommender
 from rtrec.model.sequence_model import build_model
-from rtrec.model.histories import user_histories
 from rtrec.model.train import TrainReport, ValidationCase, seed_everything, train_model, vocab_for
 from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import StateStore
@@ -34,8 +34,7 @@ from rtrec.stream.state_store import StateStore
 
 def model_meta(settings: Settings) -> dict[str, Any]:
     """What serving needs besides the weights: how histories become tokens."""
-    return {"family": settings.model_family, "layout": settings.model_layout,
-            "max_events": settings.model_max_events}
+    return {"family": settings.model_family, "layout": settings.model_layout, "max_events": settings.model_max_events}
 
 
 def _cases(split: Split, users: Sequence[str], valid: bool) -> list[ValidationCase]:
@@ -43,8 +42,9 @@ def _cases(split: Split, users: Sequence[str], valid: bool) -> list[ValidationCa
     for u in users:
         hist = split.valid_history(u) if valid else split.history(u)
         target = split.valid_target(u) if valid else split.target(u)
-        out.append(ValidationCase([(e["item_id"], e["type"]) for e in hist], target,
-                                  frozenset(e["item_id"] for e in hist)))
+        out.append(
+            ValidationCase([(e["item_id"], e["type"]) for e in hist], target, frozenset(e["item_id"] for e in hist))
+        )
     return out
 
 
@@ -55,8 +55,9 @@ def family_settings(settings: Settings) -> Settings:
     return settings
 
 
-def train_generator(settings: Settings, split: Split, progress: bool = True,
-                    refit_events: Sequence[dict[str, Any]] | None = None) -> tuple[TorchGenerator, TrainReport]:
+def train_generator(
+    settings: Settings, split: Split, progress: bool = True, refit_events: Sequence[dict[str, Any]] | None = None
+) -> tuple[TorchGenerator, TrainReport]:
     """Train on all but each user's last two events, early-stop on the second-to-last.
 
     With `train_refit` a fresh model is then trained for the best epoch count on
@@ -70,8 +71,15 @@ def train_generator(settings: Settings, split: Split, progress: bool = True,
     vocab = vocab_for(user_histories(split.events).values(), settings)
     seed_everything(settings.train_seed)  # weight initialisation too, so a run is reproducible
     model = build_model(settings, vocab)
-    report = train_model(model, vocab, list(user_histories(split.fit_events).values()), settings, device,
-                         validation=_cases(split, split.test_users, valid=True), progress=progress)
+    report = train_model(
+        model,
+        vocab,
+        list(user_histories(split.fit_events).values()),
+        settings,
+        device,
+        validation=_cases(split, split.test_users, valid=True),
+        progress=progress,
+    )
     if settings.train_refit and report.best_epoch:
         started = time.monotonic()
         refit = list(user_histories(split.train_events if refit_events is None else refit_events).values())
@@ -85,8 +93,9 @@ def train_generator(settings: Settings, split: Split, progress: bool = True,
     return TorchGenerator(Checkpoint(model, vocab, manifest, Path(".")), device), report
 
 
-def train_checkpoint(settings: Settings, events: list[dict[str, Any]], root: Path,
-                     progress: bool = True) -> tuple[Path, TrainReport]:
+def train_checkpoint(
+    settings: Settings, events: list[dict[str, Any]], root: Path, progress: bool = True
+) -> tuple[Path, TrainReport]:
     """Train on an event log and save a versioned checkpoint.
 
     Early stopping trains on all but each user's last two events and validates on the
@@ -96,8 +105,12 @@ def train_checkpoint(settings: Settings, events: list[dict[str, Any]], root: Pat
     started = time.monotonic()
     generator, report = train_generator(settings, split, progress, refit_events=split.events)
     ck = generator.checkpoint
-    window = {"events": len(events), "first_ts": events[0]["ts"] if events else None,
-              "last_ts": events[-1]["ts"] if events else None, "users": len(split.test_users)}
+    window = {
+        "events": len(events),
+        "first_ts": events[0]["ts"] if events else None,
+        "last_ts": events[-1]["ts"] if events else None,
+        "users": len(split.test_users),
+    }
     metrics = {k: v for k, v in report.best.items() if k.startswith(("HR", "NDCG"))}
     metrics.update(train_seconds=round(time.monotonic() - started, 1), best_epoch=report.best_epoch)
     path = save_checkpoint(ck.model, ck.vocab, root, ck.manifest["meta"], metrics=metrics, training_window=window)
@@ -124,11 +137,17 @@ def plot_training(reports: dict[str, TrainReport], path: Path) -> Path:
             for ax, key in ((ax_loss, "loss"), (ax_val, "NDCG@10")):
                 if key in row:
                     ax.axvline(best, color=line.get_color(), linestyle=":", linewidth=1)
-                    ax.plot([best], [row[key]], marker="*", markersize=12, color=line.get_color(),
-                            linestyle="none", label=f"{name}: best epoch {best}" if key == "NDCG@10" else None)
+                    ax.plot(
+                        [best],
+                        [row[key]],
+                        marker="*",
+                        markersize=12,
+                        color=line.get_color(),
+                        linestyle="none",
+                        label=f"{name}: best epoch {best}" if key == "NDCG@10" else None,
+                    )
     ax_loss.set(title="Training loss (lower is better)", xlabel="epoch", ylabel="cross-entropy loss (nats)")
-    ax_val.set(title="Validation NDCG@10 (higher is better)", xlabel="epoch",
-               ylabel="NDCG@10 (0-1)")
+    ax_val.set(title="Validation NDCG@10 (higher is better)", xlabel="epoch", ylabel="NDCG@10 (0-1)")
     fig.suptitle("Next-item model training: loss and validation accuracy per epoch (dotted: best epoch)")
     for ax in (ax_loss, ax_val):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -141,8 +160,15 @@ def plot_training(reports: dict[str, TrainReport], path: Path) -> Path:
     return path
 
 
-def run_eval(settings: Settings, source: str, families: Sequence[str], out_dir: Path, console: Any,
-             baselines: bool = True, events: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def run_eval(
+    settings: Settings,
+    source: str,
+    families: Sequence[str],
+    out_dir: Path,
+    console: Any,
+    baselines: bool = True,
+    events: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """Leave-one-out table: generative families vs blending, popularity and river BiasedMF.
 
     `source` is an event file in rtrec's format or a MovieLens file/folder, or the
@@ -218,9 +244,13 @@ class EvalRun:
         """Blending (what serves without a model), popularity and river BiasedMF."""
         from rtrec.model.evaluate import BiasedMFRecommender, PopularityRecommender, write_report
 
-        self.rows += self.evaluate({"blending": self.pipeline(self.baseline),
-                                    "popularity": self.pipeline(PopularityRecommender(self.split)),
-                                    "river-BiasedMF": self.pipeline(BiasedMFRecommender(self.split))})
+        self.rows += self.evaluate(
+            {
+                "blending": self.pipeline(self.baseline),
+                "popularity": self.pipeline(PopularityRecommender(self.split)),
+                "river-BiasedMF": self.pipeline(BiasedMFRecommender(self.split)),
+            }
+        )
         write_report(self.rows, self.out_dir, self.title)  # results so far are on disk before any training
 
     def add_family(self, family: str, fused: bool) -> None:
@@ -242,17 +272,30 @@ class EvalRun:
         for row in family_rows:
             row["train_seconds"] = round(seconds if row["name"] == name else 0.0, 1)
         self.rows += family_rows
-        (self.out_dir / f"{name}.json").write_text(json.dumps(
-            {"family": family, "best_epoch": report.best_epoch, "validation": report.best,
-             "test": family_rows, "train_seconds": round(seconds, 1)}, indent=2, default=float))
+        (self.out_dir / f"{name}.json").write_text(
+            json.dumps(
+                {
+                    "family": family,
+                    "best_epoch": report.best_epoch,
+                    "validation": report.best,
+                    "test": family_rows,
+                    "train_seconds": round(seconds, 1),
+                },
+                indent=2,
+                default=float,
+            )
+        )
         write_report(self.rows, self.out_dir, self.title)  # each family's results are kept before the next one trains
 
     def finish(self, families: Sequence[str], reference: bool) -> list[dict[str, Any]]:
         """The rows in table order, the report, the training curves and the printed table."""
         from rtrec.model.evaluate import print_table, published_reference, write_report
 
-        order = ([f"generative-{f}" for f in families] + ["blending", "popularity", "river-BiasedMF"]
-                 + [f"generative-{f}+blending" for f in families])
+        order = (
+            [f"generative-{f}" for f in families]
+            + ["blending", "popularity", "river-BiasedMF"]
+            + [f"generative-{f}+blending" for f in families]
+        )
         rows = sorted(self.rows, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
         for row in rows:
             row.setdefault("train_seconds", 0.0)

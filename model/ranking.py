@@ -127,8 +127,14 @@ def excluding(state: UserState, query: RankQuery) -> UserState:
 class RankingPipeline:
     """Settings + the served recommender -> rankings; composed once, used by the worker and by the evaluation."""
 
-    def __init__(self, settings: Settings, recommender: Recommender, baseline: Recommender | None = None,
-                 store: StateStore | None = None, filters: Sequence[RankingFilter] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        recommender: Recommender,
+        baseline: Recommender | None = None,
+        store: StateStore | None = None,
+        filters: Sequence[RankingFilter] | None = None,
+    ) -> None:
         self.settings = settings
         self.recommender = recommender  # reassigned by a hot swap; read once per rank call
         self.baseline = baseline or BlendingRecommender(settings)  # trending for unknown users, fused with a model
@@ -156,8 +162,11 @@ class RankingPipeline:
         """
         if not isinstance(recommender, GenerativeRecommender):  # the baseline alone scores from the full read
             return self.store.default_reads()
-        return StateReads(sequence=recommender.max_events, recent_items=self.settings.reason_recent_items,
-                          neighbours=REASON_NEIGHBOURS)
+        return StateReads(
+            sequence=recommender.max_events,
+            recent_items=self.settings.reason_recent_items,
+            neighbours=REASON_NEIGHBOURS,
+        )
 
     async def read(self, redis: Any, queries: Sequence[RankQuery], recommender: Recommender) -> list[UserState]:
         """The queried users' states in one round-trip, each with its query's exclusions set."""

@@ -28,8 +28,9 @@ def explain_all(state: UserState, item_ids: Sequence[str]) -> list[str]:
         anchor = linked_to.get(item)
         if anchor is not None:
             kind = latest_type[anchor]
-            reasons.append(f"bought together with {anchor}" if kind == "purchase"
-                           else f"because you {VERB[kind]} {anchor}")
+            reasons.append(
+                f"bought together with {anchor}" if kind == "purchase" else f"because you {VERB[kind]} {anchor}"
+            )
         elif item in latest_type:
             reasons.append(f"you {VERB[latest_type[item]]} it recently")
         elif item in trending:

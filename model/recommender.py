@@ -11,7 +11,8 @@ and the model watcher use these members directly; nothing is probed.
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from rtrec.model.vocab import ItemVocab
 from rtrec.stream.state_store import UserState

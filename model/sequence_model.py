@@ -8,7 +8,7 @@ and an encoder-decoder ``T5ForConditionalGeneration`` in the text-to-text form
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import (
@@ -34,18 +34,35 @@ def build_model(settings: Settings, vocab: ItemVocab) -> PreTrainedModel:
     positions = 2 * s.model_max_events + 8
     if s.model_family == "t5":
         config = T5Config(
-            vocab_size=vocab.size, d_model=s.model_hidden, d_kv=s.model_hidden // s.model_heads,
-            d_ff=s.model_intermediate, num_layers=s.model_layers, num_decoder_layers=1,
-            num_heads=s.model_heads, dropout_rate=s.model_dropout, feed_forward_proj="relu",
-            pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD, tie_word_embeddings=True,
+            vocab_size=vocab.size,
+            d_model=s.model_hidden,
+            d_kv=s.model_hidden // s.model_heads,
+            d_ff=s.model_intermediate,
+            num_layers=s.model_layers,
+            num_decoder_layers=1,
+            num_heads=s.model_heads,
+            dropout_rate=s.model_dropout,
+            feed_forward_proj="relu",
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            decoder_start_token_id=PAD,
+            tie_word_embeddings=True,
         )
         return T5ForConditionalGeneration(config)
     common = dict(
-        vocab_size=vocab.size, hidden_size=s.model_hidden, intermediate_size=s.model_intermediate,
-        num_hidden_layers=s.model_layers, num_attention_heads=s.model_heads,
-        num_key_value_heads=s.model_heads, max_position_embeddings=positions,
-        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=True,
-        attention_dropout=s.model_dropout, head_dim=s.model_hidden // s.model_heads,
+        vocab_size=vocab.size,
+        hidden_size=s.model_hidden,
+        intermediate_size=s.model_intermediate,
+        num_hidden_layers=s.model_layers,
+        num_attention_heads=s.model_heads,
+        num_key_value_heads=s.model_heads,
+        max_position_embeddings=positions,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        tie_word_embeddings=True,
+        attention_dropout=s.model_dropout,
+        head_dim=s.model_hidden // s.model_heads,
     )
     if s.model_family == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common))

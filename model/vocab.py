@@ -105,16 +105,23 @@ class ItemVocab:
 
     # ---- persistence ----------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"capacity": self.capacity, "hash_buckets": self.hash_buckets,
-                "type_tokens": TYPE_TOKENS, "items": self.items}
+        return {
+            "capacity": self.capacity,
+            "hash_buckets": self.hash_buckets,
+            "type_tokens": TYPE_TOKENS,
+            "items": self.items,
+        }
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict()))
 
     @classmethod
-    def load(cls, path: Path) -> "ItemVocab":
+    def load(cls, path: Path) -> ItemVocab:
         data = json.loads(path.read_text())
         if data.get("type_tokens", TYPE_TOKENS) != TYPE_TOKENS:
             raise ValueError("vocabulary was written with a different token layout")
-        return cls(capacity=int(data["capacity"]), hash_buckets=int(data["hash_buckets"]),
-                   items=[str(i) for i in data["items"]])
+        return cls(
+            capacity=int(data["capacity"]),
+            hash_buckets=int(data["hash_buckets"]),
+            items=[str(i) for i in data["items"]],
+        )

@@ -43,14 +43,17 @@ def read_catalog(path: Path) -> list[tuple[str, str]]:
                 reader = csv.DictReader(f)
                 fields = [n.strip() for n in reader.fieldnames or []]
                 if "item_id" not in fields or not ({"category", "cluster"} & set(fields)):
-                    raise EventFileError(f"{path}:1: a catalog CSV needs the columns item_id and category "
-                                         f"(header is {','.join(fields) or 'empty'})")
+                    raise EventFileError(
+                        f"{path}:1: a catalog CSV needs the columns item_id and category "
+                        f"(header is {','.join(fields) or 'empty'})"
+                    )
                 rows: Iterable[tuple[int, Any]] = ((reader.line_num, r) for r in reader)
             else:
                 rows = _json_rows(f, path)
             for n, r in rows:
-                item, cat = ((r.get("item_id"), r.get("category", r.get("cluster"))) if isinstance(r, dict)
-                             else (None, None))
+                item, cat = (
+                    (r.get("item_id"), r.get("category", r.get("cluster"))) if isinstance(r, dict) else (None, None)
+                )
                 if item in (None, "") or cat in (None, ""):
                     raise EventFileError(f"{path}:{n}: a catalog row needs item_id and category")
                 pairs.append((item, cat))

@@ -20,9 +20,7 @@ class NotConfigured(RuntimeError):
 
 def kafka_bootstrap(settings: Settings) -> str:
     if not settings.kafka_bootstrap:
-        raise NotConfigured(
-            "no Kafka broker: run `rtrec up` (embedded Tansu) or set RTREC_KAFKA_BOOTSTRAP"
-        )
+        raise NotConfigured("no Kafka broker: run `rtrec up` (embedded Tansu) or set RTREC_KAFKA_BOOTSTRAP")
     return settings.kafka_bootstrap
 
 
@@ -95,8 +93,11 @@ def is_cluster(client: Any) -> bool:
 
 
 def _redis_kwargs(settings: Settings, cluster: bool = False) -> dict[str, Any]:
-    kw: dict[str, Any] = {"decode_responses": True, "socket_timeout": settings.redis_timeout_s,
-                          "socket_connect_timeout": min(settings.redis_timeout_s, settings.connect_timeout_s)}
+    kw: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": min(settings.redis_timeout_s, settings.connect_timeout_s),
+    }
     if not cluster:
         kw["health_check_interval"] = 30
     if settings.redis_username:

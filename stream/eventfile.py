@@ -37,9 +37,7 @@ def file_format(path: Path) -> tuple[str, bool]:
         return "json", gz
     if name.endswith(".csv"):
         return "csv", gz
-    raise EventFileError(
-        f"{path}: unknown event file format; use .jsonl, .json, .ndjson or .csv, optionally + .gz"
-    )
+    raise EventFileError(f"{path}: unknown event file format; use .jsonl, .json, .ndjson or .csv, optionally + .gz")
 
 
 def open_text(path: Path, gz: bool, write: bool) -> IO[str]:
@@ -128,8 +126,10 @@ def _read_csv(path: Path, gz: bool, on_error: OnError | None = None) -> Iterator
             return  # an empty file holds no events
         missing = [name for name in CSV_REQUIRED if name not in header]
         if missing:
-            raise EventFileError(f"{path}:1: missing required column(s): {', '.join(missing)} "
-                                 f"(the header must name {', '.join(CSV_REQUIRED)}; optional: event_id, ...)")
+            raise EventFileError(
+                f"{path}:1: missing required column(s): {', '.join(missing)} "
+                f"(the header must name {', '.join(CSV_REQUIRED)}; optional: event_id, ...)"
+            )
         if len(set(header)) != len(header):
             raise EventFileError(f"{path}:1: duplicate column names in header")
         for row in reader:
@@ -162,7 +162,7 @@ def count_records(path: str | Path) -> int:
     """
     path = Path(path)
     kind, gz = file_format(path)
-    with (gzip.open(path, "rb") if gz else open(path, "rb", buffering=1 << 20)) as handle:
+    with gzip.open(path, "rb") if gz else open(path, "rb", buffering=1 << 20) as handle:
         lines = sum(1 for line in handle if not line.isspace())
     return max(0, lines - 1) if kind == "csv" else lines
 

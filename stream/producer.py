@@ -84,8 +84,9 @@ class EventProducer:
         self._producer.flush(timeout)
         if self._unreported:
             errors, self._unreported = self._unreported, []
-            raise DeliveryError(f"{len(errors)} message(s) not delivered to {kafka_bootstrap(self.settings)}: "
-                                f"{errors[-1]!r}")
+            raise DeliveryError(
+                f"{len(errors)} message(s) not delivered to {kafka_bootstrap(self.settings)}: {errors[-1]!r}"
+            )
 
     def close(self) -> None:
         try:

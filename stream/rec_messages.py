@@ -60,10 +60,7 @@ class RecResponse:
         d: dict[str, Any] = {
             "request_id": self.request_id,
             "user_id": self.user_id,
-            "items": [
-                {"item_id": it.item_id, "score": round(it.score, 6), "reason": it.reason}
-                for it in self.items
-            ],
+            "items": [{"item_id": it.item_id, "score": round(it.score, 6), "reason": it.reason} for it in self.items],
             "model_version": self.model_version,
             "generated_at": self.generated_at,
             "latency_ms": round(self.latency_ms, 3),

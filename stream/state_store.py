@@ -520,8 +520,9 @@ class StateStore:
             chunks.append(self._chunk(prefix, part, events, positions))
         return chunks
 
-    def _chunk(self, prefix: str, numbers: list[int], events: Sequence[Event],
-               positions: Sequence[LogPosition | None] | None) -> _Chunk:
+    def _chunk(
+        self, prefix: str, numbers: list[int], events: Sequence[Event], positions: Sequence[LogPosition | None] | None
+    ) -> _Chunk:
         """One APPLY_LUA call's arguments: the settings, then each event with its log position."""
         args = [*self._config_args, prefix, TIE_SLOTS, *self._cap_args]
         for i in numbers:

@@ -150,9 +150,7 @@ def item_cluster_map(cfg: SyntheticConfig) -> dict[str, int]:
 def user_tastes(cfg: SyntheticConfig) -> dict[str, dict[int, float]]:
     """user_id -> {cluster: weight}, favourite first: the latent tastes the events are drawn from."""
     liked, weights, _ = _tastes(cfg)
-    return {
-        f"u{u}": dict(zip(cs, ws)) for u, (cs, ws) in enumerate(zip(liked.tolist(), weights.tolist()))
-    }
+    return {f"u{u}": dict(zip(cs, ws)) for u, (cs, ws) in enumerate(zip(liked.tolist(), weights.tolist()))}
 
 
 def trending_items(cfg: SyntheticConfig) -> list[list[str]]:

@@ -29,10 +29,15 @@ class TopicReadError(RuntimeError):
     """The topic could not be read to its end (missing topic, a broker that stopped answering)."""
 
 
-def iter_topic_records(settings: Settings, started_ms: int, since_ms: int | None = None,
-                       from_offsets: Mapping[int, int] | None = None, resume_at: dict[int, int] | None = None,
-                       timeout_s: float | None = None, max_records: int = 10_000
-                       ) -> Iterator[list[ConsumerRecord]]:
+def iter_topic_records(
+    settings: Settings,
+    started_ms: int,
+    since_ms: int | None = None,
+    from_offsets: Mapping[int, int] | None = None,
+    resume_at: dict[int, int] | None = None,
+    timeout_s: float | None = None,
+    max_records: int = 10_000,
+) -> Iterator[list[ConsumerRecord]]:
     """Batches of the events topic's records stamped at or before `started_ms`, in offset order per partition.
 
     Starts at `from_offsets` (partition -> offset; partitions not named from their
@@ -43,9 +48,14 @@ def iter_topic_records(settings: Settings, started_ms: int, since_ms: int | None
     `timeout_s` bounds the whole read (it then ends early, quietly); a broker that
     stops answering raises TopicReadError after STALL_S either way.
     """
-    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap(settings), group_id=None, enable_auto_commit=False,
-                             fetch_max_wait_ms=50, bootstrap_timeout_ms=int(settings.connect_timeout_s * 1000),
-                             **kafka_python_auth(settings))
+    consumer = KafkaConsumer(
+        bootstrap_servers=kafka_bootstrap(settings),
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=50,
+        bootstrap_timeout_ms=int(settings.connect_timeout_s * 1000),
+        **kafka_python_auth(settings),
+    )
     try:
         parts = _assign(consumer, settings.topic_events, started_ms, since_ms, from_offsets)
         next_offset: dict[TopicPartition, int] = {}
@@ -56,8 +66,10 @@ def iter_topic_records(settings: Settings, started_ms: int, since_ms: int | None
             if deadline is not None and time.monotonic() > deadline:
                 return
             if time.monotonic() - last_progress > STALL_S:
-                raise TopicReadError(f"{settings.topic_events}: the broker sent nothing for {STALL_S:g} s "
-                                     f"(partitions {sorted(tp.partition for tp in set(parts) - done)} unfinished)")
+                raise TopicReadError(
+                    f"{settings.topic_events}: the broker sent nothing for {STALL_S:g} s "
+                    f"(partitions {sorted(tp.partition for tp in set(parts) - done)} unfinished)"
+                )
             batch = consumer.poll(timeout_ms=POLL_MS, max_records=max_records)
             out: list[ConsumerRecord] = []
             for tp, records in batch.items():
@@ -82,14 +94,16 @@ def iter_topic_records(settings: Settings, started_ms: int, since_ms: int | None
             if out:
                 yield out
         if resume_at is not None:
-            resume_at.update({tp.partition: next_offset[tp] if tp in next_offset else consumer.position(tp)
-                              for tp in parts})
+            resume_at.update(
+                {tp.partition: next_offset[tp] if tp in next_offset else consumer.position(tp) for tp in parts}
+            )
     finally:
         consumer.close()
 
 
-def _assign(consumer: KafkaConsumer, topic: str, started_ms: int, since_ms: int | None,
-            from_offsets: Mapping[int, int] | None) -> list[TopicPartition]:
+def _assign(
+    consumer: KafkaConsumer, topic: str, started_ms: int, since_ms: int | None, from_offsets: Mapping[int, int] | None
+) -> list[TopicPartition]:
     """Assign every partition of `topic` and seek to where the read starts."""
     numbers = consumer.partitions_for_topic(topic)
     if not numbers:

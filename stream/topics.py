@@ -62,7 +62,8 @@ def _starting(exc: KafkaError) -> bool:
     """Errors of a broker that is down or still starting (a single node that has not registered itself yet
     answers a create with InvalidReplicationFactor); any other error is final and raised at once."""
     return bool(getattr(exc, "retriable", False)) or isinstance(
-        exc, (BrokerNotAvailableError, InvalidReplicationFactorError))
+        exc, (BrokerNotAvailableError, InvalidReplicationFactorError)
+    )
 
 
 def _create_missing(settings: Settings, names: list[str], timeout_s: float) -> None:
@@ -75,9 +76,7 @@ def _create_missing(settings: Settings, names: list[str], timeout_s: float) -> N
     try:
         existing = set(admin.list_topics())
         missing = [
-            NewTopic(name, settings.partitions, settings.replication_factor)
-            for name in names
-            if name not in existing
+            NewTopic(name, settings.partitions, settings.replication_factor) for name in names if name not in existing
         ]
         if missing:
             try:

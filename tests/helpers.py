@@ -23,9 +23,20 @@ from rtrec.stream.settings import Settings
 RTREC = [sys.executable, "-m", "rtrec.workers.cli"]
 
 # a model small enough to train in a second on a CPU
-SMALL = {"model_hidden": 32, "model_heads": 1, "model_layers": 1, "model_intermediate": 64, "model_max_events": 30,
-         "model_item_capacity": 200, "finetune_first_epochs": 4, "finetune_epochs": 1, "finetune_replay_users": 20,
-         "promote_min_cases": 5, "train_batch_size": 32, "drift_enabled": False}
+SMALL = {
+    "model_hidden": 32,
+    "model_heads": 1,
+    "model_layers": 1,
+    "model_intermediate": 64,
+    "model_max_events": 30,
+    "model_item_capacity": 200,
+    "finetune_first_epochs": 4,
+    "finetune_epochs": 1,
+    "finetune_replay_users": 20,
+    "promote_min_cases": 5,
+    "train_batch_size": 32,
+    "drift_enabled": False,
+}
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 20, what: str = "condition"):
@@ -71,10 +82,18 @@ def steady_requests(client, users: Sequence[str], k: int = 5, pause_s: float = 0
         sender.join()
 
 
-def run_cli(args: list[str], env: dict[str, str] | None = None, stdin: str | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(RTREC + args, env={**os.environ, **(env or {})}, input=stdin,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+def run_cli(
+    args: list[str], env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        RTREC + args,
+        env={**os.environ, **(env or {})},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def stack_env(settings: Settings) -> dict[str, str]:
@@ -97,9 +116,9 @@ def tiny_checkpoint(root: Path, events: list[dict], seed: int = 0) -> Path:
     import torch
 
     from rtrec.model.checkpoint import save_checkpoint
+    from rtrec.model.histories import user_histories
     from rtrec.model.pipeline import model_meta
     from rtrec.model.sequence_model import build_model
-    from rtrec.model.histories import user_histories
     from rtrec.model.train import vocab_for
 
     s = Settings(**SMALL)

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from rtrec.stream.events import REQUIRED, InvalidEvent, parse_event
 from rtrec.stream.rec_messages import parse_request
-from tests.helpers import wait_for
 from rtrec.workers.dead_letters import dlq_counts
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,10 @@ BAD_VALUES = st.one_of(
     st.integers(10**15, 2**70),  # far-future / overflowing numbers
     st.integers(0, 10**12).map(str),  # numbers as strings
     st.sampled_from(["", " ", "a b", "../../etc/passwd", "u}:h", "{u}", "a\nb", "\u202e", "\x00"]),
-    st.none(), st.booleans(), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
     st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: x != int(x) if math.isfinite(x) else True),
 )
 
@@ -72,8 +75,9 @@ def total(redis) -> int:
     return sum(dlq_counts(redis).values())
 
 
-FUZZ = hyp_settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
-                    suppress_health_check=list(HealthCheck))
+FUZZ = hyp_settings(
+    max_examples=EXAMPLES, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck)
+)
 
 
 def test_10k_generated_bad_events_are_dead_lettered_and_valid_ones_around_them_applied(settings, redis, tmp_path):
@@ -84,8 +88,9 @@ def test_10k_generated_bad_events_are_dead_lettered_and_valid_ones_around_them_a
     from rtrec.workers.stack import Stack
 
     tag = uuid.uuid4().hex[:8]
-    settings = settings.model_copy(update={"topic_events": f"events-{tag}", "topic_dead_letters": f"dlq-{tag}",
-                                           "state_group": f"state-{tag}"})
+    settings = settings.model_copy(
+        update={"topic_events": f"events-{tag}", "topic_dead_letters": f"dlq-{tag}", "state_group": f"state-{tag}"}
+    )
     ensure_topics(settings)
     user = f"fuzz-{tag}"
     sent = {"bad": 0, "valid": 0}
@@ -95,20 +100,29 @@ def test_10k_generated_bad_events_are_dead_lettered_and_valid_ones_around_them_a
     producer = EventProducer(settings)
 
     @FUZZ
-    @given(st.lists(BAD_EVENTS.filter(lambda raw: rejected(raw, settings)), min_size=PER_EXAMPLE,
-                    max_size=PER_EXAMPLE))
+    @given(st.lists(BAD_EVENTS.filter(lambda raw: rejected(raw, settings)), min_size=PER_EXAMPLE, max_size=PER_EXAMPLE))
     def run(payloads: list[bytes]) -> None:
         before = total(redis)
         for n, raw in enumerate(payloads, 1):
             producer.send_raw(raw, key=user.encode())
             if n % VALID_EVERY == 0:
                 sent["valid"] += 1
-                producer.send({**BASE, "event_id": f"{user}-{sent['valid']}", "user_id": user,
-                               "item_id": f"it{sent['valid'] % 7}", "ts": int(time.time() * 1000)})
+                producer.send(
+                    {
+                        **BASE,
+                        "event_id": f"{user}-{sent['valid']}",
+                        "user_id": user,
+                        "item_id": f"it{sent['valid'] % 7}",
+                        "ts": int(time.time() * 1000),
+                    }
+                )
         producer.flush()
         sent["bad"] += len(payloads)
-        wait_for(lambda: int(redis.hget(f"rt:u:{user}:h", "n") or 0) == sent["valid"], timeout_s=60,
-                 what="the valid events between the bad ones")
+        wait_for(
+            lambda: int(redis.hget(f"rt:u:{user}:h", "n") or 0) == sent["valid"],
+            timeout_s=60,
+            what="the valid events between the bad ones",
+        )
         wait_for(lambda: total(redis) - before == len(payloads), timeout_s=60, what="every bad event counted")
 
     try:
@@ -138,8 +152,9 @@ BAD_REQUESTS = st.one_of(
 def test_generated_bad_requests_are_answered_with_errors(settings, stack, producer, rec_client):
     requests: list[str] = []
 
-    @hyp_settings(max_examples=200, derandomize=True, database=None, deadline=None,
-                  suppress_health_check=list(HealthCheck))
+    @hyp_settings(
+        max_examples=200, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck)
+    )
     @given(BAD_REQUESTS)
     def build(change: dict) -> None:
         request = {"request_id": f"bad-{uuid.uuid4().hex[:12]}", "user_id": "u1", "k": 5, **change}

@@ -36,9 +36,18 @@ def test_bench_events_span_the_days_ending_at_the_given_time():
 @pytest.mark.integration
 def test_a_tiny_run_gives_consistent_figures_and_writes_png_and_json(tmp_path):
     plot = tmp_path / "out" / "bench-memory.png"
-    r = run_memory_bench(Settings(kafka_bootstrap=None, redis_url=None), users=50, items=100, events=3000,
-                         days=3, rate=500, samples=3, plot=plot, console=Console(width=120),
-                         run_dir=tmp_path / "run")
+    r = run_memory_bench(
+        Settings(kafka_bootstrap=None, redis_url=None),
+        users=50,
+        items=100,
+        events=3000,
+        days=3,
+        rate=500,
+        samples=3,
+        plot=plot,
+        console=Console(width=120),
+        run_dir=tmp_path / "run",
+    )
 
     assert r["events"] == 3000 and 1 <= r["users"] <= 50 and 1 <= r["items"] <= 100
     assert [p["events"] for p in r["samples"]] == [0, 1000, 2000, 3000]
@@ -56,8 +65,9 @@ def test_a_tiny_run_gives_consistent_figures_and_writes_png_and_json(tmp_path):
     assert [p["active_users"] for p in r["samples"]][0] == 0 and r["samples"][-1]["active_users"] == r["users"]
     assert all(set(FAMILIES) <= set(p["families"]) for p in r["samples"])  # a breakdown at every sample
     half = r["samples"][1]["families"]  # 1000 and 2000 are equally near the half: the first is taken
-    assert fam["rt:u:*:seq"]["second_half_growth_bytes"] == (r["samples"][-1]["families"]["rt:u:*:seq"]
-                                                             - half["rt:u:*:seq"])
+    assert fam["rt:u:*:seq"]["second_half_growth_bytes"] == (
+        r["samples"][-1]["families"]["rt:u:*:seq"] - half["rt:u:*:seq"]
+    )
 
     d = r["dedupe"]  # per user: the id window plus one watermark field per partition the user's events came from
     assert d["window"] == Settings().dedupe_window == r["caps"]["dedupe_window"]
@@ -84,7 +94,8 @@ def test_a_tiny_run_gives_consistent_figures_and_writes_png_and_json(tmp_path):
     assert r["second_half_growth_pct"] is not None
     later = [s["used_memory"] for s in r["samples"] if s["events"] > 1500]
     assert r["second_half_deviation_pct"] == pytest.approx(
-        max(abs(u - r["half_used_memory"]) for u in later) / r["half_used_memory"] * 100, rel=1e-3, abs=1e-6)
+        max(abs(u - r["half_used_memory"]) for u in later) / r["half_used_memory"] * 100, rel=1e-3, abs=1e-6
+    )
     assert r["flat"] == (r["second_half_deviation_pct"] <= 10)
 
     assert plot.stat().st_size > 1000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -95,13 +106,20 @@ def test_a_tiny_run_gives_consistent_figures_and_writes_png_and_json(tmp_path):
 
 def test_bad_options_raise_before_anything_starts(tmp_path):
     with pytest.raises(BenchInputError, match="--users >= 1"):
-        run_memory_bench(Settings(kafka_bootstrap=None, redis_url=None), users=0, plot=tmp_path / "x.png",
-                         run_dir=tmp_path / "run")
+        run_memory_bench(
+            Settings(kafka_bootstrap=None, redis_url=None), users=0, plot=tmp_path / "x.png", run_dir=tmp_path / "run"
+        )
     assert not (tmp_path / "run").exists() and not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.parametrize("args,rule", [(["--users", "0"], "--users >= 1"), (["--days", "0"], "--days > 0"),
-                                       (["--events", "-5", "--items", "0"], "--items >= 1, --events >= 1")])
+@pytest.mark.parametrize(
+    "args,rule",
+    [
+        (["--users", "0"], "--users >= 1"),
+        (["--days", "0"], "--days > 0"),
+        (["--events", "-5", "--items", "0"], "--items >= 1, --events >= 1"),
+    ],
+)
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, rule):
     res = run_cli(["bench", "memory", *args, "--plot", str(tmp_path / "m.png")], env={"COLUMNS": "80"}, timeout=60)
     out = res.stdout + res.stderr

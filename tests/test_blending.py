@@ -104,9 +104,7 @@ def test_only_the_configured_number_of_recent_items_count() -> None:
 
 def test_affinity_and_trending_are_blended_with_their_weights(rec: BlendingRecommender) -> None:
     s = state(["a"], affinities={"a": 1.0, "b": 0.5}, trending=[("b", 1.0), ("t", 0.5)])
-    assert dict(rec.recommend_one(s, 10)) == pytest.approx(
-        {"a": 0.6, "b": 0.6 * 0.5 + 0.3 * 1.0, "t": 0.3 * 0.5}
-    )
+    assert dict(rec.recommend_one(s, 10)) == pytest.approx({"a": 0.6, "b": 0.6 * 0.5 + 0.3 * 1.0, "t": 0.3 * 0.5})
 
 
 def test_excluded_items_never_appear(rec: BlendingRecommender) -> None:

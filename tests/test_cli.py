@@ -26,20 +26,31 @@ def test_bundled_sample_is_the_documented_generator_output():
 def test_generate_is_deterministic(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.csv"
     for out in (a, b):
-        res = run_cli(["generate", str(out), "--events", "500", "--users", "20", "--items", "100",
-                       "--clusters", "5", "--seed", "3"])
+        res = run_cli(
+            [
+                "generate",
+                str(out),
+                "--events",
+                "500",
+                "--users",
+                "20",
+                "--items",
+                "100",
+                "--clusters",
+                "5",
+                "--seed",
+                "3",
+            ]
+        )
         assert res.returncode == 0, res.stderr
-    assert list(read_events(a)) == [
-        {k: v for k, v in e.items()} for e in read_events(b)
-    ]
+    assert list(read_events(a)) == [{k: v for k, v in e.items()} for e in read_events(b)]
     assert len(list(read_events(a))) == 500
 
 
 @pytest.mark.integration
 def test_replay_and_produce_reach_redis(settings, redis, uid, tmp_path):
     user = uid("cli")
-    events = [{"user_id": user, "item_id": f"i{n}", "type": "browse", "ts": 1_767_225_600_000 + n}
-              for n in range(20)]
+    events = [{"user_id": user, "item_id": f"i{n}", "type": "browse", "ts": 1_767_225_600_000 + n} for n in range(20)]
     events.append({"user_id": user, "item_id": "i1", "type": "dance", "ts": 1_767_225_600_000})
     path = tmp_path / "events.csv"
     write_events(path, events)
@@ -50,8 +61,9 @@ def test_replay_and_produce_reach_redis(settings, redis, uid, tmp_path):
 
     again = run_cli(["replay", str(path)], env=stack_env(settings))  # derived ids: no double count
     assert again.returncode == 1 and "sent 20, rejected 1" in again.stdout
-    line = json.dumps({"event_id": uid("p"), "user_id": user, "item_id": "i99", "type": "purchase",
-                       "ts": 1_767_225_700_000})
+    line = json.dumps(
+        {"event_id": uid("p"), "user_id": user, "item_id": "i99", "type": "purchase", "ts": 1_767_225_700_000}
+    )
     res = run_cli(["produce"], env=stack_env(settings), stdin=line + "\n")
     assert res.returncode == 0, res.stderr
     wait_for(lambda: redis.hget(f"rt:u:{user}:h", "n") == "21", what="produced event")
@@ -62,8 +74,13 @@ def test_replay_and_produce_reach_redis(settings, redis, uid, tmp_path):
 
 
 def _start_up(run_dir: Path, env: dict[str, str]) -> subprocess.Popen:
-    proc = subprocess.Popen(RTREC + ["up"], env={**os.environ, "RTREC_RUN_DIR": str(run_dir), **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        RTREC + ["up"],
+        env={**os.environ, "RTREC_RUN_DIR": str(run_dir), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     deadline = time.monotonic() + 90
     for line in proc.stdout:
@@ -143,15 +160,25 @@ def test_demo_shows_recommendations_following_new_events(tmp_path):
     assert "trained gen-" in res.stdout and "gen-" in res.stdout.split("5. recommendations after")[1]
 
 
-TINY_MODEL_ENV = {"RTREC_MODEL_HIDDEN": "64", "RTREC_MODEL_HEADS": "1", "RTREC_MODEL_LAYERS": "1",
-                  "RTREC_MODEL_INTERMEDIATE": "128", "RTREC_MODEL_MAX_EVENTS": "20",
-                  "RTREC_MODEL_ITEM_CAPACITY": "200", "RTREC_TRAIN_EPOCHS": "2"}
+TINY_MODEL_ENV = {
+    "RTREC_MODEL_HIDDEN": "64",
+    "RTREC_MODEL_HEADS": "1",
+    "RTREC_MODEL_LAYERS": "1",
+    "RTREC_MODEL_INTERMEDIATE": "128",
+    "RTREC_MODEL_MAX_EVENTS": "20",
+    "RTREC_MODEL_ITEM_CAPACITY": "200",
+    "RTREC_TRAIN_EPOCHS": "2",
+}
 
 
 def test_train_writes_a_promoted_checkpoint_and_eval_writes_the_table(tmp_path):
     events = tmp_path / "events.jsonl"
-    assert run_cli(["generate", str(events), "--events", "2000", "--users", "40", "--items", "120",
-                    "--clusters", "4"]).returncode == 0
+    assert (
+        run_cli(
+            ["generate", str(events), "--events", "2000", "--users", "40", "--items", "120", "--clusters", "4"]
+        ).returncode
+        == 0
+    )
     root = tmp_path / "ck"
     res = run_cli(["train", "--events", str(events), "--out", str(root)], env=TINY_MODEL_ENV, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
@@ -161,25 +188,41 @@ def test_train_writes_a_promoted_checkpoint_and_eval_writes_the_table(tmp_path):
     assert (root / f"{version}-training.png").exists()
 
     out = tmp_path / "eval"
-    res = run_cli(["eval", "--events", str(events), "--families", "llama,t5", "--out", str(out)],
-                  env=TINY_MODEL_ENV, timeout=600)
+    res = run_cli(
+        ["eval", "--events", str(events), "--families", "llama,t5", "--out", str(out)], env=TINY_MODEL_ENV, timeout=600
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     [csv_path] = list(out.glob("*.csv"))
     names = [line.split(",")[0] for line in csv_path.read_text().splitlines()[1:]]
-    assert names == ["generative-llama", "generative-t5", "blending", "popularity", "river-BiasedMF",
-                     "generative-llama+blending", "generative-t5+blending"]
+    assert names == [
+        "generative-llama",
+        "generative-t5",
+        "blending",
+        "popularity",
+        "river-BiasedMF",
+        "generative-llama+blending",
+        "generative-t5+blending",
+    ]
     assert list(out.glob("*.png")) and (out / "training-curves.png").exists()
 
 
 @pytest.mark.integration
 def test_train_from_the_events_topic(settings, producer, redis, tmp_path, uid):
     for n in range(30):
-        producer.send({"event_id": uid(f"t{n}"), "user_id": uid(f"tu{n % 5}"), "item_id": f"topic-i{n % 7}",
-                       "type": "browse", "ts": 1_767_225_600_000 + n})
+        producer.send(
+            {
+                "event_id": uid(f"t{n}"),
+                "user_id": uid(f"tu{n % 5}"),
+                "item_id": f"topic-i{n % 7}",
+                "type": "browse",
+                "ts": 1_767_225_600_000 + n,
+            }
+        )
     producer.flush()
     root = tmp_path / "ck"
-    res = run_cli(["train", "--from-topic", "--out", str(root)], env={**stack_env(settings), **TINY_MODEL_ENV},
-                  timeout=300)
+    res = run_cli(
+        ["train", "--from-topic", "--out", str(root)], env={**stack_env(settings), **TINY_MODEL_ENV}, timeout=300
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert (root / "CURRENT").exists(), res.stdout[-2000:] + res.stderr[-2000:]
     manifest = json.loads((root / (root / "CURRENT").read_text() / "manifest.json").read_text())
@@ -210,9 +253,15 @@ def test_model_list_shows_every_version_id_in_full_at_80_columns(tmp_path):
     versions = ["gen-20260101T120000-ab12", "trainer-20260101T130000-cd34"]
     for n, version in enumerate(versions):
         (root / version).mkdir(parents=True)
-        (root / version / "manifest.json").write_text(json.dumps({
-            "created_at": f"2026-01-01T1{n}:00:00Z", "metrics": {"HR@10": 0.51234, "NDCG@10": 0.3},
-            "training_window": {"events": 123456, "trigger": "events:5000"}}))
+        (root / version / "manifest.json").write_text(
+            json.dumps(
+                {
+                    "created_at": f"2026-01-01T1{n}:00:00Z",
+                    "metrics": {"HR@10": 0.51234, "NDCG@10": 0.3},
+                    "training_window": {"events": 123456, "trigger": "events:5000"},
+                }
+            )
+        )
     (root / "CURRENT").write_text(versions[0])
     res = run_cli(["model", "list"], env={"RTREC_CHECKPOINT_DIR": str(root), "COLUMNS": "80"})
     assert res.returncode == 0, res.stderr

@@ -32,8 +32,9 @@ def rtrec(args: list[str], cwd: Path, env: dict[str, str] | None = None, stdin: 
     base["PYTHONPATH"] = str(REPO) + os.pathsep + base.get("PYTHONPATH", "")
     base["RTREC_RUN_DIR"] = str(cwd / "no-stack")  # no stack: nothing is found, nothing is started
     started = time.monotonic()
-    res = subprocess.run(RTREC + args, cwd=cwd, env={**base, **(env or {})}, input=stdin, capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run(
+        RTREC + args, cwd=cwd, env={**base, **(env or {})}, input=stdin, capture_output=True, text=True, timeout=60
+    )
     return res, time.monotonic() - started
 
 
@@ -55,8 +56,11 @@ def files(tmp_path_factory) -> Path:
     stale = d / "stale" / ".rtrec" / "run"
     stale.mkdir(parents=True)
     port = closed_port()
-    (stale / "stack.json").write_text(json.dumps({"pid": 999_999_999, "kafka_bootstrap": f"127.0.0.1:{port}",
-                                                 "redis_url": f"redis://127.0.0.1:{port}"}))
+    (stale / "stack.json").write_text(
+        json.dumps(
+            {"pid": 999_999_999, "kafka_bootstrap": f"127.0.0.1:{port}", "redis_url": f"redis://127.0.0.1:{port}"}
+        )
+    )
     return d
 
 
@@ -85,10 +89,20 @@ CASES = [
     ("recommend -k 0", ["recommend", "u1", "-k", "0"], {}, 2, ["-k"]),
     ("recommend no stack", ["recommend", "u1"], {}, 2, ["rtrec up"]),
     ("unknown command", ["frobnicate"], {}, 2, ["frobnicate"]),
-    ("settings not an integer", ["recommend", "u1"], {"RTREC_PARTITIONS": "abc"}, 2,
-     ["RTREC_PARTITIONS=abc", "not an integer"]),
-    ("settings bad redis url", ["state", "u1"], {"RTREC_REDIS_URL": "notaurl", "RTREC_KAFKA_BOOTSTRAP": "x:1"}, 2,
-     ["RTREC_REDIS_URL=notaurl"]),
+    (
+        "settings not an integer",
+        ["recommend", "u1"],
+        {"RTREC_PARTITIONS": "abc"},
+        2,
+        ["RTREC_PARTITIONS=abc", "not an integer"],
+    ),
+    (
+        "settings bad redis url",
+        ["state", "u1"],
+        {"RTREC_REDIS_URL": "notaurl", "RTREC_KAFKA_BOOTSTRAP": "x:1"},
+        2,
+        ["RTREC_REDIS_URL=notaurl"],
+    ),
     ("recommend unreachable broker", ["recommend", "u1"], "unreachable", 2, ["Kafka", "RTREC_KAFKA_BOOTSTRAP"]),
     ("lag unreachable broker", ["lag"], "unreachable", 2, ["127.0.0.1"]),
     ("replay unreachable broker", ["replay", "ok.jsonl"], "unreachable", 2, ["Kafka"]),
@@ -136,14 +150,18 @@ def test_help_still_works(files):
     assert res.returncode == 0 and "Usage" in res.stdout
 
 
-TINY = {"RTREC_MODEL_HIDDEN": "16", "RTREC_MODEL_INTERMEDIATE": "32", "RTREC_MODEL_LAYERS": "1",
-        "RTREC_MODEL_ITEM_CAPACITY": "200", "RTREC_TRAIN_EPOCHS": "2"}
+TINY = {
+    "RTREC_MODEL_HIDDEN": "16",
+    "RTREC_MODEL_INTERMEDIATE": "32",
+    "RTREC_MODEL_LAYERS": "1",
+    "RTREC_MODEL_ITEM_CAPACITY": "200",
+    "RTREC_TRAIN_EPOCHS": "2",
+}
 
 
 def test_train_on_an_empty_file_leaves_current_unchanged(files, tmp_path):
     root = tmp_path / "ck"
-    version = tiny_checkpoint(root, generate_events(SyntheticConfig(n_users=10, n_items=20, n_events=200,
-                                                                    seed=3))).name
+    version = tiny_checkpoint(root, generate_events(SyntheticConfig(n_users=10, n_items=20, n_events=200, seed=3))).name
     (root / "CURRENT").write_text(version)
     for empty in ("empty.csv", "empty.jsonl"):
         res, _ = rtrec(["train", "--events", empty, "--out", str(root)], files, TINY)
@@ -155,11 +173,15 @@ def test_train_on_an_empty_file_leaves_current_unchanged(files, tmp_path):
 def test_eval_runs_on_a_csv_without_event_ids(tmp_path):
     events = generate_events(SyntheticConfig(n_users=15, n_items=30, n_clusters=3, n_events=300, seed=5))
     path = tmp_path / "no-ids.csv"
-    path.write_text("user_id,item_id,type,ts\n" + "".join(
-        f"{e['user_id']},{e['item_id']},{e['type']},{e['ts']}\n" for e in events))
+    path.write_text(
+        "user_id,item_id,type,ts\n" + "".join(f"{e['user_id']},{e['item_id']},{e['type']},{e['ts']}\n" for e in events)
+    )
     out = tmp_path / "eval"
-    res, _ = rtrec(["eval", "--events", str(path), "--families", "llama", "--out", str(out)], tmp_path,
-                   {**TINY, "RTREC_TRAIN_MIN_EPOCHS": "1"})
+    res, _ = rtrec(
+        ["eval", "--events", str(path), "--families", "llama", "--out", str(out)],
+        tmp_path,
+        {**TINY, "RTREC_TRAIN_MIN_EPOCHS": "1"},
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     [csv_path] = list(out.glob("*.csv"))
     names = [line.split(",")[0] for line in csv_path.read_text().splitlines()[1:]]
@@ -170,12 +192,24 @@ def test_eval_runs_on_a_csv_without_event_ids(tmp_path):
 @pytest.mark.integration
 def test_replay_sends_the_good_lines_and_reports_the_bad(settings, redis, uid, tmp_path):
     user = uid("bad-lines")
-    good = [json.dumps({"user_id": user, "item_id": f"i{n}", "type": "browse", "ts": 1_767_225_600_000 + n})
-            for n in range(4)]
+    good = [
+        json.dumps({"user_id": user, "item_id": f"i{n}", "type": "browse", "ts": 1_767_225_600_000 + n})
+        for n in range(4)
+    ]
     path = tmp_path / "mixed.jsonl"
-    path.write_text("\n".join([good[0], good[1], "{not json", good[2],
-                               json.dumps({"user_id": user, "item_id": "x", "type": "dance", "ts": 1}), good[3]])
-                    + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                good[0],
+                good[1],
+                "{not json",
+                good[2],
+                json.dumps({"user_id": user, "item_id": "x", "type": "dance", "ts": 1}),
+                good[3],
+            ]
+        )
+        + "\n"
+    )
     env = {"RTREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "RTREC_REDIS_URL": settings.redis_url}
     res, seconds = rtrec(["replay", str(path)], tmp_path, env)
     assert res.returncode == 1, res.stdout + res.stderr
@@ -225,9 +259,12 @@ def test_replay_stops_on_ctrl_c_and_reports_what_was_sent():
         def flush(self):
             self.flushed = True
 
-    events = [(n, {"user_id": "u", "item_id": item, "type": t, "ts": n})
-              for n, (item, t) in enumerate([("a", "click"), ("b", "dance"), ("c", "click"), ("stop", "click"),
-                                             ("d", "click")], 1)]
+    events = [
+        (n, {"user_id": "u", "item_id": item, "type": t, "ts": n})
+        for n, (item, t) in enumerate(
+            [("a", "click"), ("b", "dance"), ("c", "click"), ("stop", "click"), ("d", "click")], 1
+        )
+    ]
     producer = Producer()
     report = replay_events(producer, events, progress=False, numbered=True)
     assert report.interrupted and producer.flushed and report.sent == 2 and report.bad_lines == [2]

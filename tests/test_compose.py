@@ -28,12 +28,19 @@ def _services() -> dict:
 
 def _compose(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "GRAFANA_", "RTREC_", "KAFKA_"))}
-    return subprocess.run(["docker-compose", "-f", str(COMPOSE), *args], capture_output=True, text=True,
-                          env={**clean, **(env or {})}, timeout=60)
+    return subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), *args],
+        capture_output=True,
+        text=True,
+        env={**clean, **(env or {})},
+        timeout=60,
+    )
 
 
-needs_compose = pytest.mark.skipif(shutil.which("docker-compose") is None,
-                                   reason="docker-compose not installed (`apt-get install docker-compose`; .ci/run does it)")
+needs_compose = pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="docker-compose not installed (`apt-get install docker-compose`; .ci/run does it)",
+)
 
 
 @needs_compose
@@ -97,7 +104,9 @@ def test_every_volume_a_service_writes_is_named():
                 continue
             assert source in named, f"{name} writes {target} into {source!r}: not a named volume"
     services = compose["services"]
-    mounts = {name: {v.split(":")[1]: v.split(":")[0] for v in svc.get("volumes", [])} for name, svc in services.items()}
+    mounts = {
+        name: {v.split(":")[1]: v.split(":")[0] for v in svc.get("volumes", [])} for name, svc in services.items()
+    }
     assert mounts["kafka"]["/var/lib/kafka/data"] == "kafka-data"
     assert services["kafka"]["environment"]["KAFKA_LOG_DIRS"] == "/var/lib/kafka/data"
     assert mounts["redis"]["/data"] == "redis-data"
@@ -111,8 +120,13 @@ def test_kafka_is_configured_completely_for_one_node():
     env = _services()["kafka"]["environment"]
     assert str(env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"]).lower() == "false"
     assert env["CLUSTER_ID"]
-    for key in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
-                "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "KAFKA_MIN_INSYNC_REPLICAS", "KAFKA_DEFAULT_REPLICATION_FACTOR"):
+    for key in (
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR",
+        "KAFKA_MIN_INSYNC_REPLICAS",
+        "KAFKA_DEFAULT_REPLICATION_FACTOR",
+    ):
         assert int(env[key]) == 1, key
     listeners = dict(item.split("://") for item in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
     assert listeners["INTERNAL"] == "kafka:9092"
@@ -126,7 +140,9 @@ def test_secrets_are_required_and_nothing_is_anonymous():
     services = _services()
     text = COMPOSE.read_text()
     assert "change-me" not in text
-    assert re.findall(r"\$\{REDIS_PASSWORD(:?[-?])", text) and set(re.findall(r"\$\{REDIS_PASSWORD(:?[-?])", text)) == {":?"}
+    assert re.findall(r"\$\{REDIS_PASSWORD(:?[-?])", text) and set(re.findall(r"\$\{REDIS_PASSWORD(:?[-?])", text)) == {
+        ":?"
+    }
     grafana = services["grafana"]["environment"]
     assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
     assert str(grafana["GF_AUTH_ANONYMOUS_ENABLED"]).lower() == "false"

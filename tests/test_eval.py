@@ -107,7 +107,12 @@ def test_movielens_100k_loader(tmp_path):
     (tmp_path / "u.data").write_text("196\t242\t3\t881250949\n186\t302\t5\t881250900\n22\t377\t4\t881250949\n")
     events = load_movielens_100k(tmp_path)
     assert events[0] == {
-        "event_id": "ml-196-242", "user_id": "196", "item_id": "242", "type": "browse", "ts": 881250949000, "rating": 3,
+        "event_id": "ml-196-242",
+        "user_id": "196",
+        "item_id": "242",
+        "type": "browse",
+        "ts": 881250949000,
+        "rating": 3,
     }
     assert [e["type"] for e in events] == ["browse", "purchase", "click"]
     # load_events detects the file, sorts by ts and keeps file order on ties
@@ -246,8 +251,10 @@ def test_evaluate_rejects_excluded_items(redis_only):
         def recommend_batch(self, states, k):
             return [[("a", 1.0)] for _ in states]
 
-    with replayed(split, settings, redis_only, progress=False) as store, \
-            pytest.raises(AssertionError, match="excluded"):
+    with (
+        replayed(split, settings, redis_only, progress=False) as store,
+        pytest.raises(AssertionError, match="excluded"),
+    ):
         evaluate({"leaky": RankingPipeline(settings, Leaky(), store=store)}, split, redis_settings(redis_only))
 
 
@@ -268,8 +275,11 @@ def test_baselines_on_movielens_100k(redis_only, tmp_path):
     t_mf = time.perf_counter() - t0
     with replayed(split, settings, redis_only) as store:
         recs = {"popularity": PopularityRecommender(split), "blending": BlendingRecommender(settings), "biasedmf": mf}
-        rows = evaluate({name: RankingPipeline(settings, rec, store=store) for name, rec in recs.items()},
-                        split, redis_settings(redis_only))
+        rows = evaluate(
+            {name: RankingPipeline(settings, rec, store=store) for name, rec in recs.items()},
+            split,
+            redis_settings(redis_only),
+        )
     console = Console(width=140)
     console.print(f"ml-100k: {split}; load+split {t_load:.2f}s, BiasedMF fit {t_mf:.2f}s")
     print_table(rows, console, reference=published_reference())
@@ -348,16 +358,34 @@ def test_every_eval_row_is_ranked_by_the_serving_pipeline(tmp_path, monkeypatch)
     events = generate_events(SyntheticConfig(n_users=40, n_items=120, n_events=2000, seed=2))
     path = tmp_path / "events.csv"
     write_events(path, events)
-    settings = Settings(kafka_bootstrap=None, redis_url=None, train_epochs=1, model_layers=1, model_hidden=32,
-                        model_intermediate=64, model_max_events=30, serve_max_events=10, serve_blend_weight=0.5)
+    settings = Settings(
+        kafka_bootstrap=None,
+        redis_url=None,
+        train_epochs=1,
+        model_layers=1,
+        model_hidden=32,
+        model_intermediate=64,
+        model_max_events=30,
+        serve_max_events=10,
+        serve_blend_weight=0.5,
+    )
     rows = run_eval(settings, str(path), ["llama"], tmp_path / "out", Console(quiet=True))
     users = len(leave_one_out(events).test_users)
     ranked: dict[tuple[str, float, int | None], int] = {}
     for name, weight, window, n in calls:
         ranked[(name, weight, window)] = ranked.get((name, weight, window), 0) + n
     # every row: each test user once, through the pipeline; the model with the served window, alone and fused
-    assert ranked == {("BlendingRecommender", 0.0, None): users, ("PopularityRecommender", 0.0, None): users,
-                      ("BiasedMFRecommender", 0.0, None): users, (TorchGenerator.__name__, 0.0, 10): users,
-                      (TorchGenerator.__name__, 0.5, 10): users}
-    assert {r["name"] for r in rows} == {"generative-llama", "generative-llama+blending", "blending", "popularity",
-                                         "river-BiasedMF"}
+    assert ranked == {
+        ("BlendingRecommender", 0.0, None): users,
+        ("PopularityRecommender", 0.0, None): users,
+        ("BiasedMFRecommender", 0.0, None): users,
+        (TorchGenerator.__name__, 0.0, 10): users,
+        (TorchGenerator.__name__, 0.5, 10): users,
+    }
+    assert {r["name"] for r in rows} == {
+        "generative-llama",
+        "generative-llama+blending",
+        "blending",
+        "popularity",
+        "river-BiasedMF",
+    }

@@ -19,7 +19,7 @@ EVENTS = [
         "type": "click",
         "ts": 1_767_225_601_000,
         "session_id": "s1",
-        "context": {"device": "mobile", "page": "home, \"top\"", "pos": 3},
+        "context": {"device": "mobile", "page": 'home, "top"', "pos": 3},
     },
     {
         "event_id": "e3",
@@ -90,13 +90,21 @@ def test_csv_reading_converts_and_omits_empty_cells(tmp_path: Path) -> None:
     path = tmp_path / "ev.csv"
     path.write_text(
         "\ufeffuser_id,item_id,type,ts,price,quantity,context,extra\n"
-        "u1,i1,purchase,1767225600000,5,2.0,\"{\"\"a\"\": 1}\",x\n"
+        'u1,i1,purchase,1767225600000,5,2.0,"{""a"": 1}",x\n'
         "\n"
         "u2,i2,browse,1767225600001,,,,\n"
     )
     assert list(read_events(path)) == [
-        {"user_id": "u1", "item_id": "i1", "type": "purchase", "ts": 1767225600000,
-         "price": 5.0, "quantity": 2, "context": {"a": 1}, "extra": "x"},
+        {
+            "user_id": "u1",
+            "item_id": "i1",
+            "type": "purchase",
+            "ts": 1767225600000,
+            "price": 5.0,
+            "quantity": 2,
+            "context": {"a": 1},
+            "extra": "x",
+        },
         {"user_id": "u2", "item_id": "i2", "type": "browse", "ts": 1767225600001},
     ]  # no event_id is invented
 

@@ -388,9 +388,7 @@ def test_none_payload_is_empty_payload() -> None:
     assert info.value.reason == "empty_payload"
 
 
-@pytest.mark.parametrize(
-    "opener,leaf,closer", [(b"[", b"", b"]"), (b'{"a":', b"1", b"}")], ids=["lists", "objects"]
-)
+@pytest.mark.parametrize("opener,leaf,closer", [(b"[", b"", b"]"), (b'{"a":', b"1", b"}")], ids=["lists", "objects"])
 def test_deep_nesting_within_size_limit_is_malformed_not_recursion_error(opener, leaf, closer) -> None:
     depth = (CFG.max_event_bytes - len(leaf)) // (len(opener) + len(closer))
     raw = opener * depth + leaf + closer * depth

@@ -29,8 +29,16 @@ def own_events_topic(settings, tag: str):
 
 def replay_events(tag: str, n: int) -> list[dict]:
     now = int(time.time() * 1000) - n
-    return [{"event_id": f"{tag}-{i}", "user_id": f"crash-{tag}-{i % 300}", "item_id": f"it-{tag}-{(i * 7) % 500}",
-             "type": ("browse", "click", "purchase")[i % 3], "ts": now + i} for i in range(n)]
+    return [
+        {
+            "event_id": f"{tag}-{i}",
+            "user_id": f"crash-{tag}-{i % 300}",
+            "item_id": f"it-{tag}-{(i * 7) % 500}",
+            "type": ("browse", "click", "purchase")[i % 3],
+            "ts": now + i,
+        }
+        for i in range(n)
+    ]
 
 
 def test_kill_9_mid_replay_loses_nothing_and_counts_nothing_twice(settings, redis, tmp_path):
@@ -44,15 +52,21 @@ def test_kill_9_mid_replay_loses_nothing_and_counts_nothing_twice(settings, redi
         stack.wait_ready("state")
         producing = threading.Thread(target=_produce, args=(s, events))
         producing.start()
-        wait_for(lambda: scrape(stack.metrics_ports[first.name]).get("rtrec_events_processed_total", 0) > 10_000,
-                 timeout_s=120, what="a fifth of the replay applied")
+        wait_for(
+            lambda: scrape(stack.metrics_ports[first.name]).get("rtrec_events_processed_total", 0) > 10_000,
+            timeout_s=120,
+            what="a fifth of the replay applied",
+        )
         first.kill()  # SIGKILL mid-stream: uncommitted batches will be delivered again
         stack.workers.remove(first)
         producing.join()
         stack.start_worker("state", **only_offsets)
         with LagMonitor(s, {s.state_group: s.topic_events}) as monitor:
-            wait_for(lambda: (rows := monitor.measure()) and sum(r.lag for r in rows) == 0, timeout_s=180,
-                     what="the restarted worker caught up")
+            wait_for(
+                lambda: (rows := monitor.measure()) and sum(r.lag for r in rows) == 0,
+                timeout_s=180,
+                what="the restarted worker caught up",
+            )
     finally:
         stack.stop()
 
@@ -71,8 +85,14 @@ def test_recommendation_worker_crash_answers_every_request_after_restart(setting
     from rtrec.stream.rec_client import RecClient
 
     tag = uuid.uuid4().hex[:8]
-    s = settings.model_copy(update={"topic_requests": f"req-{tag}", "topic_responses": f"resp-{tag}",
-                                    "recommend_group": f"rec-{tag}", "checkpoint_dir": tmp_path / "none"})
+    s = settings.model_copy(
+        update={
+            "topic_requests": f"req-{tag}",
+            "topic_responses": f"resp-{tag}",
+            "recommend_group": f"rec-{tag}",
+            "checkpoint_dir": tmp_path / "none",
+        }
+    )
     ensure_topics(s)
     stack = Stack(s, run_dir=tmp_path / "run")
     first = stack.start_worker("recommend")
@@ -129,6 +149,7 @@ def test_a_second_state_worker_joining_and_leaving_mid_stream_loses_nothing(sett
         stack.wait_ready("state")
         producing = threading.Thread(target=_produce, args=(s, events, 0.3))  # ~15 s of stream
         producing.start()
+
         def applied(w) -> float:
             return scrape(stack.metrics_ports[w.name]).get("rtrec_events_processed_total", 0)
 
@@ -139,8 +160,11 @@ def test_a_second_state_worker_joining_and_leaving_mid_stream_loses_nothing(sett
         stack.stop_worker(second)  # and back: its partitions return to the first worker
         producing.join()
         with LagMonitor(s, {s.state_group: s.topic_events}) as monitor:
-            wait_for(lambda: (rows := monitor.measure()) and sum(r.lag for r in rows) == 0, timeout_s=180,
-                     what="caught up after two rebalances")
+            wait_for(
+                lambda: (rows := monitor.measure()) and sum(r.lag for r in rows) == 0,
+                timeout_s=180,
+                what="caught up after two rebalances",
+            )
     finally:
         stack.stop()
     assert_state_matches_reference(s, redis, events, tag)
@@ -166,13 +190,19 @@ def test_redis_restart_mid_stream_with_aof_loses_nothing(settings, tmp_path):
         wait_for(lambda: StateStore(s).stats(own).get("applied", 0) > 2_000, timeout_s=60, what="part applied")
         retries_before = worker.log_path.read_text().count("retrying")
         server.stop()  # SIGTERM: Redis flushes its AOF and exits; writes now fail
-        wait_for(lambda: worker.log_path.read_text().count("retrying") > retries_before, timeout_s=60,
-                 what="a batch failing and being retried while Redis is down")
+        wait_for(
+            lambda: worker.log_path.read_text().count("retrying") > retries_before,
+            timeout_s=60,
+            what="a batch failing and being retried while Redis is down",
+        )
         server, _ = start_redis(settings, redis_dir, port=port, appendonly=True)  # reloads the AOF
         producing.join()
         with LagMonitor(s, {s.state_group: s.topic_events}) as monitor:
-            wait_for(lambda: (rows := monitor.measure()) and sum(r.lag for r in rows) == 0, timeout_s=120,
-                     what="caught up after the Redis restart")
+            wait_for(
+                lambda: (rows := monitor.measure()) and sum(r.lag for r in rows) == 0,
+                timeout_s=120,
+                what="caught up after the Redis restart",
+            )
         assert worker.alive()  # it reconnected rather than crashed
         assert StateStore(s).stats(own)["applied"] == len(events)
         assert_state_matches_reference(s, own, events, tag)
@@ -199,6 +229,7 @@ def test_broker_restart_producer_and_state_worker_reconnect(settings, redis, tmp
     events = replay_events(tag, 3000)
     stack = Stack(s, run_dir=tmp_path / "run")
     worker = stack.start_worker("state")
+
     def count(batch: list[dict]) -> int:
         return sum(int(redis.hget(f"rt:u:{u}:h", "n") or 0) for u in {e["user_id"] for e in batch})
 
@@ -237,8 +268,9 @@ def test_redis_at_its_memory_limit_stalls_visibly_and_loses_nothing(settings, tm
 
     tag = uuid.uuid4().hex[:8]
     redis_proc, url = start_redis(settings, tmp_path / "redis")
-    s = own_events_topic(settings.model_copy(update={"redis_url": url, "stall_alert_s": 1.0,
-                                                     "retry_max_backoff_s": 0.5}), tag)
+    s = own_events_topic(
+        settings.model_copy(update={"redis_url": url, "stall_alert_s": 1.0, "retry_max_backoff_s": 0.5}), tag
+    )
     own = redis_client(s)
     stack = Stack(s, run_dir=tmp_path / "run")
     worker = stack.start_worker("state")
@@ -251,6 +283,7 @@ def test_redis_at_its_memory_limit_stalls_visibly_and_loses_nothing(settings, tm
             return json.loads(exc.read())
 
     events = replay_events(tag, 3000)
+
     def count() -> int:
         return sum(int(own.hget(f"rt:u:{u}:h", "n") or 0) for u in {e["user_id"] for e in events})
 
@@ -263,8 +296,10 @@ def test_redis_at_its_memory_limit_stalls_visibly_and_loses_nothing(settings, tm
         wait_for(lambda: readyz().get("consuming") is False, timeout_s=60, what="the worker stalled on OOM")
         assert count() < len(events)  # the rest waits in Kafka
         retries = scrape(port)
-        assert sum(v for k, v in retries.items() if k.startswith("rtrec_batch_retries_total")
-                   and "OutOfMemoryError" in k) >= 1
+        assert (
+            sum(v for k, v in retries.items() if k.startswith("rtrec_batch_retries_total") and "OutOfMemoryError" in k)
+            >= 1
+        )
         own.config_set("maxmemory", 0)  # the operator raises the limit
         try:
             wait_for(lambda: count() >= len(events), timeout_s=90, what="every event applied after the limit rose")

@@ -16,10 +16,10 @@ from rtrec.model.blending import BlendingRecommender
 from rtrec.model.checkpoint import save_checkpoint
 from rtrec.model.fusion import FUSION_DEPTH, fuse
 from rtrec.model.generator import TorchGenerator
+from rtrec.model.histories import user_histories
 from rtrec.model.pipeline import model_meta
 from rtrec.model.ranking import RankingPipeline, RankQuery
 from rtrec.model.sequence_model import build_model
-from rtrec.model.histories import user_histories
 from rtrec.model.train import train_model, vocab_for
 from rtrec.stream.connections import async_redis_client, kafka_bootstrap
 from rtrec.stream.keys import ITEM_CATEGORY
@@ -50,8 +50,15 @@ def synthetic():
 def generator(synthetic, tmp_path_factory):
     from rtrec.stream.settings import Settings
 
-    s = Settings(model_hidden=64, model_heads=1, model_layers=1, model_intermediate=128,
-                 model_max_events=20, model_item_capacity=120, train_epochs=2)
+    s = Settings(
+        model_hidden=64,
+        model_heads=1,
+        model_layers=1,
+        model_intermediate=128,
+        model_max_events=20,
+        model_item_capacity=120,
+        train_epochs=2,
+    )
     hist = list(user_histories(synthetic).values())
     vocab = vocab_for(hist, s)
     torch.manual_seed(0)
@@ -61,8 +68,9 @@ def generator(synthetic, tmp_path_factory):
     return TorchGenerator.from_path(path, device="cpu")
 
 
-def run_batch(settings, recommender, requests: list[bytes], diversity: int = 0,
-              expected: int | None = None, swap_to=None) -> list[dict]:
+def run_batch(
+    settings, recommender, requests: list[bytes], diversity: int = 0, expected: int | None = None, swap_to=None
+) -> list[dict]:
     """Hand `requests` to a RecommendWorker as one batch; return the responses from its topic.
 
     With `swap_to`, that recommender is swapped in before the batch, as the model watcher does.
@@ -80,8 +88,10 @@ def run_batch(settings, recommender, requests: list[bytes], diversity: int = 0,
             if swap_to is not None:
                 worker.recommender = swap_to
             now = int(time.time() * 1000)
-            records = [ConsumerRecord(s.topic_requests, 0, n, now, 0, b"k", raw, None, len(b"k"), len(raw), [])
-                       for n, raw in enumerate(requests)]
+            records = [
+                ConsumerRecord(s.topic_requests, 0, n, now, 0, b"k", raw, None, len(b"k"), len(raw), [])
+                for n, raw in enumerate(requests)
+            ]
             await (await worker.handle(records))  # the responses, then their acks
         finally:
             await producer.stop()
@@ -107,8 +117,9 @@ def request(user: str, k: int = 5, **kw) -> bytes:
 
 def test_a_failing_model_answers_every_request_with_an_error(settings, producer, redis, uid):
     user = uid("known")
-    producer.send({"event_id": uid("e"), "user_id": user, "item_id": "i1", "type": "click",
-                   "ts": int(time.time() * 1000)})
+    producer.send(
+        {"event_id": uid("e"), "user_id": user, "item_id": "i1", "type": "click", "ts": int(time.time() * 1000)}
+    )
     producer.flush()
     wait_for(lambda: redis.hget(f"rt:u:{user}:h", "n"), what="user state")
     responses = run_batch(settings, Broken(), [request(user), request(user), request(user)])
@@ -149,8 +160,13 @@ def test_fused_serving_ranks_by_the_model_and_the_baseline(settings, producer, r
     reads = StateReads(sequence=generator.max_events, recent_items=settings.reason_recent_items, neighbours=20)
     [state] = StateStore(settings).fetch(redis, [f"{user}-{tag}"], reads)
     state.exclude = frozenset(e.item_id for e in state.sequence) | state.purchased  # exclude_seen
-    expected = fuse([(generator.recommend_batch([state], FUSION_DEPTH)[0], 1.0),
-                     (BlendingRecommender(settings).recommend_batch([state], FUSION_DEPTH)[0], 0.5)], 10)
+    expected = fuse(
+        [
+            (generator.recommend_batch([state], FUSION_DEPTH)[0], 1.0),
+            (BlendingRecommender(settings).recommend_batch([state], FUSION_DEPTH)[0], 0.5),
+        ],
+        10,
+    )
     [fused] = run_batch(fused_settings, generator, [request(f"{user}-{tag}", k=10)])
     [alone] = run_batch(alone_settings, generator, [request(f"{user}-{tag}", k=10)])
     assert [it["item_id"] for it in fused["items"]] == [item for item, _ in expected]
@@ -172,8 +188,12 @@ def test_diversity_caps_items_per_category(settings, producer, redis, generator,
     vocab_items = generator.checkpoint.vocab.items
     redis.hset(ITEM_CATEGORY, mapping={item: "same" if n % 2 == 0 else f"c{n}" for n, item in enumerate(vocab_items)})
     shopper, now = uid("div-shopper"), int(time.time() * 1000)  # trending holds both kinds, whatever ran before
-    producer.send_many([{"event_id": uid(f"div-{n}"), "user_id": shopper, "item_id": item, "type": "purchase",
-                         "ts": now} for n, item in enumerate(vocab_items[:8])])
+    producer.send_many(
+        [
+            {"event_id": uid(f"div-{n}"), "user_id": shopper, "item_id": item, "type": "purchase", "ts": now}
+            for n, item in enumerate(vocab_items[:8])
+        ]
+    )
     producer.flush()
     wait_for(lambda: redis.hget(f"rt:u:{shopper}:h", "n") == "8", what="trending filled")
     user = "div-" + uuid.uuid4().hex[:6]
@@ -195,8 +215,15 @@ class Exhausted:
 
 def test_a_user_whose_candidates_are_exhausted_gets_trending_backfill(settings, producer, redis, uid):
     user = uid("exhausted")
-    producer.send({"event_id": uid("e"), "user_id": user, "item_id": uid("seen-item"), "type": "click",
-                   "ts": int(time.time() * 1000)})
+    producer.send(
+        {
+            "event_id": uid("e"),
+            "user_id": user,
+            "item_id": uid("seen-item"),
+            "type": "click",
+            "ts": int(time.time() * 1000),
+        }
+    )
     producer.flush()
     wait_for(lambda: redis.hget(f"rt:u:{user}:h", "n"), what="user state")
     [response] = run_batch(settings, Exhausted(), [request(user, k=5)])
@@ -274,8 +301,9 @@ class Fixed:
 def test_a_swapped_in_model_answers_the_next_batch(settings, producer, redis, uid, generator):
     """The model watcher assigns worker.recommender; the pipeline must rank with the new model from then on."""
     user = uid("swapped")
-    producer.send({"event_id": uid("e"), "user_id": user, "item_id": uid("seen"), "type": "click",
-                   "ts": int(time.time() * 1000)})
+    producer.send(
+        {"event_id": uid("e"), "user_id": user, "item_id": uid("seen"), "type": "click", "ts": int(time.time() * 1000)}
+    )
     producer.flush()
     wait_for(lambda: redis.hget(f"rt:u:{user}:h", "n"), what="user state")
     swapped = Fixed("fixed-2", ["p", "q", "r"])

@@ -22,8 +22,8 @@ from rtrec.stream.embedded import free_port, start_redis
 from rtrec.stream.producer import EventProducer
 from rtrec.stream.rec_client import RecClient
 from rtrec.stream.topics import ensure_topics, internal_topics
-from tests.helpers import scrape, tiny_checkpoint, wait_for
 from rtrec.workers.stack import Stack
+from tests.helpers import scrape, tiny_checkpoint, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -34,8 +34,9 @@ CANARY_S = 10  # the bound on a canary's answer behind hostile records
 # ---- helpers -----------------------------------------------------------------------------------
 def raw_producer(settings) -> KafkaProducer:
     """An outside client: no validation, big requests allowed."""
-    return KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", max_request_size=4 * TWO_MB,
-                         linger_ms=0)
+    return KafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, acks="all", max_request_size=4 * TWO_MB, linger_ms=0
+    )
 
 
 def topics_on_broker(settings) -> set[str]:
@@ -48,8 +49,13 @@ def topics_on_broker(settings) -> set[str]:
 
 def read_topic(settings, topic: str, done=None, timeout_s: float = CANARY_S) -> list:
     """`topic` from its start until `done(records)` (default: read up to the high watermark of every partition)."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
-                             fetch_max_wait_ms=20, max_partition_fetch_bytes=4 * TWO_MB)
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=20,
+        max_partition_fetch_bytes=4 * TWO_MB,
+    )
     parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
     consumer.assign(parts)
     consumer.seek_to_beginning(*parts)
@@ -80,8 +86,11 @@ def letters_for(settings, sources: dict[str, tuple[str, int, int]]) -> dict[str,
         found = {}
         for rec in records:
             h = {k: v.decode() for k, v in rec.headers}
-            src = (h.get("rtrec.source.topic"), int(h.get("rtrec.source.partition", -1)),
-                   int(h.get("rtrec.source.offset", -1)))
+            src = (
+                h.get("rtrec.source.topic"),
+                int(h.get("rtrec.source.partition", -1)),
+                int(h.get("rtrec.source.offset", -1)),
+            )
             if src in wanted:
                 found[wanted[src]] = {**h, "_key": rec.key, "_value": rec.value}
         return found
@@ -91,8 +100,9 @@ def letters_for(settings, sources: dict[str, tuple[str, int, int]]) -> dict[str,
 
 
 def event_json(event_id: str, user: str, item: str = "it-1") -> bytes:
-    return json.dumps({"event_id": event_id, "user_id": user, "item_id": item, "type": "click",
-                       "ts": int(time.time() * 1000)}).encode()
+    return json.dumps(
+        {"event_id": event_id, "user_id": user, "item_id": item, "type": "click", "ts": int(time.time() * 1000)}
+    ).encode()
 
 
 def hostile_values(tag: str) -> dict[str, tuple[bytes | None, bytes | None, str]]:
@@ -124,8 +134,11 @@ def test_hostile_events_are_dead_lettered_and_every_partition_keeps_flowing(sett
     finally:
         producer.close()
 
-    wait_for(lambda: all(redis.hget(f"rt:u:{u}:h", "n") == "1" for u in canaries.values()), timeout_s=CANARY_S,
-             what="a canary event applied on every partition")
+    wait_for(
+        lambda: all(redis.hget(f"rt:u:{u}:h", "n") == "1" for u in canaries.values()),
+        timeout_s=CANARY_S,
+        what="a canary event applied on every partition",
+    )
     letters = letters_for(settings, sent)
     for name, (_, _, reason) in hostile.items():
         assert letters[name]["rtrec.reason"] == reason, name
@@ -142,7 +155,7 @@ def test_hostile_events_are_dead_lettered_and_every_partition_keeps_flowing(sett
 def hostile_reply_topics(settings, tag: str) -> dict[str, str]:
     """reply_topic -> the reason its request is dead-lettered with."""
     topics = {"..": "bad_reply_topic", ".": "bad_reply_topic", "x" * 300: "bad_reply_topic"}
-    topics.update({name: "bad_reply_topic" for name in internal_topics(settings)})
+    topics.update(dict.fromkeys(internal_topics(settings), "bad_reply_topic"))
     topics.update({f"made-up-{tag}-{i}": "bad_reply_topic" for i in range(10)})  # outside the allowed prefix
     topics.update({f"{settings.reply_topic_prefix}made-up-{tag}-{i}": "reply_topic_missing" for i in range(10)})
     return topics
@@ -163,8 +176,9 @@ def test_hostile_requests_never_reach_internal_topics_and_every_partition_is_ans
             sent, ids = {}, {}
             for n, topic in enumerate(reply_topics):
                 rid = f"hostile-{tag}-{n}"
-                meta = producer.send(settings.topic_requests, key=b"u",
-                                     value=request_json(rid, f"u-{tag}", reply_topic=topic)).get(10)
+                meta = producer.send(
+                    settings.topic_requests, key=b"u", value=request_json(rid, f"u-{tag}", reply_topic=topic)
+                ).get(10)
                 sent[topic], ids[topic] = (settings.topic_requests, meta.partition, meta.offset), rid
             values = hostile_values(tag)
             for name, (key, value, _) in values.items():
@@ -213,12 +227,21 @@ def test_a_handler_bug_dead_letters_its_record_and_applies_the_rest_once(setting
     from rtrec.workers.state import StateWorker
 
     tag = uuid.uuid4().hex[:8]
-    s = settings.model_copy(update={"topic_events": f"events-{tag}", "state_group": f"state-{tag}",
-                                    "topic_dead_letters": f"dlq-{tag}"})
+    s = settings.model_copy(
+        update={"topic_events": f"events-{tag}", "state_group": f"state-{tag}", "topic_dead_letters": f"dlq-{tag}"}
+    )
     ensure_topics(s)
     now = int(time.time() * 1000)
-    events = [{"event_id": f"{tag}-{i}", "user_id": f"bug-{tag}-{i % 20}", "item_id": f"it-{i % 30}",
-               "type": "click", "ts": now + i} for i in range(300)]
+    events = [
+        {
+            "event_id": f"{tag}-{i}",
+            "user_id": f"bug-{tag}-{i % 20}",
+            "item_id": f"it-{i % 30}",
+            "type": "click",
+            "ts": now + i,
+        }
+        for i in range(300)
+    ]
     poisoned = events[137]["event_id"]
     with EventProducer(s) as p:
         p.send_many(events)
@@ -237,8 +260,9 @@ def test_a_handler_bug_dead_letters_its_record_and_applies_the_rest_once(setting
             return await apply(redis_async, batch, positions)
 
         worker.store.apply_async = buggy
-        runtime = ConsumerRuntime(s, [s.topic_events], s.state_group, 2000, 5, worker="state",
-                                  dead_letters=dead_letters)
+        runtime = ConsumerRuntime(
+            s, [s.topic_events], s.state_group, 2000, 5, worker="state", dead_letters=dead_letters
+        )
         await runtime.start()
         task = asyncio.create_task(runtime.run(worker.handle))
         deadline = time.monotonic() + 30
@@ -268,8 +292,15 @@ def test_redis_down_under_request_load_answers_each_request_exactly_once(setting
     tag = uuid.uuid4().hex[:8]
     port = free_port()
     redis_proc, url = start_redis(settings, tmp_path / "redis", port)
-    s = settings.model_copy(update={"redis_url": url, "topic_requests": f"req-{tag}", "topic_responses": f"resp-{tag}",
-                                    "recommend_group": f"rec-{tag}", "topic_dead_letters": f"dlq-{tag}"})
+    s = settings.model_copy(
+        update={
+            "redis_url": url,
+            "topic_requests": f"req-{tag}",
+            "topic_responses": f"resp-{tag}",
+            "recommend_group": f"rec-{tag}",
+            "topic_dead_letters": f"dlq-{tag}",
+        }
+    )
     ensure_topics(s)
     stack = Stack(s, run_dir=tmp_path / "run")
     stack.start_worker("recommend")
@@ -374,8 +405,9 @@ async def _until(predicate, timeout_s: float) -> None:
 # ---- the online-quality join reads topics it does not own ----------------------------------------
 def test_the_quality_join_skips_unreadable_records_and_keeps_joining(settings, redis, tmp_path):
     tag = uuid.uuid4().hex[:8]
-    s = settings.model_copy(update={"topic_events": f"events-{tag}", "topic_responses": f"resp-{tag}",
-                                    "quality_group": f"quality-{tag}"})
+    s = settings.model_copy(
+        update={"topic_events": f"events-{tag}", "topic_responses": f"resp-{tag}", "quality_group": f"quality-{tag}"}
+    )
     ensure_topics(s)
     stack = Stack(s, run_dir=tmp_path / "run")
     ops = stack.start_worker("ops")
@@ -386,24 +418,40 @@ def test_the_quality_join_skips_unreadable_records_and_keeps_joining(settings, r
         for topic in (s.topic_events, s.topic_responses):
             for value in (b"[1]", None, b'"a string"', b"not json", b"k" * 10):
                 producer.send(topic, key=b"x", value=value)
-        producer.send(s.topic_responses, value=json.dumps({"user_id": user, "model_version": version, "items": 5,
-                                                            "generated_at": "soon"}).encode())
-        served = {"request_id": "r", "user_id": user, "model_version": version, "generated_at": now,
-                  "items": [{"item_id": "it-7", "score": 1.0}]}
+        producer.send(
+            s.topic_responses,
+            value=json.dumps({"user_id": user, "model_version": version, "items": 5, "generated_at": "soon"}).encode(),
+        )
+        served = {
+            "request_id": "r",
+            "user_id": user,
+            "model_version": version,
+            "generated_at": now,
+            "items": [{"item_id": "it-7", "score": 1.0}],
+        }
         producer.send(s.topic_responses, key=user.encode(), value=json.dumps(served).encode())
         producer.flush()
-        wait_for(lambda: redis.hget("rt:quality", f"{version}|served") == "1", timeout_s=CANARY_S,
-                 what="the valid response joined")
+        wait_for(
+            lambda: redis.hget("rt:quality", f"{version}|served") == "1",
+            timeout_s=CANARY_S,
+            what="the valid response joined",
+        )
         producer.send(s.topic_events, key=user.encode(), value=event_json(f"hit-{tag}", user, "it-7"))
         producer.flush()
-        wait_for(lambda: redis.hget("rt:quality", f"{version}|hits") == "1", timeout_s=CANARY_S,
-                 what="the later event counted as a hit")
+        wait_for(
+            lambda: redis.hget("rt:quality", f"{version}|hits") == "1",
+            timeout_s=CANARY_S,
+            what="the later event counted as a hit",
+        )
         metrics = scrape(stack.metrics_ports[ops.name])
         skipped = {k: v for k, v in metrics.items() if k.startswith("rtrec_records_skipped_total")}
         assert sum(skipped.values()) >= 2 * 4  # [1], null, "a string", not json on both topics
         assert ops.alive()
-        wait_for(lambda: urllib_status(stack.metrics_ports[ops.name], "/readyz") == 200, timeout_s=30,
-                 what="the ops worker ready (its first lag measurement done)")
+        wait_for(
+            lambda: urllib_status(stack.metrics_ports[ops.name], "/readyz") == 200,
+            timeout_s=30,
+            what="the ops worker ready (its first lag measurement done)",
+        )
     finally:
         producer.close()
         stack.stop()
@@ -429,22 +477,37 @@ def urllib_status(port: int, path: str) -> int:
         return exc.code
 
 
-
 # ---- a stall is visible ------------------------------------------------------------------------------
 def test_a_batch_retried_past_the_stall_alert_fails_readyz_until_redis_answers(settings, redis, tmp_path):
     import signal
 
     tag = uuid.uuid4().hex[:8]
     redis_proc, url = start_redis(settings, tmp_path / "redis")
-    s = settings.model_copy(update={"redis_url": url, "topic_events": f"events-{tag}", "state_group": f"state-{tag}",
-                                    "stall_alert_s": 1.0, "redis_timeout_s": 0.5, "retry_max_backoff_s": 0.5})
+    s = settings.model_copy(
+        update={
+            "redis_url": url,
+            "topic_events": f"events-{tag}",
+            "state_group": f"state-{tag}",
+            "stall_alert_s": 1.0,
+            "redis_timeout_s": 0.5,
+            "retry_max_backoff_s": 0.5,
+        }
+    )
     ensure_topics(s)
     stack = Stack(s, run_dir=tmp_path / "run")
     worker = stack.start_worker("state")
     port = stack.metrics_ports[worker.name]
     own = redis_client(s)
-    events = [{"event_id": f"{tag}-{i}", "user_id": f"stall-{tag}-{i % 5}", "item_id": "it-1", "type": "click",
-               "ts": int(time.time() * 1000) + i} for i in range(50)]
+    events = [
+        {
+            "event_id": f"{tag}-{i}",
+            "user_id": f"stall-{tag}-{i % 5}",
+            "item_id": "it-1",
+            "type": "click",
+            "ts": int(time.time() * 1000) + i,
+        }
+        for i in range(50)
+    ]
     try:
         stack.wait_ready("state")
         redis_proc.proc.send_signal(signal.SIGSTOP)  # Redis stops answering (connections still accepted)
@@ -456,8 +519,11 @@ def test_a_batch_retried_past_the_stall_alert_fails_readyz_until_redis_answers(s
         assert metrics[f'rtrec_consumer_stalled_seconds{{group="{s.state_group}"}}'] >= 1.0
         assert sum(v for k, v in metrics.items() if k.startswith("rtrec_batch_retries_total")) >= 1
         redis_proc.proc.send_signal(signal.SIGCONT)
-        wait_for(lambda: sum(int(own.hget(f"rt:u:stall-{tag}-{u}:h", "n") or 0) for u in range(5)) == 50,
-                 timeout_s=30, what="the stalled batch applied once Redis answers")
+        wait_for(
+            lambda: sum(int(own.hget(f"rt:u:stall-{tag}-{u}:h", "n") or 0) for u in range(5)) == 50,
+            timeout_s=30,
+            what="the stalled batch applied once Redis answers",
+        )
         wait_for(lambda: urllib_status(port, "/readyz") == 200, timeout_s=20, what="/readyz ready again")
         assert scrape(port)[f'rtrec_consumer_stalled_seconds{{group="{s.state_group}"}}'] == 0
         assert worker.alive()

@@ -39,7 +39,11 @@ def test_events_become_user_state(producer, redis, settings, uid):
 
     [state] = StateStore(settings).fetch(redis, [user])
     assert [(e.item_id, e.type) for e in state.sequence] == [
-        (a, "browse"), (b, "browse"), (b, "click"), (b, "purchase"), (c, "browse")
+        (a, "browse"),
+        (b, "browse"),
+        (b, "click"),
+        (b, "purchase"),
+        (c, "browse"),
     ]
     assert state.counts == {"browse": 3, "click": 1, "purchase": 1, "n": 5}
     assert state.last_ts == NOW - 1000 and state.first_ts == NOW - 5000
@@ -84,10 +88,16 @@ def test_out_of_order_events_are_ordered_by_time(producer, redis, settings, uid)
 
 
 def _dead_letters(settings, keys: set[bytes], expected: int) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap(settings), group_id=None,
-                             enable_auto_commit=False, auto_offset_reset="earliest")
-    parts = [TopicPartition(settings.topic_dead_letters, p)
-             for p in consumer.partitions_for_topic(settings.topic_dead_letters)]
+    consumer = KafkaConsumer(
+        bootstrap_servers=kafka_bootstrap(settings),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    parts = [
+        TopicPartition(settings.topic_dead_letters, p)
+        for p in consumer.partitions_for_topic(settings.topic_dead_letters)
+    ]
     consumer.assign(parts)
     consumer.seek_to_beginning(*parts)
     found = []
@@ -164,8 +174,11 @@ def test_recommendations_reflect_the_latest_events(producer, rec_client, redis, 
 
 def test_invalid_request_gets_an_error_response(settings, rec_client, producer, uid):
     request_id = uid("req")
-    producer.send_raw(json.dumps({"request_id": request_id, "user_id": "u1", "k": 10_000}).encode(),
-                      key=b"u1", topic=settings.topic_requests)
+    producer.send_raw(
+        json.dumps({"request_id": request_id, "user_id": "u1", "k": 10_000}).encode(),
+        key=b"u1",
+        topic=settings.topic_requests,
+    )
     producer.flush()
     got = rec_client.collect([request_id], timeout_s=20)
     assert "k must be between" in got[request_id]["error"]

@@ -12,18 +12,37 @@ KEY_LITERAL = re.compile(r"""["']\{?rt:""")  # "rt:...", f"rt:...", "{rt:...}": 
 
 
 def test_no_module_but_the_keys_module_spells_a_key() -> None:
-    found = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
-             for package in ("stream", "workers", "model")
-             for path in sorted((ROOT / package).rglob("*.py")) if path != ROOT / "stream" / "keys.py"
-             for n, line in enumerate(path.read_text().splitlines(), 1) if KEY_LITERAL.search(line)]
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for package in ("stream", "workers", "model")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if path != ROOT / "stream" / "keys.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if KEY_LITERAL.search(line)
+    ]
     assert found == []
 
 
 def test_key_names_stay_as_stored() -> None:
-    assert (keys.PREFIX, keys.LOGS, keys.INGEST_LATENCY, keys.ITEM_CATEGORY, keys.QUALITY, keys.MODEL_SERVING,
-            keys.RECOMMEND_STATS, keys.TRAINER_STATS) == (
-        "rt", "rt:logs", "rt:lat:ingest", "rt:item:category", "rt:quality", "rt:model:serving",
-        "rt:stats:recommend", "rt:stats:trainer")
+    assert (
+        keys.PREFIX,
+        keys.LOGS,
+        keys.INGEST_LATENCY,
+        keys.ITEM_CATEGORY,
+        keys.QUALITY,
+        keys.MODEL_SERVING,
+        keys.RECOMMEND_STATS,
+        keys.TRAINER_STATS,
+    ) == (
+        "rt",
+        "rt:logs",
+        "rt:lat:ingest",
+        "rt:item:category",
+        "rt:quality",
+        "rt:model:serving",
+        "rt:stats:recommend",
+        "rt:stats:trainer",
+    )
     assert keys.user_key("rt", "u1", "h") == "rt:u:u1:h"
     assert keys.user_key(keys.bucket_prefix("rt", 7), "u1", "seq") == "rt:{b7}:u:u1:seq"
     assert keys.trending("rt") == "rt:pop"
@@ -34,5 +53,5 @@ def test_key_names_stay_as_stored() -> None:
 
 
 def test_a_bucket_tag_is_what_bucket_prefix_appends() -> None:
-    assert keys.BUCKET_TAG.fullmatch(keys.bucket_prefix("rt", 12)[len("rt"):])
+    assert keys.BUCKET_TAG.fullmatch(keys.bucket_prefix("rt", 12)[len("rt") :])
     assert not keys.BUCKET_TAG.fullmatch(":rebuild")

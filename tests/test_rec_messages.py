@@ -96,13 +96,30 @@ def test_valid_reply_topics(topic: str) -> None:
 @pytest.mark.parametrize(
     "topic",
     [
-        "..", ".",                                                 # Kafka refuses these names
-        "events", "rec-requests", "dead-letters", "model-updates",  # rtrec's internal topics
-        "x" * 300, "rec-responses." + "a" * 236,                    # longer than 249
-        "rec-responses.",                                           # the prefix alone
-        "foo", "t", "rec.responses_v2-x", "rec-responsesX",         # neither the default nor prefixed
-        "a/b", "a b", "a:b", "rec-responses.a/b", "rec-responses.tópic", "",
-        7, True, 2.5, ["rec-responses"], {"t": 1},
+        "..",
+        ".",  # Kafka refuses these names
+        "events",
+        "rec-requests",
+        "dead-letters",
+        "model-updates",  # rtrec's internal topics
+        "x" * 300,
+        "rec-responses." + "a" * 236,  # longer than 249
+        "rec-responses.",  # the prefix alone
+        "foo",
+        "t",
+        "rec.responses_v2-x",
+        "rec-responsesX",  # neither the default nor prefixed
+        "a/b",
+        "a b",
+        "a:b",
+        "rec-responses.a/b",
+        "rec-responses.tópic",
+        "",
+        7,
+        True,
+        2.5,
+        ["rec-responses"],
+        {"t": 1},
     ],
     ids=lambda t: repr(t)[:40],
 )
@@ -147,8 +164,9 @@ def test_an_empty_prefix_allows_any_other_legal_name() -> None:
 
 
 def test_renamed_internal_topics_are_refused_and_the_renamed_default_allowed() -> None:
-    cfg = CFG.model_copy(update={"topic_events": "shop.events", "topic_responses": "shop.replies",
-                                 "reply_topic_prefix": "shop."})
+    cfg = CFG.model_copy(
+        update={"topic_events": "shop.events", "topic_responses": "shop.replies", "reply_topic_prefix": "shop."}
+    )
     with pytest.raises(InvalidEvent) as info:
         parse_request(encode({**BASE, "reply_topic": "shop.events"}), cfg)
     assert info.value.reason == "bad_reply_topic"
@@ -313,10 +331,22 @@ def test_generated_at_defaults_to_now() -> None:
 # ---- topic helpers (stream/topics.py) ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,legal", [
-    ("a", True), ("a" * 249, True), ("A.b_c-9", True), ("...", True),
-    ("", False), (".", False), ("..", False), ("a" * 250, False), ("a b", False), ("a\n", False), ("é", False),
-])
+@pytest.mark.parametrize(
+    "name,legal",
+    [
+        ("a", True),
+        ("a" * 249, True),
+        ("A.b_c-9", True),
+        ("...", True),
+        ("", False),
+        (".", False),
+        ("..", False),
+        ("a" * 250, False),
+        ("a b", False),
+        ("a\n", False),
+        ("é", False),
+    ],
+)
 def test_is_legal_topic_name(name: str, legal: bool) -> None:
     assert is_legal_topic_name(name) is legal
 

@@ -23,9 +23,9 @@ from rtrec.stream.rec_client import RecClient
 from rtrec.stream.sample import SAMPLE_PATH
 from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import StateReads, StateStore
-from tests.helpers import wait_for
 from rtrec.workers.dead_letters import dlq_counts
 from rtrec.workers.stack import Stack
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -47,8 +47,9 @@ def sample_events(n: int, settings: Settings) -> list:
     tag = uuid.uuid4().hex[:6]
     out = []
     for e in list(read_events(SAMPLE_PATH))[:n]:
-        out.append(event_from_dict({**e, "event_id": f"{tag}-{e['event_id']}", "user_id": f"{tag}-{e['user_id']}"},
-                                   settings))
+        out.append(
+            event_from_dict({**e, "event_id": f"{tag}-{e['event_id']}", "user_id": f"{tag}-{e['user_id']}"}, settings)
+        )
     return out
 
 
@@ -85,8 +86,12 @@ def test_cluster_state_equals_one_redis(cluster, redis_only) -> None:
     # the buckets spread over every master, so the load does too
     for node in nodes:
         port = int(node.name.rsplit("-", 1)[1])
-        assert redis_client(settings.model_copy(update={"redis_cluster": False,
-                                                        "redis_url": f"redis://127.0.0.1:{port}/0"})).dbsize() > 0
+        assert (
+            redis_client(
+                settings.model_copy(update={"redis_cluster": False, "redis_url": f"redis://127.0.0.1:{port}/0"})
+            ).dbsize()
+            > 0
+        )
 
 
 def test_rebuild_switches_each_bucket_to_its_staging_bucket_and_leaves_other_keys(cluster) -> None:
@@ -126,8 +131,16 @@ def test_state_and_generation_workers_run_on_the_cluster(cluster, tmp_path) -> N
     stack = Stack(settings.model_copy(update={"checkpoint_dir": tmp_path / "no-checkpoints"}), run_dir=tmp_path / "run")
     try:
         s = stack.start(state_workers=1, recommend_workers=1)
-        events = [{"event_id": e.event_id, "user_id": e.user_id, "item_id": e.item_id, "type": e.type,
-                   "ts": int(time.time() * 1000) - 60_000 + n} for n, e in enumerate(sample_events(3000, s))]
+        events = [
+            {
+                "event_id": e.event_id,
+                "user_id": e.user_id,
+                "item_id": e.item_id,
+                "type": e.type,
+                "ts": int(time.time() * 1000) - 60_000 + n,
+            }
+            for n, e in enumerate(sample_events(3000, s))
+        ]
         with EventProducer(s) as producer:
             for e in events:
                 producer.send(e)

@@ -84,20 +84,34 @@ def _tls_files(folder) -> tuple[str, str, str]:
 
     now = datetime.datetime.now(datetime.UTC)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("rtrec test CA")).issuer_name(name("rtrec test CA"))
-          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
-    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(2).not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False).sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("rtrec test CA"))
+        .issuer_name(name("rtrec test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("127.0.0.1"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(2)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     paths = [folder / "ca.pem", folder / "server.pem", folder / "server.key"]
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return tuple(str(p) for p in paths)
 
 
@@ -123,9 +137,11 @@ def test_redis_with_an_acl_user_over_tls(tmp_path):
     ca, cert, key = _tls_files(tmp_path)
     port = free_port()
     conf = tmp_path / "redis.conf"
-    conf.write_text(f"port 0\ntls-port {port}\nbind 127.0.0.1\ntls-cert-file {cert}\ntls-key-file {key}\n"
-                    f"tls-ca-cert-file {ca}\ntls-auth-clients no\nsave \"\"\ndir {tmp_path}\n"
-                    "user default off\nuser rtrec on >s3cret-pw ~rt* &* +@all\n")
+    conf.write_text(
+        f"port 0\ntls-port {port}\nbind 127.0.0.1\ntls-cert-file {cert}\ntls-key-file {key}\n"
+        f'tls-ca-cert-file {ca}\ntls-auth-clients no\nsave ""\ndir {tmp_path}\n'
+        "user default off\nuser rtrec on >s3cret-pw ~rt* &* +@all\n"
+    )
     server = ManagedProcess.spawn("redis-tls", [server_bin, str(conf)], tmp_path)
     try:
         server.wait_port(port)
@@ -133,8 +149,11 @@ def test_redis_with_an_acl_user_over_tls(tmp_path):
         s = Settings(redis_url=url, redis_username="rtrec", redis_password="s3cret-pw", redis_ssl_cafile=ca)
         client = redis_client(s)
         store = StateStore(s)
-        event = event_from_dict({"event_id": "e1", "user_id": "u1", "item_id": "i1", "type": "click",
-                                 "ts": 1_767_225_600_000}, s, now_ms=1_767_225_600_000)
+        event = event_from_dict(
+            {"event_id": "e1", "user_id": "u1", "item_id": "i1", "type": "click", "ts": 1_767_225_600_000},
+            s,
+            now_ms=1_767_225_600_000,
+        )
         assert store.apply(client, [event]) == [True]
         assert store.fetch(client, ["u1"])[0].counts["click"] == 1
         with pytest.raises(redis_py.exceptions.AuthenticationError):

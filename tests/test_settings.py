@@ -37,7 +37,8 @@ def test_docs_hold_the_generated_tables() -> None:
     text = DOC.read_text(encoding="utf-8")
     start, end = text.index(TABLE_BEGIN), text.index(TABLE_END) + len(TABLE_END)
     assert text[start:end] == settings_markdown(), (
-        "docs/configuration.md is stale: python -m rtrec.stream.settings --write docs/configuration.md")
+        "docs/configuration.md is stale: python -m rtrec.stream.settings --write docs/configuration.md"
+    )
 
 
 def test_docs_list_every_variable_once() -> None:
@@ -73,7 +74,11 @@ def test_environment_names_stay(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RTREC_USER_TTL_DAYS", "30")
     s = Settings()
     assert (s.kafka_bootstrap, s.redis_url, s.partitions, s.serve_blend_weight) == (
-        "kafka:9092", "rediss://cache:6380/1", 8, 0.0)
+        "kafka:9092",
+        "rediss://cache:6380/1",
+        8,
+        0.0,
+    )
     assert s.redis_password is not None and s.redis_password.get_secret_value() == "s3cret"
     assert (s.model_family, s.drift_enabled, s.user_ttl_days) == ("qwen2", False, 30.0)
     assert s.model_fields_set >= {"kafka_bootstrap", "partitions", "drift_enabled"}
@@ -83,7 +88,12 @@ def test_environment_names_stay(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_defaults_and_flat_attributes() -> None:
     s = Settings()
     assert (s.kafka_bootstrap, s.redis_url, s.partitions, s.state_batch_max, s.dedupe_window) == (
-        None, None, 4, 2000, 256)
+        None,
+        None,
+        4,
+        2000,
+        256,
+    )
     assert s.run_dir == Path(".rtrec/run") and s.checkpoint_dir == Path(".rtrec/checkpoints")
     assert s.type_weights() == {"browse": 1.0, "click": 2.0, "purchase": 4.0}
     copy = s.model_copy(update={"partitions": 9, "redis_url": "redis://h:1"})
@@ -95,18 +105,20 @@ def test_defaults_and_flat_attributes() -> None:
         get_settings.cache_clear()
 
 
-@pytest.mark.parametrize(("env", "value", "error_type"), [
-    ("RTREC_REDIS_URL", "http://cache:6379", "value_error"),
-    ("RTREC_PARTITIONS", "0", "greater_than_equal"),
-    ("RTREC_PARTITIONS", "abc", "int_parsing"),
-    ("RTREC_CONNECT_TIMEOUT_S", "-1", "greater_than"),
-    ("RTREC_DEDUPE_WINDOW", "100001", "less_than_equal"),
-    ("RTREC_TRAIN_EMBEDDING_DROPOUT", "1", "less_than"),
-    ("RTREC_KAFKA_SECURITY_PROTOCOL", "TLS", "literal_error"),
-    ("RTREC_DRIFT_ENABLED", "maybe", "bool_parsing"),
-])
-def test_bad_values_are_refused_by_name(monkeypatch: pytest.MonkeyPatch, env: str, value: str,
-                                        error_type: str) -> None:
+@pytest.mark.parametrize(
+    ("env", "value", "error_type"),
+    [
+        ("RTREC_REDIS_URL", "http://cache:6379", "value_error"),
+        ("RTREC_PARTITIONS", "0", "greater_than_equal"),
+        ("RTREC_PARTITIONS", "abc", "int_parsing"),
+        ("RTREC_CONNECT_TIMEOUT_S", "-1", "greater_than"),
+        ("RTREC_DEDUPE_WINDOW", "100001", "less_than_equal"),
+        ("RTREC_TRAIN_EMBEDDING_DROPOUT", "1", "less_than"),
+        ("RTREC_KAFKA_SECURITY_PROTOCOL", "TLS", "literal_error"),
+        ("RTREC_DRIFT_ENABLED", "maybe", "bool_parsing"),
+    ],
+)
+def test_bad_values_are_refused_by_name(monkeypatch: pytest.MonkeyPatch, env: str, value: str, error_type: str) -> None:
     monkeypatch.setenv(env, value)
     with pytest.raises(ValidationError) as caught:
         Settings()

@@ -66,13 +66,20 @@ def test_ensure_topics_waits_for_a_broker_that_starts_late(tmp_path):
 
 def test_wait_for_services_waits_for_late_broker_and_redis(tmp_path):
     kport, rport = free_port(), free_port()
-    settings = Settings(kafka_bootstrap=f"127.0.0.1:{kport}", redis_url=f"redis://127.0.0.1:{rport}/0",
-                        partitions=1, connect_timeout_s=1, startup_timeout_s=60)
+    settings = Settings(
+        kafka_bootstrap=f"127.0.0.1:{kport}",
+        redis_url=f"redis://127.0.0.1:{rport}/0",
+        partitions=1,
+        connect_timeout_s=1,
+        startup_timeout_s=60,
+    )
     (tmp_path / "k").mkdir()
     (tmp_path / "r").mkdir()
     started: list = []
-    threads = [_start_late(lambda: start_tansu(tmp_path / "k", port=kport), LATE_S, started),
-               _start_late(lambda: start_redis(settings, tmp_path / "r", port=rport), LATE_S + 1, started)]
+    threads = [
+        _start_late(lambda: start_tansu(tmp_path / "k", port=kport), LATE_S, started),
+        _start_late(lambda: start_redis(settings, tmp_path / "r", port=rport), LATE_S + 1, started),
+    ]
 
     async def start_worker():
         client = async_redis_client(settings)
@@ -94,8 +101,12 @@ def test_wait_for_services_waits_for_late_broker_and_redis(tmp_path):
 
 
 def test_wait_for_services_gives_up_at_the_deadline_with_one_line():
-    settings = Settings(kafka_bootstrap=f"127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0",
-                        connect_timeout_s=0.5, startup_timeout_s=2)
+    settings = Settings(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        connect_timeout_s=0.5,
+        startup_timeout_s=2,
+    )
 
     async def start_worker():
         client = async_redis_client(settings)
@@ -109,7 +120,9 @@ def test_wait_for_services_gives_up_at_the_deadline_with_one_line():
         asyncio.run(start_worker())
     assert time.monotonic() - t0 < 10
     t0 = time.monotonic()
-    with pytest.raises(StartupTimeout, match="could not create rtrec.s topics on the broker at 127.0.0.1:.* RTREC_STARTUP_TIMEOUT_S"):
+    with pytest.raises(
+        StartupTimeout, match="could not create rtrec.s topics on the broker at 127.0.0.1:.* RTREC_STARTUP_TIMEOUT_S"
+    ):
         asyncio.run(wait_for_services(settings))
     assert time.monotonic() - t0 < 15
 

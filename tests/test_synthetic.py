@@ -43,9 +43,7 @@ def test_schema_and_ids(events: list[dict]) -> None:
         assert e["type"] in ("browse", "click", "purchase")
         assert isinstance(e["ts"], int) and isinstance(e["session_id"], str)
         if e["type"] == "purchase":
-            assert set(e) == {
-                "event_id", "user_id", "item_id", "type", "ts", "session_id", "price", "quantity"
-            }
+            assert set(e) == {"event_id", "user_id", "item_id", "type", "ts", "session_id", "price", "quantity"}
             assert isinstance(e["price"], float) and e["price"] > 0
             assert e["quantity"] in (1, 2, 3)
         else:

@@ -31,8 +31,15 @@ def events() -> list[dict]:
 
 def trainer_settings(settings: Settings, tmp_path: Path, **kw) -> Settings:
     tag = uuid.uuid4().hex[:8]
-    s = settings.model_copy(update={**SMALL, "checkpoint_dir": tmp_path / "checkpoints",
-                                    "topic_events": f"events-{tag}", "trainer_group": f"trainer-{tag}", **kw})
+    s = settings.model_copy(
+        update={
+            **SMALL,
+            "checkpoint_dir": tmp_path / "checkpoints",
+            "topic_events": f"events-{tag}",
+            "trainer_group": f"trainer-{tag}",
+            **kw,
+        }
+    )
     ensure_topics(s)
     return s
 
@@ -122,8 +129,10 @@ def run_loop_until(s: Settings, trainer: Trainer, decisions: int, commit: bool =
     async def go() -> TrainerLoop:
         loop = TrainerLoop(s, trainer)
         if not commit:
+
             async def no_commit(offsets):  # the process "dies" between decision and commit
                 return None
+
             loop._commit = no_commit
         await loop.start()
         try:
@@ -181,9 +190,15 @@ def test_hot_swap_under_load_answers_every_request(settings, producer, redis, tm
     store = CheckpointStore(root)
     versions = [tiny_checkpoint(root, events, seed=n).name for n in range(3)]
     store.promote(versions[0])
-    s = settings.model_copy(update={"checkpoint_dir": root, "topic_requests": f"req-{tag}",
-                                    "topic_responses": f"resp-{tag}", "recommend_group": f"rec-{tag}",
-                                    "model_check_s": 60.0})
+    s = settings.model_copy(
+        update={
+            "checkpoint_dir": root,
+            "topic_requests": f"req-{tag}",
+            "topic_responses": f"resp-{tag}",
+            "recommend_group": f"rec-{tag}",
+            "model_check_s": 60.0,
+        }
+    )
     ensure_topics(s)
     users = sorted({e["user_id"] for e in events})[:10]
     producer.send_many([dict(e, event_id=f"{e['event_id']}-{tag}") for e in events if e["user_id"] in users])
@@ -198,8 +213,11 @@ def test_hot_swap_under_load_answers_every_request(settings, producer, redis, tm
                 for v in versions[1:]:
                     store.promote(v)
                     announce_sync(s, v, "test")
-                    wait_for(lambda v=v: redis.hget("rt:model:serving", str(stack.workers[0].proc.pid)) == v,
-                             timeout_s=30, what=f"worker serving {v}")
+                    wait_for(
+                        lambda v=v: redis.hget("rt:model:serving", str(stack.workers[0].proc.pid)) == v,
+                        timeout_s=30,
+                        what=f"worker serving {v}",
+                    )
                     wait_for(lambda v=v: answered_by(client, v), timeout_s=30, what=f"an answer from {v}")
                 # a corrupt checkpoint made CURRENT behind the store's back is refused; serving goes on
                 bad = tiny_checkpoint(root, events, seed=9)

@@ -22,9 +22,9 @@ from rtrec.stream.embedded import ManagedProcess, mask_url, strip_password
 from rtrec.stream.producer import EventProducer
 from rtrec.stream.rec_client import RecClient
 from rtrec.stream.settings import Settings
-from tests.helpers import wait_for
 from rtrec.workers import stack as stack_mod
 from rtrec.workers.stack import CrashLoop, Stack
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 RTREC = [sys.executable, "-m", "rtrec.workers.cli"]
@@ -48,11 +48,15 @@ class Up:
     def __init__(self, cwd: Path, args: list[str] = (), **env: str) -> None:
         self.cwd = cwd
         self.out = cwd / f"up-{time.monotonic_ns()}.out"
-        self.proc = subprocess.Popen(RTREC + ["up", *args], cwd=cwd, env=_env(**env),
-                                     stdout=open(self.out, "w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            RTREC + ["up", *args], cwd=cwd, env=_env(**env), stdout=open(self.out, "w"), stderr=subprocess.STDOUT
+        )
         try:
-            wait_for(lambda: "Ctrl-C to stop" in self.output() or self.proc.poll() is not None, timeout_s=120,
-                     what="rtrec up")
+            wait_for(
+                lambda: "Ctrl-C to stop" in self.output() or self.proc.poll() is not None,
+                timeout_s=120,
+                what="rtrec up",
+            )
         except AssertionError:
             self.kill()
             raise AssertionError("rtrec up did not come up:\n" + self.output())
@@ -78,8 +82,12 @@ def _alive(pid: int) -> bool:
 
 
 def _settings(info: dict, **kw) -> Settings:
-    return Settings(kafka_bootstrap=info["kafka_bootstrap"], redis_url=info["redis_url"],
-                    redis_cluster=info.get("redis_cluster", False), **kw)
+    return Settings(
+        kafka_bootstrap=info["kafka_bootstrap"],
+        redis_url=info["redis_url"],
+        redis_cluster=info.get("redis_cluster", False),
+        **kw,
+    )
 
 
 def _answers(settings: Settings, user: str = "nobody") -> bool:
@@ -102,8 +110,13 @@ def _hget(settings: Settings, key: str, field: str):
 
 
 def _event(user: str, n: int) -> dict:
-    return {"event_id": f"{user}-e{n}", "user_id": user, "item_id": f"i{n}", "type": "browse",
-            "ts": 1_767_225_600_000 + n}
+    return {
+        "event_id": f"{user}-e{n}",
+        "user_id": user,
+        "item_id": f"i{n}",
+        "type": "browse",
+        "ts": 1_767_225_600_000 + n,
+    }
 
 
 @pytest.mark.integration
@@ -117,8 +130,11 @@ def test_up_restarts_each_crashed_child_and_dies_with_nothing_left(tmp_path):
         for n, name in enumerate(["redis", "tansu", "state-1", "recommend-1", "trainer-1", "ops-1"]):
             old = up.info()["processes"][name]["pid"]
             os.kill(old, signal.SIGKILL)
-            wait_for(lambda: (p := up.info()["processes"][name])["pid"] != old and p["restarts"] >= 1
-                     and _alive(p["pid"]), timeout_s=60, what=f"{name} restarted")
+            wait_for(
+                lambda: (p := up.info()["processes"][name])["pid"] != old and p["restarts"] >= 1 and _alive(p["pid"]),
+                timeout_s=60,
+                what=f"{name} restarted",
+            )
             wait_for(lambda: f"{name} restarted, pid" in up.output(), what=f"{name} restart logged")
             assert f"{name} exited (code -9); restarting in" in up.output()
             wait_for(lambda: _answers(settings), timeout_s=90, what=f"an answer after {name} was restarted")
@@ -128,8 +144,11 @@ def test_up_restarts_each_crashed_child_and_dies_with_nothing_left(tmp_path):
                     for k in range(3):
                         producer.send(_event(user, k))
                     producer.flush()
-                wait_for(lambda: _hget(settings, f"rt:u:{user}:h", "n") == "3", timeout_s=60,
-                         what=f"events applied after {name} restarted")
+                wait_for(
+                    lambda: _hget(settings, f"rt:u:{user}:h", "n") == "3",
+                    timeout_s=60,
+                    what=f"events applied after {name} restarted",
+                )
         assert up.proc.poll() is None
 
         pids = up.pids()
@@ -162,8 +181,9 @@ def test_up_keeps_redis_state_across_restarts_and_one_stack_per_folder(tmp_path)
 
         # commands run in a subfolder find the stack: produce, status
         user = "durable-user"
-        res = cli(["produce", "--user", user, "--item", "i1", "--type", "purchase"], cwd=sub,
-                  RTREC_REDIS_PASSWORD=PASSWORD)
+        res = cli(
+            ["produce", "--user", user, "--item", "i1", "--type", "purchase"], cwd=sub, RTREC_REDIS_PASSWORD=PASSWORD
+        )
         assert res.returncode == 0, res.stdout + res.stderr
         redis = redis_client(_settings(info, redis_password=PASSWORD))
         wait_for(lambda: redis.hget(f"rt:u:{user}:h", "n") == "1", timeout_s=30, what="produced event applied")
@@ -173,8 +193,14 @@ def test_up_keeps_redis_state_across_restarts_and_one_stack_per_folder(tmp_path)
         assert status.returncode == 0, status.stdout + status.stderr
         report = json.loads(status.stdout)
         assert report["pid"] == up.proc.pid and report["healthy"]
-        assert {p["name"] for p in report["processes"]} == {"tansu", "redis", "state-1", "recommend-1",
-                                                            "trainer-1", "ops-1"}
+        assert {p["name"] for p in report["processes"]} == {
+            "tansu",
+            "redis",
+            "state-1",
+            "recommend-1",
+            "trainer-1",
+            "ops-1",
+        }
         assert all(p["health"] == "ok" and p["port"] for p in report["processes"])
         assert PASSWORD not in status.stdout
 
@@ -234,8 +260,7 @@ def test_up_with_external_servers_and_more_workers_from_a_relative_folder(tmp_pa
     project = tmp_path / "project"
     project.mkdir()
     try:
-        up = Up(project, ["--no-trainer", "--state-workers", "2"], RTREC_KAFKA_BOOTSTRAP=bootstrap,
-                RTREC_REDIS_URL=url)
+        up = Up(project, ["--no-trainer", "--state-workers", "2"], RTREC_KAFKA_BOOTSTRAP=bootstrap, RTREC_REDIS_URL=url)
         try:
             info = up.info()
             assert info["servers"] == {} and set(info["workers"]) == {"state-1", "state-2", "recommend-1", "ops-1"}
@@ -258,11 +283,18 @@ def test_up_gives_up_on_a_crash_loop_and_stops_the_stack(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     wrapper = tmp_path / "flaky-redis"  # runs once; every restart fails at once
-    wrapper.write_text(f"#!/bin/sh\nif [ -e {tmp_path}/started ]; then echo broken; exit 7; fi\n"
-                       f"touch {tmp_path}/started\nexec {redis_server_binary(Settings())} \"$@\"\n")
+    wrapper.write_text(
+        f"#!/bin/sh\nif [ -e {tmp_path}/started ]; then echo broken; exit 7; fi\n"
+        f'touch {tmp_path}/started\nexec {redis_server_binary(Settings())} "$@"\n'
+    )
     wrapper.chmod(0o755)
-    up = Up(project, ["--no-trainer"], RTREC_REDIS_SERVER_BIN=str(wrapper), RTREC_RESTART_BACKOFF_S="0.05",
-            RTREC_MAX_RESTARTS="3")
+    up = Up(
+        project,
+        ["--no-trainer"],
+        RTREC_REDIS_SERVER_BIN=str(wrapper),
+        RTREC_RESTART_BACKOFF_S="0.05",
+        RTREC_MAX_RESTARTS="3",
+    )
     try:
         pids = up.pids()
         os.kill(up.info()["processes"]["redis"]["pid"], signal.SIGKILL)
@@ -277,11 +309,19 @@ def test_up_gives_up_on_a_crash_loop_and_stops_the_stack(tmp_path):
 
 def test_a_crash_loop_gives_up_with_one_line(tmp_path):
     lines: list[str] = []
-    st = Stack(Settings(kafka_bootstrap="127.0.0.1:1", redis_url="redis://127.0.0.1:1/0", restart_backoff_s=0.01,
-                        max_restarts=3), run_dir=tmp_path,
-               supervised=True, log=lines.append)
-    st.workers.append(ManagedProcess.spawn("crashy-1", [sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path,
-                                           die_with_parent=True))
+    st = Stack(
+        Settings(
+            kafka_bootstrap="127.0.0.1:1", redis_url="redis://127.0.0.1:1/0", restart_backoff_s=0.01, max_restarts=3
+        ),
+        run_dir=tmp_path,
+        supervised=True,
+        log=lines.append,
+    )
+    st.workers.append(
+        ManagedProcess.spawn(
+            "crashy-1", [sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path, die_with_parent=True
+        )
+    )
     deadline = time.monotonic() + 30
     with pytest.raises(CrashLoop) as err:
         while time.monotonic() < deadline:

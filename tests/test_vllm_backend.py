@@ -27,8 +27,11 @@ pytestmark = [
 ]
 
 if importlib.util.find_spec("vllm") is None:  # not installed: skip; installed but broken: fail, loudly, below
-    pytest.skip("vLLM backend tests need vllm, which is not installed here; "
-                "run `bash .ci/vllm-env.sh` and use .venv-vllm/bin/python", allow_module_level=True)
+    pytest.skip(
+        "vLLM backend tests need vllm, which is not installed here; "
+        "run `bash .ci/vllm-env.sh` and use .venv-vllm/bin/python",
+        allow_module_level=True,
+    )
 with warnings.catch_warnings():  # vllm's import trips torch.jit deprecation warnings
     warnings.simplefilter("ignore", DeprecationWarning)
     import vllm  # noqa: F401
@@ -37,9 +40,9 @@ import torch  # noqa: E402
 
 from rtrec.model.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
 from rtrec.model.generator import TorchGenerator  # noqa: E402
+from rtrec.model.histories import user_histories  # noqa: E402
 from rtrec.model.pipeline import model_meta  # noqa: E402
 from rtrec.model.sequence_model import build_model  # noqa: E402
-from rtrec.model.histories import user_histories  # noqa: E402
 from rtrec.model.train import train_model, vocab_for  # noqa: E402
 from rtrec.model.vllm_backend import (  # noqa: E402
     UnsupportedCheckpointError,
@@ -53,8 +56,14 @@ from rtrec.stream.synthetic import SyntheticConfig, generate_events  # noqa: E40
 
 K = 10
 TIE = 1e-5  # two items may swap places only where their probabilities are this close
-SETTINGS = {"model_hidden": 128, "model_heads": 2, "model_layers": 2, "model_intermediate": 256, "train_epochs": 2,
-            "model_item_capacity": 256}
+SETTINGS = {
+    "model_hidden": 128,
+    "model_heads": 2,
+    "model_layers": 2,
+    "model_intermediate": 256,
+    "train_epochs": 2,
+    "model_item_capacity": 256,
+}
 
 
 def tiny(**kw) -> Settings:
@@ -126,7 +135,8 @@ def test_same_top_k_and_scores_as_transformers(backends, states):
             if item != want_item:
                 swaps += 1
                 assert abs(prob[item] - want_p) < TIE, (
-                    f"{state.user_id} #{pos}: vLLM {item} ({prob[item]:.7f}) vs torch {want_item} ({want_p:.7f})")
+                    f"{state.user_id} #{pos}: vLLM {item} ({prob[item]:.7f}) vs torch {want_item} ({want_p:.7f})"
+                )
             assert p == pytest.approx(prob[item], rel=1e-3), f"{state.user_id} #{pos} {item}"
     assert swaps <= 2, f"{swaps} near-tie swaps: suspiciously many"
     assert got[-1] == [] and len(got[-2]) == 3  # nothing allowed / fewer than K allowed
@@ -165,8 +175,9 @@ def test_weights_updated_in_place_rank_like_the_new_checkpoint(backends, states,
     assert _ids(vllm_gen.recommend_batch(states, K)) == _ids(first_rows)
 
 
-def test_in_place_update_refuses_a_tampered_or_reshaped_checkpoint(tmp_path, backends, states, histories,
-                                                                   second_checkpoint):
+def test_in_place_update_refuses_a_tampered_or_reshaped_checkpoint(
+    tmp_path, backends, states, histories, second_checkpoint
+):
     import shutil
 
     from rtrec.model.vllm_backend import ShapeChanged
@@ -272,8 +283,9 @@ def test_hot_swap_on_the_vllm_backend_updates_weights_in_place_under_load(tmp_pa
         train_model(model, vocab, list(histories.values()), settings, torch.device("cpu"), progress=False)
         versions.append(save_checkpoint(model, vocab, root, model_meta(settings)).name)
     store.promote(versions[0])
-    s = Settings(kafka_bootstrap=None, redis_url=None, checkpoint_dir=root, backend="vllm", device="cpu",
-                 model_check_s=60.0)
+    s = Settings(
+        kafka_bootstrap=None, redis_url=None, checkpoint_dir=root, backend="vllm", device="cpu", model_check_s=60.0
+    )
     users = sorted(histories)[:8]
     with Stack(s, run_dir=tmp_path / "run") as stack:
         s = stack.start_servers()
@@ -285,22 +297,30 @@ def test_hot_swap_on_the_vllm_backend_updates_weights_in_place_under_load(tmp_pa
         with EventProducer(s) as producer:
             for user in users:
                 for n, (item, etype) in enumerate(histories[user]):
-                    producer.send({"event_id": f"{user}-{n}", "user_id": user, "item_id": item, "type": etype,
-                                   "ts": now + n})
+                    producer.send(
+                        {"event_id": f"{user}-{n}", "user_id": user, "item_id": item, "type": etype, "ts": now + n}
+                    )
         from rtrec.stream.connections import redis_client
         from rtrec.stream.state_store import StateStore
+
         redis = redis_client(s)
         total = sum(len(histories[u]) for u in users)
         wait_for(lambda: StateStore(s).stats(redis).get("applied", 0) >= total, what="the users' events applied")
         with RecClient(s) as client:
             with steady_requests(client, users, pause_s=0.02) as sent:
-                wait_for(lambda: len(client.collect(sent[:5], timeout_s=1)) == 5 if len(sent) >= 5 else False,
-                         timeout_s=60, what="first answers")
+                wait_for(
+                    lambda: len(client.collect(sent[:5], timeout_s=1)) == 5 if len(sent) >= 5 else False,
+                    timeout_s=60,
+                    what="first answers",
+                )
                 store.promote(versions[1])
                 announce_sync(s, versions[1], "test")
                 pid = str(worker.proc.pid)
-                wait_for(lambda: redis.hget("rt:model:serving", pid) == versions[1], timeout_s=60,
-                         what="the worker serving the promoted version")
+                wait_for(
+                    lambda: redis.hget("rt:model:serving", pid) == versions[1],
+                    timeout_s=60,
+                    what="the worker serving the promoted version",
+                )
                 wait_for(lambda: answered_by(client, versions[1]), timeout_s=60, what=f"an answer from {versions[1]}")
             got = client.collect(list(sent), timeout_s=60)
         log_text = worker.log_path.read_text()

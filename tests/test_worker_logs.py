@@ -12,14 +12,24 @@ def test_worker_log_has_no_banner_and_no_escape_codes(tmp_path):
     with socket.socket() as s:  # a port nothing listens on: the worker logs its error and exits
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "RTREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}", "RTREC_REDIS_URL": f"redis://127.0.0.1:{port}",
-           "RTREC_RUN_DIR": str(tmp_path / "run")}
+    env = {
+        **os.environ,
+        "RTREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}",
+        "RTREC_REDIS_URL": f"redis://127.0.0.1:{port}",
+        "RTREC_RUN_DIR": str(tmp_path / "run"),
+    }
     env.pop("RTREC_LOG_LEVEL", None)
     log = tmp_path / "state.log"
     with open(log, "wb") as out:
         try:
-            subprocess.run([sys.executable, "-m", "rtrec.workers.state"], stdout=out, stderr=subprocess.STDOUT, env=env,
-                           cwd=tmp_path, timeout=30)
+            subprocess.run(
+                [sys.executable, "-m", "rtrec.workers.state"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=tmp_path,
+                timeout=30,
+            )
         except subprocess.TimeoutExpired:
             pass
     text = log.read_text(errors="replace")

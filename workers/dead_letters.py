@@ -98,17 +98,36 @@ class DeadLetters:
         except KafkaError as exc:  # too large, refused, timed out: the broker's answer, not a bug
             if is_transient(exc):
                 raise
-            log.error("dead letter of %s:%d@%d refused (%s: %s); sending its headers only", dl.record.topic,
-                      dl.record.partition, dl.record.offset, type(exc).__name__, exc)
+            log.error(
+                "dead letter of %s:%d@%d refused (%s: %s); sending its headers only",
+                dl.record.topic,
+                dl.record.partition,
+                dl.record.offset,
+                type(exc).__name__,
+                exc,
+            )
         try:
-            await (await self.producer.send(self.settings.topic_dead_letters, value=b"", key=None,
-                                            headers=headers + [("rtrec.value_dropped", b"1")]))
+            await (
+                await self.producer.send(
+                    self.settings.topic_dead_letters,
+                    value=b"",
+                    key=None,
+                    headers=headers + [("rtrec.value_dropped", b"1")],
+                )
+            )
         except KafkaError as exc:
             if is_transient(exc):
                 raise
             DEAD_LETTERS_FAILED.inc()
-            log.error("dead letter of %s:%d@%d dropped: %s: %s (reason was %s)", dl.record.topic,
-                      dl.record.partition, dl.record.offset, type(exc).__name__, exc, dl.reason)
+            log.error(
+                "dead letter of %s:%d@%d dropped: %s: %s (reason was %s)",
+                dl.record.topic,
+                dl.record.partition,
+                dl.record.offset,
+                type(exc).__name__,
+                exc,
+                dl.reason,
+            )
 
 
 def fitted(dl: DeadLetter, max_bytes: int) -> tuple[bytes | None, bytes, list[Header]]:

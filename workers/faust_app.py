@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import faust
 
@@ -61,17 +62,14 @@ def _logging_config(level: str) -> dict[str, Any]:
     """Merged into Faust's own logging setup: rtrec's loggers at `level`, libraries at WARNING
     unless DEBUG was asked for."""
     third = "DEBUG" if level.upper() == "DEBUG" else "WARNING"
-    return {"merge": True, "version": 1,
-            "loggers": {name: {"level": third} for name in _THIRD_PARTY}}
+    return {"merge": True, "version": 1, "loggers": {name: {"level": third} for name in _THIRD_PARTY}}
 
 
 def _credentials(settings: Settings) -> Any:
     if settings.kafka_sasl_mechanism:
         return faust.SASLCredentials(
             username=settings.kafka_sasl_username,
-            password=settings.kafka_sasl_password.get_secret_value()
-            if settings.kafka_sasl_password
-            else None,
+            password=settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None,
             mechanism=settings.kafka_sasl_mechanism,
         )
     if settings.kafka_security_protocol == "SSL":

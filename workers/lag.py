@@ -35,8 +35,11 @@ from rtrec.stream.settings import Settings
 CONNECT_TIMEOUT_MS = 5000
 REQUEST_TIMEOUT_MS = 5000
 PROBE_TIMEOUT_S = 5.0
-_CLIENT_TIMEOUTS = {"bootstrap_timeout_ms": CONNECT_TIMEOUT_MS, "request_timeout_ms": REQUEST_TIMEOUT_MS,
-                    "reconnect_backoff_max_ms": 1000}
+_CLIENT_TIMEOUTS = {
+    "bootstrap_timeout_ms": CONNECT_TIMEOUT_MS,
+    "request_timeout_ms": REQUEST_TIMEOUT_MS,
+    "reconnect_backoff_max_ms": 1000,
+}
 
 GroupTopics = Mapping[str, "str | Sequence[str]"]
 
@@ -62,10 +65,12 @@ class PartitionLag:
 def rtrec_groups(settings: Settings) -> dict[str, list[str]]:
     """Every consumer group the stack runs and the topics it consumes (the quality join reads two)."""
     groups: dict[str, list[str]] = {}
-    for group, topics in ((settings.state_group, [settings.topic_events]),
-                          (settings.recommend_group, [settings.topic_requests]),
-                          (settings.trainer_group, [settings.topic_events]),
-                          (settings.quality_group, [settings.topic_events, settings.topic_responses])):
+    for group, topics in (
+        (settings.state_group, [settings.topic_events]),
+        (settings.recommend_group, [settings.topic_requests]),
+        (settings.trainer_group, [settings.topic_events]),
+        (settings.quality_group, [settings.topic_events, settings.topic_responses]),
+    ):
         known = groups.setdefault(group, [])  # two roles sharing a group name: the union of their topics
         known.extend(t for t in topics if t not in known)
     return groups
@@ -100,8 +105,7 @@ class LagMonitor:
     the topics they committed offsets on. Raises LagError when the broker cannot be reached.
     """
 
-    def __init__(self, settings: Settings, groups: GroupTopics | None = None,
-                 extra_groups: Sequence[str] = ()) -> None:
+    def __init__(self, settings: Settings, groups: GroupTopics | None = None, extra_groups: Sequence[str] = ()) -> None:
         self.settings = settings
         self.groups = normalise_groups(groups or rtrec_groups(settings))
         for group in extra_groups:
@@ -114,12 +118,21 @@ class LagMonitor:
 
     def _connect(self) -> tuple[KafkaAdminClient, KafkaConsumer]:
         """Both clients, or neither: the admin client is closed again if the consumer cannot connect."""
-        auth = {**kafka_python_auth(self.settings), **_CLIENT_TIMEOUTS,
-                "bootstrap_timeout_ms": int(self.settings.connect_timeout_s * 1000)}  # RTREC_CONNECT_TIMEOUT_S
+        auth = {
+            **kafka_python_auth(self.settings),
+            **_CLIENT_TIMEOUTS,
+            "bootstrap_timeout_ms": int(self.settings.connect_timeout_s * 1000),
+        }  # RTREC_CONNECT_TIMEOUT_S
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="rtrec-lag", **auth)
         try:
-            consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-                                     client_id="rtrec-lag", fetch_max_wait_ms=10, **auth)
+            consumer = KafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                group_id=None,
+                enable_auto_commit=False,
+                client_id="rtrec-lag",
+                fetch_max_wait_ms=10,
+                **auth,
+            )
         except BaseException:
             admin.close()
             raise

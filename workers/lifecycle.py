@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
@@ -47,8 +48,9 @@ async def worker_redis(settings: Settings) -> AsyncIterator[Redis]:
 @asynccontextmanager
 async def worker_producer(settings: Settings, **options: Any) -> AsyncIterator[AIOKafkaProducer]:
     """A started producer that waits for every in-sync replica (acks=all), stopped when the worker stops."""
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap(settings), acks="all", **options,
-                                **aiokafka_auth(settings))
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap(settings), acks="all", **options, **aiokafka_auth(settings)
+    )
     await producer.start()
     try:
         yield producer
@@ -85,8 +87,9 @@ async def announce_ready(redis: Redis, kind: str, timeout_s: float = 120.0) -> N
     Retried while Redis is slow or away, up to `timeout_s`: a worker must not crash at start
     because one write timed out (seen under load with a short RTREC_REDIS_TIMEOUT_S).
     """
-    await retry_until(lambda: redis.sadd(workers_ready(kind), str(os.getpid())),
-                      time.monotonic() + timeout_s, is_transient)
+    await retry_until(
+        lambda: redis.sadd(workers_ready(kind), str(os.getpid())), time.monotonic() + timeout_s, is_transient
+    )
 
 
 async def announce_gone(redis: Redis, kind: str) -> None:

@@ -24,60 +24,79 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 # ---- every consumer (workers/runtime.py) --------------------------------------------------------
-BATCH_RETRIES = Counter("rtrec_batch_retries_total", "Batches retried after a transient failure",
-                        ["worker", "reason"])
-CONSUMER_STALLED = Gauge("rtrec_consumer_stalled_seconds",
-                         "How long the group's current batch has been retried (0: making progress)", ["group"])
-OFFSET_RESETS = Counter("rtrec_offset_resets_total",
-                        "Partitions reset to their earliest offset: position beyond the log end (log reset)",
-                        ["worker", "topic"])
-RECORDS_SKIPPED = Counter("rtrec_records_skipped_total", "Records a reader skipped unread (not its to dead-letter)",
-                          ["worker", "reason"])
-TASK_RESTARTS = Counter("rtrec_task_restarts_total", "Supervised side tasks restarted after a crash",
-                        ["worker", "task"])
-READINESS_FAILURES = Counter("rtrec_readiness_failures_total",
-                             "Readiness checks that could not answer (not ready); reason: the exception type",
-                             ["check", "reason"])
-DEAD_LETTERS_FAILED = Counter("rtrec_dead_letters_failed_total",
-                              "Dead letters the broker refused even in their smallest form (logged, dropped)")
+BATCH_RETRIES = Counter("rtrec_batch_retries_total", "Batches retried after a transient failure", ["worker", "reason"])
+CONSUMER_STALLED = Gauge(
+    "rtrec_consumer_stalled_seconds",
+    "How long the group's current batch has been retried (0: making progress)",
+    ["group"],
+)
+OFFSET_RESETS = Counter(
+    "rtrec_offset_resets_total",
+    "Partitions reset to their earliest offset: position beyond the log end (log reset)",
+    ["worker", "topic"],
+)
+RECORDS_SKIPPED = Counter(
+    "rtrec_records_skipped_total", "Records a reader skipped unread (not its to dead-letter)", ["worker", "reason"]
+)
+TASK_RESTARTS = Counter(
+    "rtrec_task_restarts_total", "Supervised side tasks restarted after a crash", ["worker", "task"]
+)
+READINESS_FAILURES = Counter(
+    "rtrec_readiness_failures_total",
+    "Readiness checks that could not answer (not ready); reason: the exception type",
+    ["check", "reason"],
+)
+DEAD_LETTERS_FAILED = Counter(
+    "rtrec_dead_letters_failed_total", "Dead letters the broker refused even in their smallest form (logged, dropped)"
+)
 
 # ---- state worker ---------------------------------------------------------------------------
 EVENTS_PROCESSED = Counter("rtrec_events_processed_total", "Events applied to user state (first time)")
 EVENTS_DUPLICATE = Counter("rtrec_events_duplicate_total", "Redelivered events recognised by their event_id")
 DEAD_LETTERS = Counter("rtrec_dead_letters_total", "Records sent to the dead-letter topic", ["reason"])
-EVENT_TO_STATE = Histogram("rtrec_event_to_state_seconds", "Broker timestamp -> visible in Redis",
-                           buckets=LATENCY_BUCKETS)
+EVENT_TO_STATE = Histogram(
+    "rtrec_event_to_state_seconds", "Broker timestamp -> visible in Redis", buckets=LATENCY_BUCKETS
+)
 BATCH_SIZE = Histogram("rtrec_batch_size", "Records per handled batch", ["worker"], buckets=BATCH_BUCKETS)
 
 # ---- recommendation worker -------------------------------------------------------------------
 REQUESTS = Counter("rtrec_requests_total", "Recommendation requests answered", ["model_version", "outcome"])
-REQUEST_LATENCY = Histogram("rtrec_request_latency_seconds", "Request produced -> response produced",
-                            buckets=LATENCY_BUCKETS)
-FRESHNESS = Histogram("rtrec_freshness_seconds",
-                      "A user's newest event (event time) -> the first response that reflects it",
-                      buckets=LATENCY_BUCKETS + (120, 300, 900, 3600))
+REQUEST_LATENCY = Histogram(
+    "rtrec_request_latency_seconds", "Request produced -> response produced", buckets=LATENCY_BUCKETS
+)
+FRESHNESS = Histogram(
+    "rtrec_freshness_seconds",
+    "A user's newest event (event time) -> the first response that reflects it",
+    buckets=LATENCY_BUCKETS + (120, 300, 900, 3600),
+)
 MODEL_INFO = Gauge("rtrec_model_info", "1 for the model version this worker serves", ["version"])
 MODEL_SWAPS = Counter("rtrec_model_swaps_total", "Hot-swaps to a new model version")
 MODEL_REFUSED = Counter("rtrec_model_swaps_refused_total", "Checkpoints refused (corrupt, tampered, unloadable)")
 
 ONLINE_SERVED = Counter("rtrec_online_served_total", "Model responses joined with later events", ["model_version"])
-ONLINE_HITS = Counter("rtrec_online_hits_total",
-                      "Responses with an item the user then browsed/clicked/bought in the window", ["model_version"])
+ONLINE_HITS = Counter(
+    "rtrec_online_hits_total",
+    "Responses with an item the user then browsed/clicked/bought in the window",
+    ["model_version"],
+)
 
 # ---- trainer -----------------------------------------------------------------------------------
 TRAINER_DECISIONS = Counter("rtrec_trainer_decisions_total", "Fine-tune windows decided", ["promoted"])
 
 # ---- lag (kafka-lag-exporter names) -------------------------------------------------------------
-GROUP_LAG = Gauge("kafka_consumergroup_group_lag", "Messages behind the log end",
-                  ["group", "topic", "partition"])
-GROUP_LAG_SECONDS = Gauge("kafka_consumergroup_group_lag_seconds", "Age of the oldest unconsumed message",
-                          ["group", "topic", "partition"])
-GROUP_MAX_LAG_SECONDS = Gauge("kafka_consumergroup_group_max_lag_seconds", "Largest lag in seconds of a group",
-                              ["group"])
+GROUP_LAG = Gauge("kafka_consumergroup_group_lag", "Messages behind the log end", ["group", "topic", "partition"])
+GROUP_LAG_SECONDS = Gauge(
+    "kafka_consumergroup_group_lag_seconds", "Age of the oldest unconsumed message", ["group", "topic", "partition"]
+)
+GROUP_MAX_LAG_SECONDS = Gauge(
+    "kafka_consumergroup_group_max_lag_seconds", "Largest lag in seconds of a group", ["group"]
+)
 GROUP_MAX_LAG = Gauge("kafka_consumergroup_group_max_lag", "Largest partition lag in messages of a group", ["group"])
 PARTITION_LATEST = Gauge("kafka_partition_latest_offset", "Log-end offset", ["topic", "partition"])
-LAG_MEASURE_FAILURES = Counter("rtrec_lag_measure_failures_total",
-                               "Lag measurements the broker could not answer (the lag gauges are cleared: unknown)")
+LAG_MEASURE_FAILURES = Counter(
+    "rtrec_lag_measure_failures_total",
+    "Lag measurements the broker could not answer (the lag gauges are cleared: unknown)",
+)
 
 
 def set_model(version: str) -> None:
@@ -153,8 +172,10 @@ async def readiness(runtime, redis_client, **extra: bool) -> dict[str, bool]:
     A check that cannot answer is "not ready", counted and logged when it starts failing; any other
     exception (a bug) propagates to /readyz, which logs its traceback.
     """
-    checks = {"broker": await _answers("broker", runtime.consumer.topics()),
-              "redis": await _answers("redis", redis_client.ping())}
+    checks = {
+        "broker": await _answers("broker", runtime.consumer.topics()),
+        "redis": await _answers("redis", redis_client.ping()),
+    }
     return {**checks, **runtime.checks(), **extra}
 
 

@@ -50,8 +50,12 @@ class ModelWatcher:
         self.refused: list[str] = []
         self._lock = asyncio.Lock()
         self.consumer = AIOKafkaConsumer(
-            settings.topic_model_updates, bootstrap_servers=kafka_bootstrap(settings), group_id=None,
-            auto_offset_reset="latest", client_id="rtrec-model-watch", fetch_max_wait_ms=200,
+            settings.topic_model_updates,
+            bootstrap_servers=kafka_bootstrap(settings),
+            group_id=None,
+            auto_offset_reset="latest",
+            client_id="rtrec-model-watch",
+            fetch_max_wait_ms=200,
             **aiokafka_auth(settings),
         )
 
@@ -116,8 +120,13 @@ class ModelWatcher:
             MODEL_SWAPS.inc()
             set_model(version)
             await self._write_stats("swaps", {"last_swap_ms": round(load_ms, 1), "last_swap_version": version})
-            log.info("hot-swapped %s -> %s (%s, warmed in %.0f ms)", previous, version,
-                        "weights updated in place" if old is recommender else "loaded", load_ms)
+            log.info(
+                "hot-swapped %s -> %s (%s, warmed in %.0f ms)",
+                previous,
+                version,
+                "weights updated in place" if old is recommender else "loaded",
+                load_ms,
+            )
             if isinstance(old, GenerativeRecommender) and old is not recommender:
                 await asyncio.to_thread(old.close)  # a vLLM engine holds memory; torch models are garbage-collected
             return True

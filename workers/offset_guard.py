@@ -57,8 +57,7 @@ class OffsetGuard:
         try:
             await self.consumer.commit(offsets)
         except Exception as exc:  # rebalanced away or broker away: the owner re-reads, dedupe absorbs it
-            log.warning("%s: commit failed (%s: %s); records will be redelivered", self.worker,
-                        type(exc).__name__, exc)
+            log.warning("%s: commit failed (%s: %s); records will be redelivered", self.worker, type(exc).__name__, exc)
 
     def _committable(self, tp: TopicPartition, offset: int) -> bool:
         """Assigned, and not ahead of the position (a batch from before a reset or a re-join is not)."""
@@ -68,8 +67,13 @@ class OffsetGuard:
         if state is None or not state.has_valid_position:
             return False  # being reset right now: the next batch commits
         if offset > state.position:
-            log.warning("%s: %s: not committing %d, past the position %d (the log was reset since)", self.worker,
-                        tp, offset, state.position)
+            log.warning(
+                "%s: %s: not committing %d, past the position %d (the log was reset since)",
+                self.worker,
+                tp,
+                offset,
+                state.position,
+            )
             return False
         return True
 

@@ -94,8 +94,14 @@ def build_app(settings: Settings | None = None):
     async def export_lag() -> None:
         async with worker_redis(settings) as redis:
             exporter = LagExporter(settings)
-            quality = ConsumerRuntime(settings, [settings.topic_events, settings.topic_responses],
-                                      settings.quality_group, max_records=5000, max_wait_ms=100, worker="quality")
+            quality = ConsumerRuntime(
+                settings,
+                [settings.topic_events, settings.topic_responses],
+                settings.quality_group,
+                max_records=5000,
+                max_wait_ms=100,
+                worker="quality",
+            )
 
             async def ready() -> dict[str, bool]:
                 checks = await readiness(quality, redis)

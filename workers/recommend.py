@@ -35,11 +35,11 @@ from rtrec.stream.state_store import UserState
 from rtrec.workers.dead_letters import DeadLetter, DeadLetters
 from rtrec.workers.faults import is_transient
 from rtrec.workers.faust_app import make_app, run_module
+from rtrec.workers.lifecycle import consuming, serving, worker_producer, worker_redis
 from rtrec.workers.metrics import BATCH_SIZE, FRESHNESS, REQUEST_LATENCY, REQUESTS, readiness, set_model
 from rtrec.workers.model_watch import ModelWatcher
 from rtrec.workers.reply_topics import ReplyTopics
 from rtrec.workers.runtime import ConsumerRuntime
-from rtrec.workers.lifecycle import consuming, serving, worker_producer, worker_redis
 
 log = logging.getLogger(__name__)
 FRESHNESS_USERS = 100_000  # users whose last reflected event the worker remembers
@@ -105,13 +105,17 @@ class RecommendWorker:
         await self._count_batch(len(records))
         return acks
 
-    async def _check_reply_topics(self, valid: list[tuple[ConsumerRecord, RecRequest]], responses: list[Answer],
-                                  bad: list[DeadLetter]) -> list[tuple[ConsumerRecord, RecRequest]]:
+    async def _check_reply_topics(
+        self, valid: list[tuple[ConsumerRecord, RecRequest]], responses: list[Answer], bad: list[DeadLetter]
+    ) -> list[tuple[ConsumerRecord, RecRequest]]:
         """Requests whose reply topic exists; the others are dead-lettered and answered on the default topic."""
         kept = []
         for rec, req in valid:
-            if req.reply_topic and req.reply_topic != self.settings.topic_responses \
-                    and not await self.reply_topics.exists(req.reply_topic):
+            if (
+                req.reply_topic
+                and req.reply_topic != self.settings.topic_responses
+                and not await self.reply_topics.exists(req.reply_topic)
+            ):
                 detail = f"reply_topic {req.reply_topic!r} does not exist; create it first"
                 bad.append(DeadLetter(rec, "reply_topic_missing", detail))
                 responses.append((rec, self._error(req.request_id, req.user_id, f"invalid request: {detail}"), None))
@@ -136,8 +140,10 @@ class RecommendWorker:
             rankings = await self.pipeline.rank(self.redis, queries)
         except Exception as exc:  # Redis down, a model error: the batch is answered with errors, never dropped
             log.exception("recommendation batch failed")
-            return [(rec, self._error(req.request_id, req.user_id, f"{type(exc).__name__}: {exc}"), req.reply_topic)
-                    for rec, req in valid]
+            return [
+                (rec, self._error(req.request_id, req.user_id, f"{type(exc).__name__}: {exc}"), req.reply_topic)
+                for rec, req in valid
+            ]
         self._observe_freshness([ranking.state for ranking in rankings])
         return [(rec, self._response(req, ranking), req.reply_topic) for (rec, req), ranking in zip(valid, rankings)]
 
@@ -160,8 +166,13 @@ class RecommendWorker:
             empty = self._error(req.request_id, req.user_id, error)
             empty.fallback = ranking.fallback  # an unknown user was answered from (empty) trending
             return empty
-        return RecResponse(request_id=req.request_id, user_id=req.user_id, items=ranking.items,
-                           model_version=ranking.version, fallback=ranking.fallback)
+        return RecResponse(
+            request_id=req.request_id,
+            user_id=req.user_id,
+            items=ranking.items,
+            model_version=ranking.version,
+            fallback=ranking.fallback,
+        )
 
     def _error(self, request_id: str, user_id: str, message: str) -> RecResponse:
         return RecResponse(request_id, user_id, [], self.recommender.version, error=message)
@@ -211,8 +222,9 @@ class RecommendWorker:
         await self.dead_letters.publish([DeadLetter(rec, "reply_unsendable", detail)])
         error = self._error(resp.request_id, resp.user_id, detail)
         error.generated_at, error.latency_ms = resp.generated_at, resp.latency_ms
-        await (await self.producer.send(self.settings.topic_responses, key=resp.user_id.encode(),
-                                        value=error.to_json()))
+        await (
+            await self.producer.send(self.settings.topic_responses, key=resp.user_id.encode(), value=error.to_json())
+        )
 
 
 def build_app(settings: Settings | None = None, recommender: Recommender | None = None) -> Any:
@@ -224,11 +236,16 @@ def build_app(settings: Settings | None = None, recommender: Recommender | None 
     async def answer_requests() -> None:
         async with worker_redis(settings) as redis, worker_producer(settings, linger_ms=1) as producer:
             dead_letters = DeadLetters(settings, producer, redis)
-            consumer = ConsumerRuntime(settings, [settings.topic_requests], settings.recommend_group,
-                                       settings.rec_batch_max, settings.rec_batch_wait_ms, worker="recommend",
-                                       dead_letters=dead_letters)
-            worker = RecommendWorker(settings, redis, producer, dead_letters,
-                                     recommender or load_recommender(settings))
+            consumer = ConsumerRuntime(
+                settings,
+                [settings.topic_requests],
+                settings.recommend_group,
+                settings.rec_batch_max,
+                settings.rec_batch_wait_ms,
+                worker="recommend",
+                dead_letters=dead_letters,
+            )
+            worker = RecommendWorker(settings, redis, producer, dead_letters, recommender or load_recommender(settings))
             watcher = ModelWatcher(settings, worker, redis, RECOMMEND_STATS)
             await watcher.start()
             try:
@@ -238,8 +255,9 @@ def build_app(settings: Settings | None = None, recommender: Recommender | None 
                         consumer.supervise("model-watch", watcher.run)
                     ready = lambda: readiness(consumer, redis, model=worker.recommender is not None)  # noqa: E731
                     async with serving(settings, "recommend", redis, ready):
-                        log.info("recommend worker answering %s as %s", settings.topic_requests,
-                                 settings.recommend_group)
+                        log.info(
+                            "recommend worker answering %s as %s", settings.topic_requests, settings.recommend_group
+                        )
                         await consumer.run(worker.handle)
             finally:
                 await watcher.stop()

@@ -35,7 +35,7 @@ import asyncio
 import logging
 import random
 import time
-from typing import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -123,8 +123,7 @@ class ConsumerRuntime:
         """Readiness items: not stalled past the alert threshold, every side task running."""
         stalled = self.stalled_s()
         CONSUMER_STALLED.labels(group=self.group).set(stalled)
-        return {"consuming": stalled <= self.settings.stall_alert_s,
-                **self.tasks.checks()}
+        return {"consuming": stalled <= self.settings.stall_alert_s, **self.tasks.checks()}
 
     def stalled_s(self) -> float:
         return 0.0 if self.stalled_since is None else time.monotonic() - self.stalled_since
@@ -152,8 +151,9 @@ class ConsumerRuntime:
 
     async def poll(self, timeout_ms: int | None = None) -> dict[TopicPartition, list[ConsumerRecord]]:
         """One fetch, then the log-reset check (its high watermarks are fresh now)."""
-        batch = await self.consumer.getmany(timeout_ms=self.max_wait_ms if timeout_ms is None else timeout_ms,
-                                            max_records=self.max_records)
+        batch = await self.consumer.getmany(
+            timeout_ms=self.max_wait_ms if timeout_ms is None else timeout_ms, max_records=self.max_records
+        )
         self.offsets.reset_beyond_log_end()
         return batch
 
@@ -169,8 +169,7 @@ class ConsumerRuntime:
         oversized = [r for r in records if r.key is not None and len(r.key) > limit]
         if not oversized:
             return records
-        await self.reject([DeadLetter(r, "key_too_large", f"key of {len(r.key)} bytes > {limit}")
-                           for r in oversized])
+        await self.reject([DeadLetter(r, "key_too_large", f"key of {len(r.key)} bytes > {limit}") for r in oversized])
         return [r for r in records if r.key is None or len(r.key) <= limit]
 
     async def reject(self, letters: list[DeadLetter]) -> None:
@@ -180,8 +179,13 @@ class ConsumerRuntime:
                 await self._until_done(lambda: self.dead_letters.publish(letters))
             except Exception as exc:  # not transient: never retried forever, never fatal
                 DEAD_LETTERS_FAILED.inc(len(letters))
-                log.error("%s: %d dead letter(s) could not be published (%s: %s)", self.worker, len(letters),
-                          type(exc).__name__, exc)
+                log.error(
+                    "%s: %d dead letter(s) could not be published (%s: %s)",
+                    self.worker,
+                    len(letters),
+                    type(exc).__name__,
+                    exc,
+                )
             return
         for dl in letters:
             RECORDS_SKIPPED.labels(worker=self.worker, reason=dl.reason).inc()
@@ -195,11 +199,19 @@ class ConsumerRuntime:
         except Exception as exc:  # a record failure: the batch cannot tell which record, singles can
             if len(records) == 1:
                 await self.reject([DeadLetter(records[0], "handler_error", f"{type(exc).__name__}: {exc}")])
-                log.error("record %s:%d@%d dead-lettered: handler raised %s: %s", records[0].topic,
-                          records[0].partition, records[0].offset, type(exc).__name__, exc, exc_info=exc)
+                log.error(
+                    "record %s:%d@%d dead-lettered: handler raised %s: %s",
+                    records[0].topic,
+                    records[0].partition,
+                    records[0].offset,
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                )
                 return None
-            log.warning("batch of %d failed (%s: %s); handling its records one by one", len(records),
-                        type(exc).__name__, exc)
+            log.warning(
+                "batch of %d failed (%s: %s); handling its records one by one", len(records), type(exc).__name__, exc
+            )
             pending = [await self._handle(handler, [rec]) for rec in records]
             waits = [p for p in pending if p is not None]
             return asyncio.gather(*waits) if waits else None
@@ -228,8 +240,14 @@ class ConsumerRuntime:
         stalled = self.stalled_s()
         CONSUMER_STALLED.labels(group=self.group).set(stalled)
         wait = delay * (0.5 + random.random())  # jitter: workers that failed together retry apart
-        log.warning("%s: transient failure (%s: %s), stalled %.1f s; retrying in %.2f s", self.worker,
-                    type(exc).__name__, exc, stalled, wait)
+        log.warning(
+            "%s: transient failure (%s: %s), stalled %.1f s; retrying in %.2f s",
+            self.worker,
+            type(exc).__name__,
+            exc,
+            stalled,
+            wait,
+        )
         await asyncio.sleep(wait)
 
     def _recovered(self) -> None:
@@ -238,8 +256,13 @@ class ConsumerRuntime:
             self.stalled_since = None
             CONSUMER_STALLED.labels(group=self.group).set(0)
 
-    async def _commit(self, batch: dict[TopicPartition, list[ConsumerRecord]], handler: Handler,
-                      records: list[ConsumerRecord], pending: Awaitable[object] | None) -> None:
+    async def _commit(
+        self,
+        batch: dict[TopicPartition, list[ConsumerRecord]],
+        handler: Handler,
+        records: list[ConsumerRecord],
+        pending: Awaitable[object] | None,
+    ) -> None:
         while pending is not None:
             try:
                 await pending
@@ -247,8 +270,9 @@ class ConsumerRuntime:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # e.g. responses not acked: handle again, then commit
-                log.warning("batch of %d not acknowledged (%s: %s); handling it again", len(records),
-                            type(exc).__name__, exc)
+                log.warning(
+                    "batch of %d not acknowledged (%s: %s); handling it again", len(records), type(exc).__name__, exc
+                )
                 BATCH_RETRIES.labels(worker=self.worker, reason=type(exc).__name__).inc()
                 pending = await self._handle(handler, records)
         offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items() if recs}

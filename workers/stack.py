@@ -19,18 +19,30 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from rtrec.stream.connections import redis_client
-from rtrec.stream.embedded import (ManagedProcess, free_port, mask_url, python_env, start_redis, start_redis_cluster,
-                             start_tansu, strip_password)
+from rtrec.stream.embedded import (
+    ManagedProcess,
+    free_port,
+    mask_url,
+    python_env,
+    start_redis,
+    start_redis_cluster,
+    start_tansu,
+    strip_password,
+)
 from rtrec.stream.keys import workers_ready
 from rtrec.stream.settings import Settings
 from rtrec.stream.topics import ensure_topics
 
-WORKER_MODULES = {"state": "rtrec.workers.state", "recommend": "rtrec.workers.recommend", "trainer": "rtrec.workers.trainer",
-                  "ops": "rtrec.workers.ops"}
+WORKER_MODULES = {
+    "state": "rtrec.workers.state",
+    "recommend": "rtrec.workers.recommend",
+    "trainer": "rtrec.workers.trainer",
+    "ops": "rtrec.workers.ops",
+}
 EMBEDDED_SESSION_TIMEOUT_MS = 3000  # Tansu accepts it; group joins take ~2 s instead of ~8 s
 
 
@@ -115,8 +127,10 @@ def adopt_running_stack(settings: Settings) -> Settings:
 class AlreadyRunning(RuntimeError):
     def __init__(self, pid: int | None, run_dir: Path) -> None:
         self.pid, self.run_dir = pid, run_dir
-        super().__init__(f"rtrec up already runs here (pid {pid if pid else '?'}, {run_dir}); "
-                         "stop it with `rtrec down` or use another RTREC_HOME")
+        super().__init__(
+            f"rtrec up already runs here (pid {pid if pid else '?'}, {run_dir}); "
+            "stop it with `rtrec down` or use another RTREC_HOME"
+        )
 
 
 def lock_run_dir(run_dir: Path) -> int:
@@ -160,8 +174,14 @@ class CrashLoop(RuntimeError):
 class Stack:
     """Start what is missing, run workers as subprocesses, stop everything in reverse order."""
 
-    def __init__(self, settings: Settings, run_dir: Path | None = None, data_dir: Path | None = None,
-                 supervised: bool = False, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        run_dir: Path | None = None,
+        data_dir: Path | None = None,
+        supervised: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         # absolute: servers change their working directory, and children must agree on one folder
         self.run_dir = Path(run_dir or settings.run_dir).resolve()
         self.settings = settings.model_copy(update={"run_dir": self.run_dir})
@@ -193,8 +213,13 @@ class Stack:
             self.servers += nodes
             update["redis_url"] = url
         elif not self.settings.redis_url:
-            proc, url = start_redis(self.settings, self.run_dir, self.settings.redis_port, data_dir=self.data_dir,
-                                    die_with_parent=self.supervised)
+            proc, url = start_redis(
+                self.settings,
+                self.run_dir,
+                self.settings.redis_port,
+                data_dir=self.data_dir,
+                die_with_parent=self.supervised,
+            )
             self.servers.append(proc)
             update["redis_url"] = url
         self.settings = self.settings.model_copy(update=update)
@@ -208,8 +233,13 @@ class Stack:
         processes = {}
         for p in self.servers + self.workers:
             port = p.port or self.metrics_ports.get(p.name, 0)
-            processes[p.name] = {"pid": p.proc.pid, "kind": "server" if p in self.servers else "worker",
-                                 "port": port or None, "log": str(p.log_path), "restarts": self.restarts.get(p.name, 0)}
+            processes[p.name] = {
+                "pid": p.proc.pid,
+                "kind": "server" if p in self.servers else "worker",
+                "port": port or None,
+                "log": str(p.log_path),
+                "restarts": self.restarts.get(p.name, 0),
+            }
         info = {
             "kafka_bootstrap": self.settings.kafka_bootstrap,
             "redis_url": strip_password(self.settings.redis_url),
@@ -236,7 +266,10 @@ class Stack:
             **env,
         )
         proc = ManagedProcess.spawn(
-            f"{kind}-{n}", [sys.executable, "-m", WORKER_MODULES[kind]], self.run_dir, env=environment,
+            f"{kind}-{n}",
+            [sys.executable, "-m", WORKER_MODULES[kind]],
+            self.run_dir,
+            env=environment,
             die_with_parent=self.supervised,
         )
         self.workers.append(proc)
@@ -263,8 +296,9 @@ class Stack:
         alive = {str(w.proc.pid) for w in self.workers if w.name.startswith(kind) and w.alive()}
         return alive & client.smembers(workers_ready(kind))
 
-    def start(self, state_workers: int = 1, recommend_workers: int = 1, trainer: bool = False,
-              ops: bool = False) -> Settings:
+    def start(
+        self, state_workers: int = 1, recommend_workers: int = 1, trainer: bool = False, ops: bool = False
+    ) -> Settings:
         """Servers, then workers; `rtrec up` adds the trainer (one: it owns the checkpoint store) and ops."""
         self.start_servers()
         for _ in range(state_workers):
@@ -300,12 +334,13 @@ class Stack:
                 code = proc.proc.poll()
                 limit = self.settings.max_restarts
                 if crashes > limit:
-                    raise CrashLoop(f"{name} crashed {crashes} times in a row (exit code {code}); giving up and "
-                                    f"stopping the stack; its log: {proc.log_path}")
+                    raise CrashLoop(
+                        f"{name} crashed {crashes} times in a row (exit code {code}); giving up and "
+                        f"stopping the stack; its log: {proc.log_path}"
+                    )
                 delay = min(self.settings.restart_backoff_s * 2 ** (crashes - 1), RESTART_BACKOFF_MAX_S)
                 self._restart_due[name] = now + delay
-                self.log(f"{name} exited (code {code}); restarting in {delay:.1f} s "
-                         f"(try {crashes}/{limit})")
+                self.log(f"{name} exited (code {code}); restarting in {delay:.1f} s (try {crashes}/{limit})")
             elif now >= self._restart_due[name]:
                 del self._restart_due[name]
                 self._restart(proc)
@@ -350,7 +385,7 @@ class Stack:
         self._restart_due.clear()
         stack_file(self.run_dir).unlink(missing_ok=True)
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from kafka.errors import KafkaError
 from redis.exceptions import AuthenticationError
@@ -38,15 +39,18 @@ async def wait_for_services(settings: Settings, redis_client=None, topics: bool 
         try:
             await asyncio.to_thread(ensure_topics, settings, None, budget)
         except KafkaError as exc:  # ensure_topics retried what waiting can fix, until the deadline
-            raise StartupTimeout(f"could not create rtrec's topics on the broker at {settings.kafka_bootstrap} "
-                                 f"(retried up to RTREC_STARTUP_TIMEOUT_S={budget:g} s): "
-                                 f"{type(exc).__name__}: {exc}") from exc
+            raise StartupTimeout(
+                f"could not create rtrec's topics on the broker at {settings.kafka_bootstrap} "
+                f"(retried up to RTREC_STARTUP_TIMEOUT_S={budget:g} s): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
     if redis_client is None:
         return
 
     def worth_waiting(exc: BaseException) -> bool:  # a wrong password does not get better by waiting
-        return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)) \
-            and not isinstance(exc, AuthenticationError)
+        return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)) and not isinstance(
+            exc, AuthenticationError
+        )
 
     def waiting(exc: BaseException) -> None:
         log.info("waiting for Redis (%s: %s)", type(exc).__name__, exc)
@@ -56,13 +60,18 @@ async def wait_for_services(settings: Settings, redis_client=None, topics: bool 
     except AuthenticationError:
         raise
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        raise StartupTimeout(f"Redis at {mask_url(settings.redis_url)} did not answer within "
-                             f"RTREC_STARTUP_TIMEOUT_S={budget:g} s: {type(exc).__name__}: {exc}") from exc
+        raise StartupTimeout(
+            f"Redis at {mask_url(settings.redis_url)} did not answer within "
+            f"RTREC_STARTUP_TIMEOUT_S={budget:g} s: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
-async def retry_until(call: Callable[[], Awaitable[T]], deadline: float,
-                      worth_waiting: Callable[[BaseException], bool],
-                      on_retry: Callable[[BaseException], None] | None = None) -> T:
+async def retry_until(
+    call: Callable[[], Awaitable[T]],
+    deadline: float,
+    worth_waiting: Callable[[BaseException], bool],
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> T:
     """`await call()` until it succeeds; a failure `worth_waiting` rejects, or one past `deadline` (monotonic
     time), is raised. Backoff 0.2 s, doubling to 2 s: start-up waits for servers that are still coming up."""
     delay = 0.2

@@ -21,9 +21,9 @@ from rtrec.stream.settings import Settings, get_settings
 from rtrec.stream.state_store import StateStore
 from rtrec.workers.dead_letters import DeadLetter, DeadLetters
 from rtrec.workers.faust_app import make_app, run_module
+from rtrec.workers.lifecycle import consuming, serving, worker_producer, worker_redis
 from rtrec.workers.metrics import BATCH_SIZE, EVENT_TO_STATE, EVENTS_DUPLICATE, EVENTS_PROCESSED, readiness
 from rtrec.workers.runtime import ConsumerRuntime
-from rtrec.workers.lifecycle import consuming, serving, worker_producer, worker_redis
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,15 @@ def build_app(settings: Settings | None = None) -> faust.App:
     async def consume_events() -> None:
         async with worker_redis(settings) as redis, worker_producer(settings) as producer:
             dead_letters = DeadLetters(settings, producer, redis)
-            consumer = ConsumerRuntime(settings, [settings.topic_events], settings.state_group,
-                                       settings.state_batch_max, settings.state_batch_wait_ms, worker="state",
-                                       dead_letters=dead_letters)
+            consumer = ConsumerRuntime(
+                settings,
+                [settings.topic_events],
+                settings.state_group,
+                settings.state_batch_max,
+                settings.state_batch_wait_ms,
+                worker="state",
+                dead_letters=dead_letters,
+            )
             worker = StateWorker(settings, redis, dead_letters)
             async with consuming(consumer), serving(settings, "state", redis, lambda: readiness(consumer, redis)):
                 log.info("state worker consuming %s as %s", settings.topic_events, settings.state_group)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Coroutine
+from collections.abc import Callable, Coroutine
 
 from rtrec.workers.metrics import TASK_RESTARTS
 
@@ -68,8 +68,7 @@ class Supervisor:
                 log.exception("%s: side task %s crashed; restarting in %.1f s", self.worker, name, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff_s)
-                asyncio.get_running_loop().call_later(self.recovered_s, self._mark_recovered, name,
-                                                      self.crashes[name])
+                asyncio.get_running_loop().call_later(self.recovered_s, self._mark_recovered, name, self.crashes[name])
 
     def _mark_recovered(self, name: str, crashes_then: int) -> None:
         """The restarted task ran `recovered_s` without crashing again."""

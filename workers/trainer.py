@@ -17,8 +17,9 @@ import json
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
@@ -36,8 +37,8 @@ from rtrec.workers.faults import is_transient
 from rtrec.workers.faust_app import make_app, run_module
 from rtrec.workers.lifecycle import serving, worker_redis
 from rtrec.workers.metrics import TRAINER_DECISIONS, readiness
-from rtrec.workers.runtime import ConsumerRuntime
 from rtrec.workers.quality import hit_rates
+from rtrec.workers.runtime import ConsumerRuntime
 
 log = logging.getLogger(__name__)
 QUALITY_CHECK_S = 10.0
@@ -90,8 +91,9 @@ class Trainer:
         for start in range(0, len(users), 500):
             chunk = users[start : start + 500]
             for st in self.state.fetch(client, chunk, reads):
-                out[st.user_id] = [(s.item_id, s.type) for s in st.sequence
-                                   if s.event_id not in ids and s.ts <= first_ts[st.user_id]]
+                out[st.user_id] = [
+                    (s.item_id, s.type) for s in st.sequence if s.event_id not in ids and s.ts <= first_ts[st.user_id]
+                ]
         return out
 
     def replay(self, client, exclude: set[str], max_events: int) -> list[list]:
@@ -116,8 +118,9 @@ class Trainer:
         return [[(s.item_id, s.type) for s in st.sequence] for st in self.state.fetch(client, chosen, reads)]
 
     # ---- the decision ---------------------------------------------------------------------
-    def run_window(self, window: Sequence[dict[str, Any]], trigger: str,
-                   offsets: dict[str, int] | None = None) -> dict[str, Any]:
+    def run_window(
+        self, window: Sequence[dict[str, Any]], trigger: str, offsets: dict[str, int] | None = None
+    ) -> dict[str, Any]:
         """Fine-tune, gate, and (if not worse) save + promote; returns the recorded decision."""
         s = self.settings
         started = time.monotonic()
@@ -131,41 +134,74 @@ class Trainer:
             replay = self.replay(client, set(context), max_events)
             decision = self._decide(window, trigger, offsets, current, context, replay)
             client.hincrby(TRAINER_STATS, "promoted" if decision["promoted"] else "kept", 1)
-            client.hset(TRAINER_STATS, mapping={"last_decision": json.dumps(decision, default=str),
-                                            "last_decision_at": int(time.time() * 1000)})
+            client.hset(
+                TRAINER_STATS,
+                mapping={
+                    "last_decision": json.dumps(decision, default=str),
+                    "last_decision_at": int(time.time() * 1000),
+                },
+            )
         finally:
             client.close()
         decision["seconds"] = round(time.monotonic() - started, 2)
         return decision
 
-    def _decide(self, window: Sequence[dict[str, Any]], trigger: str, offsets: dict[str, int] | None,
-                current: Checkpoint | None, context: dict[str, list], replay: list[list]) -> dict[str, Any]:
+    def _decide(
+        self,
+        window: Sequence[dict[str, Any]],
+        trigger: str,
+        offsets: dict[str, int] | None,
+        current: Checkpoint | None,
+        context: dict[str, list],
+        replay: list[list],
+    ) -> dict[str, Any]:
         s = self.settings
         data: FineTuneData = build_data(window, context, replay, s)
         if not data.train:
-            decision = {"promoted": False, "reason": "no history of two or more events to train on",
-                        "trigger": trigger, "current": current.version if current else None,
-                        "offsets": offsets or {}, "window": {"events": len(window)}}
+            decision = {
+                "promoted": False,
+                "reason": "no history of two or more events to train on",
+                "trigger": trigger,
+                "current": current.version if current else None,
+                "offsets": offsets or {},
+                "window": {"events": len(window)},
+            }
             self.store.record_decision(decision)
             return decision
         candidate, report = fine_tune(current, data, s, self.device)  # trains a copy; `current` is scored after
         result = gate(candidate, current, data.holdout, s.promote_tolerance, self.device, s.promote_min_cases)
         train_window = {
-            "events": len(window), "users": data.window_users, "held_out": len(data.holdout),
-            "replayed": len(replay), "first_ts": window[0]["ts"] if window else None,
-            "last_ts": window[-1]["ts"] if window else None, "trigger": trigger, "offsets": offsets or {},
+            "events": len(window),
+            "users": data.window_users,
+            "held_out": len(data.holdout),
+            "replayed": len(replay),
+            "first_ts": window[0]["ts"] if window else None,
+            "last_ts": window[-1]["ts"] if window else None,
+            "trigger": trigger,
+            "offsets": offsets or {},
             "parent": current.version if current else None,
         }
         decision: dict[str, Any] = {
-            "promoted": result.promote, "reason": result.reason, "trigger": trigger,
-            "candidate_metrics": result.candidate, "current_metrics": result.current,
-            "current": current.version if current else None, "window": train_window,
-            "offsets": offsets or {}, "train_seconds": round(report.seconds, 2),
+            "promoted": result.promote,
+            "reason": result.reason,
+            "trigger": trigger,
+            "candidate_metrics": result.candidate,
+            "current_metrics": result.current,
+            "current": current.version if current else None,
+            "window": train_window,
+            "offsets": offsets or {},
+            "train_seconds": round(report.seconds, 2),
         }
         if result.promote:
             metrics = {**result.candidate, "held_out": len(data.holdout), "train_seconds": round(report.seconds, 2)}
-            path = save_checkpoint(candidate.model, candidate.vocab, self.store.root, candidate.manifest["meta"],
-                                   metrics=metrics, training_window=train_window)
+            path = save_checkpoint(
+                candidate.model,
+                candidate.vocab,
+                self.store.root,
+                candidate.manifest["meta"],
+                metrics=metrics,
+                training_window=train_window,
+            )
             self.store.promote(path.name, reason=f"trainer: {trigger}")
             decision["version"] = path.name
             decision["pruned"] = self.store.prune(s.checkpoint_keep)
@@ -185,8 +221,14 @@ class Trainer:
         current = store.current_version()
         if not current or current in self._judged:
             return None
-        previous = next((r.get("previous") for r in reversed(store.promotions())
-                         if r["version"] == current and not r.get("rollback_of")), None)
+        previous = next(
+            (
+                r.get("previous")
+                for r in reversed(store.promotions())
+                if r["version"] == current and not r.get("rollback_of")
+            ),
+            None,
+        )
         if not previous:
             return None
         client = redis_client(s)
@@ -201,9 +243,14 @@ class Trainer:
         if cur["hit_rate"] >= prev["hit_rate"] - s.quality_tolerance:
             return None
         path = store.rollback()
-        decision = {"promoted": False, "rolled_back": current, "version": path.name, "trigger": "online quality",
-                    "reason": f"online hit rate {cur['hit_rate']:.4f} ({int(cur['served'])} served) < "
-                              f"{previous} {prev['hit_rate']:.4f} - tolerance {s.quality_tolerance}"}
+        decision = {
+            "promoted": False,
+            "rolled_back": current,
+            "version": path.name,
+            "trigger": "online quality",
+            "reason": f"online hit rate {cur['hit_rate']:.4f} ({int(cur['served'])} served) < "
+            f"{previous} {prev['hit_rate']:.4f} - tolerance {s.quality_tolerance}",
+        }
         store.record_decision(decision)
         return decision
 
@@ -212,9 +259,16 @@ def announcement(store: CheckpointStore, version: str, extra: dict[str, Any] | N
     """The `model-updates` message: version, path, sha256 of the manifest (which hashes every file), metrics."""
     path = store.path_of(version)
     manifest = json.loads((path / MANIFEST).read_text())
-    return json.dumps({"version": version, "path": str(path.resolve()), "sha256": sha256_file(path / MANIFEST),
-                       "metrics": manifest.get("metrics", {}), "created_at": manifest.get("created_at"),
-                       **(extra or {})}).encode()
+    return json.dumps(
+        {
+            "version": version,
+            "path": str(path.resolve()),
+            "sha256": sha256_file(path / MANIFEST),
+            "metrics": manifest.get("metrics", {}),
+            "created_at": manifest.get("created_at"),
+            **(extra or {}),
+        }
+    ).encode()
 
 
 def announce_sync(settings: Settings, version: str, reason: str) -> None:
@@ -223,8 +277,10 @@ def announce_sync(settings: Settings, version: str, reason: str) -> None:
 
     producer = make_kafka_producer(settings, linger_ms=0, client_id="rtrec-model-cli")
     try:
-        producer.send(settings.topic_model_updates, value=announcement(CheckpointStore(settings.checkpoint_dir),
-                                                                       version, {"reason": reason}))
+        producer.send(
+            settings.topic_model_updates,
+            value=announcement(CheckpointStore(settings.checkpoint_dir), version, {"reason": reason}),
+        )
         producer.flush(timeout=10)
     finally:
         producer.close()
@@ -262,12 +318,21 @@ class TrainerLoop:
         self.decisions: list[dict[str, Any]] = []
         # a window's offsets are committed after its decision, not per batch; a fine-tune may take long
         self.resume = _SeekPastDecisions()
-        self.runtime = ConsumerRuntime(settings, [settings.topic_events], settings.trainer_group, max_records=5000,
-                                       max_wait_ms=200, worker="trainer", commit_batches=False,
-                                       max_poll_interval_ms=3_600_000, listener=self.resume)
+        self.runtime = ConsumerRuntime(
+            settings,
+            [settings.topic_events],
+            settings.trainer_group,
+            max_records=5000,
+            max_wait_ms=200,
+            worker="trainer",
+            commit_batches=False,
+            max_poll_interval_ms=3_600_000,
+            listener=self.resume,
+        )
         self.consumer = self.resume.consumer = self.runtime.consumer
-        self.producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap(settings), acks="all",
-                                         **aiokafka_auth(settings))
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=kafka_bootstrap(settings), acks="all", **aiokafka_auth(settings)
+        )
 
     async def start(self) -> None:
         await self.producer.start()
@@ -326,15 +391,22 @@ class TrainerLoop:
             if is_transient(exc):
                 raise  # the runtime retries with backoff; the window stays as it is
             log.exception("trainer: window of %d events failed; skipping it", len(window.events))
-            decision = {"promoted": False, "failed": True, "trigger": trigger, "offsets": window.next_offsets,
-                        "reason": f"failed: {type(exc).__name__}: {exc}", "window": {"events": len(window.events)}}
+            decision = {
+                "promoted": False,
+                "failed": True,
+                "trigger": trigger,
+                "offsets": window.next_offsets,
+                "reason": f"failed: {type(exc).__name__}: {exc}",
+                "window": {"events": len(window.events)},
+            }
             self.trainer.store.record_decision(decision)
         self.window = Window()
         await self._commit(window.next_offsets)
         if decision.get("version"):
             await self.producer.send_and_wait(
                 self.settings.topic_model_updates,
-                announcement(self.trainer.store, decision["version"], {"trigger": trigger}))
+                announcement(self.trainer.store, decision["version"], {"trigger": trigger}),
+            )
         if self.drift is not None:
             self.drift.reset(window.events)
         self.decisions.append(decision)
@@ -364,11 +436,13 @@ class TrainerLoop:
         """The online-quality rollback check; a rollback is announced like a promotion."""
         decision = await asyncio.to_thread(self.trainer.judge_online)
         if decision is not None:
-            log.warning("trainer: rolled back %s -> %s (%s)", decision["rolled_back"], decision["version"],
-                        decision["reason"])
+            log.warning(
+                "trainer: rolled back %s -> %s (%s)", decision["rolled_back"], decision["version"], decision["reason"]
+            )
             await self.producer.send_and_wait(
                 self.settings.topic_model_updates,
-                announcement(self.trainer.store, decision["version"], {"trigger": "rollback: online quality"}))
+                announcement(self.trainer.store, decision["version"], {"trigger": "rollback: online quality"}),
+            )
         return decision
 
 

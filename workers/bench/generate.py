@@ -62,8 +62,9 @@ def time_batches(generator: TorchGenerator, batch_sizes: list[int], length: int,
     return rows
 
 
-def kafka_latency(settings: Settings, generator: TorchGenerator, rate: float, seconds: float,
-                  console: Console) -> tuple[np.ndarray, np.ndarray]:
+def kafka_latency(
+    settings: Settings, generator: TorchGenerator, rate: float, seconds: float, console: Console
+) -> tuple[np.ndarray, np.ndarray]:
     """Client-side send->receive latencies and the worker's own request->publish latencies (ms)."""
     with tempfile.TemporaryDirectory(prefix="rtrec-bench-gen-") as tmp:
         root = Path(tmp) / "checkpoints"
@@ -93,12 +94,15 @@ def kafka_latency(settings: Settings, generator: TorchGenerator, rate: float, se
             return np.array([(arrivals[r] - sent[r]) * 1000 for r in got]), worker_ms
 
 
-def run_bench(settings: Settings, batch_sizes: list[int], rate: float, seconds: float,
-              plot: Path | None, console: Console) -> dict:
+def run_bench(
+    settings: Settings, batch_sizes: list[int], rate: float, seconds: float, plot: Path | None, console: Console
+) -> dict:
     generator = default_generator(settings)
     params = sum(p.numel() for p in generator.checkpoint.model.parameters())
-    console.rule(f"1. {settings.model_family} ({params / 1e6:.2f} M parameters) on {generator.device}, "
-                 f"{generator.max_events}-event histories (RTREC_SERVE_MAX_EVENTS)")
+    console.rule(
+        f"1. {settings.model_family} ({params / 1e6:.2f} M parameters) on {generator.device}, "
+        f"{generator.max_events}-event histories (RTREC_SERVE_MAX_EVENTS)"
+    )
     rows = time_batches(generator, batch_sizes, generator.max_events)
     table = Table(title=f"rtrec bench generate ({torch.get_num_threads()} threads)")
     for col in ("batch", "recs/s", "p50 ms", "p99 ms"):
@@ -113,8 +117,10 @@ def run_bench(settings: Settings, batch_sizes: list[int], rate: float, seconds: 
     console.print(f"answered {len(lat)} requests: p50 {p50:.1f} ms, p99 {p99:.1f} ms at the client")
     if len(worker_ms):
         w50, w99 = np.percentile(worker_ms, [50, 99])
-        console.print(f"  of which request produced -> response produced (the worker's latency_ms): "
-                      f"p50 {w50:.1f} ms, p99 {w99:.1f} ms")
+        console.print(
+            f"  of which request produced -> response produced (the worker's latency_ms): "
+            f"p50 {w50:.1f} ms, p99 {w99:.1f} ms"
+        )
     if plot is not None and len(lat):
         _plot(lat, rate, plot)
         console.print(f"latency histogram: {plot}")
@@ -130,8 +136,11 @@ def _plot(lat_ms: np.ndarray, rate: float, path: Path) -> None:
     for q, style in ((50, "--"), (99, ":")):
         v = np.percentile(lat_ms, q)
         ax.axvline(v, color="k", linestyle=style, label=f"p{q} {v:.1f} ms")
-    ax.set(xlabel="request -> response (ms, at the client)", ylabel="requests",
-           title=f"Generative recommendations over Kafka: latency at {rate:.0f} req/s")
+    ax.set(
+        xlabel="request -> response (ms, at the client)",
+        ylabel="requests",
+        title=f"Generative recommendations over Kafka: latency at {rate:.0f} req/s",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

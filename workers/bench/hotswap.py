@@ -40,8 +40,7 @@ from rtrec.workers.stack import Stack
 from rtrec.workers.trainer import announce_sync
 
 
-def run_bench(settings: Settings, rate: float, seconds: float, swaps: int, plot: Path | None,
-              console: Console) -> dict:
+def run_bench(settings: Settings, rate: float, seconds: float, swaps: int, plot: Path | None, console: Console) -> dict:
     generator = default_generator(settings)
     ck = generator.checkpoint
     with tempfile.TemporaryDirectory(prefix="rtrec-bench-swap-") as tmp:
@@ -108,16 +107,25 @@ def _report(sent, responses, arrivals, swap_at, worker_swap_ms, rate, plot, cons
     ratio = figures["during"][1] / steady if steady == steady and steady else float("nan")
     console.print(f"sent {len(sent)}  answered {len(answered)}  failed {len(failed)}  unanswered {missing}")
     console.print(f"p99 during swaps / p99 before: {ratio:.2f}x  (target < 2x)")
-    console.print("swap time (announce -> first response from the new version): "
-                  + ", ".join(f"{s * 1000:.0f} ms" for s in swap_s)
-                  + f"; last load + warm-up in the worker: {worker_swap_ms:.0f} ms")
+    console.print(
+        "swap time (announce -> first response from the new version): "
+        + ", ".join(f"{s * 1000:.0f} ms" for s in swap_s)
+        + f"; last load + warm-up in the worker: {worker_swap_ms:.0f} ms"
+    )
     versions = {responses[r]["model_version"] for r in answered}
     console.print(f"versions that answered: {len(versions)}")
     if plot is not None and answered:
         _plot(sent, arrivals, answered, swap_at, plot)
         console.print(f"latency over time: {plot}")
-    return {"sent": len(sent), "answered": len(answered), "failed": len(failed), "unanswered": missing,
-            "phases": figures, "swap_s": swap_s, "ratio": ratio}
+    return {
+        "sent": len(sent),
+        "answered": len(answered),
+        "failed": len(failed),
+        "unanswered": missing,
+        "phases": figures,
+        "swap_s": swap_s,
+        "ratio": ratio,
+    }
 
 
 def _plot(sent, arrivals, answered, swap_at, path: Path) -> None:
@@ -129,7 +137,10 @@ def _plot(sent, arrivals, answered, swap_at, path: Path) -> None:
     ax.scatter([sent[r] - t0 for r in answered], [(arrivals[r] - sent[r]) * 1000 for r in answered], s=3)
     for version, t in swap_at:
         ax.axvline(t - t0, color="r", linestyle="--")
-    ax.set(xlabel="time (s); red: promotion announced", ylabel="request -> response (ms)",
-           title=f"Recommendation latency through {len(swap_at)} model hot-swaps (one dot per request)")
+    ax.set(
+        xlabel="time (s); red: promotion announced",
+        ylabel="request -> response (ms)",
+        title=f"Recommendation latency through {len(swap_at)} model hot-swaps (one dot per request)",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

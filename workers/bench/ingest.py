@@ -55,9 +55,13 @@ def naive_baseline(settings: Settings, topic: str, n: int) -> float:
     store = StateStore(settings, prefix="naive")
     client = redis_client(settings)
     consumer = KafkaConsumer(
-        topic, bootstrap_servers=kafka_bootstrap(settings), group_id="rtrec-bench-naive",
-        auto_offset_reset="earliest", enable_auto_commit=True,
-        session_timeout_ms=settings.session_timeout_ms, heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        topic,
+        bootstrap_servers=kafka_bootstrap(settings),
+        group_id="rtrec-bench-naive",
+        auto_offset_reset="earliest",
+        enable_auto_commit=True,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
         **kafka_python_auth(settings),
     )
     done, started = 0, None

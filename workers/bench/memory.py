@@ -89,17 +89,29 @@ class BenchInputError(ValueError):
     """Options the bench cannot run with (checked before anything starts)."""
 
 
-def check_inputs(settings: Settings, users: int, items: int, events: int, days: float, rate: float,
-                 project_users: int | None, samples: int) -> None:
-    problems = [rule for rule, ok in {
-        "--users >= 1": users >= 1,
-        "--items >= 1": items >= 1,
-        "--events >= 1": events >= 1,
-        "--days > 0": days > 0,
-        "--rate > 0": rate > 0,
-        "--project-users >= 1": project_users is None or project_users >= 1,
-        "--samples >= 1": samples >= 1,
-    }.items() if not ok]
+def check_inputs(
+    settings: Settings,
+    users: int,
+    items: int,
+    events: int,
+    days: float,
+    rate: float,
+    project_users: int | None,
+    samples: int,
+) -> None:
+    problems = [
+        rule
+        for rule, ok in {
+            "--users >= 1": users >= 1,
+            "--items >= 1": items >= 1,
+            "--events >= 1": events >= 1,
+            "--days > 0": days > 0,
+            "--rate > 0": rate > 0,
+            "--project-users >= 1": project_users is None or project_users >= 1,
+            "--samples >= 1": samples >= 1,
+        }.items()
+        if not ok
+    ]
     if problems:
         raise BenchInputError(f"bench memory: need {', '.join(problems)}")
     if settings.redis_cluster:
@@ -113,11 +125,26 @@ def bench_events(users: int, items: int, events: int, days: float, end_ms: int, 
     generator's short ones, since the id is part of every sequence member.
     """
     span = max(1, int(days * DAY_MS))
-    cfg = SyntheticConfig(n_users=users, n_items=items, n_clusters=min(20, items), n_events=events,
-                          start_ts_ms=end_ms - span, duration_ms=span, seed=seed)
+    cfg = SyntheticConfig(
+        n_users=users,
+        n_items=items,
+        n_clusters=min(20, items),
+        n_events=events,
+        start_ts_ms=end_ms - span,
+        duration_ms=span,
+        seed=seed,
+    )
     rng = random.Random(seed)
-    return [{"event_id": uuid.UUID(int=rng.getrandbits(128)).hex, "user_id": e["user_id"], "item_id": e["item_id"],
-             "type": e["type"], "ts": e["ts"]} for e in generate_events(cfg)]
+    return [
+        {
+            "event_id": uuid.UUID(int=rng.getrandbits(128)).hex,
+            "user_id": e["user_id"],
+            "item_id": e["item_id"],
+            "type": e["type"],
+            "ts": e["ts"],
+        }
+        for e in generate_events(cfg)
+    ]
 
 
 def family_of(key: str) -> str:
@@ -134,7 +161,7 @@ def family_of(key: str) -> str:
 def _scan(client, sample: int, seed: int) -> tuple[dict[str, int], dict[str, list[str]]]:
     """Keys per family and a reservoir sample of up to `sample` key names per family, in one SCAN."""
     rng = random.Random(seed)
-    counts: dict[str, int] = {f: 0 for f in FAMILIES}
+    counts: dict[str, int] = dict.fromkeys(FAMILIES, 0)
     chosen: dict[str, list[str]] = {f: [] for f in FAMILIES}
     for key in client.scan_iter(count=5000):
         fam = family_of(key)
@@ -150,8 +177,9 @@ def _scan(client, sample: int, seed: int) -> tuple[dict[str, int], dict[str, lis
     return counts, chosen
 
 
-def key_families(client, sample: int = SAMPLE_KEYS, seed: int = 0,
-                 chosen_out: dict[str, list[str]] | None = None) -> dict[str, dict]:
+def key_families(
+    client, sample: int = SAMPLE_KEYS, seed: int = 0, chosen_out: dict[str, list[str]] | None = None
+) -> dict[str, dict]:
     """Per family: keys, sampled keys, average MEMORY USAGE bytes and estimated total (avg x keys).
 
     One SCAN over the whole keyspace, a reservoir sample of up to `sample` keys per family, then
@@ -200,32 +228,46 @@ def watermark_cost(client, hash_keys: list[str]) -> dict:
     res = pipe.execute()
     costs = []
     for n in range(len(measured)):
-        copied, with_fields, _, without = res[4 * n: 4 * n + 4]
+        copied, with_fields, _, without = res[4 * n : 4 * n + 4]
         if copied and with_fields is not None and without is not None:  # else it expired since the scan
             costs.append(with_fields - without)
     hashes = len(hash_keys) - len(measured) + len(costs)
     n_fields = sum(len(fs) for fs in fields)
     raw = sum(len(f) + len(v) for fs in fields for f, v in fs.items())
-    return {"sampled": hashes, "fields_per_hash": n_fields / len(hash_keys) if hash_keys else 0.0,
-            "raw_bytes_per_hash": raw / len(hash_keys) if hash_keys else 0.0,
-            "bytes_per_hash": sum(costs) / hashes if hashes else 0.0}
+    return {
+        "sampled": hashes,
+        "fields_per_hash": n_fields / len(hash_keys) if hash_keys else 0.0,
+        "raw_bytes_per_hash": raw / len(hash_keys) if hash_keys else 0.0,
+        "bytes_per_hash": sum(costs) / hashes if hashes else 0.0,
+    }
 
 
 def caps_of(settings: Settings) -> dict[str, int]:
     """The settings that bound the state, recorded with the figures."""
-    return {"sequence_length": settings.sequence_length, "affinity_cap": settings.affinity_cap,
-            "covis_cap": settings.covis_cap, "items_cap": settings.items_cap, "dedupe_window": settings.dedupe_window}
+    return {
+        "sequence_length": settings.sequence_length,
+        "affinity_cap": settings.affinity_cap,
+        "covis_cap": settings.covis_cap,
+        "items_cap": settings.items_cap,
+        "dedupe_window": settings.dedupe_window,
+    }
 
 
 def _sample(client, applied: int, active_users: int, started: float) -> dict:
     """used_memory etc. first, then the family breakdown (its SCAN's buffers are not in the figure)."""
     info = client.info("memory")
-    point = {"events": applied, "active_users": active_users, "used_memory": int(info["used_memory"]),
-             "used_memory_dataset": int(info.get("used_memory_dataset", 0)), "keys": int(client.dbsize()),
-             "seconds": round(time.monotonic() - started, 3)}
+    point = {
+        "events": applied,
+        "active_users": active_users,
+        "used_memory": int(info["used_memory"]),
+        "used_memory_dataset": int(info.get("used_memory_dataset", 0)),
+        "keys": int(client.dbsize()),
+        "seconds": round(time.monotonic() - started, 3),
+    }
     t0 = time.monotonic()
-    point["families"] = {name: round(f["total_bytes"])
-                         for name, f in key_families(client, sample=SERIES_SAMPLE_KEYS).items()}
+    point["families"] = {
+        name: round(f["total_bytes"]) for name, f in key_families(client, sample=SERIES_SAMPLE_KEYS).items()
+    }
     point["breakdown_seconds"] = round(time.monotonic() - t0, 3)
     return point
 
@@ -241,10 +283,19 @@ class ReplayMeasurement:
     seconds: float  # replay time, the samples' family breakdowns left out
 
 
-def run_memory_bench(settings: Settings, users: int = 2000, items: int = 5000, events: int = 200_000,
-                     days: float = 7.0, rate: float = 1000.0, project_users: int | None = None, samples: int = 20,
-                     plot: Path | None = Path("bench-memory.png"), console: Console | None = None,
-                     run_dir: Path | None = None) -> dict:
+def run_memory_bench(
+    settings: Settings,
+    users: int = 2000,
+    items: int = 5000,
+    events: int = 200_000,
+    days: float = 7.0,
+    rate: float = 1000.0,
+    project_users: int | None = None,
+    samples: int = 20,
+    plot: Path | None = Path("bench-memory.png"),
+    console: Console | None = None,
+    run_dir: Path | None = None,
+) -> dict:
     """Replay, sample, break down, print; returns the figures (also written as JSON next to `plot`)."""
     check_inputs(settings, users, items, events, days, rate, project_users, samples)
     console = console or Console()
@@ -254,12 +305,26 @@ def run_memory_bench(settings: Settings, users: int = 2000, items: int = 5000, e
     active_at = _active_users_at(stream, bounds)
     active_users = active_at[-1]
     active_items = len({e["item_id"] for e in stream})
-    title = (f"replaying {events:,} events ({active_users:,} users, {active_items:,} items) "
-             f"spanning {days:g} days of event time")
+    title = (
+        f"replaying {events:,} events ({active_users:,} users, {active_items:,} items) "
+        f"spanning {days:g} days of event time"
+    )
     with tempfile.TemporaryDirectory(prefix="rtrec-bench-memory-") as tmp:
         m = _replay(settings, stream, bounds, active_at, run_dir or Path(tmp), title, console)
-    result = _figures(m.series, m.families, m.watermarks, m.dbsize, events, active_users, active_items, days, rate,
-                      project_users, settings.dedupe_window, m.seconds)
+    result = _figures(
+        m.series,
+        m.families,
+        m.watermarks,
+        m.dbsize,
+        events,
+        active_users,
+        active_items,
+        days,
+        rate,
+        project_users,
+        settings.dedupe_window,
+        m.seconds,
+    )
     result["caps"] = caps_of(settings)
     _print(result, console)
     if plot is not None:
@@ -277,8 +342,15 @@ def _active_users_at(stream: list[dict], bounds: np.ndarray) -> list[int]:
     return active_at
 
 
-def _replay(settings: Settings, stream: list[dict], bounds: np.ndarray, active_at: list[int], run_dir: Path,
-            title: str, console: Console) -> ReplayMeasurement:
+def _replay(
+    settings: Settings,
+    stream: list[dict],
+    bounds: np.ndarray,
+    active_at: list[int],
+    run_dir: Path,
+    title: str,
+    console: Console,
+) -> ReplayMeasurement:
     """Start the stack, send the stream chunk by chunk (sampling memory after each is applied), break memory down."""
     with Stack(settings, run_dir=run_dir) as stack:
         s = stack.start_servers()
@@ -288,13 +360,17 @@ def _replay(settings: Settings, stream: list[dict], bounds: np.ndarray, active_a
         store = StateStore(s)
         already = store.stats(client).get("applied", 0)
         if already:
-            console.print(f"[yellow]this Redis already holds state ({already:,} events applied): "
-                          "the key families below include it")
+            console.print(
+                f"[yellow]this Redis already holds state ({already:,} events applied): "
+                "the key families below include it"
+            )
         started = time.monotonic()
         series = [_sample(client, 0, 0, started)]
         console.rule(title)
-        with EventProducer(s.model_copy(update={"producer_linger_ms": PRODUCER_LINGER_MS})) as producer, \
-                tqdm(total=len(stream), desc="replay", unit="ev") as bar:
+        with (
+            EventProducer(s.model_copy(update={"producer_linger_ms": PRODUCER_LINGER_MS})) as producer,
+            tqdm(total=len(stream), desc="replay", unit="ev") as bar,
+        ):
             for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
                 for n in range(lo, hi):
                     producer.send(stream[n])
@@ -325,8 +401,20 @@ def _save(result: dict, plot: Path, console: Console) -> None:
     console.print(f"memory over events: {plot}   figures: {json_path}")
 
 
-def _figures(series: list[dict], families: dict[str, dict], watermarks: dict, dbsize: int, events: int, users: int,
-             items: int, days: float, rate: float, project_users: int, dedupe_window: int, seconds: float) -> dict:
+def _figures(
+    series: list[dict],
+    families: dict[str, dict],
+    watermarks: dict,
+    dbsize: int,
+    events: int,
+    users: int,
+    items: int,
+    days: float,
+    rate: float,
+    project_users: int,
+    dedupe_window: int,
+    seconds: float,
+) -> dict:
     applied = np.array([p["events"] for p in series], dtype=float)
     used = np.array([p["used_memory"] for p in series], dtype=float)
     baseline, end = float(used[0]), float(used[-1])
@@ -348,39 +436,63 @@ def _figures(series: list[dict], families: dict[str, dict], watermarks: dict, db
     watermark_bytes = watermarks["bytes_per_hash"] * hashes
     dedupe_bytes = ids["total_bytes"] + watermark_bytes
     dedupe = {
-        "window": dedupe_window, "ids_keys": ids["keys"], "ids_avg_bytes": ids["avg_bytes"],
-        "ids_bytes": ids["total_bytes"], "watermark_hashes": hashes, "watermark_sampled": watermarks["sampled"],
+        "window": dedupe_window,
+        "ids_keys": ids["keys"],
+        "ids_avg_bytes": ids["avg_bytes"],
+        "ids_bytes": ids["total_bytes"],
+        "watermark_hashes": hashes,
+        "watermark_sampled": watermarks["sampled"],
         "watermark_fields_per_user": watermarks["fields_per_hash"],
         "watermark_raw_bytes_per_user": watermarks["raw_bytes_per_hash"],
-        "watermark_bytes_per_user": watermarks["bytes_per_hash"], "watermark_bytes": watermark_bytes,
-        "bytes": dedupe_bytes, "bytes_per_user": dedupe_bytes / users, "bytes_per_event": dedupe_bytes / events,
+        "watermark_bytes_per_user": watermarks["bytes_per_hash"],
+        "watermark_bytes": watermark_bytes,
+        "bytes": dedupe_bytes,
+        "bytes_per_user": dedupe_bytes / users,
+        "bytes_per_event": dedupe_bytes / events,
     }
     horizon_events = rate * PROJECTION_DAYS * 86_400
     projection = {
-        "rate_events_per_s": rate, "days": PROJECTION_DAYS, "users": project_users, "events": horizon_events,
-        "events_per_user": horizon_events / project_users, "measured_events_per_user": events / users,
+        "rate_events_per_s": rate,
+        "days": PROJECTION_DAYS,
+        "users": project_users,
+        "events": horizon_events,
+        "events_per_user": horizon_events / project_users,
+        "measured_events_per_user": events / users,
         "user_state_bytes": project_users * per_user,
         "dedupe_bytes": project_users * dedupe["bytes_per_user"],
-        "items": items, "item_state_bytes": items * per_item,
+        "items": items,
+        "item_state_bytes": items * per_item,
     }
     projection["dedupe_bytes_per_event"] = projection["dedupe_bytes"] / horizon_events
     projection["total_bytes"] = projection["user_state_bytes"] + projection["item_state_bytes"]
     return {
-        "events": events, "users": users, "items": items, "days": days, "seconds": round(seconds, 1),
+        "events": events,
+        "users": users,
+        "items": items,
+        "days": days,
+        "seconds": round(seconds, 1),
         "events_per_s": round(events / seconds, 1) if seconds > 0 else None,
-        "baseline_used_memory": int(baseline), "half_used_memory": int(mid), "end_used_memory": int(end),
+        "baseline_used_memory": int(baseline),
+        "half_used_memory": int(mid),
+        "end_used_memory": int(end),
         "growth_bytes": int(end - baseline),
         "bytes_per_event": (end - baseline) / events,
         "second_half_bytes_per_event": second / (events - half),
-        "bytes_per_user": per_user, "bytes_per_item": per_item,
+        "bytes_per_user": per_user,
+        "bytes_per_item": per_item,
         "dedupe": dedupe,
         "families_total_bytes": sum(f["total_bytes"] for f in families.values()),
-        "first_half_growth_bytes": first, "second_half_growth_bytes": second,
+        "first_half_growth_bytes": first,
+        "second_half_growth_bytes": second,
         "second_half_growth_pct": second_half_pct,
-        "second_half_min_used_memory": int(min(later)), "second_half_max_used_memory": int(max(later)),
+        "second_half_min_used_memory": int(min(later)),
+        "second_half_max_used_memory": int(max(later)),
         "second_half_deviation_pct": deviation_pct,
         "flat": deviation_pct <= FLAT_PCT,
-        "dbsize": dbsize, "families": families, "projection": projection, "samples": series,
+        "dbsize": dbsize,
+        "families": families,
+        "projection": projection,
+        "samples": series,
     }
 
 
@@ -397,31 +509,39 @@ def _size(b: float) -> str:
 
 def _print(r: dict, console: Console) -> None:
     d = r["dedupe"]
-    table = Table(title=f"rtrec bench memory  ({r['events']:,} events over {r['days']:g} simulated days, "
-                        f"{r['seconds']:.0f} s)")
+    table = Table(
+        title=f"rtrec bench memory  ({r['events']:,} events over {r['days']:g} simulated days, {r['seconds']:.0f} s)"
+    )
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("events applied", f"{r['events']:,}")
     table.add_row("active users / items", f"{r['users']:,} / {r['items']:,}")
     if c := r.get("caps"):
-        table.add_row("caps: sequence / affinity / co-visitation / dedupe window",
-                      f"{c['sequence_length']} / {c['affinity_cap']} / {c['covis_cap']} / {c['dedupe_window']}")
-    table.add_row("used_memory baseline -> half -> end (MB)",
-                  f"{_mb(r['baseline_used_memory'])} -> {_mb(r['half_used_memory'])} -> {_mb(r['end_used_memory'])}")
+        table.add_row(
+            "caps: sequence / affinity / co-visitation / dedupe window",
+            f"{c['sequence_length']} / {c['affinity_cap']} / {c['covis_cap']} / {c['dedupe_window']}",
+        )
+    table.add_row(
+        "used_memory baseline -> half -> end (MB)",
+        f"{_mb(r['baseline_used_memory'])} -> {_mb(r['half_used_memory'])} -> {_mb(r['end_used_memory'])}",
+    )
     table.add_row("used_memory growth (MB)", _mb(r["growth_bytes"]))
     table.add_row("bytes per event (growth / events)", f"{r['bytes_per_event']:,.1f}")
     table.add_row("bytes per event over the second half", f"{r['second_half_bytes_per_event']:,.1f}")
     table.add_row("bytes per active user (rt:u:* families, dedupe included)", f"{r['bytes_per_user']:,.0f}")
     table.add_row("bytes per item (covis + pop + items:n)", f"{r['bytes_per_item']:,.0f}")
     table.add_row(f"dedupe state (rt:u:*:ids, window {d['window']:,} + o:* watermarks), MB", _mb(d["bytes"]))
-    table.add_row("dedupe bytes per active user (ids + watermarks)",
-                  f"{d['bytes_per_user']:,.0f} ({d['ids_avg_bytes']:,.0f} + {d['watermark_bytes_per_user']:,.0f}"
-                  f" for {d['watermark_fields_per_user']:.2g} fields)")
+    table.add_row(
+        "dedupe bytes per active user (ids + watermarks)",
+        f"{d['bytes_per_user']:,.0f} ({d['ids_avg_bytes']:,.0f} + {d['watermark_bytes_per_user']:,.0f}"
+        f" for {d['watermark_fields_per_user']:.2g} fields)",
+    )
     table.add_row("dedupe bytes per event, amortized (dedupe bytes / events)", f"{d['bytes_per_event']:,.2f}")
-    table.add_row(f"used_memory over the second half: largest deviation from the half (flat: within "
-                  f"+-{FLAT_PCT:g}%)",
-                  f"{r['second_half_deviation_pct']:.1f}% ({_mb(r['second_half_min_used_memory'])}-"
-                  f"{_mb(r['second_half_max_used_memory'])} MB){'  flat' if r['flat'] else '  NOT flat'}")
+    table.add_row(
+        f"used_memory over the second half: largest deviation from the half (flat: within +-{FLAT_PCT:g}%)",
+        f"{r['second_half_deviation_pct']:.1f}% ({_mb(r['second_half_min_used_memory'])}-"
+        f"{_mb(r['second_half_max_used_memory'])} MB){'  flat' if r['flat'] else '  NOT flat'}",
+    )
     pct = r["second_half_growth_pct"]
     table.add_row("second-half growth vs first half (0% flat, 100% linear)", "-" if pct is None else f"{pct:+.0f}%")
     console.print(table)
@@ -431,11 +551,24 @@ def _print(r: dict, console: Console) -> None:
         fam.add_column(col, justify="left" if col == "family" else "right", no_wrap=col == "family")
     for name, f in r["families"].items():
         share = f["total_bytes"] / r["growth_bytes"] * 100 if r["growth_bytes"] > 0 else 0.0
-        fam.add_row(name, f"{f['keys']:,}", f"{f['sampled']:,}", f"{f['avg_bytes']:,.0f}", _mb(f["total_bytes"]),
-                    f"{share:.0f}%", f"{f['second_half_growth_bytes'] / 2**20:+,.2f}")
-    fam.add_row("[b]all families", f"[b]{sum(f['keys'] for f in r['families'].values()):,}", "", "",
-                f"[b]{_mb(r['families_total_bytes'])}", "",
-                f"[b]{sum(f['second_half_growth_bytes'] for f in r['families'].values()) / 2**20:+,.2f}")
+        fam.add_row(
+            name,
+            f"{f['keys']:,}",
+            f"{f['sampled']:,}",
+            f"{f['avg_bytes']:,.0f}",
+            _mb(f["total_bytes"]),
+            f"{share:.0f}%",
+            f"{f['second_half_growth_bytes'] / 2**20:+,.2f}",
+        )
+    fam.add_row(
+        "[b]all families",
+        f"[b]{sum(f['keys'] for f in r['families'].values()):,}",
+        "",
+        "",
+        f"[b]{_mb(r['families_total_bytes'])}",
+        "",
+        f"[b]{sum(f['second_half_growth_bytes'] for f in r['families'].values()) / 2**20:+,.2f}",
+    )
     console.print(fam)
 
     p = r["projection"]
@@ -445,12 +578,15 @@ def _print(r: dict, console: Console) -> None:
         f"{p['measured_events_per_user']:,.0f}): user state {p['users']:,} x {r['bytes_per_user']:,.0f} B = "
         f"{_size(p['user_state_bytes'])}, of which dedupe {_size(p['dedupe_bytes'])} = "
         f"{p['dedupe_bytes_per_event']:.3g} B per event amortized; item state ({p['items']:,} items) "
-        f"{_size(p['item_state_bytes'])}; total {_size(p['total_bytes'])}")
+        f"{_size(p['item_state_bytes'])}; total {_size(p['total_bytes'])}"
+    )
     if p["events_per_user"] < p["measured_events_per_user"]:
         console.print("[yellow]the projection has fewer events per user than the replay: user state is overstated")
     elif p["events_per_user"] > p["measured_events_per_user"] and not r["flat"]:
-        console.print("[yellow]used_memory was still growing at the end of the replay: with more events per user "
-                      "the user state is larger than projected (up to what the caps allow)")
+        console.print(
+            "[yellow]used_memory was still growing at the end of the replay: with more events per user "
+            "the user state is larger than projected (up to what the caps allow)"
+        )
 
 
 def _plot(r: dict, path: Path) -> None:
@@ -459,30 +595,54 @@ def _plot(r: dict, path: Path) -> None:
     pts = r["samples"]
     x = [p["events"] for p in pts]
     c = r.get("caps")
-    caps = "" if not c else (f"\ncaps: sequence {c['sequence_length']}, affinity {c['affinity_cap']}, "
-                             f"co-visitation {c['covis_cap']}, dedupe window {c['dedupe_window']}")
+    caps = (
+        ""
+        if not c
+        else (
+            f"\ncaps: sequence {c['sequence_length']}, affinity {c['affinity_cap']}, "
+            f"co-visitation {c['covis_cap']}, dedupe window {c['dedupe_window']}"
+        )
+    )
     fig = Figure(figsize=(10, 5.5))
     ax = fig.subplots()
     end = pts[-1]["families"]
-    big = [f for f in sorted(end, key=end.get, reverse=True)
-           if end[f] >= 0.03 * max(sum(end.values()), 1) or f == IDS_FAMILY]  # dedupe state always shown
+    big = [
+        f
+        for f in sorted(end, key=end.get, reverse=True)
+        if end[f] >= 0.03 * max(sum(end.values()), 1) or f == IDS_FAMILY
+    ]  # dedupe state always shown
     stacks = [[p["families"].get(f, 0) / 2**20 for p in pts] for f in big]
     stacks.append([sum(v for f, v in p["families"].items() if f not in big) / 2**20 for p in pts])
     ax.stackplot(x, *stacks, labels=[*big, "other families"], alpha=0.45)
-    ax.plot(x, [p["used_memory"] / 2**20 for p in pts], color="black", marker="o", markersize=3,
-            label="used_memory")
+    ax.plot(x, [p["used_memory"] / 2**20 for p in pts], color="black", marker="o", markersize=3, label="used_memory")
     mid = r["half_used_memory"] / 2**20
-    ax.fill_between([r["events"] / 2, r["events"]], mid * (1 - FLAT_PCT / 100), mid * (1 + FLAT_PCT / 100),
-                    color="green", alpha=0.12, label=f"±{FLAT_PCT:g}% of used_memory at the half")
+    ax.fill_between(
+        [r["events"] / 2, r["events"]],
+        mid * (1 - FLAT_PCT / 100),
+        mid * (1 + FLAT_PCT / 100),
+        color="green",
+        alpha=0.12,
+        label=f"±{FLAT_PCT:g}% of used_memory at the half",
+    )
     ax.axvline(r["events"] / 2, color="grey", linestyle=":", linewidth=0.8)
-    ax.set(xlabel="events applied (count)", ylabel="Redis memory (MB): used_memory and MEMORY USAGE by family",
-           ylim=(0, None), xlim=(0, r["events"]),
-           title=f"Redis memory while replaying {r['events']:,} events "
-                 f"({r['users']:,} users, {r['items']:,} items, {r['days']:g} simulated days)" + caps)
+    ax.set(
+        xlabel="events applied (count)",
+        ylabel="Redis memory (MB): used_memory and MEMORY USAGE by family",
+        ylim=(0, None),
+        xlim=(0, r["events"]),
+        title=f"Redis memory while replaying {r['events']:,} events "
+        f"({r['users']:,} users, {r['items']:,} items, {r['days']:g} simulated days)" + caps,
+    )
     ax.ticklabel_format(axis="x", style="plain")
     users = ax.twinx()
-    users.plot(x, [p.get("active_users", 0) for p in pts], color="tab:orange", linestyle="--", linewidth=1,
-               label="active users")
+    users.plot(
+        x,
+        [p.get("active_users", 0) for p in pts],
+        color="tab:orange",
+        linestyle="--",
+        linewidth=1,
+        label="active users",
+    )
     users.set(ylabel="active users (distinct users so far)", ylim=(0, None))
     lines = ax.get_legend_handles_labels()
     more = users.get_legend_handles_labels()

@@ -68,8 +68,17 @@ class SoakLog:
     memory: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
 
-def run_soak(settings: Settings, minutes: float, event_rate: float, request_rate: float, promote_every_s: float,
-             users: int, sample_s: float, plot: Path | None, console: Console) -> dict:
+def run_soak(
+    settings: Settings,
+    minutes: float,
+    event_rate: float,
+    request_rate: float,
+    promote_every_s: float,
+    users: int,
+    sample_s: float,
+    plot: Path | None,
+    console: Console,
+) -> dict:
     generator = default_generator(settings)
     ck = generator.checkpoint
     tag = uuid.uuid4().hex[:6]
@@ -99,12 +108,20 @@ def run_soak(settings: Settings, minutes: float, event_rate: float, request_rate
                     drained = _wait_drained(s, redis, log.sent_events, client, log.requests)
                 responses, duplicates = dict(client.responses), client.duplicates
             counts = _event_counts(s, redis, sorted(log.sent_events))
-    return _report(log.sent_events, counts, log.requests, responses, duplicates, log.memory, log.promotions, drained,
-                   plot, console)
+    return _report(
+        log.sent_events, counts, log.requests, responses, duplicates, log.memory, log.promotions, drained, plot, console
+    )
 
 
-def _run_load(plan: SoakPlan, producer: EventProducer, client: RecClient, pool: list[str],
-              processes: dict[str, psutil.Process], promote: Callable[[], None], log: SoakLog) -> None:
+def _run_load(
+    plan: SoakPlan,
+    producer: EventProducer,
+    client: RecClient,
+    pool: list[str],
+    processes: dict[str, psutil.Process],
+    promote: Callable[[], None],
+    log: SoakLog,
+) -> None:
     """Every tick for the plan's minutes: send the events and requests now due, sample memory, start promotions."""
     rng = random.Random(7)
     seconds = plan.minutes * 60
@@ -114,9 +131,15 @@ def _run_load(plan: SoakPlan, producer: EventProducer, client: RecClient, pool: 
         while (elapsed := time.monotonic() - start) < seconds:
             for _ in range(int(elapsed * plan.event_rate) - sum(log.sent_events.values())):
                 user = rng.choice(pool)
-                producer.send({"event_id": uuid.uuid4().hex, "user_id": user,
-                               "item_id": f"i{rng.randrange(N_ITEMS)}", "type": rng.choice(TYPES),
-                               "ts": int(time.time() * 1000)})
+                producer.send(
+                    {
+                        "event_id": uuid.uuid4().hex,
+                        "user_id": user,
+                        "item_id": f"i{rng.randrange(N_ITEMS)}",
+                        "type": rng.choice(TYPES),
+                        "ts": int(time.time() * 1000),
+                    }
+                )
                 log.sent_events[user] += 1
             for _ in range(int(elapsed * plan.request_rate) - len(log.requests)):
                 log.requests.append(client.send(rng.choice(pool), k=10))
@@ -137,22 +160,33 @@ def _event_counts(settings: Settings, redis, users: list[str]) -> dict[str, int]
     return {u: int(redis.hget(store.user_key(u, "h"), "n") or 0) for u in users}
 
 
-def _wait_drained(settings: Settings, redis, sent: Counter, client: RecClient, requests: list[str],
-                  timeout_s: float = 120) -> bool:
+def _wait_drained(
+    settings: Settings, redis, sent: Counter, client: RecClient, requests: list[str], timeout_s: float = 120
+) -> bool:
     """Until every event is in Redis and every request answered (or the timeout)."""
     deadline = time.monotonic() + timeout_s
     users = sorted(sent)
     while time.monotonic() < deadline:
         if len(client.responses) >= len(requests) and sum(_event_counts(settings, redis, users).values()) >= sum(
-                sent.values()):
+            sent.values()
+        ):
             return True
         time.sleep(0.5)
     return False
 
 
-def _report(sent_events: Counter, counts: dict[str, int], requests: list[str], responses: dict, duplicates: int,
-            memory: dict[str, list[tuple[float, float]]], promotions: list[float], drained: bool,
-            plot: Path | None, console: Console) -> dict:
+def _report(
+    sent_events: Counter,
+    counts: dict[str, int],
+    requests: list[str],
+    responses: dict,
+    duplicates: int,
+    memory: dict[str, list[tuple[float, float]]],
+    promotions: list[float],
+    drained: bool,
+    plot: Path | None,
+    console: Console,
+) -> dict:
     lost = sum(max(0, n - counts.get(u, 0)) for u, n in sent_events.items())
     twice = sum(max(0, counts.get(u, 0) - n) for u, n in sent_events.items())
     answered = [r for r in requests if r in responses]
@@ -165,8 +199,10 @@ def _report(sent_events: Counter, counts: dict[str, int], requests: list[str], r
     table.add_row("events", f"{sum(sent_events.values()):,}", str(lost), str(twice), "-")
     table.add_row("requests", f"{len(requests):,}", str(len(requests) - len(answered)), str(duplicates), str(failed))
     console.print(table)
-    console.print(f"{len(promotions)} promotions; {versions} versions answered (the trending fallback included); "
-                  f"drained: {drained}")
+    console.print(
+        f"{len(promotions)} promotions; {versions} versions answered (the trending fallback included); "
+        f"drained: {drained}"
+    )
 
     mem = Table(title="worker memory (RSS)")
     for col in ("worker", "after warm-up MB", "end MB", "growth MB", "growth %/h"):
@@ -185,9 +221,18 @@ def _report(sent_events: Counter, counts: dict[str, int], requests: list[str], r
     if plot is not None and memory:
         _plot(memory, promotions, plot)
         console.print(f"memory over time: {plot}")
-    return {"events": sum(sent_events.values()), "lost": lost, "twice": twice, "requests": len(requests),
-            "unanswered": len(requests) - len(answered), "answered_twice": duplicates, "failed": failed,
-            "promotions": len(promotions), "memory": growth, "drained": drained}
+    return {
+        "events": sum(sent_events.values()),
+        "lost": lost,
+        "twice": twice,
+        "requests": len(requests),
+        "unanswered": len(requests) - len(answered),
+        "answered_twice": duplicates,
+        "failed": failed,
+        "promotions": len(promotions),
+        "memory": growth,
+        "drained": drained,
+    }
 
 
 def _plot(memory: dict[str, list[tuple[float, float]]], promotions: list[float], path: Path) -> None:

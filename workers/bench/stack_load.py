@@ -46,8 +46,9 @@ def default_generator(settings: Settings) -> TorchGenerator:
     model = build_model(settings, vocab).eval()
     device = resolve_device(settings.device)
     manifest = {"version": "bench-untrained", "meta": model_meta(settings)}
-    return TorchGenerator(Checkpoint(model.to(device), vocab, manifest, Path(".")), device,
-                          max_events=settings.serve_max_events)
+    return TorchGenerator(
+        Checkpoint(model.to(device), vocab, manifest, Path(".")), device, max_events=settings.serve_max_events
+    )
 
 
 def fill_histories(settings: Settings, config: SyntheticConfig) -> list[str]:
@@ -88,8 +89,7 @@ def wait_for_answers(client: RecClient, expected: int, timeout_s: float = 60) ->
         time.sleep(0.05)
 
 
-def wait_applied(store: StateStore, client, target: int, stack: Stack | None = None,
-                 timeout_s: float = 300) -> float:
+def wait_applied(store: StateStore, client, target: int, stack: Stack | None = None, timeout_s: float = 300) -> float:
     """Until the state worker applied `target` events (``applied`` in the stats); the time it did (monotonic).
 
     A worker of `stack` that exited fails the wait at once, with the tail of its log.

@@ -13,9 +13,12 @@ from rtrec.workers.cli import data_commands, model_commands, ops_commands, stack
 from rtrec.workers.cli.bench_commands import bench_app
 from rtrec.workers.cli.errors import BoundaryTyper
 
-app = BoundaryTyper(add_completion=False, no_args_is_help=True,
-                    help="rtrec: streaming real-time recommender. Mistakes are one line on stderr (exit 2); "
-                    "--debug (anywhere) or RTREC_DEBUG=1 shows tracebacks.")
+app = BoundaryTyper(
+    add_completion=False,
+    no_args_is_help=True,
+    help="rtrec: streaming real-time recommender. Mistakes are one line on stderr (exit 2); "
+    "--debug (anywhere) or RTREC_DEBUG=1 shows tracebacks.",
+)
 app.add_typer(bench_app, name="bench")
 app.add_typer(model_commands.model_app, name="model")
 

@@ -10,7 +10,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -33,21 +32,29 @@ def generate(
     from rtrec.stream.sample import SAMPLE_CONFIG
     from rtrec.stream.synthetic import SyntheticConfig, generate_events
 
-    cfg = SAMPLE_CONFIG if sample else SyntheticConfig(
-        n_users=users, n_items=items, n_clusters=clusters, n_events=events,
-        duration_ms=int(days * 86_400_000), seed=seed,
+    cfg = (
+        SAMPLE_CONFIG
+        if sample
+        else SyntheticConfig(
+            n_users=users,
+            n_items=items,
+            n_clusters=clusters,
+            n_events=events,
+            duration_ms=int(days * 86_400_000),
+            seed=seed,
+        )
     )
     n = write_events(out, generate_events(cfg))
     console.print(f"wrote {n} events to {out}")
 
 
 def produce(
-    user: Optional[str] = typer.Option(None, help="user_id (one event from options)"),
-    item: Optional[str] = typer.Option(None, help="item_id"),
+    user: str | None = typer.Option(None, help="user_id (one event from options)"),
+    item: str | None = typer.Option(None, help="item_id"),
     type: str = typer.Option("click", "--type", help="browse | click | purchase"),
-    ts: Optional[int] = typer.Option(None, help="event time, ms since epoch (default now)"),
-    event_id: Optional[str] = typer.Option(None, help="default: a new uuid"),
-    file: Optional[Path] = typer.Option(None, help="JSON lines / CSV file; '-' or no options: stdin"),
+    ts: int | None = typer.Option(None, help="event time, ms since epoch (default now)"),
+    event_id: str | None = typer.Option(None, help="default: a new uuid"),
+    file: Path | None = typer.Option(None, help="JSON lines / CSV file; '-' or no options: stdin"),
 ) -> None:
     """Send one event from options, or JSON lines from stdin/a file. Invalid events are reported, not sent."""
     import uuid
@@ -60,8 +67,13 @@ def produce(
     settings = connected_settings()
     with EventProducer(settings) as producer:
         if user is not None or item is not None:
-            event = {"event_id": event_id or uuid.uuid4().hex, "user_id": user, "item_id": item,
-                     "type": type, "ts": ts if ts is not None else int(time.time() * 1000)}
+            event = {
+                "event_id": event_id or uuid.uuid4().hex,
+                "user_id": user,
+                "item_id": item,
+                "type": type,
+                "ts": ts if ts is not None else int(time.time() * 1000),
+            }
             try:
                 producer.send(event)
             except InvalidEvent as exc:
@@ -92,8 +104,11 @@ def _stdin_events(report):
 
 def _finish_replay(report) -> None:
     """'sent N, rejected M' on stdout; exit 1 when M > 0 (with one line on stderr), 130 after Ctrl-C."""
-    console.print(report.summary() + (f" in {report.seconds:.1f}s ({report.rate:,.0f}/s)" if report.seconds else ""),
-                  soft_wrap=True, markup=False)
+    console.print(
+        report.summary() + (f" in {report.seconds:.1f}s ({report.rate:,.0f}/s)" if report.seconds else ""),
+        soft_wrap=True,
+        markup=False,
+    )
     if report.interrupted:
         error_line(f"interrupted: {report.summary()} before Ctrl-C")
         raise typer.Exit(130)
@@ -125,12 +140,22 @@ def replay(
     total = count_records(file) if show else None
     shift = 0
     if shift_to_now:
-        stamps = [e["ts"] for _, e in read_numbered_events(file, on_error=lambda n, msg: None)
-                  if isinstance(e.get("ts"), int)]
+        stamps = [
+            e["ts"] for _, e in read_numbered_events(file, on_error=lambda n, msg: None) if isinstance(e.get("ts"), int)
+        ]
         shift = int(time.time() * 1000) - 60_000 - max(stamps) if stamps else 0
     with EventProducer(settings) as producer:
-        replay_events(producer, itertools.chain(first, lines), rate=rate, speedup=speedup, total=total,
-                      ts_shift_ms=shift, numbered=True, report=report, progress=show)
+        replay_events(
+            producer,
+            itertools.chain(first, lines),
+            rate=rate,
+            speedup=speedup,
+            total=total,
+            ts_shift_ms=shift,
+            numbered=True,
+            report=report,
+            progress=show,
+        )
     _finish_replay(report)
 
 
@@ -145,8 +170,11 @@ def catalog(file: Path = typer.Argument(..., help="JSON lines/CSV with item_id a
 
 def rebuild_state(
     since_hours: float = typer.Option(
-        0.0, min=0.0, help="build the state from the events the broker received in the last H hours only; "
-        "state from older events is dropped (0: the whole topic)"),
+        0.0,
+        min=0.0,
+        help="build the state from the events the broker received in the last H hours only; "
+        "state from older events is dropped (0: the whole topic)",
+    ),
 ) -> None:
     """Rebuild Redis state from the events topic (after Redis lost data) into a fresh namespace, then switch to it
     atomically; gives the same state whether or not Redis still holds any. Other keys (logs, metrics, models) stay."""

@@ -34,8 +34,13 @@ from rtrec.stream.synthetic import item_catalog, item_cluster_map, trending_item
 from rtrec.workers.stack import Stack
 
 K = 8
-DEMO_TRAINING = {"model_max_events": 50, "train_epochs": 25, "train_min_epochs": 5, "train_patience": 4,
-                 "train_min_steps": 1}  # full 128 batches: the demo trains in ~40 s
+DEMO_TRAINING = {
+    "model_max_events": 50,
+    "train_epochs": 25,
+    "train_min_epochs": 5,
+    "train_patience": 4,
+    "train_min_steps": 1,
+}  # full 128 batches: the demo trains in ~40 s
 
 
 def _wait_applied(store: StateStore, client, target: int, timeout_s: float = 120) -> None:
@@ -79,8 +84,10 @@ def ensure_demo_checkpoint(settings: Settings, root: Path, console: Console) -> 
     quick = settings.model_copy(update=DEMO_TRAINING)
     path, report = train_checkpoint(quick, list(read_events(SAMPLE_PATH)), root)
     set_current(root, path.name)
-    console.print(f"trained {path.name} in {report.seconds:.0f}s (best epoch {report.best_epoch}, "
-                  f"validation HR@10 {report.best.get('HR@10', 0):.3f})")
+    console.print(
+        f"trained {path.name} in {report.seconds:.0f}s (best epoch {report.best_epoch}, "
+        f"validation HR@10 {report.best.get('HR@10', 0):.3f})"
+    )
     return path
 
 
@@ -122,8 +129,15 @@ def run_demo(settings: Settings, n_users: int, console: Console) -> None:
                 for user, items in plan.items():
                     for n, item in enumerate(items):
                         for etype in ("browse", "click") if n < 2 else ("browse",):
-                            producer.send({"event_id": uuid.uuid4().hex, "user_id": user, "item_id": item,
-                                           "type": etype, "ts": now + n * 1000})
+                            producer.send(
+                                {
+                                    "event_id": uuid.uuid4().hex,
+                                    "user_id": user,
+                                    "item_id": item,
+                                    "type": etype,
+                                    "ts": now + n * 1000,
+                                }
+                            )
                     console.print(f"{user}: browses {', '.join(items)} (category {clusters[items[0]]})")
             sent_at = time.monotonic()
             while any(int(client.hget(store.user_key(u, "h"), "n")) < expected[u] for u in users):
@@ -151,11 +165,15 @@ def _show(console: Console, user: str, before: dict, after: dict, clusters: dict
     for n in range(K):
         b = before["items"][n] if n < len(before["items"]) else None
         a = after["items"][n] if n < len(after["items"]) else None
-        mark = lambda it: (f"[bold green]{it['item_id']} ({clusters.get(it['item_id'], '?')})[/]"  # noqa: E731
-                           if clusters.get(it["item_id"]) == fresh
-                           else f"{it['item_id']} ({clusters.get(it['item_id'], '?')})")
+        mark = lambda it: (
+            f"[bold green]{it['item_id']} ({clusters.get(it['item_id'], '?')})[/]"  # noqa: E731
+            if clusters.get(it["item_id"]) == fresh
+            else f"{it['item_id']} ({clusters.get(it['item_id'], '?')})"
+        )
         table.add_row(str(n + 1), mark(b) if b else "", mark(a) if a else "", a["reason"] if a else "")
     console.print(table)
     count = lambda r: sum(clusters.get(it["item_id"]) == fresh for it in r["items"])  # noqa: E731
-    console.print(f"items from category {fresh}: before {count(before)}/{K}, after {count(after)}/{K}; "
-                  f"response latency {after['latency_ms']:.0f} ms\n")
+    console.print(
+        f"items from category {fresh}: before {count(before)}/{K}, after {count(after)}/{K}; "
+        f"response latency {after['latency_ms']:.0f} ms\n"
+    )

@@ -13,7 +13,8 @@ import gzip
 import json
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import typer
 
@@ -47,8 +48,12 @@ def _one_line(text: str) -> str:
 
 def _settings_error(exc: Any) -> str:
     """pydantic's ValidationError of Settings, in the environment's names: RTREC_PARTITIONS=abc: ..."""
-    short = {"int_parsing": "not an integer", "float_parsing": "not a number", "bool_parsing": "not true/false",
-             "int_from_float": "not an integer"}
+    short = {
+        "int_parsing": "not an integer",
+        "float_parsing": "not a number",
+        "bool_parsing": "not true/false",
+        "int_from_float": "not an integer",
+    }
     parts = []
     for err in exc.errors():
         name = "RTREC_" + "_".join(str(p) for p in err.get("loc", ())).upper()
@@ -63,15 +68,21 @@ def _settings_error(exc: Any) -> str:
 
 def _kafka_hint() -> str:
     stack = context.get("stack_file")
-    where = (f"the addresses come from {stack}: is that `rtrec up` still running? start it again"
-             if stack else "start the stack with `rtrec up` or check RTREC_KAFKA_BOOTSTRAP")
+    where = (
+        f"the addresses come from {stack}: is that `rtrec up` still running? start it again"
+        if stack
+        else "start the stack with `rtrec up` or check RTREC_KAFKA_BOOTSTRAP"
+    )
     return f"{where} (gave up after RTREC_CONNECT_TIMEOUT_S)"
 
 
 def _redis_hint() -> str:
     stack = context.get("stack_file")
-    return (f"the addresses come from {stack}: is that `rtrec up` still running? start it again" if stack
-            else "start the stack with `rtrec up` or check RTREC_REDIS_URL")
+    return (
+        f"the addresses come from {stack}: is that `rtrec up` still running? start it again"
+        if stack
+        else "start the stack with `rtrec up` or check RTREC_REDIS_URL"
+    )
 
 
 def describe(exc: BaseException) -> tuple[str, int] | None:
@@ -85,8 +96,11 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
     try:
         import kafka.errors as kerr
 
-        unreachable = tuple(getattr(kerr, n) for n in ("NoBrokersAvailable", "KafkaTimeoutError",
-                                                        "KafkaConnectionError") if hasattr(kerr, n))
+        unreachable = tuple(
+            getattr(kerr, n)
+            for n in ("NoBrokersAvailable", "KafkaTimeoutError", "KafkaConnectionError")
+            if hasattr(kerr, n)
+        )
         KafkaError = kerr.KafkaError
         if isinstance(exc, unreachable):
             reason = _one_line(str(exc)) or type(exc).__name__
@@ -116,8 +130,12 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
         return f"invalid event: {_one_line(str(exc))}", USAGE
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
         name = exc.filename if getattr(exc, "filename", None) else None
-        what = {FileNotFoundError: "no such file", IsADirectoryError: "is a folder, not a file",
-                NotADirectoryError: "not a folder", PermissionError: "permission denied"}.get(type(exc))
+        what = {
+            FileNotFoundError: "no such file",
+            IsADirectoryError: "is a folder, not a file",
+            NotADirectoryError: "not a folder",
+            PermissionError: "permission denied",
+        }.get(type(exc))
         text = f"{name}: {what}" if name and what else _one_line(str(exc))
         return f"{text}; check the path", USAGE
     if isinstance(exc, gzip.BadGzipFile):
@@ -127,8 +145,14 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, UnicodeDecodeError):
         return f"not UTF-8 text (byte {exc.start}); save the file as UTF-8", USAGE
     names = {type(exc).__name__}
-    if names & {"LagError", "RebuildError", "TopicReadError", "DeliveryError", "ServerStartError",
-                 "TrainingInputError"}:
+    if names & {
+        "LagError",
+        "RebuildError",
+        "TopicReadError",
+        "DeliveryError",
+        "ServerStartError",
+        "TrainingInputError",
+    }:
         return _one_line(str(exc)), USAGE
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return f"{_one_line(str(exc)) or type(exc).__name__}; is the stack running (`rtrec up`)?", USAGE
@@ -139,8 +163,13 @@ def report(exc: BaseException) -> int:
     """Print the one line for `exc` on stderr; return the exit code."""
     known = describe(exc)
     if known is None:
-        text, code = (f"{type(exc).__name__}: {_one_line(str(exc))} (an unexpected error; run with --debug or "
-                      f"RTREC_DEBUG=1 for the traceback)"), FAILED
+        text, code = (
+            (
+                f"{type(exc).__name__}: {_one_line(str(exc))} (an unexpected error; run with --debug or "
+                f"RTREC_DEBUG=1 for the traceback)"
+            ),
+            FAILED,
+        )
     else:
         text, code = known
     print(f"rtrec: error: {_one_line(text)}", file=sys.stderr, flush=True)

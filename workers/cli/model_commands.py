@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich import box
@@ -31,13 +30,14 @@ eval_app = typer.Typer(help="Offline evaluation: leave-one-out table, or a prequ
 
 
 def train(
-    events: Optional[Path] = typer.Option(None, exists=True, dir_okay=True, readable=True,
-                                          help="event file (JSON lines/CSV, or a MovieLens file)"),
+    events: Path | None = typer.Option(
+        None, exists=True, dir_okay=True, readable=True, help="event file (JSON lines/CSV, or a MovieLens file)"
+    ),
     from_topic: bool = typer.Option(False, help="train on the events topic instead of a file"),
     since_hours: float = typer.Option(0.0, min=0.0, help="with --from-topic: only events this recent (0 = all)"),
-    out: Optional[Path] = typer.Option(None, help="checkpoint root (default RTREC_CHECKPOINT_DIR)"),
-    family: Optional[Family] = typer.Option(None, help="model family (default RTREC_MODEL_FAMILY)"),
-    epochs: Optional[int] = typer.Option(None, min=1, help="max epochs (early stopping on each user's last event)"),
+    out: Path | None = typer.Option(None, help="checkpoint root (default RTREC_CHECKPOINT_DIR)"),
+    family: Family | None = typer.Option(None, help="model family (default RTREC_MODEL_FAMILY)"),
+    epochs: int | None = typer.Option(None, min=1, help="max epochs (early stopping on each user's last event)"),
     promote: bool = typer.Option(True, help="make the new checkpoint CURRENT if it passes the trainer's gate"),
     force: bool = typer.Option(False, "--force", help="make it CURRENT even if the gate says it is worse"),
 ) -> None:
@@ -49,8 +49,11 @@ def train(
     from rtrec.model.datasets import TrainingInputError, prepare_training_events
 
     settings = get_settings()
-    update = {k: v for k, v in {"model_family": family.value if family else None,
-                                "train_epochs": epochs}.items() if v is not None}
+    update = {
+        k: v
+        for k, v in {"model_family": family.value if family else None, "train_epochs": epochs}.items()
+        if v is not None
+    }
     settings = settings.model_copy(update=update)
     data, source = _training_input(settings, events, from_topic, since_hours)
     try:
@@ -79,8 +82,10 @@ def _training_input(settings: Settings, events: Path | None, from_topic: bool, s
     if from_topic:
         from rtrec.stream.topic_window import read_topic_events
 
-        return (read_topic_events(connected_settings(), since_ms=int(since_hours * 3_600_000) or None),
-                f"topic {settings.topic_events}")
+        return (
+            read_topic_events(connected_settings(), since_ms=int(since_hours * 3_600_000) or None),
+            f"topic {settings.topic_events}",
+        )
     if events is not None:
         return load_events(events), events
     raise UserError("give --events FILE or --from-topic")
@@ -93,9 +98,12 @@ def _train_checkpoint(settings: Settings, data, root: Path) -> Path:
     path, report = train_checkpoint(settings, data, root)
     metrics = {k: round(v, 4) for k, v in report.best.items() if "@" in k}
     curves = plot_training({settings.model_family: report}, path.parent / f"{path.name}-training.png")
-    console.print(f"checkpoint {path}  best epoch {report.best_epoch}  validation "
-                  f"{', '.join(f'{k} {v:.4f}' for k, v in metrics.items())}  {report.seconds:.0f}s  curves {curves}",
-                  soft_wrap=True, markup=False)
+    console.print(
+        f"checkpoint {path}  best epoch {report.best_epoch}  validation "
+        f"{', '.join(f'{k} {v:.4f}' for k, v in metrics.items())}  {report.seconds:.0f}s  curves {curves}",
+        soft_wrap=True,
+        markup=False,
+    )
     return path
 
 
@@ -109,23 +117,32 @@ def _promote_through_gate(settings: Settings, store, data, path: Path, current_p
 
     split = leave_one_out(data)
     device = resolve_device(settings.device)
-    result = gate(load_checkpoint(path), load_checkpoint(current_path), _cases(split, split.test_users, valid=False),
-                  settings.promote_tolerance, device, settings.promote_min_cases)
+    result = gate(
+        load_checkpoint(path),
+        load_checkpoint(current_path),
+        _cases(split, split.test_users, valid=False),
+        settings.promote_tolerance,
+        device,
+        settings.promote_min_cases,
+    )
     if result.promote:
         store.promote(path.name, reason=f"rtrec train: {result.reason}")
         console.print(f"CURRENT -> {path.name}: {result.reason}", soft_wrap=True, markup=False)
     else:
-        console.print(f"kept CURRENT {current_path.name}: {result.reason} (use --force, or "
-                      f"`rtrec model promote {path.name}`)", soft_wrap=True, markup=False)
+        console.print(
+            f"kept CURRENT {current_path.name}: {result.reason} (use --force, or `rtrec model promote {path.name}`)",
+            soft_wrap=True,
+            markup=False,
+        )
 
 
 @eval_app.callback(invoke_without_command=True)
 def evaluate_cmd(
     ctx: typer.Context,
-    events: Optional[str] = typer.Option(None, help="event file, MovieLens file/folder, or ml-100k / ml-1m-partial"),
+    events: str | None = typer.Option(None, help="event file, MovieLens file/folder, or ml-100k / ml-1m-partial"),
     families: str = typer.Option("llama,t5", help="generative families to train and compare"),
     out: Path = typer.Option(Path("eval-out"), help="CSV, bar chart and training curves go here"),
-    epochs: Optional[int] = typer.Option(None, help="max epochs per family"),
+    epochs: int | None = typer.Option(None, help="max epochs per family"),
 ) -> None:
     """Leave-one-out HR@10/NDCG@10/Recall@20/coverage/novelty: generative vs blending, popularity, BiasedMF."""
     if ctx.invoked_subcommand is not None:
@@ -137,8 +154,9 @@ def evaluate_cmd(
     names = [f.strip() for f in families.split(",") if f.strip()]
     unknown = [f for f in names if f not in Family.__members__]
     if unknown or not names:
-        raise UserError(f"--families: unknown {', '.join(unknown) or '(none given)'}; choose from "
-                        f"{', '.join(Family.__members__)}")
+        raise UserError(
+            f"--families: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(Family.__members__)}"
+        )
     settings = get_settings()
     if epochs is not None:
         settings = settings.model_copy(update={"train_epochs": epochs})
@@ -170,6 +188,7 @@ def evaluate_stream(
     path = resolve_source(events)
     data = prepare_training_events(load_events(path), get_settings(), path)  # an empty file fails here
     from rtrec.model.stream_eval import run_stream_eval
+
     run_stream_eval(get_settings(), data, intervals, period_days, initial_frac, sample, out, console)
 
 
@@ -189,8 +208,7 @@ def model_list() -> None:
 
     store = CheckpointStore(get_settings().checkpoint_dir)
     versions = store.versions()
-    table = Table(title=f"checkpoints in {store.root}", box=box.SIMPLE_HEAD, pad_edge=False,
-                  collapse_padding=True)
+    table = Table(title=f"checkpoints in {store.root}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("", no_wrap=True)
     # the version in full, on one line: `rtrec model promote VERSION` needs it copied exactly
     table.add_column("version", no_wrap=True, min_width=max((len(v.version) for v in versions), default=7))
@@ -203,16 +221,25 @@ def model_list() -> None:
     for v in versions:
         m, w = v.metrics, v.training_window
         created = [v.created_at[:16].replace("T", " ")] if wide else []
-        table.add_row("*" if v.current else "", v.version, *created,
-                      f"{m['HR@10']:.4f}" if "HR@10" in m else "", f"{m['NDCG@10']:.4f}" if "NDCG@10" in m else "",
-                      str(w.get("events", "")), str(w.get("trigger", "")))
+        table.add_row(
+            "*" if v.current else "",
+            v.version,
+            *created,
+            f"{m['HR@10']:.4f}" if "HR@10" in m else "",
+            f"{m['NDCG@10']:.4f}" if "NDCG@10" in m else "",
+            str(w.get("events", "")),
+            str(w.get("trigger", "")),
+        )
     console.print(table)
     decisions = store.decisions()
     if decisions:
         last = decisions[-1]
-        console.print(f"last trainer decision ({last['at']}): "
-                      f"{'promoted ' + last['version'] if last.get('promoted') else 'kept current'} - {last['reason']}",
-                      soft_wrap=True, markup=False)
+        console.print(
+            f"last trainer decision ({last['at']}): "
+            f"{'promoted ' + last['version'] if last.get('promoted') else 'kept current'} - {last['reason']}",
+            soft_wrap=True,
+            markup=False,
+        )
 
 
 def _announce(version: str, reason: str) -> None:

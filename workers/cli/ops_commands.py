@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -46,8 +45,11 @@ def recommend(
 
 
 def print_response(resp: dict, title: str | None = None) -> None:
-    table = Table(title=title or f"user {resp.get('user_id')}  model {resp.get('model_version')}  "
-                  f"latency {resp.get('latency_ms') or 0:.1f} ms{'  (fallback)' if resp.get('fallback') else ''}")
+    table = Table(
+        title=title
+        or f"user {resp.get('user_id')}  model {resp.get('model_version')}  "
+        f"latency {resp.get('latency_ms') or 0:.1f} ms{'  (fallback)' if resp.get('fallback') else ''}"
+    )
     table.add_column("#", justify="right")
     table.add_column("item")
     table.add_column("score", justify="right")
@@ -91,8 +93,15 @@ def _lag_table(rows, problems, silent: list[str] | None = None) -> Table:
     for col in ("group", "topic", "partition", "committed", "end", "lag", "lag s"):
         table.add_column(col, justify="right" if col not in ("group", "topic") else "left")
     for r in rows:
-        table.add_row(escape(r.group), escape(r.topic), str(r.partition),
-                      "-" if r.committed is None else str(r.committed), str(r.end), str(r.lag), f"{r.lag_seconds:.1f}")
+        table.add_row(
+            escape(r.group),
+            escape(r.topic),
+            str(r.partition),
+            "-" if r.committed is None else str(r.committed),
+            str(r.end),
+            str(r.lag),
+            f"{r.lag_seconds:.1f}",
+        )
     for group, g in summarize(rows).items():
         table.add_row(f"[b]{escape(group)}", "all", "", "", "", f"[b]{int(g['lag'])}", f"[b]{g['max_lag_seconds']:.1f}")
     notes = [f"[red]{escape('; '.join(problems))}"] if problems else []
@@ -103,8 +112,9 @@ def _lag_table(rows, problems, silent: list[str] | None = None) -> Table:
     return table
 
 
-def _lag_report(monitor, watch: float, as_json: bool, max_lag: Optional[int], max_lag_seconds: Optional[float],
-                silent: list[str]) -> list[str]:
+def _lag_report(
+    monitor, watch: float, as_json: bool, max_lag: int | None, max_lag_seconds: float | None, silent: list[str]
+) -> list[str]:
     """Measure, print (once, as JSON, or refreshed every `watch` s); returns the last breaches."""
     from rich.live import Live
 
@@ -123,8 +133,7 @@ def _lag_report(monitor, watch: float, as_json: bool, max_lag: Optional[int], ma
             except KeyboardInterrupt:
                 pass
     elif as_json:
-        print(json.dumps({"partitions": [r.to_dict() for r in rows], "groups": summarize(rows),
-                          "breaches": problems}))
+        print(json.dumps({"partitions": [r.to_dict() for r in rows], "groups": summarize(rows), "breaches": problems}))
     else:
         console.print(_lag_table(rows, problems, silent))
     return problems
@@ -133,10 +142,11 @@ def _lag_report(monitor, watch: float, as_json: bool, max_lag: Optional[int], ma
 def lag(
     watch: float = typer.Option(0.0, help="refresh every this many seconds (0: print once)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-    max_lag: Optional[int] = typer.Option(None, help="exit 1 when a group is more messages behind"),
-    max_lag_seconds: Optional[float] = typer.Option(None, help="exit 1 when a group is more seconds behind"),
-    group: Optional[list[str]] = typer.Option(
-        None, "--group", help="also measure this consumer group, on the topics it committed on (repeatable)"),
+    max_lag: int | None = typer.Option(None, help="exit 1 when a group is more messages behind"),
+    max_lag_seconds: float | None = typer.Option(None, help="exit 1 when a group is more seconds behind"),
+    group: list[str] | None = typer.Option(
+        None, "--group", help="also measure this consumer group, on the topics it committed on (repeatable)"
+    ),
 ) -> None:
     """Consumer lag of every rtrec group (state, recommend, trainer, quality) and any --group, per partition,
     in messages and seconds. Exit 0: within bounds; 1: a group above a threshold; 2: the broker could not be asked."""
@@ -166,6 +176,11 @@ def quality() -> None:
     for col in ("", "model version", "served", "hits", "hit rate"):
         table.add_column(col, justify="right" if col in ("served", "hits", "hit rate") else "left")
     for version, r in sorted(rates.items()):
-        table.add_row("*" if version == current else "", version, str(int(r["served"])), str(int(r["hits"])),
-                      f"{r['hit_rate']:.4f}")
+        table.add_row(
+            "*" if version == current else "",
+            version,
+            str(int(r["served"])),
+            str(int(r["hits"])),
+            f"{r['hit_rate']:.4f}",
+        )
     console.print(table)

@@ -20,8 +20,13 @@ def connected_settings() -> Settings:
     if (settings.kafka_bootstrap, settings.redis_url) != (env.kafka_bootstrap, env.redis_url):
         context["stack_file"] = f"{settings.run_dir}/stack.json"  # a connection error then hints at a stale file
     if not settings.kafka_bootstrap or not settings.redis_url:
-        raise UserError(str(NotConfigured("no running stack found: start it with `rtrec up` or set "
-                                          "RTREC_KAFKA_BOOTSTRAP and RTREC_REDIS_URL")))
+        raise UserError(
+            str(
+                NotConfigured(
+                    "no running stack found: start it with `rtrec up` or set RTREC_KAFKA_BOOTSTRAP and RTREC_REDIS_URL"
+                )
+            )
+        )
     return settings
 
 

@@ -32,12 +32,16 @@ def up(
         lock = lock_run_dir(settings.run_dir)  # held until this process ends, however it ends
     except AlreadyRunning as exc:
         raise UserError(str(exc), code=1) from None
-    stack = Stack(settings, data_dir=redis_data_dir(settings), supervised=True,
-                  log=lambda line: console.print(f"[yellow]{time.strftime('%H:%M:%S')} {line}", soft_wrap=True))
+    stack = Stack(
+        settings,
+        data_dir=redis_data_dir(settings),
+        supervised=True,
+        log=lambda line: console.print(f"[yellow]{time.strftime('%H:%M:%S')} {line}", soft_wrap=True),
+    )
     stopping = False
     failed = False
 
-    def _stop(signum, frame):  # noqa: ARG001 - signal handler signature
+    def _stop(signum, frame):
         nonlocal stopping
         stopping = True
 
@@ -114,12 +118,24 @@ def status(as_json: bool = typer.Option(False, "--json", help="machine-readable 
     lag = _lag_summary()
     healthy = all(r["health"] in HEALTHY for r in rows)
     if as_json:
-        print(json.dumps({"pid": info["pid"], "kafka_bootstrap": info.get("kafka_bootstrap"),
-                          "redis_url": mask_url(info.get("redis_url")), "processes": rows, "lag": lag,
-                          "healthy": healthy}))
+        print(
+            json.dumps(
+                {
+                    "pid": info["pid"],
+                    "kafka_bootstrap": info.get("kafka_bootstrap"),
+                    "redis_url": mask_url(info.get("redis_url")),
+                    "processes": rows,
+                    "lag": lag,
+                    "healthy": healthy,
+                }
+            )
+        )
     else:
-        console.print(f"rtrec up pid {info['pid']}  kafka={info.get('kafka_bootstrap')}  "
-                      f"redis={mask_url(info.get('redis_url'))}  run dir={settings.run_dir}", soft_wrap=True)
+        console.print(
+            f"rtrec up pid {info['pid']}  kafka={info.get('kafka_bootstrap')}  "
+            f"redis={mask_url(info.get('redis_url'))}  run dir={settings.run_dir}",
+            soft_wrap=True,
+        )
         _print_status(rows, lag)
     if not healthy:
         raise typer.Exit(1)
@@ -145,8 +161,14 @@ def _process_health(name: str, process: dict) -> dict:
             health = "not answering"
     else:
         health = "running"
-    return {"name": name, "pid": process["pid"], "port": port, "health": health,
-            "restarts": process.get("restarts", 0), "log": process.get("log")}
+    return {
+        "name": name,
+        "pid": process["pid"],
+        "port": port,
+        "health": health,
+        "restarts": process.get("restarts", 0),
+        "log": process.get("log"),
+    }
 
 
 def _lag_summary() -> dict | str:
@@ -170,15 +192,21 @@ def _print_status(rows: list[dict], lag: dict | str) -> None:
         table.add_column(col)
     for r in rows:
         colour = "green" if r["health"] in HEALTHY else "red"
-        table.add_row(escape(r["name"]), str(r["pid"]), str(r["port"] or "-"), f"[{colour}]{r['health']}",
-                      str(r["restarts"]))
+        table.add_row(
+            escape(r["name"]), str(r["pid"]), str(r["port"] or "-"), f"[{colour}]{r['health']}", str(r["restarts"])
+        )
     console.print(table)
     if isinstance(lag, str):
         console.print(f"lag: {escape(lag)}", soft_wrap=True)
     else:
-        console.print("lag: " + (", ".join(f"{escape(g)} {int(v['lag'])} msgs / {v['max_lag_seconds']:.1f} s"
-                                           for g, v in lag.items()) or "no committed offsets yet"),
-                      soft_wrap=True)
+        console.print(
+            "lag: "
+            + (
+                ", ".join(f"{escape(g)} {int(v['lag'])} msgs / {v['max_lag_seconds']:.1f} s" for g, v in lag.items())
+                or "no committed offsets yet"
+            ),
+            soft_wrap=True,
+        )
 
 
 def demo(users: int = typer.Option(3, help="users to show before/after")) -> None:
