@@ -43,7 +43,7 @@ def test_generate_is_deterministic(tmp_path):
             ]
         )
         assert res.returncode == 0, res.stderr
-    assert list(read_events(a)) == [{k: v for k, v in e.items()} for e in read_events(b)]
+    assert list(read_events(a)) == [dict(e) for e in read_events(b)]
     assert len(list(read_events(a))) == 500
 
 

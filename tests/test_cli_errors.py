@@ -211,7 +211,7 @@ def test_replay_sends_the_good_lines_and_reports_the_bad(settings, redis, uid, t
         + "\n"
     )
     env = {"RTREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "RTREC_REDIS_URL": settings.redis_url}
-    res, seconds = rtrec(["replay", str(path)], tmp_path, env)
+    res, _seconds = rtrec(["replay", str(path)], tmp_path, env)
     assert res.returncode == 1, res.stdout + res.stderr
     assert "sent 4, rejected 2" in res.stdout and "lines 3, 5" in res.stdout, res.stdout
     lines = error_lines(res.stderr)

@@ -266,7 +266,7 @@ def test_a_handler_bug_dead_letters_its_record_and_applies_the_rest_once(setting
         await runtime.start()
         task = asyncio.create_task(runtime.run(worker.handle))
         deadline = time.monotonic() + 30
-        while worker.applied + dead_letters.published < len(events) and time.monotonic() < deadline:
+        while worker.applied + dead_letters.published < len(events) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         await runtime.stop()
         task.cancel()
@@ -280,7 +280,7 @@ def test_a_handler_bug_dead_letters_its_record_and_applies_the_rest_once(setting
     for user in {e["user_id"] for e in events}:  # every other event applied exactly once
         want = sum(e["user_id"] == user and e["event_id"] != poisoned for e in events)
         assert int(redis.hget(f"rt:u:{user}:h", "n")) == want, user
-    [letter] = [r for r in read_topic(s, s.topic_dead_letters, lambda recs: len(recs) >= 1)]
+    [letter] = list(read_topic(s, s.topic_dead_letters, lambda recs: len(recs) >= 1))
     headers = {k: v.decode() for k, v in letter.headers}
     assert headers["rtrec.reason"] == "handler_error"
     assert headers["rtrec.detail"] == "ValueError: injected bug"

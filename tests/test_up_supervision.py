@@ -59,7 +59,7 @@ class Up:
             )
         except AssertionError:
             self.kill()
-            raise AssertionError("rtrec up did not come up:\n" + self.output())
+            raise AssertionError("rtrec up did not come up:\n" + self.output()) from None
         assert self.proc.poll() is None, self.output()
 
     def output(self) -> str:

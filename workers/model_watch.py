@@ -111,7 +111,7 @@ class ModelWatcher:
             previous = self.serving
             try:
                 recommender = await asyncio.to_thread(self._load, version, expected_sha256)
-            except Exception as exc:  # corrupt, tampered, wrong shape, unreadable: keep serving
+            except Exception as exc:  # noqa: BLE001 - corrupt, tampered, wrong shape, unreadable: keep serving
                 await self._refuse(version, f"{type(exc).__name__}: {exc}")
                 return False
             old, self.worker.recommender = self.worker.recommender, recommender  # between batches

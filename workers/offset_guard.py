@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from rtrec.workers.metrics import OFFSET_RESETS
 
@@ -56,7 +57,7 @@ class OffsetGuard:
             return
         try:
             await self.consumer.commit(offsets)
-        except Exception as exc:  # rebalanced away or broker away: the owner re-reads, dedupe absorbs it
+        except KafkaError as exc:  # rebalanced away or broker away: the owner re-reads, dedupe absorbs it
             log.warning("%s: commit failed (%s: %s); records will be redelivered", self.worker, type(exc).__name__, exc)
 
     def _committable(self, tp: TopicPartition, offset: int) -> bool:

@@ -177,7 +177,7 @@ class ConsumerRuntime:
         if self.dead_letters is not None:
             try:
                 await self._until_done(lambda: self.dead_letters.publish(letters))
-            except Exception as exc:  # not transient: never retried forever, never fatal
+            except Exception as exc:
                 DEAD_LETTERS_FAILED.inc(len(letters))
                 log.error(
                     "%s: %d dead letter(s) could not be published (%s: %s)",
@@ -185,6 +185,7 @@ class ConsumerRuntime:
                     len(letters),
                     type(exc).__name__,
                     exc,
+                    exc_info=exc,  # a bug in building a letter shows where
                 )
             return
         for dl in letters:
@@ -269,7 +270,7 @@ class ConsumerRuntime:
                 break
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # e.g. responses not acked: handle again, then commit
+            except Exception as exc:  # noqa: BLE001 - e.g. responses not acked: handle again, then commit
                 log.warning(
                     "batch of %d not acknowledged (%s: %s); handling it again", len(records), type(exc).__name__, exc
                 )

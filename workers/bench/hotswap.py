@@ -135,7 +135,7 @@ def _plot(sent, arrivals, answered, swap_at, path: Path) -> None:
     fig = Figure(figsize=(8, 4))
     ax = fig.subplots()
     ax.scatter([sent[r] - t0 for r in answered], [(arrivals[r] - sent[r]) * 1000 for r in answered], s=3)
-    for version, t in swap_at:
+    for _version, t in swap_at:
         ax.axvline(t - t0, color="r", linestyle="--")
     ax.set(
         xlabel="time (s); red: promotion announced",

@@ -47,6 +47,7 @@ time-compressed replay nothing expires, so every user of the stream is counted a
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -336,7 +337,7 @@ def _active_users_at(stream: list[dict], bounds: np.ndarray) -> list[int]:
     """Distinct users among the events sent up to each bound (0 before any event)."""
     seen: set[str] = set()
     active_at = [0]
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         seen.update(e["user_id"] for e in stream[lo:hi])
         active_at.append(len(seen))
     return active_at
@@ -371,7 +372,7 @@ def _replay(
             EventProducer(s.model_copy(update={"producer_linger_ms": PRODUCER_LINGER_MS})) as producer,
             tqdm(total=len(stream), desc="replay", unit="ev") as bar,
         ):
-            for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
+            for k, (lo, hi) in enumerate(itertools.pairwise(bounds), start=1):
                 for n in range(lo, hi):
                     producer.send(stream[n])
                     if n % 1000 == 999:

@@ -106,5 +106,5 @@ def bench_memory(
         check_inputs(settings, users, items, events, days, rate, project_users, samples)
     except BenchInputError as exc:  # one line before anything starts, not a traceback
         console.print(f"[red]{escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     run_memory_bench(settings, users, items, events, days, rate, project_users, samples, plot, console)

@@ -79,7 +79,7 @@ def produce(
             except InvalidEvent as exc:
                 console.print(f"[red]invalid event: {exc}")
                 error_line(f"invalid event: {exc}")
-                raise typer.Exit(1)
+                raise typer.Exit(1) from None
             console.print(f"sent {json.dumps(event)}")
             return
         report = ReplayReport()
@@ -189,5 +189,5 @@ def rebuild_state(
             report = rebuild(settings, since_ms=int(since_hours * 3_600_000) or None, progress=bar.update)
     except RebuildError as exc:  # unreachable broker or Redis, a rebuild already running: one line, not a traceback
         console.print(f"[red]{escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     console.print(escape(report.summary()), soft_wrap=True)

@@ -165,11 +165,11 @@ def _show(console: Console, user: str, before: dict, after: dict, clusters: dict
     for n in range(K):
         b = before["items"][n] if n < len(before["items"]) else None
         a = after["items"][n] if n < len(after["items"]) else None
-        mark = lambda it: (
-            f"[bold green]{it['item_id']} ({clusters.get(it['item_id'], '?')})[/]"  # noqa: E731
-            if clusters.get(it["item_id"]) == fresh
-            else f"{it['item_id']} ({clusters.get(it['item_id'], '?')})"
-        )
+
+        def mark(it: dict) -> str:
+            label = f"{it['item_id']} ({clusters.get(it['item_id'], '?')})"
+            return f"[bold green]{label}[/]" if clusters.get(it["item_id"]) == fresh else label
+
         table.add_row(str(n + 1), mark(b) if b else "", mark(a) if a else "", a["reason"] if a else "")
     console.print(table)
     count = lambda r: sum(clusters.get(it["item_id"]) == fresh for it in r["items"])  # noqa: E731

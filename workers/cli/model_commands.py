@@ -267,7 +267,7 @@ def model_promote(version: str = typer.Argument(..., help="a version from `rtrec
         path = CheckpointStore(get_settings().checkpoint_dir).promote(version, reason="rtrec model promote")
     except CheckpointError as exc:
         console.print(f"[red]refused: {exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     console.print(f"CURRENT -> {path.name}")
     _announce(path.name, "promote")
 
@@ -282,6 +282,6 @@ def model_rollback() -> None:
         path = CheckpointStore(get_settings().checkpoint_dir).rollback()
     except CheckpointError as exc:
         console.print(f"[red]{exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     console.print(f"CURRENT -> {path.name} (rolled back)")
     _announce(path.name, "rollback")
