@@ -83,7 +83,7 @@ class Pacer:
 
 def replay_events(
     producer: EventProducer,
-    events: Iterable[dict[str, Any]],
+    events: Iterable[dict[str, Any]] | Iterable[tuple[int, dict[str, Any]]],
     rate: float = 0.0,
     speedup: float = 0.0,
     total: int | None = None,

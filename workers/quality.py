@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,8 +104,8 @@ def readable(raw: bytes | None) -> dict[str, Any] | None:
     return None
 
 
-def hit_rates(raw: dict[str, str]) -> dict[str, dict[str, float]]:
-    """{'version': {'served': n, 'hits': h, 'hit_rate': h/n}} from the Redis hash."""
+def hit_rates(raw: Mapping[Any, Any]) -> dict[str, dict[str, float]]:
+    """{'version': {'served': n, 'hits': h, 'hit_rate': h/n}} from the Redis hash (read with decoded responses)."""
     out: dict[str, dict[str, float]] = {}
     for field, value in raw.items():
         version, _, kind = field.rpartition("|")

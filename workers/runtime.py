@@ -36,6 +36,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -50,6 +51,7 @@ from rtrec.workers.offset_guard import OffsetGuard
 from rtrec.workers.supervisor import Supervisor, TaskFactory
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 TOPIC_CHECK_S = 2.0  # how often a worker looks for its topics on the broker
 
 Handler = Callable[[Sequence[ConsumerRecord]], Awaitable[Awaitable[object] | None]]
@@ -175,9 +177,10 @@ class ConsumerRuntime:
     async def reject(self, letters: list[DeadLetter]) -> None:
         """Dead-letter records this worker owns; count and skip those of topics it only reads."""
         if self.dead_letters is not None:
+            dead_letters = self.dead_letters
             try:
-                await self._until_done(lambda: self.dead_letters.publish(letters))
-            except Exception as exc:
+                await self._until_done(lambda: dead_letters.publish(letters))
+            except Exception as exc:  # not transient: counted and logged, never retried forever, never fatal
                 DEAD_LETTERS_FAILED.inc(len(letters))
                 log.error(
                     "%s: %d dead letter(s) could not be published (%s: %s)",
@@ -217,7 +220,7 @@ class ConsumerRuntime:
             waits = [p for p in pending if p is not None]
             return asyncio.gather(*waits) if waits else None
 
-    async def _until_done(self, attempt: Callable[[], Awaitable[object]]) -> object:
+    async def _until_done(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run `attempt` until it succeeds or fails for a non-transient reason (re-raised)."""
         delay = 0.1
         while True:

@@ -69,11 +69,12 @@ def find_home(start: Path | None = None) -> Path:
 def locate(settings: Settings) -> Settings:
     """Absolute run and checkpoint directories: as configured (RTREC_RUN_DIR, RTREC_CHECKPOINT_DIR), else in
     the rtrec folder found by `find_home`, so commands find the stack from any subfolder."""
-    update: dict[str, object] = {}
     explicit = settings.model_fields_set
-    home = None if "run_dir" in explicit and "checkpoint_dir" in explicit else find_home()
-    update["run_dir"] = Path(settings.run_dir).resolve() if "run_dir" in explicit else home / "run"
-    if "checkpoint_dir" not in explicit and "run_dir" not in explicit:
+    if "run_dir" in explicit:
+        return settings.model_copy(update={"run_dir": Path(settings.run_dir).resolve()})
+    home = find_home()
+    update: dict[str, object] = {"run_dir": home / "run"}
+    if "checkpoint_dir" not in explicit:
         update["checkpoint_dir"] = home / "checkpoints"
     return settings.model_copy(update=update)
 

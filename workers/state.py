@@ -83,7 +83,7 @@ def build_app(settings: Settings | None = None) -> faust.App:
     settings = settings or get_settings()
     app = make_app("rtrec-state-app", settings)
 
-    @app.task  # type: ignore[untyped-decorator]  # faust ships no types
+    @app.task
     async def consume_events() -> None:
         async with worker_redis(settings) as redis, worker_producer(settings) as producer:
             dead_letters = DeadLetters(settings, producer, redis)

@@ -158,7 +158,7 @@ class Trainer:
         s = self.settings
         data: FineTuneData = build_data(window, context, replay, s)
         if not data.train:
-            decision = {
+            skipped: dict[str, Any] = {
                 "promoted": False,
                 "reason": "no history of two or more events to train on",
                 "trigger": trigger,
@@ -166,8 +166,8 @@ class Trainer:
                 "offsets": offsets or {},
                 "window": {"events": len(window)},
             }
-            self.store.record_decision(decision)
-            return decision
+            self.store.record_decision(skipped)
+            return skipped
         candidate, report = fine_tune(current, data, s, self.device)  # trains a copy; `current` is scored after
         result = gate(candidate, current, data.holdout, s.promote_tolerance, self.device, s.promote_min_cases)
         train_window = {
@@ -299,7 +299,7 @@ class _SeekPastDecisions(ConsumerRebalanceListener):
     async def on_partitions_assigned(self, assigned) -> None:
         for tp in assigned:
             done = self.covered.get(f"{tp.topic}:{tp.partition}")
-            if done is None:
+            if done is None or self.consumer is None:
                 continue
             committed = await self.consumer.committed(tp)
             if committed is None or committed < done:

@@ -74,7 +74,7 @@ def naive_baseline(settings: Settings, topic: str, n: int) -> float:
                     store.apply(client, [parse_event(rec.value, settings)])  # one round-trip per event
                     done += 1
                 bar.update(len(records))
-    elapsed = time.monotonic() - started
+    elapsed = time.monotonic() - started if started is not None else 0.0
     consumer.close()
     return done / elapsed
 

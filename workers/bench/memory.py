@@ -56,6 +56,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -257,7 +258,7 @@ def caps_of(settings: Settings) -> dict[str, int]:
 def _sample(client, applied: int, active_users: int, started: float) -> dict:
     """used_memory etc. first, then the family breakdown (its SCAN's buffers are not in the figure)."""
     info = client.info("memory")
-    point = {
+    point: dict[str, Any] = {
         "events": applied,
         "active_users": active_users,
         "used_memory": int(info["used_memory"]),

@@ -124,7 +124,7 @@ def run_demo(settings: Settings, n_users: int, console: Console) -> None:
 
             console.rule("[bold]4. new events: each user explores a category new to them")
             now = int(time.time() * 1000)
-            expected = {u: int(client.hget(store.user_key(u, "h"), "n")) + len(plan[u]) + 2 for u in users}
+            expected = {u: int(client.hget(store.user_key(u, "h"), "n") or 0) + len(plan[u]) + 2 for u in users}
             with EventProducer(s) as producer:
                 for user, items in plan.items():
                     for n, item in enumerate(items):
@@ -140,7 +140,7 @@ def run_demo(settings: Settings, n_users: int, console: Console) -> None:
                             )
                     console.print(f"{user}: browses {', '.join(items)} (category {clusters[items[0]]})")
             sent_at = time.monotonic()
-            while any(int(client.hget(store.user_key(u, "h"), "n")) < expected[u] for u in users):
+            while any(int(client.hget(store.user_key(u, "h"), "n") or 0) < expected[u] for u in users):
                 if time.monotonic() - sent_at > 60:
                     raise TimeoutError("the new events did not reach Redis within 60 s")
                 time.sleep(0.005)

@@ -21,7 +21,7 @@ import typer
 try:  # Typer >= 0.2x vendors its own copy of Click: its exceptions are the ones raised
     from typer._click import exceptions as click_exc
 except ImportError:  # pragma: no cover - older Typer uses Click itself
-    from click import exceptions as click_exc
+    from click import exceptions as click_exc  # type: ignore[no-redef]
 
 USAGE = 2  # a mistake in the input, the settings or the environment: fix it and run again
 FAILED = 1  # the command ran and failed (rejected events, an error response, a bug)
