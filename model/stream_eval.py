@@ -106,35 +106,17 @@ def run_stream_eval(
     console: Any,
 ) -> list[dict[str, Any]]:
     """HR@10 per period for: frozen, fine-tune every T (days, multiples of `period_days`), blending."""
-    from rtrec.stream.connections import redis_client
-    from rtrec.stream.embedded import start_redis
-
     events = sorted(events, key=lambda e: e["ts"])
     t0, t1 = events[0]["ts"], events[-1]["ts"]
     start_ts = t0 + int((t1 - t0) * initial_frac)
     period_ms = int(period_days * DAY_MS)
-    with tempfile.TemporaryDirectory(prefix="rtrec-stream-eval-") as tmp:
-        server, url = start_redis(settings, Path(tmp))
-        try:
-            client = redis_client(settings.model_copy(update={"redis_url": url}))
-            initial, periods = replay_periods(
-                events, settings, client, start_ts, period_ms, sample, settings.train_seed
-            )
-        finally:
-            server.stop()
+    initial, periods = _replay_in_redis(events, settings, start_ts, period_ms, sample)
     device = resolve_device(settings.device)
     console.print(
         f"{len(events):,} events; initial period {len(initial):,} events; then {len(periods)} periods of "
         f"{period_days:g} days with {sum(len(p.cases) for p in periods):,} sampled predictions"
     )
-    first, _ = fine_tune(
-        None,
-        build_data(initial, {}, [], settings.model_copy(update={"finetune_min_history": 10**9})),
-        settings,
-        device,
-        progress=False,
-    )
-    first.manifest["version"] = "frozen"
+    first = _frozen_model(initial, settings, device)
     variants: dict[str, dict[str, Any]] = {"frozen": {"ck": first, "every": None}}
     for days in every:
         variants[f"every {days:g} d"] = {"ck": first, "every": max(1, round(days / period_days))}
@@ -143,25 +125,81 @@ def run_stream_eval(
     rows: list[dict[str, Any]] = []
     pending: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for n, period in enumerate(tqdm(periods, desc="periods", unit="period")):
-        row: dict[str, Any] = {
-            "period": n,
-            "start_day": round((start_ts + n * period_ms - t0) / DAY_MS, 1),
-            "cases": len(period.cases),
-            "blending": hit_rate(blending, period.cases),
-        }
-        for name, v in variants.items():
-            row[name] = hit_rate(TorchGenerator(v["ck"], device, settings.serve_max_events), period.cases)
-        rows.append(row)
-        for name, v in variants.items():
-            if v["every"] is None:
-                continue
-            pending[name] += period.events
-            if (n + 1) % v["every"] == 0 and len(pending[name]) >= 2:
-                v["ck"] = _update(v["ck"], pending[name], history, settings, device)
-                pending[name] = []
+        start_day = round((start_ts + n * period_ms - t0) / DAY_MS, 1)
+        rows.append(_score_period(n, start_day, period, variants, blending, settings, device))
+        _train_due(n, period, variants, pending, history, settings, device)
         extend_histories(history, period.events)
     _write(rows, list(variants) + ["blending"], out_dir, console)
     return rows
+
+
+def _replay_in_redis(
+    events: list[dict[str, Any]], settings: Settings, start_ts: int, period_ms: int, sample: float
+) -> tuple[list[dict[str, Any]], list[Period]]:
+    """`replay_periods` through a Redis started for it and stopped after."""
+    from rtrec.stream.connections import redis_client
+    from rtrec.stream.embedded import start_redis
+
+    with tempfile.TemporaryDirectory(prefix="rtrec-stream-eval-") as tmp:
+        server, url = start_redis(settings, Path(tmp))
+        try:
+            client = redis_client(settings.model_copy(update={"redis_url": url}))
+            return replay_periods(events, settings, client, start_ts, period_ms, sample, settings.train_seed)
+        finally:
+            server.stop()
+
+
+def _frozen_model(initial: list[dict[str, Any]], settings: Settings, device: Any) -> Checkpoint:
+    """A model trained from scratch on the initial period only (no user history counts as context)."""
+    first, _ = fine_tune(
+        None,
+        build_data(initial, {}, [], settings.model_copy(update={"finetune_min_history": 10**9})),
+        settings,
+        device,
+        progress=False,
+    )
+    first.manifest["version"] = "frozen"
+    return first
+
+
+def _score_period(
+    n: int,
+    start_day: float,
+    period: Period,
+    variants: dict[str, dict[str, Any]],
+    blending: BlendingRecommender,
+    settings: Settings,
+    device: Any,
+) -> dict[str, Any]:
+    """HR@10 of the blending baseline and of each variant's model as it stands at the period's start."""
+    row: dict[str, Any] = {
+        "period": n,
+        "start_day": start_day,
+        "cases": len(period.cases),
+        "blending": hit_rate(blending, period.cases),
+    }
+    for name, v in variants.items():
+        row[name] = hit_rate(TorchGenerator(v["ck"], device, settings.serve_max_events), period.cases)
+    return row
+
+
+def _train_due(
+    n: int,
+    period: Period,
+    variants: dict[str, dict[str, Any]],
+    pending: dict[str, list[dict[str, Any]]],
+    history: dict[str, list],
+    settings: Settings,
+    device: Any,
+) -> None:
+    """Queue the period's events for each incremental variant; fine-tune those whose interval ends here."""
+    for name, v in variants.items():
+        if v["every"] is None:
+            continue
+        pending[name] += period.events
+        if (n + 1) % v["every"] == 0 and len(pending[name]) >= 2:
+            v["ck"] = _update(v["ck"], pending[name], history, settings, device)
+            pending[name] = []
 
 
 def _update(

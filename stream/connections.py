@@ -30,14 +30,20 @@ def redis_url(settings: Settings) -> str:
     return settings.redis_url
 
 
-def kafka_python_auth(settings: Settings) -> dict[str, Any]:
-    """Security arguments in kafka-python's spelling."""
+def _protocol_and_sasl(settings: Settings) -> dict[str, Any]:
+    """The security arguments kafka-python and aiokafka spell alike."""
     kw: dict[str, Any] = {"security_protocol": settings.kafka_security_protocol}
     if settings.kafka_sasl_mechanism:
         kw["sasl_mechanism"] = settings.kafka_sasl_mechanism
         kw["sasl_plain_username"] = settings.kafka_sasl_username
         if settings.kafka_sasl_password is not None:
             kw["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return kw
+
+
+def kafka_python_auth(settings: Settings) -> dict[str, Any]:
+    """Security arguments in kafka-python's spelling."""
+    kw = _protocol_and_sasl(settings)
     if settings.kafka_ssl_cafile:
         kw["ssl_cafile"] = settings.kafka_ssl_cafile
     return kw
@@ -52,12 +58,7 @@ def kafka_connect_kwargs(settings: Settings, timeout_s: float | None = None) -> 
 
 def aiokafka_auth(settings: Settings) -> dict[str, Any]:
     """Security arguments in aiokafka's spelling (it wants an SSLContext, not a file)."""
-    kw: dict[str, Any] = {"security_protocol": settings.kafka_security_protocol}
-    if settings.kafka_sasl_mechanism:
-        kw["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        kw["sasl_plain_username"] = settings.kafka_sasl_username
-        if settings.kafka_sasl_password is not None:
-            kw["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    kw = _protocol_and_sasl(settings)
     if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
         kw["ssl_context"] = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
     return kw

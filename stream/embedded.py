@@ -19,10 +19,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from rtrec.stream.settings import Settings
+
+if TYPE_CHECKING:
+    import redis
 
 
 class ServerStartError(RuntimeError):
@@ -303,59 +306,71 @@ def start_redis_cluster(
         for port in ports:
             data_dir = run_dir / f"redis-cluster-{port}"
             data_dir.mkdir(parents=True, exist_ok=True)
-            argv = [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(data_dir),
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                str(data_dir / "nodes.conf"),
-                "--cluster-port",
-                str(bus_ports[port]),  # the default, port + 10000, may not exist
-                # AOF in the node's folder: a node restarted by `rtrec up` comes back with its
-                # slots (nodes.conf) and its keys
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--protected-mode",
-                "no",
-                "--daemonize",
-                "no",
-            ]
-            if auth:
-                argv += ["--requirepass", auth["password"], "--masterauth", auth["password"]]
+            argv = _cluster_node_argv(binary, port, bus_ports[port], data_dir, auth.get("password"))
             node = ManagedProcess.spawn(
                 f"redis-cluster-{port}", argv, run_dir, die_with_parent=die_with_parent, port=port
             )
             nodes.append(node)
             node.wait_port(port)
         clients = [redis.Redis(host="127.0.0.1", port=port, **auth) for port in ports]
-        per = 16384 // masters
-        for n, client in enumerate(clients):
-            last = 16383 if n == masters - 1 else (n + 1) * per - 1
-            client.execute_command("CLUSTER", "ADDSLOTSRANGE", n * per, last)
-        for client in clients[1:]:
-            client.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0], bus_ports[ports[0]])
-        deadline = time.monotonic() + timeout_s
-        while not all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO") for c in clients):
-            if time.monotonic() > deadline:
-                raise ServerStartError(f"the Redis Cluster did not converge in {timeout_s:.0f} s")
-            time.sleep(0.05)
-        for client in clients:
-            client.close()
+        _form_cluster(clients, ports, bus_ports, masters, timeout_s)
     except BaseException:
         for node in nodes:
             node.stop()
         raise
     return nodes, f"redis://127.0.0.1:{ports[0]}/0"
+
+
+def _cluster_node_argv(binary: str, port: int, bus_port: int, data_dir: Path, password: str | None) -> list[str]:
+    argv = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        str(data_dir / "nodes.conf"),
+        "--cluster-port",
+        str(bus_port),  # the default, port + 10000, may not exist
+        # AOF in the node's folder: a node restarted by `rtrec up` comes back with its
+        # slots (nodes.conf) and its keys
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--protected-mode",
+        "no",
+        "--daemonize",
+        "no",
+    ]
+    if password is not None:
+        argv += ["--requirepass", password, "--masterauth", password]
+    return argv
+
+
+def _form_cluster(
+    clients: list[redis.Redis], ports: list[int], bus_ports: dict[int, int], masters: int, timeout_s: float
+) -> None:
+    """Split the slots evenly, MEET the first node, wait for ``cluster_state:ok``; closes the clients."""
+    per = 16384 // masters
+    for n, client in enumerate(clients):
+        last = 16383 if n == masters - 1 else (n + 1) * per - 1
+        client.execute_command("CLUSTER", "ADDSLOTSRANGE", n * per, last)
+    for client in clients[1:]:
+        client.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0], bus_ports[ports[0]])
+    deadline = time.monotonic() + timeout_s
+    while not all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO") for c in clients):
+        if time.monotonic() > deadline:
+            raise ServerStartError(f"the Redis Cluster did not converge in {timeout_s:.0f} s")
+        time.sleep(0.05)
+    for client in clients:
+        client.close()
 
 
 def python_env(settings: Settings, **overrides: str) -> dict[str, str]:

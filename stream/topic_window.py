@@ -48,14 +48,7 @@ def iter_topic_records(
     `timeout_s` bounds the whole read (it then ends early, quietly); a broker that
     stops answering raises TopicReadError after STALL_S either way.
     """
-    consumer = KafkaConsumer(
-        bootstrap_servers=kafka_bootstrap(settings),
-        group_id=None,
-        enable_auto_commit=False,
-        fetch_max_wait_ms=50,
-        bootstrap_timeout_ms=int(settings.connect_timeout_s * 1000),
-        **kafka_python_auth(settings),
-    )
+    consumer = _consumer(settings)
     try:
         parts = _assign(consumer, settings.topic_events, started_ms, since_ms, from_offsets)
         next_offset: dict[TopicPartition, int] = {}
@@ -71,20 +64,7 @@ def iter_topic_records(
                     f"(partitions {sorted(tp.partition for tp in set(parts) - done)} unfinished)"
                 )
             batch = consumer.poll(timeout_ms=POLL_MS, max_records=max_records)
-            out: list[ConsumerRecord] = []
-            for tp, records in batch.items():
-                if tp in done:
-                    continue  # read to its end already: later records are left for the next read
-                for rec in records:
-                    if rec.timestamp > started_ms:  # appended after the read began
-                        next_offset[tp] = rec.offset
-                        done.add(tp)
-                        consumer.pause(tp)
-                        break
-                    next_offset[tp] = rec.offset + 1
-                    if since_ms and rec.timestamp < started_ms - since_ms:
-                        continue  # older than the window (a seek_to_end Tansu answered too low)
-                    out.append(rec)
+            out = _records_in_window(consumer, batch, started_ms, since_ms, next_offset, done)
             caught_up = _caught_up(consumer, [tp for tp in parts if tp not in done])
             if caught_up:
                 consumer.pause(*caught_up)
@@ -99,6 +79,47 @@ def iter_topic_records(
             )
     finally:
         consumer.close()
+
+
+def _consumer(settings: Settings) -> KafkaConsumer:
+    """A consumer outside any group: the read commits nothing and assigns partitions itself."""
+    return KafkaConsumer(
+        bootstrap_servers=kafka_bootstrap(settings),
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=50,
+        bootstrap_timeout_ms=int(settings.connect_timeout_s * 1000),
+        **kafka_python_auth(settings),
+    )
+
+
+def _records_in_window(
+    consumer: KafkaConsumer,
+    batch: Mapping[TopicPartition, list[ConsumerRecord]],
+    started_ms: int,
+    since_ms: int | None,
+    next_offset: dict[TopicPartition, int],
+    done: set[TopicPartition],
+) -> list[ConsumerRecord]:
+    """The polled records of the window; a partition that meets a later record is done and paused.
+
+    Updates `next_offset` and `done` in place.
+    """
+    out: list[ConsumerRecord] = []
+    for tp, records in batch.items():
+        if tp in done:
+            continue  # read to its end already: later records are left for the next read
+        for rec in records:
+            if rec.timestamp > started_ms:  # appended after the read began
+                next_offset[tp] = rec.offset
+                done.add(tp)
+                consumer.pause(tp)
+                break
+            next_offset[tp] = rec.offset + 1
+            if since_ms and rec.timestamp < started_ms - since_ms:
+                continue  # older than the window (a seek_to_end Tansu answered too low)
+            out.append(rec)
+    return out
 
 
 def _assign(

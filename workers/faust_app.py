@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -77,6 +77,18 @@ def _credentials(settings: Settings) -> Any:
 
         return faust.SSLCredentials(ssl.create_default_context(cafile=settings.kafka_ssl_cafile))
     return None
+
+
+def worker_app(name: str, work: Callable[[Settings], Awaitable[None]], settings: Settings | None = None) -> faust.App:
+    """A worker's Faust app: one task, `work(settings)`, run from the worker's start until it is told to stop."""
+    settings = settings or get_settings()
+    app = make_app(name, settings)
+
+    @app.task
+    async def run() -> None:
+        await work(settings)
+
+    return app
 
 
 def run_module(build_app: Callable[[Settings], faust.App]) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import faust
 from kafka.errors import KafkaError
 
 from rtrec.stream.keys import QUALITY
-from rtrec.stream.settings import Settings, get_settings
-from rtrec.workers.faust_app import make_app, run_module
+from rtrec.stream.settings import Settings
+from rtrec.workers.faust_app import run_module, worker_app
 from rtrec.workers.lag import LagError, LagMonitor
 from rtrec.workers.lifecycle import serving, worker_redis
 from rtrec.workers.metrics import readiness, record_lag, record_lag_unknown
@@ -86,37 +87,36 @@ class QualityCounts:
             await pipe.execute()
 
 
-def build_app(settings: Settings | None = None):
-    settings = settings or get_settings()
-    app = make_app("rtrec-ops-app", settings)
+async def export_lag(settings: Settings) -> None:
+    """Lag of every rtrec group every RTREC_LAG_INTERVAL_S, and the online-quality join, until stopped."""
+    async with worker_redis(settings) as redis:
+        exporter = LagExporter(settings)
+        quality = ConsumerRuntime(
+            settings,
+            [settings.topic_events, settings.topic_responses],
+            settings.quality_group,
+            max_records=5000,
+            max_wait_ms=100,
+            worker="quality",
+        )
 
-    @app.task
-    async def export_lag() -> None:
-        async with worker_redis(settings) as redis:
-            exporter = LagExporter(settings)
-            quality = ConsumerRuntime(
-                settings,
-                [settings.topic_events, settings.topic_responses],
-                settings.quality_group,
-                max_records=5000,
-                max_wait_ms=100,
-                worker="quality",
-            )
+        async def ready() -> dict[str, bool]:
+            checks = await readiness(quality, redis)
+            return {**checks, "broker": checks["broker"] and exporter.last_ok}
 
-            async def ready() -> dict[str, bool]:
-                checks = await readiness(quality, redis)
-                return {**checks, "broker": checks["broker"] and exporter.last_ok}
+        await quality.start()
+        try:
+            quality.supervise("lag-exporter", exporter.run)
+            async with serving(settings, "ops", redis, ready):
+                await quality.run(QualityCounts(QualityJoin(settings), redis).add)
+        finally:
+            await quality.stop()
+            exporter.close()
 
-            await quality.start()
-            try:
-                quality.supervise("lag-exporter", exporter.run)
-                async with serving(settings, "ops", redis, ready):
-                    await quality.run(QualityCounts(QualityJoin(settings), redis).add)
-            finally:
-                await quality.stop()
-                exporter.close()
 
-    return app
+def build_app(settings: Settings | None = None) -> faust.App:
+    """The Faust app of the ops worker."""
+    return worker_app("rtrec-ops-app", export_lag, settings)
 
 
 def main() -> None:

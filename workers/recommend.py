@@ -15,12 +15,14 @@ an error on the default response topic; it never holds the batch.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
+import faust
 import redis.exceptions
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
@@ -30,11 +32,11 @@ from rtrec.model.recommender import Recommender
 from rtrec.stream.events import InvalidEvent
 from rtrec.stream.keys import RECOMMEND_STATS
 from rtrec.stream.rec_messages import RecRequest, RecResponse, best_effort_ids, parse_request
-from rtrec.stream.settings import Settings, get_settings
+from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import UserState
 from rtrec.workers.dead_letters import DeadLetter, DeadLetters
 from rtrec.workers.faults import is_transient
-from rtrec.workers.faust_app import make_app, run_module
+from rtrec.workers.faust_app import run_module, worker_app
 from rtrec.workers.lifecycle import consuming, serving, worker_producer, worker_redis
 from rtrec.workers.metrics import BATCH_SIZE, FRESHNESS, REQUEST_LATENCY, REQUESTS, readiness, set_model
 from rtrec.workers.model_watch import ModelWatcher
@@ -227,42 +229,41 @@ class RecommendWorker:
         )
 
 
-def build_app(settings: Settings | None = None, recommender: Recommender | None = None) -> Any:
-    """The worker's Faust app: one task that runs the consume -> rank -> publish loop until stopped."""
-    settings = settings or get_settings()
-    app = make_app("rtrec-recommend-app", settings)
+async def answer_requests(settings: Settings, recommender: Recommender | None = None) -> None:
+    """Requests topic -> rankings -> responses, batch after batch, following model promotions, until stopped."""
+    async with worker_redis(settings) as redis, worker_producer(settings, linger_ms=1) as producer:
+        dead_letters = DeadLetters(settings, producer, redis)
+        consumer = ConsumerRuntime(
+            settings,
+            [settings.topic_requests],
+            settings.recommend_group,
+            settings.rec_batch_max,
+            settings.rec_batch_wait_ms,
+            worker="recommend",
+            dead_letters=dead_letters,
+        )
+        worker = RecommendWorker(settings, redis, producer, dead_letters, recommender or load_recommender(settings))
+        watcher = ModelWatcher(settings, worker, redis, RECOMMEND_STATS)
+        await watcher.start()
+        try:
+            async with consuming(consumer):  # stopping it stops the supervised model watch too
+                set_model(worker.recommender.version)
+                if settings.recommender != "blend":
+                    consumer.supervise("model-watch", watcher.run)
 
-    @app.task
-    async def answer_requests() -> None:
-        async with worker_redis(settings) as redis, worker_producer(settings, linger_ms=1) as producer:
-            dead_letters = DeadLetters(settings, producer, redis)
-            consumer = ConsumerRuntime(
-                settings,
-                [settings.topic_requests],
-                settings.recommend_group,
-                settings.rec_batch_max,
-                settings.rec_batch_wait_ms,
-                worker="recommend",
-                dead_letters=dead_letters,
-            )
-            worker = RecommendWorker(settings, redis, producer, dead_letters, recommender or load_recommender(settings))
-            watcher = ModelWatcher(settings, worker, redis, RECOMMEND_STATS)
-            await watcher.start()
-            try:
-                async with consuming(consumer):  # stopping it stops the supervised model watch too
-                    set_model(worker.recommender.version)
-                    if settings.recommender != "blend":
-                        consumer.supervise("model-watch", watcher.run)
-                    ready = lambda: readiness(consumer, redis, model=worker.recommender is not None)  # noqa: E731
-                    async with serving(settings, "recommend", redis, ready):
-                        log.info(
-                            "recommend worker answering %s as %s", settings.topic_requests, settings.recommend_group
-                        )
-                        await consumer.run(worker.handle)
-            finally:
-                await watcher.stop()
+                async def ready() -> dict[str, bool]:
+                    return await readiness(consumer, redis, model=worker.recommender is not None)
 
-    return app
+                async with serving(settings, "recommend", redis, ready):
+                    log.info("recommend worker answering %s as %s", settings.topic_requests, settings.recommend_group)
+                    await consumer.run(worker.handle)
+        finally:
+            await watcher.stop()
+
+
+def build_app(settings: Settings | None = None, recommender: Recommender | None = None) -> faust.App:
+    """The worker's Faust app (tests pass their own recommender)."""
+    return worker_app("rtrec-recommend-app", functools.partial(answer_requests, recommender=recommender), settings)
 
 
 def main() -> None:

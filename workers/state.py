@@ -17,10 +17,10 @@ from rtrec.stream.events import Event, InvalidEvent, parse_event
 from rtrec.stream.keys import INGEST_LATENCY
 from rtrec.stream.log_positions import AsyncLogEpochs, LogPosition
 from rtrec.stream.redis_calls import AsyncClient
-from rtrec.stream.settings import Settings, get_settings
+from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import StateStore
 from rtrec.workers.dead_letters import DeadLetter, DeadLetters
-from rtrec.workers.faust_app import make_app, run_module
+from rtrec.workers.faust_app import run_module, worker_app
 from rtrec.workers.lifecycle import consuming, serving, worker_producer, worker_redis
 from rtrec.workers.metrics import BATCH_SIZE, EVENT_TO_STATE, EVENTS_DUPLICATE, EVENTS_PROCESSED, readiness
 from rtrec.workers.runtime import ConsumerRuntime
@@ -78,30 +78,28 @@ class StateWorker:
                 await self.redis.rpush(INGEST_LATENCY, *samples)
 
 
+async def consume_events(settings: Settings) -> None:
+    """Events topic -> state updates in Redis and dead letters, batch after batch, until stopped."""
+    async with worker_redis(settings) as redis, worker_producer(settings) as producer:
+        dead_letters = DeadLetters(settings, producer, redis)
+        consumer = ConsumerRuntime(
+            settings,
+            [settings.topic_events],
+            settings.state_group,
+            settings.state_batch_max,
+            settings.state_batch_wait_ms,
+            worker="state",
+            dead_letters=dead_letters,
+        )
+        worker = StateWorker(settings, redis, dead_letters)
+        async with consuming(consumer), serving(settings, "state", redis, lambda: readiness(consumer, redis)):
+            log.info("state worker consuming %s as %s", settings.topic_events, settings.state_group)
+            await consumer.run(worker.handle)
+
+
 def build_app(settings: Settings | None = None) -> faust.App:
-    """The Faust app of the state worker, with its consuming task."""
-    settings = settings or get_settings()
-    app = make_app("rtrec-state-app", settings)
-
-    @app.task
-    async def consume_events() -> None:
-        async with worker_redis(settings) as redis, worker_producer(settings) as producer:
-            dead_letters = DeadLetters(settings, producer, redis)
-            consumer = ConsumerRuntime(
-                settings,
-                [settings.topic_events],
-                settings.state_group,
-                settings.state_batch_max,
-                settings.state_batch_wait_ms,
-                worker="state",
-                dead_letters=dead_letters,
-            )
-            worker = StateWorker(settings, redis, dead_letters)
-            async with consuming(consumer), serving(settings, "state", redis, lambda: readiness(consumer, redis)):
-                log.info("state worker consuming %s as %s", settings.topic_events, settings.state_group)
-                await consumer.run(worker.handle)
-
-    return app
+    """The Faust app of the state worker."""
+    return worker_app("rtrec-state-app", consume_events, settings)
 
 
 def main() -> None:

@@ -21,20 +21,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from rtrec.model.checkpoint import MANIFEST, Checkpoint, load_checkpoint, save_checkpoint, sha256_file
 from rtrec.model.drift import DriftWatch
-from rtrec.model.finetune import FineTuneData, build_data, fine_tune, gate
+from rtrec.model.finetune import FineTuneData, GateResult, build_data, fine_tune, gate
 from rtrec.model.generator import resolve_device
 from rtrec.model.store import CheckpointStore
 from rtrec.stream.connections import aiokafka_auth, kafka_bootstrap, redis_client
 from rtrec.stream.events import InvalidEvent, parse_event
 from rtrec.stream.keys import QUALITY, TRAINER_STATS
-from rtrec.stream.settings import Settings, get_settings
+from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import StateReads, StateStore
 from rtrec.workers.faults import is_transient
-from rtrec.workers.faust_app import make_app, run_module
+from rtrec.workers.faust_app import run_module, worker_app
 from rtrec.workers.lifecycle import serving, worker_redis
 from rtrec.workers.metrics import TRAINER_DECISIONS, readiness
 from rtrec.workers.quality import hit_rates
@@ -65,6 +66,28 @@ class Window:
 def history_only(max_events: int) -> StateReads:
     """A state read for training: the event sequence, with the smallest neighbour/affinity reads."""
     return StateReads(sequence=max_events, recent_items=0, neighbours=1, affinities=1)
+
+
+def _train_window(
+    window: Sequence[dict[str, Any]],
+    trigger: str,
+    offsets: dict[str, int] | None,
+    current: Checkpoint | None,
+    data: FineTuneData,
+    replayed: int,
+) -> dict[str, Any]:
+    """What a candidate was trained on, saved with it so a checkpoint names its window."""
+    return {
+        "events": len(window),
+        "users": data.window_users,
+        "held_out": len(data.holdout),
+        "replayed": replayed,
+        "first_ts": window[0]["ts"] if window else None,
+        "last_ts": window[-1]["ts"] if window else None,
+        "trigger": trigger,
+        "offsets": offsets or {},
+        "parent": current.version if current else None,
+    }
 
 
 class Trainer:
@@ -158,29 +181,10 @@ class Trainer:
         s = self.settings
         data: FineTuneData = build_data(window, context, replay, s)
         if not data.train:
-            skipped: dict[str, Any] = {
-                "promoted": False,
-                "reason": "no history of two or more events to train on",
-                "trigger": trigger,
-                "current": current.version if current else None,
-                "offsets": offsets or {},
-                "window": {"events": len(window)},
-            }
-            self.store.record_decision(skipped)
-            return skipped
+            return self._skip(window, trigger, offsets, current)
         candidate, report = fine_tune(current, data, s, self.device)  # trains a copy; `current` is scored after
         result = gate(candidate, current, data.holdout, s.promote_tolerance, self.device, s.promote_min_cases)
-        train_window = {
-            "events": len(window),
-            "users": data.window_users,
-            "held_out": len(data.holdout),
-            "replayed": len(replay),
-            "first_ts": window[0]["ts"] if window else None,
-            "last_ts": window[-1]["ts"] if window else None,
-            "trigger": trigger,
-            "offsets": offsets or {},
-            "parent": current.version if current else None,
-        }
+        train_window = _train_window(window, trigger, offsets, current, data, len(replay))
         decision: dict[str, Any] = {
             "promoted": result.promote,
             "reason": result.reason,
@@ -193,20 +197,50 @@ class Trainer:
             "train_seconds": round(report.seconds, 2),
         }
         if result.promote:
-            metrics = {**result.candidate, "held_out": len(data.holdout), "train_seconds": round(report.seconds, 2)}
-            path = save_checkpoint(
-                candidate.model,
-                candidate.vocab,
-                self.store.root,
-                candidate.manifest["meta"],
-                metrics=metrics,
-                training_window=train_window,
-            )
-            self.store.promote(path.name, reason=f"trainer: {trigger}")
-            decision["version"] = path.name
-            decision["pruned"] = self.store.prune(s.checkpoint_keep)
+            decision.update(self._promote(candidate, result, len(data.holdout), report.seconds, train_window, trigger))
         self.store.record_decision(decision)
         return decision
+
+    def _skip(
+        self,
+        window: Sequence[dict[str, Any]],
+        trigger: str,
+        offsets: dict[str, int] | None,
+        current: Checkpoint | None,
+    ) -> dict[str, Any]:
+        """Record a window with nothing to train on, so its offsets still count as covered."""
+        skipped: dict[str, Any] = {
+            "promoted": False,
+            "reason": "no history of two or more events to train on",
+            "trigger": trigger,
+            "current": current.version if current else None,
+            "offsets": offsets or {},
+            "window": {"events": len(window)},
+        }
+        self.store.record_decision(skipped)
+        return skipped
+
+    def _promote(
+        self,
+        candidate: Checkpoint,
+        result: GateResult,
+        held_out: int,
+        train_seconds: float,
+        train_window: dict[str, Any],
+        trigger: str,
+    ) -> dict[str, Any]:
+        """Save the candidate, make it CURRENT and prune old checkpoints; returns the decision's extra fields."""
+        metrics = {**result.candidate, "held_out": held_out, "train_seconds": round(train_seconds, 2)}
+        path = save_checkpoint(
+            candidate.model,
+            candidate.vocab,
+            self.store.root,
+            candidate.manifest["meta"],
+            metrics=metrics,
+            training_window=train_window,
+        )
+        self.store.promote(path.name, reason=f"trainer: {trigger}")
+        return {"version": path.name, "pruned": self.store.prune(self.settings.checkpoint_keep)}
 
     def resume_offsets(self) -> dict[str, int]:
         """Offsets covered by the last window decision ({} when there is none)."""
@@ -446,23 +480,22 @@ class TrainerLoop:
         return decision
 
 
-def build_app(settings: Settings | None = None):
-    settings = settings or get_settings()
-    app = make_app("rtrec-trainer-app", settings)
+async def train_continuously(settings: Settings) -> None:
+    """Fine-tune on each window of new events, gate, promote and announce, until stopped."""
+    async with worker_redis(settings) as redis:
+        loop = TrainerLoop(settings)
+        await loop.start()
+        try:
+            async with serving(settings, "trainer", redis, lambda: readiness(loop.runtime, redis)):
+                log.info("trainer consuming %s as %s", settings.topic_events, settings.trainer_group)
+                await loop.run()
+        finally:
+            await loop.stop()
 
-    @app.task
-    async def train_continuously() -> None:
-        async with worker_redis(settings) as redis:
-            loop = TrainerLoop(settings)
-            await loop.start()
-            try:
-                async with serving(settings, "trainer", redis, lambda: readiness(loop.runtime, redis)):
-                    log.info("trainer consuming %s as %s", settings.topic_events, settings.trainer_group)
-                    await loop.run()
-            finally:
-                await loop.stop()
 
-    return app
+def build_app(settings: Settings | None = None) -> faust.App:
+    """The Faust app of the trainer worker."""
+    return worker_app("rtrec-trainer-app", train_continuously, settings)
 
 
 def main() -> None:

@@ -403,41 +403,45 @@ def _save(result: dict, plot: Path, console: Console) -> None:
     console.print(f"memory over events: {plot}   figures: {json_path}")
 
 
-def _figures(
-    series: list[dict],
-    families: dict[str, dict],
-    watermarks: dict,
-    dbsize: int,
-    events: int,
-    users: int,
-    items: int,
-    days: float,
-    rate: float,
-    project_users: int,
-    dedupe_window: int,
-    seconds: float,
-) -> dict:
+@dataclass(frozen=True)
+class _Growth:
+    """used_memory at the baseline, the half and the end, and the flatness figures derived from them."""
+
+    baseline: float
+    mid: float
+    end: float
+    first: float  # growth over the first half
+    second: float  # growth over the second half
+    second_half_pct: float | None
+    later: list[float]  # used_memory from the half (interpolated) to the end
+    deviation_pct: float
+
+
+def _growth(series: list[dict], half: float) -> _Growth:
     applied = np.array([p["events"] for p in series], dtype=float)
     used = np.array([p["used_memory"] for p in series], dtype=float)
     baseline, end = float(used[0]), float(used[-1])
-    half = events / 2
     mid = float(np.interp(half, applied, used))
     first, second = mid - baseline, end - mid
     second_half_pct = second / first * 100 if first > 0 else None
-    later = [mid, *used[applied > half].tolist()]  # used_memory from the half (interpolated) to the end
+    later = [mid, *used[applied > half].tolist()]
     deviation_pct = max(abs(u - mid) for u in later) / mid * 100
-    at_half = min(series, key=lambda p: abs(p["events"] - half))["families"]  # the sample nearest the half
+    return _Growth(baseline, mid, end, first, second, second_half_pct, later, deviation_pct)
+
+
+def _second_half_growth(series: list[dict], families: dict[str, dict], half: float) -> None:
+    """Each family's growth over the second half, from the sample nearest the half: which state is still filling."""
+    at_half = min(series, key=lambda p: abs(p["events"] - half))["families"]
     for name, f in families.items():
         f["second_half_growth_bytes"] = series[-1]["families"].get(name, 0) - at_half.get(name, 0)
-    user_bytes = sum(f["total_bytes"] for name, f in families.items() if name.startswith(f"{PREFIX}:u:"))
-    item_bytes = sum(families[name]["total_bytes"] for name in ITEM_FAMILIES if name in families)
-    per_user = user_bytes / users
-    per_item = item_bytes / items
+
+
+def _dedupe_figures(families: dict[str, dict], watermarks: dict, dedupe_window: int, users: int, events: int) -> dict:
     ids = families.get(IDS_FAMILY, {"keys": 0, "avg_bytes": 0.0, "total_bytes": 0.0})
     hashes = families.get(HASH_FAMILY, {"keys": 0})["keys"]
     watermark_bytes = watermarks["bytes_per_hash"] * hashes
     dedupe_bytes = ids["total_bytes"] + watermark_bytes
-    dedupe = {
+    return {
         "window": dedupe_window,
         "ids_keys": ids["keys"],
         "ids_avg_bytes": ids["avg_bytes"],
@@ -452,6 +456,18 @@ def _figures(
         "bytes_per_user": dedupe_bytes / users,
         "bytes_per_event": dedupe_bytes / events,
     }
+
+
+def _projection(
+    rate: float,
+    project_users: int,
+    events: int,
+    users: int,
+    items: int,
+    per_user: float,
+    per_item: float,
+    dedupe_per_user: float,
+) -> dict:
     horizon_events = rate * PROJECTION_DAYS * 86_400
     projection = {
         "rate_events_per_s": rate,
@@ -461,12 +477,38 @@ def _figures(
         "events_per_user": horizon_events / project_users,
         "measured_events_per_user": events / users,
         "user_state_bytes": project_users * per_user,
-        "dedupe_bytes": project_users * dedupe["bytes_per_user"],
+        "dedupe_bytes": project_users * dedupe_per_user,
         "items": items,
         "item_state_bytes": items * per_item,
     }
     projection["dedupe_bytes_per_event"] = projection["dedupe_bytes"] / horizon_events
     projection["total_bytes"] = projection["user_state_bytes"] + projection["item_state_bytes"]
+    return projection
+
+
+def _figures(
+    series: list[dict],
+    families: dict[str, dict],
+    watermarks: dict,
+    dbsize: int,
+    events: int,
+    users: int,
+    items: int,
+    days: float,
+    rate: float,
+    project_users: int,
+    dedupe_window: int,
+    seconds: float,
+) -> dict:
+    half = events / 2
+    g = _growth(series, half)
+    _second_half_growth(series, families, half)
+    user_bytes = sum(f["total_bytes"] for name, f in families.items() if name.startswith(f"{PREFIX}:u:"))
+    item_bytes = sum(families[name]["total_bytes"] for name in ITEM_FAMILIES if name in families)
+    per_user = user_bytes / users
+    per_item = item_bytes / items
+    dedupe = _dedupe_figures(families, watermarks, dedupe_window, users, events)
+    projection = _projection(rate, project_users, events, users, items, per_user, per_item, dedupe["bytes_per_user"])
     return {
         "events": events,
         "users": users,
@@ -474,23 +516,23 @@ def _figures(
         "days": days,
         "seconds": round(seconds, 1),
         "events_per_s": round(events / seconds, 1) if seconds > 0 else None,
-        "baseline_used_memory": int(baseline),
-        "half_used_memory": int(mid),
-        "end_used_memory": int(end),
-        "growth_bytes": int(end - baseline),
-        "bytes_per_event": (end - baseline) / events,
-        "second_half_bytes_per_event": second / (events - half),
+        "baseline_used_memory": int(g.baseline),
+        "half_used_memory": int(g.mid),
+        "end_used_memory": int(g.end),
+        "growth_bytes": int(g.end - g.baseline),
+        "bytes_per_event": (g.end - g.baseline) / events,
+        "second_half_bytes_per_event": g.second / (events - half),
         "bytes_per_user": per_user,
         "bytes_per_item": per_item,
         "dedupe": dedupe,
         "families_total_bytes": sum(f["total_bytes"] for f in families.values()),
-        "first_half_growth_bytes": first,
-        "second_half_growth_bytes": second,
-        "second_half_growth_pct": second_half_pct,
-        "second_half_min_used_memory": int(min(later)),
-        "second_half_max_used_memory": int(max(later)),
-        "second_half_deviation_pct": deviation_pct,
-        "flat": deviation_pct <= FLAT_PCT,
+        "first_half_growth_bytes": g.first,
+        "second_half_growth_bytes": g.second,
+        "second_half_growth_pct": g.second_half_pct,
+        "second_half_min_used_memory": int(min(g.later)),
+        "second_half_max_used_memory": int(max(g.later)),
+        "second_half_deviation_pct": g.deviation_pct,
+        "flat": g.deviation_pct <= FLAT_PCT,
         "dbsize": dbsize,
         "families": families,
         "projection": projection,
@@ -510,6 +552,12 @@ def _size(b: float) -> str:
 
 
 def _print(r: dict, console: Console) -> None:
+    console.print(_summary_table(r))
+    console.print(_families_table(r))
+    _print_projection(r, console)
+
+
+def _summary_table(r: dict) -> Table:
     d = r["dedupe"]
     table = Table(
         title=f"rtrec bench memory  ({r['events']:,} events over {r['days']:g} simulated days, {r['seconds']:.0f} s)"
@@ -546,8 +594,10 @@ def _print(r: dict, console: Console) -> None:
     )
     pct = r["second_half_growth_pct"]
     table.add_row("second-half growth vs first half (0% flat, 100% linear)", "-" if pct is None else f"{pct:+.0f}%")
-    console.print(table)
+    return table
 
+
+def _families_table(r: dict) -> Table:
     fam = Table(title=f"Redis keys by family  ({r['dbsize']:,} keys; MEMORY USAGE of up to {SAMPLE_KEYS} per family)")
     for col in ("family", "keys", "sampled", "avg bytes", "total MB", "share of growth", "2nd-half growth MB"):
         fam.add_column(col, justify="left" if col == "family" else "right", no_wrap=col == "family")
@@ -571,8 +621,10 @@ def _print(r: dict, console: Console) -> None:
         "",
         f"[b]{sum(f['second_half_growth_bytes'] for f in r['families'].values()) / 2**20:+,.2f}",
     )
-    console.print(fam)
+    return fam
 
+
+def _print_projection(r: dict, console: Console) -> None:
     p = r["projection"]
     console.print(
         f"projection at {p['rate_events_per_s']:,.0f} events/s over {p['days']} days ({p['events']:,.0f} events), "
@@ -596,26 +648,10 @@ def _plot(r: dict, path: Path) -> None:
 
     pts = r["samples"]
     x = [p["events"] for p in pts]
-    c = r.get("caps")
-    caps = (
-        ""
-        if not c
-        else (
-            f"\ncaps: sequence {c['sequence_length']}, affinity {c['affinity_cap']}, "
-            f"co-visitation {c['covis_cap']}, dedupe window {c['dedupe_window']}"
-        )
-    )
+    caps = _caps_caption(r.get("caps"))
     fig = Figure(figsize=(10, 5.5))
     ax = fig.subplots()
-    end = pts[-1]["families"]
-    big = [
-        f
-        for f in sorted(end, key=end.get, reverse=True)
-        if end[f] >= 0.03 * max(sum(end.values()), 1) or f == IDS_FAMILY
-    ]  # dedupe state always shown
-    stacks = [[p["families"].get(f, 0) / 2**20 for p in pts] for f in big]
-    stacks.append([sum(v for f, v in p["families"].items() if f not in big) / 2**20 for p in pts])
-    ax.stackplot(x, *stacks, labels=[*big, "other families"], alpha=0.45)
+    _stack_families(ax, x, pts)
     ax.plot(x, [p["used_memory"] / 2**20 for p in pts], color="black", marker="o", markersize=3, label="used_memory")
     mid = r["half_used_memory"] / 2**20
     ax.fill_between(
@@ -636,6 +672,36 @@ def _plot(r: dict, path: Path) -> None:
         f"({r['users']:,} users, {r['items']:,} items, {r['days']:g} simulated days)" + caps,
     )
     ax.ticklabel_format(axis="x", style="plain")
+    _plot_active_users(ax, x, pts)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _caps_caption(c: dict | None) -> str:
+    if not c:
+        return ""
+    return (
+        f"\ncaps: sequence {c['sequence_length']}, affinity {c['affinity_cap']}, "
+        f"co-visitation {c['covis_cap']}, dedupe window {c['dedupe_window']}"
+    )
+
+
+def _stack_families(ax: Any, x: list, pts: list[dict]) -> None:
+    """MB per key family over the samples; the small ones (< 3% at the end) are stacked together."""
+    end = pts[-1]["families"]
+    big = [
+        f
+        for f in sorted(end, key=end.get, reverse=True)
+        if end[f] >= 0.03 * max(sum(end.values()), 1) or f == IDS_FAMILY
+    ]  # dedupe state always shown
+    stacks = [[p["families"].get(f, 0) / 2**20 for p in pts] for f in big]
+    stacks.append([sum(v for f, v in p["families"].items() if f not in big) / 2**20 for p in pts])
+    ax.stackplot(x, *stacks, labels=[*big, "other families"], alpha=0.45)
+
+
+def _plot_active_users(ax: Any, x: list, pts: list[dict]) -> None:
+    """Active users on a second y axis, and one legend for both axes."""
     users = ax.twinx()
     users.plot(
         x,
@@ -649,6 +715,3 @@ def _plot(r: dict, path: Path) -> None:
     lines = ax.get_legend_handles_labels()
     more = users.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)

@@ -40,6 +40,7 @@ from rtrec.workers.stack import Stack
 from rtrec.workers.trainer import announce_sync
 
 TICK_S = 0.01  # the load loop sends whatever is due every tick
+REQUESTS_AFTER_S = 2.0  # seconds of events before the first request
 # Events go out in 100 ms producer batches: the embedded Tansu broker (memory storage) slows
 # down as a partition collects many small record batches — measured: at 500 events/s in 5 ms
 # batches the state worker's fetches stalled after ~70k events (~2.5 min). Apache Kafka does not.
@@ -141,7 +142,10 @@ def _run_load(
                     }
                 )
                 log.sent_events[user] += 1
-            for _ in range(int(elapsed * plan.request_rate) - len(log.requests)):
+            # requests start once events have flowed a moment: before any event is applied there is nothing to
+            # recommend (no history, no trending) and the answer is, rightly, an error response
+            asking = max(0.0, elapsed - REQUESTS_AFTER_S)
+            for _ in range(int(asking * plan.request_rate) - len(log.requests)):
                 log.requests.append(client.send(rng.choice(pool), k=10))
             if elapsed >= next_sample:
                 for name, proc in processes.items():

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -32,6 +33,9 @@ from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import StateStore
 from rtrec.stream.synthetic import item_catalog, item_cluster_map, trending_items
 from rtrec.workers.stack import Stack
+
+if TYPE_CHECKING:
+    from redis import Redis
 
 K = 8
 DEMO_TRAINING = {
@@ -102,16 +106,7 @@ def run_demo(settings: Settings, n_users: int, console: Console) -> None:
         store_categories(s, ((item["item_id"], str(item["cluster"])) for item in item_catalog(SAMPLE_CONFIG)))
         client = redis_client(s)
         store = StateStore(s)
-        before_stats = store.stats(client)
-        already = before_stats.get("applied", 0) + before_stats.get("duplicates", 0)
-
-        console.rule("[bold]2. replay the bundled sample")
-        events = list(read_events(SAMPLE_PATH))
-        shift = int(time.time() * 1000) - 60_000 - max(e["ts"] for e in events)
-        with EventProducer(s) as producer:
-            report = replay_events(producer, events, ts_shift_ms=shift, total=len(events))
-        console.print(f"sent {report.sent} events ({report.rate:,.0f}/s)")
-        _wait_applied(store, client, already + report.sent)
+        events = _replay_sample(s, store, client, console)
 
         clusters = item_cluster_map(SAMPLE_CONFIG)
         users = [u for u, _ in Counter(e["user_id"] for e in events).most_common(n_users)]
@@ -119,41 +114,81 @@ def run_demo(settings: Settings, n_users: int, console: Console) -> None:
 
         with RecClient(s) as rc:
             console.rule("[bold]3. recommendations now")
-            before = rc.collect([rc.send(u, K) for u in users])
-            before = {r["user_id"]: r for r in before.values()}
+            before = _recommendations(rc, users)
 
             console.rule("[bold]4. new events: each user explores a category new to them")
-            now = int(time.time() * 1000)
-            expected = {u: int(client.hget(store.user_key(u, "h"), "n") or 0) + len(plan[u]) + 2 for u in users}
-            with EventProducer(s) as producer:
-                for user, items in plan.items():
-                    for n, item in enumerate(items):
-                        for etype in ("browse", "click") if n < 2 else ("browse",):
-                            producer.send(
-                                {
-                                    "event_id": uuid.uuid4().hex,
-                                    "user_id": user,
-                                    "item_id": item,
-                                    "type": etype,
-                                    "ts": now + n * 1000,
-                                }
-                            )
-                    console.print(f"{user}: browses {', '.join(items)} (category {clusters[items[0]]})")
-            sent_at = time.monotonic()
-            while any(int(client.hget(store.user_key(u, "h"), "n") or 0) < expected[u] for u in users):
-                if time.monotonic() - sent_at > 60:
-                    raise TimeoutError("the new events did not reach Redis within 60 s")
-                time.sleep(0.005)
-            visible_ms = (time.monotonic() - sent_at) * 1000
-            console.print(f"all new events visible in Redis {visible_ms:.0f} ms after the producer flushed")
+            _explore(s, store, client, users, plan, clusters, console)
 
             console.rule("[bold]5. recommendations after the new events")
-            after = rc.collect([rc.send(u, K) for u in users])
-            after = {r["user_id"]: r for r in after.values()}
+            after = _recommendations(rc, users)
 
         for user in users:
             _show(console, user, before[user], after[user], clusters, clusters[plan[user][0]])
         console.print("Done: stopping the stack.")
+
+
+def _replay_sample(s: Settings, store: StateStore, client: Redis, console: Console) -> list[dict]:
+    """Step 2: the bundled sample, shifted to end a minute ago, sent and applied; returns its events."""
+    before_stats = store.stats(client)
+    already = before_stats.get("applied", 0) + before_stats.get("duplicates", 0)
+
+    console.rule("[bold]2. replay the bundled sample")
+    events = list(read_events(SAMPLE_PATH))
+    shift = int(time.time() * 1000) - 60_000 - max(e["ts"] for e in events)
+    with EventProducer(s) as producer:
+        report = replay_events(producer, events, ts_shift_ms=shift, total=len(events))
+    console.print(f"sent {report.sent} events ({report.rate:,.0f}/s)")
+    _wait_applied(store, client, already + report.sent)
+    return events
+
+
+def _recommendations(rc: RecClient, users: list[str]) -> dict[str, dict]:
+    answers = rc.collect([rc.send(u, K) for u in users])
+    return {r["user_id"]: r for r in answers.values()}
+
+
+def _explore(
+    s: Settings,
+    store: StateStore,
+    client: Redis,
+    users: list[str],
+    plan: dict[str, list[str]],
+    clusters: dict[str, int],
+    console: Console,
+) -> None:
+    """Step 4: send each user's new-category events and wait until Redis counts them all."""
+    now = int(time.time() * 1000)
+    expected = {u: _events_seen(client, store, u) + len(plan[u]) + 2 for u in users}
+    _send_plan(s, plan, clusters, now, console)
+    sent_at = time.monotonic()
+    while any(_events_seen(client, store, u) < expected[u] for u in users):
+        if time.monotonic() - sent_at > 60:
+            raise TimeoutError("the new events did not reach Redis within 60 s")
+        time.sleep(0.005)
+    visible_ms = (time.monotonic() - sent_at) * 1000
+    console.print(f"all new events visible in Redis {visible_ms:.0f} ms after the producer flushed")
+
+
+def _events_seen(client: Redis, store: StateStore, user: str) -> int:
+    return int(client.hget(store.user_key(user, "h"), "n") or 0)
+
+
+def _send_plan(s: Settings, plan: dict[str, list[str]], clusters: dict[str, int], now: int, console: Console) -> None:
+    """Each planned item is browsed; the first two are clicked as well (events a second apart from `now`)."""
+    with EventProducer(s) as producer:
+        for user, items in plan.items():
+            for n, item in enumerate(items):
+                for etype in ("browse", "click") if n < 2 else ("browse",):
+                    producer.send(
+                        {
+                            "event_id": uuid.uuid4().hex,
+                            "user_id": user,
+                            "item_id": item,
+                            "type": etype,
+                            "ts": now + n * 1000,
+                        }
+                    )
+            console.print(f"{user}: browses {', '.join(items)} (category {clusters[items[0]]})")
 
 
 def _show(console: Console, user: str, before: dict, after: dict, clusters: dict[str, int], fresh: int) -> None:

@@ -13,7 +13,7 @@ import gzip
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import typer
@@ -85,77 +85,135 @@ def _redis_hint() -> str:
     )
 
 
-def describe(exc: BaseException) -> tuple[str, int] | None:
-    """(one line, exit code) for an error a user can act on; None for anything else."""
-    from pydantic import ValidationError
-
-    if isinstance(exc, UserError):
-        return str(exc), exc.code
-    if isinstance(exc, ValidationError):
-        return _settings_error(exc), USAGE
+def _kafka_errors() -> Any:
+    """kafka.errors, or None without kafka-python (then no error is classed as Kafka's)."""
     try:
         import kafka.errors as kerr
-
-        unreachable = tuple(
-            getattr(kerr, n)
-            for n in ("NoBrokersAvailable", "KafkaTimeoutError", "KafkaConnectionError")
-            if hasattr(kerr, n)
-        )
-        KafkaError = kerr.KafkaError
-        if isinstance(exc, unreachable):
-            reason = _one_line(str(exc)) or type(exc).__name__
-            return f"cannot reach the Kafka broker ({reason}); {_kafka_hint()}", USAGE
-        if isinstance(exc, KafkaError):
-            return f"Kafka error: {_one_line(str(exc)) or type(exc).__name__}", USAGE
     except ImportError:  # pragma: no cover - kafka-python is a dependency
-        pass
+        return None
+    return kerr
+
+
+def _redis_errors() -> Any:
+    """redis.exceptions, or None without redis-py (then no error is classed as Redis's)."""
     try:
         import redis.exceptions as rex
-
-        if isinstance(exc, (rex.ConnectionError, rex.TimeoutError)):
-            return f"cannot reach Redis ({_one_line(str(exc))}); {_redis_hint()}", USAGE
-        if isinstance(exc, rex.AuthenticationError):
-            return f"Redis refused the credentials ({_one_line(str(exc))}); check RTREC_REDIS_URL", USAGE
     except ImportError:  # pragma: no cover
-        pass
+        return None
+    return rex
+
+
+def _is_settings_error(exc: BaseException) -> bool:
+    from pydantic import ValidationError
+
+    return isinstance(exc, ValidationError)
+
+
+def _is_kafka_unreachable(exc: BaseException) -> bool:
+    kerr = _kafka_errors()
+    if kerr is None:
+        return False
+    names = ("NoBrokersAvailable", "KafkaTimeoutError", "KafkaConnectionError")  # not in every kafka-python
+    return isinstance(exc, tuple(getattr(kerr, n) for n in names if hasattr(kerr, n)))
+
+
+def _is_kafka_error(exc: BaseException) -> bool:
+    kerr = _kafka_errors()
+    return kerr is not None and isinstance(exc, kerr.KafkaError)
+
+
+def _is_redis_unreachable(exc: BaseException) -> bool:
+    rex = _redis_errors()
+    return rex is not None and isinstance(exc, (rex.ConnectionError, rex.TimeoutError))
+
+
+def _is_redis_auth_error(exc: BaseException) -> bool:
+    rex = _redis_errors()
+    return rex is not None and isinstance(exc, rex.AuthenticationError)
+
+
+def _is_not_configured(exc: BaseException) -> bool:
     from rtrec.stream.connections import NotConfigured
+
+    return isinstance(exc, NotConfigured)
+
+
+def _is_event_file_error(exc: BaseException) -> bool:
     from rtrec.stream.eventfile import EventFileError
+
+    return isinstance(exc, EventFileError)
+
+
+def _is_invalid_event(exc: BaseException) -> bool:
     from rtrec.stream.events import InvalidEvent
 
-    if isinstance(exc, NotConfigured):
-        return str(exc), USAGE
-    if isinstance(exc, EventFileError):
-        return f"{_one_line(str(exc))}; fix the file and run again", USAGE
-    if isinstance(exc, InvalidEvent):
-        return f"invalid event: {_one_line(str(exc))}", USAGE
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
-        name = exc.filename if getattr(exc, "filename", None) else None
-        what = {
-            FileNotFoundError: "no such file",
-            IsADirectoryError: "is a folder, not a file",
-            NotADirectoryError: "not a folder",
-            PermissionError: "permission denied",
-        }.get(type(exc))
-        text = f"{name}: {what}" if name and what else _one_line(str(exc))
-        return f"{text}; check the path", USAGE
-    if isinstance(exc, gzip.BadGzipFile):
-        return f"not a gzip file ({_one_line(str(exc))}); drop the .gz suffix or gzip the file", USAGE
-    if isinstance(exc, json.JSONDecodeError):
-        return f"not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})", USAGE
-    if isinstance(exc, UnicodeDecodeError):
-        return f"not UTF-8 text (byte {exc.start}); save the file as UTF-8", USAGE
-    names = {type(exc).__name__}
-    if names & {
-        "LagError",
-        "RebuildError",
-        "TopicReadError",
-        "DeliveryError",
-        "ServerStartError",
-        "TrainingInputError",
-    }:
-        return _one_line(str(exc)), USAGE
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return f"{_one_line(str(exc)) or type(exc).__name__}; is the stack running (`rtrec up`)?", USAGE
+    return isinstance(exc, InvalidEvent)
+
+
+def _of(*types: type[BaseException]) -> Callable[[BaseException], bool]:
+    return lambda exc: isinstance(exc, types)
+
+
+def _named(*names: str) -> Callable[[BaseException], bool]:
+    """Matched by class name, so the CLI need not import the module that raises it."""
+    return lambda exc: type(exc).__name__ in names
+
+
+_PATH_ERRORS: dict[type[BaseException], str] = {
+    FileNotFoundError: "no such file",
+    IsADirectoryError: "is a folder, not a file",
+    NotADirectoryError: "not a folder",
+    PermissionError: "permission denied",
+}
+
+
+def _path_error(exc: Any) -> str:
+    name = exc.filename if getattr(exc, "filename", None) else None
+    what = _PATH_ERRORS.get(type(exc))
+    text = f"{name}: {what}" if name and what else _one_line(str(exc))
+    return f"{text}; check the path"
+
+
+def _reason(exc: BaseException) -> str:
+    return _one_line(str(exc)) or type(exc).__name__
+
+
+# (does it match, its line), the first match wins: every one is a mistake to fix (exit USAGE). The
+# client libraries' and rtrec's own exception classes are imported only when an error reaches them.
+_USER_ERRORS: list[tuple[Callable[[BaseException], bool], Callable[[Any], str]]] = [
+    (_is_settings_error, _settings_error),
+    (_is_kafka_unreachable, lambda exc: f"cannot reach the Kafka broker ({_reason(exc)}); {_kafka_hint()}"),
+    (_is_kafka_error, lambda exc: f"Kafka error: {_reason(exc)}"),
+    (_is_redis_unreachable, lambda exc: f"cannot reach Redis ({_one_line(str(exc))}); {_redis_hint()}"),
+    (
+        _is_redis_auth_error,
+        lambda exc: f"Redis refused the credentials ({_one_line(str(exc))}); check RTREC_REDIS_URL",
+    ),
+    (_is_not_configured, str),
+    (_is_event_file_error, lambda exc: f"{_one_line(str(exc))}; fix the file and run again"),
+    (_is_invalid_event, lambda exc: f"invalid event: {_one_line(str(exc))}"),
+    (_of(*_PATH_ERRORS), _path_error),
+    (
+        _of(gzip.BadGzipFile),
+        lambda exc: f"not a gzip file ({_one_line(str(exc))}); drop the .gz suffix or gzip the file",
+    ),
+    (_of(json.JSONDecodeError), lambda exc: f"not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})"),
+    (_of(UnicodeDecodeError), lambda exc: f"not UTF-8 text (byte {exc.start}); save the file as UTF-8"),
+    (
+        _named("LagError", "RebuildError", "TopicReadError", "DeliveryError", "ServerStartError", "TrainingInputError"),
+        lambda exc: _one_line(str(exc)),
+    ),
+    (_of(ConnectionError, TimeoutError), lambda exc: f"{_reason(exc)}; is the stack running (`rtrec up`)?"),
+]
+
+
+def describe(exc: BaseException) -> tuple[str, int] | None:
+    """(one line, exit code) for an error a user can act on; None for anything else."""
+    if isinstance(exc, UserError):
+        return str(exc), exc.code
+    for matches, line in _USER_ERRORS:
+        if matches(exc):
+            return line(exc), USAGE
     return None
 
 
