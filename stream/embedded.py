@@ -259,23 +259,8 @@ def start_redis(
     durable = data_dir is not None
     data_dir = Path(data_dir).resolve() if data_dir is not None else run_dir / f"redis-{port}"
     data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        redis_server_binary(settings),
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        str(data_dir),
-        "--save",
-        "",
-        "--appendonly",
-        "yes" if appendonly or durable else "no",
-        "--protected-mode",
-        "no",
-        "--daemonize",
-        "no",
-    ]
+    argv = _server_argv(redis_server_binary(settings), port, data_dir)
+    argv += ["--appendonly", "yes" if appendonly or durable else "no"]
     if durable:
         argv += ["--appendfsync", "everysec"]
     if settings.redis_password is not None:
@@ -321,15 +306,14 @@ def start_redis_cluster(
     return nodes, f"redis://127.0.0.1:{ports[0]}/0"
 
 
+def _server_argv(binary: str, port: int, data_dir: Path) -> list[str]:
+    """What every embedded Redis server runs with: local only, its own folder, no RDB snapshots, in the foreground."""
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", "",
+            "--protected-mode", "no", "--daemonize", "no"]  # fmt: skip
+
+
 def _cluster_node_argv(binary: str, port: int, bus_port: int, data_dir: Path, password: str | None) -> list[str]:
-    argv = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        str(data_dir),
+    argv = _server_argv(binary, port, data_dir) + [
         "--cluster-enabled",
         "yes",
         "--cluster-config-file",
@@ -338,16 +322,10 @@ def _cluster_node_argv(binary: str, port: int, bus_port: int, data_dir: Path, pa
         str(bus_port),  # the default, port + 10000, may not exist
         # AOF in the node's folder: a node restarted by `rtrec up` comes back with its
         # slots (nodes.conf) and its keys
-        "--save",
-        "",
         "--appendonly",
         "yes",
         "--appendfsync",
         "everysec",
-        "--protected-mode",
-        "no",
-        "--daemonize",
-        "no",
     ]
     if password is not None:
         argv += ["--requirepass", password, "--masterauth", password]
