@@ -269,3 +269,21 @@ def test_replay_stops_on_ctrl_c_and_reports_what_was_sent():
     report = replay_events(producer, events, progress=False, numbered=True)
     assert report.interrupted and producer.flushed and report.sent == 2 and report.bad_lines == [2]
     assert report.summary() == "sent 2, rejected 1 (unknown_type 1; lines 2)"
+
+
+@pytest.mark.integration
+def test_a_wrong_redis_password_is_named_as_such_in_one_line(tmp_path):
+    """Not "cannot reach Redis": the server answered, and refused the credentials (the secret is not echoed)."""
+    from rtrec.stream.embedded import start_redis
+    from rtrec.stream.settings import Settings
+
+    server, url = start_redis(Settings(kafka_bootstrap=None, redis_url=None, redis_password="right-pw"), tmp_path)
+    try:
+        env = {"RTREC_REDIS_URL": url, "RTREC_REDIS_PASSWORD": "wrong-pw", "RTREC_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+        res, _seconds = rtrec(["state", "u1"], tmp_path, env)
+        lines = error_lines(res.stderr)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert len(lines) == 1 and "Redis refused the credentials" in lines[0], res.stderr
+        assert "RTREC_REDIS_PASSWORD" in lines[0] and "wrong-pw" not in res.stderr + res.stdout
+    finally:
+        server.stop()

@@ -184,11 +184,14 @@ _USER_ERRORS: list[tuple[Callable[[BaseException], bool], Callable[[Any], str]]]
     (_is_settings_error, _settings_error),
     (_is_kafka_unreachable, lambda exc: f"cannot reach the Kafka broker ({_reason(exc)}); {_kafka_hint()}"),
     (_is_kafka_error, lambda exc: f"Kafka error: {_reason(exc)}"),
-    (_is_redis_unreachable, lambda exc: f"cannot reach Redis ({_one_line(str(exc))}); {_redis_hint()}"),
-    (
+    (  # before "unreachable": redis-py's AuthenticationError is a ConnectionError
         _is_redis_auth_error,
-        lambda exc: f"Redis refused the credentials ({_one_line(str(exc))}); check RTREC_REDIS_URL",
+        lambda exc: (
+            f"Redis refused the credentials ({_one_line(str(exc))}); "
+            "check RTREC_REDIS_URL and RTREC_REDIS_PASSWORD / RTREC_REDIS_USERNAME"
+        ),
     ),
+    (_is_redis_unreachable, lambda exc: f"cannot reach Redis ({_one_line(str(exc))}); {_redis_hint()}"),
     (_is_not_configured, str),
     (_is_event_file_error, lambda exc: f"{_one_line(str(exc))}; fix the file and run again"),
     (_is_invalid_event, lambda exc: f"invalid event: {_one_line(str(exc))}"),
