@@ -35,6 +35,7 @@ from rtrec.stream.settings import Settings
 from rtrec.workers.metrics import MODEL_REFUSED, MODEL_SWAPS, set_model
 
 log = logging.getLogger(__name__)
+STOP_TIMEOUT_S = 10.0  # how long stopping waits for the watch's Kafka consumer to close
 
 
 class ModelWatcher:
@@ -68,7 +69,12 @@ class ModelWatcher:
         await self.publish_serving()
 
     async def stop(self) -> None:
-        await self.consumer.stop()
+        """Leave the serving set; a consumer that does not close within STOP_TIMEOUT_S is left behind, said once
+        (a worker that is stopping must not hang on it)."""
+        try:
+            await asyncio.wait_for(self.consumer.stop(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("model watch: its consumer did not stop within %.0f s; leaving it", STOP_TIMEOUT_S)
         await self.redis.hdel(MODEL_SERVING, str(os.getpid()))
 
     async def publish_serving(self) -> None:
