@@ -66,6 +66,15 @@ class Ranking:
         return not self.state.known
 
 
+@dataclass(slots=True)
+class ReadBatch:
+    """A batch between the pipeline's two stages: the queries, their states, the recommender they were read for."""
+
+    queries: list[RankQuery]
+    states: list[UserState]
+    recommender: Recommender
+
+
 class RankingFilter(Protocol):
     """A stage after scoring that drops or reorders each user's ranked items (diversity, business rules)."""
 
@@ -143,12 +152,25 @@ class RankingPipeline:
 
     async def rank(self, redis: Any, queries: Sequence[RankQuery]) -> list[Ranking]:
         """One ranking per query, in order: read state, score and fuse, backfill, filter, explain."""
+        return await self.finish(redis, await self.start(redis, queries))
+
+    async def start(self, redis: Any, queries: Sequence[RankQuery]) -> ReadBatch:
+        """Stage one: the queried users' states, read for the model serving now.
+
+        The recommend worker reads the next batch's states while this one is being ranked
+        (`finish`), so Redis and the model do not wait for each other.
+        """
+        recommender = self.recommender  # one model per batch, even if a swap happens meanwhile
+        states = await self.read(redis, queries, recommender) if queries else []
+        return ReadBatch(list(queries), states, recommender)
+
+    async def finish(self, redis: Any, batch: ReadBatch) -> list[Ranking]:
+        """Stage two: score and fuse (in a thread: the event loop keeps reading), backfill, filter, explain."""
+        queries, states = batch.queries, batch.states
         if not queries:
             return []
-        recommender = self.recommender  # one model per call, even if a swap happens meanwhile
-        states = await self.read(redis, queries, recommender)
         depth = max(q.k for q in queries) * max((f.overfetch for f in self.filters), default=1)
-        rows, version = await asyncio.to_thread(self.score, recommender, states, depth)
+        rows, version = await asyncio.to_thread(self.score, batch.recommender, states, depth)
         rows = [backfilled(row, state, depth) for row, state in zip(rows, states)]
         for stage in self.filters:
             rows = await stage.apply(redis, states, rows)

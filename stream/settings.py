@@ -132,6 +132,11 @@ class RuntimeSettings(_Section):
     state_batch_wait_ms: int = Field(5, ge=0, description="max wait to fill an event batch")
     rec_batch_max: int = Field(64, ge=1, description="requests answered per batch")
     rec_batch_wait_ms: int = Field(5, ge=0, description="max wait to fill a request batch")
+    idle_fetch_wait_ms: int = Field(
+        25,
+        ge=1,
+        description="longest fetch wait of a worker whose polls came back empty (waits double from the batch wait)",
+    )
     max_restarts: int = Field(5, ge=0, description="crashes in a row of one `rtrec up` child before the stack gives up")
     restart_backoff_s: float = Field(
         0.5, gt=0, description="first wait before restarting a crashed child (doubled after each crash, at most 10 s)"
@@ -294,6 +299,9 @@ class TrainerSettings(_Section):
     """Incremental trainer: when `rtrec trainer` fine-tunes, and the gate a candidate passes to be served."""
 
     trainer_every_events: int = Field(5000, ge=1, description="fine-tune after this many new events")
+    trainer_nice: int = Field(
+        10, ge=0, le=19, description="CPU priority the trainer lowers itself by (serving wins when cores are busy)"
+    )
     trainer_every_s: float = Field(600.0, gt=0, description="... or after this long with new events")
     trainer_min_events: int = Field(100, ge=1, description="smallest window a timer or drift trigger trains on")
     finetune_lr: float = Field(5e-4, description="learning rate when continuing a checkpoint")

@@ -170,3 +170,15 @@ def test_generated_bad_requests_are_answered_with_errors(settings, stack, produc
     assert set(got) == set(requests)
     assert all(r["error"].startswith("invalid request") and r["items"] == [] for r in got.values())
     assert all(w.alive() for w in stack.workers)
+
+
+def test_a_request_id_with_a_lone_surrogate_is_answered_and_does_not_hold_the_next_request(producer, rec_client):
+    tag = uuid.uuid4().hex[:8]
+    hostile_id = f"\ud800{tag}"  # valid JSON (an escape), not encodable as UTF-8: orjson refuses it
+    raw = ('{"request_id": "\\ud800' + tag + '", "user_id": "u1", "k": 0}').encode()
+    producer.send_raw(raw, key=b"u1", topic=rec_client.settings.topic_requests)
+    producer.flush()
+    after = rec_client.send("u1", k=3)
+    got = rec_client.collect([hostile_id, after], timeout_s=30)
+    assert "k must be between" in got[hostile_id]["error"]
+    assert got[after]["request_id"] == after  # answered after it: the worker went on

@@ -50,6 +50,7 @@ class ModelWatcher:
         self.swaps = 0
         self.refused: list[str] = []
         self._lock = asyncio.Lock()
+        self._stopping = False
         self.consumer = AIOKafkaConsumer(
             settings.topic_model_updates,
             bootstrap_servers=kafka_bootstrap(settings),
@@ -71,9 +72,12 @@ class ModelWatcher:
     async def stop(self) -> None:
         """Leave the serving set; a consumer that does not close within STOP_TIMEOUT_S is left behind, said once
         (a worker that is stopping must not hang on it)."""
-        try:
-            await asyncio.wait_for(self.consumer.stop(), STOP_TIMEOUT_S)
-        except TimeoutError:
+        self._stopping = True  # run() ends at its next poll even if a cancellation was swallowed on the way
+        closing = asyncio.ensure_future(self.consumer.stop())
+        # asyncio.wait, not wait_for: wait_for waits for the cancelled stop() to finish, and aiokafka's
+        # consumer.stop() suppresses CancelledError while it awaits its fetch task
+        _, pending = await asyncio.wait({closing}, timeout=STOP_TIMEOUT_S)
+        if pending:
             log.warning("model watch: its consumer did not stop within %.0f s; leaving it", STOP_TIMEOUT_S)
         await self.redis.hdel(MODEL_SERVING, str(os.getpid()))
 
@@ -82,7 +86,7 @@ class ModelWatcher:
 
     async def run(self) -> None:
         last_look = 0.0
-        while True:
+        while not self._stopping:
             batch = await self.consumer.getmany(timeout_ms=500)
             for records in batch.values():
                 for rec in records:

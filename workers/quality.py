@@ -15,13 +15,13 @@ dead-letters bad events, and responses are rtrec's own.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from aiokafka import ConsumerRecord
 
 from rtrec.stream.settings import Settings
@@ -93,8 +93,8 @@ def readable(raw: bytes | None) -> dict[str, Any] | None:
         reason = "null_value"
     else:
         try:
-            msg = json.loads(raw)
-        except (ValueError, TypeError, RecursionError):
+            msg = orjson.loads(raw)  # every event and response passes here: orjson, several times json's speed
+        except (ValueError, TypeError, RecursionError):  # orjson.JSONDecodeError is a ValueError
             reason = "not_json"
         else:
             if isinstance(msg, dict):

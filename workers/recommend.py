@@ -27,7 +27,7 @@ import redis.exceptions
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from rtrec.model.loader import load_recommender
-from rtrec.model.ranking import Ranking, RankingPipeline, RankQuery
+from rtrec.model.ranking import Ranking, RankingPipeline, RankQuery, ReadBatch
 from rtrec.model.recommender import Recommender
 from rtrec.stream.events import InvalidEvent
 from rtrec.stream.keys import RECOMMEND_STATS
@@ -71,6 +71,7 @@ class RecommendWorker:
         self.pipeline = RankingPipeline(settings, recommender, baseline=fallback)  # fallback: trending, unknown users
         self.reply_topics = ReplyTopics(producer)
         self._reflected: OrderedDict[str, int] = OrderedDict()  # user -> newest event ts already answered from
+        self._published: asyncio.Future[None] | None = None  # set once the latest batch's responses are sent
         self.answered = 0
         self.errors = 0
         self.batches = 0
@@ -85,7 +86,12 @@ class RecommendWorker:
         self.pipeline.recommender = recommender
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> Awaitable[object]:
-        """Answer a batch; returns the broker's acks of the responses (the loop commits after them)."""
+        """Parse the batch and read its users' states; rank and publish it in a task of its own.
+
+        Returns that task (the loop commits after it): while this batch is ranked, the loop
+        fetches the next batch and reads its states. Batches are published in order: each
+        task waits until the previous one has published.
+        """
         valid: list[tuple[ConsumerRecord, RecRequest]] = []
         responses: list[Answer] = []
         bad: list[DeadLetter] = []
@@ -97,15 +103,45 @@ class RecommendWorker:
                 request_id, user_id = best_effort_ids(rec.value or b"")
                 responses.append((rec, self._error(request_id, user_id, f"invalid request: {exc}"), None))
         valid = await self._check_reply_topics(valid, responses, bad)
-        if valid:
-            responses += await self._answer(valid)
-        responses.sort(key=lambda r: (r[0].topic, r[0].partition, r[0].offset))  # request order
+        read = await self._read(valid)
         await self.dead_letters.publish(bad)
-        acks = await self._publish(responses)
+        previous, published = self._published, asyncio.get_running_loop().create_future()
+        self._published = published
+        task = asyncio.ensure_future(self._rank_and_publish(previous, published, valid, read, responses))
+        # a task cancelled before it ran (the worker stopping) must not hold the next batch back either
+        task.add_done_callback(lambda _: _release(published))
+        return task
+
+    async def _read(self, valid: list[tuple[ConsumerRecord, RecRequest]]) -> ReadBatch | Exception:
+        """Stage one of the pipeline; a failure (Redis down) is kept: the batch is answered with errors."""
+        queries = [RankQuery(req.user_id, req.k, req.exclude_seen) for _, req in valid]
+        try:
+            return await self.pipeline.start(self.redis, queries)
+        except Exception as exc:  # noqa: BLE001 - answered with errors in _answer, never dropped
+            return exc
+
+    async def _rank_and_publish(
+        self,
+        previous: asyncio.Future[None] | None,
+        published: asyncio.Future[None],
+        valid: list[tuple[ConsumerRecord, RecRequest]],
+        read: ReadBatch | Exception,
+        responses: list[Answer],
+    ) -> None:
+        """Rank, then publish after the previous batch did (response order = request order); then the acks."""
+        try:
+            if valid:
+                responses += await self._answer(valid, read)
+            responses.sort(key=lambda r: (r[0].topic, r[0].partition, r[0].offset))  # request order
+            if previous is not None:
+                await asyncio.shield(previous)
+            acks = await self._publish(responses)
+        finally:
+            _release(published)  # the next batch may publish now, even if this one failed
         self.batches += 1
-        BATCH_SIZE.labels(worker="recommend").observe(len(records))
-        await self._count_batch(len(records))
-        return acks
+        BATCH_SIZE.labels(worker="recommend").observe(len(responses))
+        # the stats round-trip runs while the broker acks the responses
+        await asyncio.gather(acks, self._count_batch(len(responses)))
 
     async def _check_reply_topics(
         self, valid: list[tuple[ConsumerRecord, RecRequest]], responses: list[Answer], bad: list[DeadLetter]
@@ -135,11 +171,14 @@ class RecommendWorker:
         except redis.exceptions.RedisError as exc:
             log.warning("recommendation stats not written (%s: %s)", type(exc).__name__, exc)
 
-    async def _answer(self, valid: list[tuple[ConsumerRecord, RecRequest]]) -> list[Answer]:
+    async def _answer(
+        self, valid: list[tuple[ConsumerRecord, RecRequest]], read: ReadBatch | Exception
+    ) -> list[Answer]:
         """The pipeline's rankings as responses; a failed batch is answered with errors, never dropped."""
-        queries = [RankQuery(req.user_id, req.k, req.exclude_seen) for _, req in valid]
         try:
-            rankings = await self.pipeline.rank(self.redis, queries)
+            if isinstance(read, Exception):
+                raise read
+            rankings = await self.pipeline.finish(self.redis, read)
         except Exception as exc:  # Redis down, a model error: the batch is answered with errors, never dropped
             log.exception("recommendation batch failed")
             return [
@@ -227,6 +266,11 @@ class RecommendWorker:
         await (
             await self.producer.send(self.settings.topic_responses, key=resp.user_id.encode(), value=error.to_json())
         )
+
+
+def _release(published: asyncio.Future[None]) -> None:
+    if not published.done():
+        published.set_result(None)
 
 
 async def answer_requests(settings: Settings, recommender: Recommender | None = None) -> None:

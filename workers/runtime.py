@@ -46,6 +46,7 @@ from rtrec.stream.settings import Settings
 from rtrec.stream.topics import ensure_topics
 from rtrec.workers.dead_letters import DeadLetter, DeadLetters
 from rtrec.workers.faults import is_transient
+from rtrec.workers.fetch_pacing import FetchPacer
 from rtrec.workers.metrics import BATCH_RETRIES, CONSUMER_STALLED, DEAD_LETTERS_FAILED, RECORDS_SKIPPED
 from rtrec.workers.offset_guard import OffsetGuard
 from rtrec.workers.supervisor import Supervisor, TaskFactory
@@ -99,6 +100,7 @@ class ConsumerRuntime:
             **aiokafka_auth(settings),
         )
         self.offsets = OffsetGuard(self.consumer, worker)
+        self.pacer = FetchPacer(self.consumer, max_wait_ms, settings.idle_fetch_wait_ms)
         self.batches = 0
         self.records = 0
         self.stalled_since: float | None = None
@@ -152,10 +154,12 @@ class ConsumerRuntime:
             self.records += len(records)
 
     async def poll(self, timeout_ms: int | None = None) -> dict[TopicPartition, list[ConsumerRecord]]:
-        """One fetch, then the log-reset check (its high watermarks are fresh now)."""
+        """One fetch (waiting as long as the pacer says: workers/fetch_pacing.py), then the log-reset check
+        (its high watermarks are fresh now)."""
         batch = await self.consumer.getmany(
-            timeout_ms=self.max_wait_ms if timeout_ms is None else timeout_ms, max_records=self.max_records
+            timeout_ms=self.pacer.wait_ms if timeout_ms is None else timeout_ms, max_records=self.max_records
         )
+        self.pacer.after_poll(bool(batch))
         self.offsets.reset_beyond_log_end()
         return batch
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from rtrec.workers.metrics import TASK_RESTARTS
 
 log = logging.getLogger(__name__)
+STOP_TIMEOUT_S = 5.0  # how long stop() waits for cancelled side tasks to finish
 
 TaskFactory = Callable[[], Coroutine[object, object, object]]
 
@@ -32,6 +33,7 @@ class Supervisor:
         self.ok: dict[str, bool] = {}
         self.crashes: dict[str, int] = {}
         self._tasks: list[asyncio.Task] = []
+        self._stopped = False
 
     def supervise(self, name: str, factory: TaskFactory) -> asyncio.Task:
         """Run `factory()` until it returns; restart it whenever it raises."""
@@ -45,9 +47,20 @@ class Supervisor:
         return {f"task:{name}": ok for name, ok in self.ok.items()}
 
     async def stop(self) -> None:
+        """Cancel every side task and wait for them, at most STOP_TIMEOUT_S: a task that swallowed its
+        cancellation is named and left behind (the worker is stopping; it must not hang on one)."""
+        self._stopped = True  # a task that swallowed its cancellation and then crashes is not restarted
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_S)
+            for task in pending:
+                log.warning(
+                    "%s: side task %s did not stop within %.0f s; leaving it",
+                    self.worker,
+                    task.get_name(),
+                    STOP_TIMEOUT_S,
+                )
         self._tasks.clear()
 
     async def _run(self, name: str, factory: TaskFactory) -> None:
@@ -60,6 +73,8 @@ class Supervisor:
             except asyncio.CancelledError:
                 raise
             except Exception:  # any crash: the task must come back, and say so meanwhile
+                if self._stopped:
+                    return
                 self.ok[name] = False
                 self.crashes[name] += 1
                 TASK_RESTARTS.labels(worker=self.worker, task=name).inc()

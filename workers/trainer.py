@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -482,6 +483,7 @@ class TrainerLoop:
 
 async def train_continuously(settings: Settings) -> None:
     """Fine-tune on each window of new events, gate, promote and announce, until stopped."""
+    lower_priority(settings.trainer_nice)
     async with worker_redis(settings) as redis:
         loop = TrainerLoop(settings)
         await loop.start()
@@ -491,6 +493,13 @@ async def train_continuously(settings: Settings) -> None:
                 await loop.run()
         finally:
             await loop.stop()
+
+
+def lower_priority(nice: int) -> None:
+    """Training is background work: at a lower priority it takes the cores only when serving leaves them idle
+    (on 2 cores a fine-tune on both threads otherwise competes with the recommendation worker)."""
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)  # raises only on invalid values, which the settings bound
 
 
 def build_app(settings: Settings | None = None) -> faust.App:

@@ -6,6 +6,7 @@ so `rtrec --help` stays fast.
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -28,17 +29,76 @@ def bench_ingest(
     run_bench(get_settings(), events, baseline_events, plot, console)
 
 
+class StackMode(str, Enum):
+    minimal = "minimal"
+    up = "up"
+
+
+DEFAULT_PLOTS = {StackMode.minimal: Path("bench-generate.png"), StackMode.up: Path("bench-generate-up.png")}
+
+
 @bench_app.command("generate")
 def bench_generate(
-    batches: str = typer.Option("1,8,32,128", help="batch sizes to time"),
-    rate: float = typer.Option(200.0, help="requests/s for the over-Kafka latency run"),
-    seconds: float = typer.Option(10.0, help="duration of the over-Kafka run"),
-    plot: Path | None = typer.Option(Path("bench-generate.png"), help="latency histogram PNG"),
+    stack: StackMode = typer.Option(
+        StackMode.minimal,
+        "--stack",
+        help="minimal: batch timings, then one state + one recommendation worker serving a default-size model at "
+        "--rate; up: the stack as `rtrec up` runs it (trainer, ops, events flowing), swept over --rates",
+    ),
+    batches: str = typer.Option("1,8,32,128", help="--stack minimal: batch sizes to time"),
+    rate: float = typer.Option(200.0, help="--stack minimal: requests/s for the over-Kafka latency run"),
+    seconds: float = typer.Option(10.0, help="duration of the over-Kafka run (--stack up: of each rate)"),
+    rates: str = typer.Option(
+        "100,200,500,1000,2000",
+        help="--stack up: requests/s to sweep, lowest first; stops after the first whose p99 passes 200 ms",
+    ),
+    event_rate: float = typer.Option(1000.0, help="--stack up: events/s flowing during the whole measurement"),
+    runs: int = typer.Option(1, help="--stack up: sweeps on the same stack; the per-rate median is reported"),
+    plot: Path | None = typer.Option(
+        None,
+        help="PNG (default bench-generate.png; --stack up: bench-generate-up.png, figures in the same name .json)",
+    ),
 ) -> None:
-    """recs/s and per-batch latency of the default model on this machine, and request->response over Kafka."""
+    """recs/s and per-batch latency of the default model on this machine, and request->response over Kafka;
+    with --stack up, latency, freshness and CPU per process vs request rate on the full stack."""
+    from rich.markup import escape
+
+    from rtrec.workers.bench.serving import BenchInputError, check_inputs
+
+    try:
+        rate_list = check_inputs(rates, seconds, event_rate, runs)
+        if stack is StackMode.minimal and not rate > 0:
+            raise BenchInputError("bench generate: need --rate > 0")
+    except BenchInputError as exc:  # one line before anything starts, not a traceback
+        console.print(f"[red]{escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    plot = plot or DEFAULT_PLOTS[stack]
+    if stack is StackMode.up:
+        from rtrec.workers.bench.serving import run_serving_bench
+
+        run_serving_bench(get_settings(), rate_list, seconds, event_rate, runs, plot, console)
+        return
     from rtrec.workers.bench.generate import run_bench
 
     run_bench(get_settings(), [int(b) for b in batches.split(",")], rate, seconds, plot, console)
+
+
+@bench_app.command("idle")
+def bench_idle(
+    seconds: float = typer.Option(20.0, help="how long to measure, after all workers are ready and 3 s of settling"),
+) -> None:
+    """CPU of every process of the stack `rtrec up` runs (workers, broker, Redis) with no traffic, in % of one
+    core, and their total (target: under 10 %)."""
+    from rich.markup import escape
+
+    from rtrec.workers.bench.serving import BenchInputError, check_idle_inputs, run_idle
+
+    try:
+        check_idle_inputs(seconds)
+    except BenchInputError as exc:
+        console.print(f"[red]{escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    run_idle(get_settings(), seconds, console)
 
 
 @bench_app.command("hotswap")
