@@ -6,12 +6,14 @@ events keep arriving (the state worker applies them, the trainer fine-tunes on t
 question is how fast the stack answers *then*, up to what request rate, and what each process costs.
 
 The stack is started as `rtrec up` starts it (one state, one recommendation worker, the trainer and
-the ops worker, supervised, Redis with its append-only file), in a temporary folder with an empty
-checkpoint folder: what `rtrec up` serves before any model is trained (RTREC_RECOMMENDER's default:
-the blend until the trainer promotes a model; a promotion during the bench shows in the versions
-answered). User histories are filled first; then events for the same users flow at `event_rate`
-from a thread of their own (stamped now, fresh ids) during the whole measurement, and each request
-asks for a user among those of the newest events (an active user: what a shop asks for), so the
+the ops worker, supervised, Redis with its append-only file), in a temporary folder. With `--serve
+model` (the default) a default-size generative model is CURRENT, so requests are ranked as they are
+once a model is trained (the model fused with the baseline); `--serve blend` leaves the checkpoint
+folder empty: what `rtrec up` serves before the first training. The trainer fine-tunes on the flow
+and may promote during the bench (the versions answered are printed).
+
+User histories are filled first; then events for the same users flow at `event_rate` from a thread
+of their own (stamped now, fresh ids) during the whole measurement, and each request asks for a user among those of the newest events (an active user: what a shop asks for), so the
 freshness figure is event -> first response that reflects it for users who are being served.
 
 For each request rate (lowest first) requests go out for `seconds` from an independent client whose
@@ -58,13 +60,22 @@ from rtrec.stream.rec_client import RecClient
 from rtrec.stream.replay import Pacer
 from rtrec.stream.settings import Settings
 from rtrec.stream.synthetic import SyntheticConfig, generate_events
-from rtrec.workers.bench.stack_load import N_ITEMS, fill_histories, responses_read_in_background, wait_for_answers
+from rtrec.workers.bench.stack_load import (
+    N_ITEMS,
+    default_generator,
+    fill_histories,
+    responses_read_in_background,
+    wait_for_answers,
+)
 from rtrec.workers.stack import Stack
 
 LIMIT_MS = 200.0  # a rate whose client p99 passes this ends the sweep
 GOOD_MS = 50.0  # drawn on the plot as the target for a snappy page
 FILL = SyntheticConfig(n_users=500, n_items=N_ITEMS, n_events=20_000, seed=5)
 FLOW_POOL = 50_000  # background events are drawn from this many synthetic ones (same users and tastes), cycled
+# the embedded broker slows down as a partition collects many small record batches (operations.md, soak):
+# at 1k events/s in 5 ms batches a sweep of a few minutes would measure that, so the flow batches 20 ms
+FLOW_LINGER_MS = 20
 RECENT_USERS = 200  # requests ask for users among the newest events' (about the last 0.2 s at 1k events/s)
 WARM_FLOW_S = 3.0  # events flow this long before the warm-up requests
 DRAIN_MIN_S = 30.0  # after a rate, answers are awaited at least this long (3x the rate's seconds if longer)
@@ -209,12 +220,15 @@ def median_by_rate(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, A
 
 # ---- the stack and what runs beside it ---------------------------------------------------------------------
 @contextmanager
-def full_stack(settings: Settings, console: Console) -> Iterator[Stack]:
+def full_stack(settings: Settings, console: Console, serve_model: bool = False) -> Iterator[Stack]:
     """The stack as `rtrec up` starts it (state, recommend, trainer, ops; supervised; Redis with its
-    append-only file), in a temporary folder with an empty checkpoint folder; stopped on the way out."""
+    append-only file), in a temporary folder; its checkpoint folder is empty (the blend serves) or, with
+    `serve_model`, holds a default-size model as CURRENT. Stopped on the way out."""
     with tempfile.TemporaryDirectory(prefix="rtrec-bench-up-") as tmp:
         root = Path(tmp)
         s = settings.model_copy(update={"checkpoint_dir": root / "checkpoints"})
+        if serve_model:
+            promote_default_model(s)
         stack = Stack(
             s,
             run_dir=root / "run",
@@ -225,6 +239,18 @@ def full_stack(settings: Settings, console: Console) -> Iterator[Stack]:
         with stack:
             stack.start(state_workers=1, recommend_workers=1, trainer=True, ops=True)
             yield stack
+
+
+def promote_default_model(settings: Settings) -> str:
+    """A default-size model over the bench's items (weights from a fixed seed: speed does not depend on
+    training) saved and promoted in `settings.checkpoint_dir`; its version."""
+    from rtrec.model.checkpoint import save_checkpoint
+    from rtrec.model.store import CheckpointStore
+
+    checkpoint = default_generator(settings).checkpoint
+    path = save_checkpoint(checkpoint.model, checkpoint.vocab, settings.checkpoint_dir, checkpoint.manifest["meta"])
+    CheckpointStore(settings.checkpoint_dir).promote(path.name, reason="bench generate --stack up --serve model")
+    return path.name
 
 
 def stack_processes(stack: Stack) -> dict[str, psutil.Process]:
@@ -291,7 +317,7 @@ class EventFlow:
     freshness counts from then)."""
 
     def __init__(self, settings: Settings, rate: float) -> None:
-        self.settings = settings  # the producer as users run it (RTREC_PRODUCER_LINGER_MS)
+        self.settings = settings.model_copy(update={"producer_linger_ms": FLOW_LINGER_MS})
         self.rate = rate
         self.sent = 0
         self.recent: deque[str] = deque(maxlen=RECENT_USERS)  # users of the newest events (requests go to them)
@@ -428,11 +454,12 @@ def run_serving_bench(
     runs: int,
     plot: Path | None,
     console: Console,
+    serve_model: bool = True,
 ) -> dict[str, Any]:
     """`rtrec bench generate --stack up`: the sweep `runs` times on one full stack; tables, PNG and JSON."""
     rates = sorted(rates)
     console.rule(f"rtrec bench generate --stack up: {', '.join(f'{r:g}' for r in rates)} req/s, {seconds:g} s each")
-    with full_stack(settings, console) as stack:
+    with full_stack(settings, console, serve_model) as stack:
         s = stack.settings
         console.print(f"stack up ({stack.describe()}); filling histories of {FILL.n_users} users ...", soft_wrap=True)
         users = fill_histories(s, FILL)
@@ -581,8 +608,8 @@ def _print_report(result: dict[str, Any], console: Console) -> None:
         "client: send -> arrival at the client; 'inf' = beyond the unanswered share (each counts as infinitely "
         "late).\nfreshness (recommend worker): a user's newest event -> the first response reflecting it; requests "
         f"ask for users among the newest {RECENT_USERS} events', so it includes the wait for that user's next "
-        "request. ev->redis (state worker): event produced -> visible in Redis, the producer's linger "
-        "(RTREC_PRODUCER_LINGER_MS) included. Both from the difference of the Prometheus bucket "
+        "request. ev->redis (state worker): event produced -> visible in Redis, the event flow's "
+        f"{FLOW_LINGER_MS} ms producer linger included. Both from the difference of the Prometheus bucket "
         "counts over each rate, interpolated linearly within a bucket (bounds in workers/metrics.py).",
         soft_wrap=True,
     )

@@ -54,6 +54,11 @@ def bench_generate(
     ),
     event_rate: float = typer.Option(1000.0, help="--stack up: events/s flowing during the whole measurement"),
     runs: int = typer.Option(1, help="--stack up: sweeps on the same stack; the per-rate median is reported"),
+    serve: str = typer.Option(
+        "model",
+        help="--stack up: model = a default-size generative model is CURRENT (fused with the baseline, as served "
+        "once a model is trained); blend = no checkpoint (what `rtrec up` serves before the first training)",
+    ),
     plot: Path | None = typer.Option(
         None,
         help="PNG (default bench-generate.png; --stack up: bench-generate-up.png, figures in the same name .json)",
@@ -69,6 +74,8 @@ def bench_generate(
         rate_list = check_inputs(rates, seconds, event_rate, runs)
         if stack is StackMode.minimal and not rate > 0:
             raise BenchInputError("bench generate: need --rate > 0")
+        if serve not in ("model", "blend"):
+            raise BenchInputError(f"bench generate: --serve must be 'model' or 'blend', not {serve!r}")
     except BenchInputError as exc:  # one line before anything starts, not a traceback
         console.print(f"[red]{escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
@@ -76,7 +83,9 @@ def bench_generate(
     if stack is StackMode.up:
         from rtrec.workers.bench.serving import run_serving_bench
 
-        run_serving_bench(get_settings(), rate_list, seconds, event_rate, runs, plot, console)
+        run_serving_bench(
+            get_settings(), rate_list, seconds, event_rate, runs, plot, console, serve_model=serve == "model"
+        )
         return
     from rtrec.workers.bench.generate import run_bench
 
