@@ -133,9 +133,9 @@ class RuntimeSettings(_Section):
     rec_batch_max: int = Field(64, ge=1, description="requests answered per batch")
     rec_batch_wait_ms: int = Field(5, ge=0, description="max wait to fill a request batch")
     idle_fetch_wait_ms: int = Field(
-        25,
+        500,
         ge=1,
-        description="longest fetch wait of a worker whose polls came back empty (waits double from the batch wait)",
+        description="longest fetch wait of a worker idle for 1 s; `rtrec up` sets 100 for its embedded broker",
     )
     max_restarts: int = Field(5, ge=0, description="crashes in a row of one `rtrec up` child before the stack gives up")
     restart_backoff_s: float = Field(

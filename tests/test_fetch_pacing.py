@@ -18,6 +18,7 @@ def test_the_fetch_wait_grows_while_polls_are_empty_and_drops_back_at_the_first_
 
     async def go() -> tuple[list[int], list[int], int, list[bytes]]:
         runtime = ConsumerRuntime(s, [s.topic_events], f"pace-{tag}", 100, 5, worker="state")
+        runtime.pacer.quiet_s = 0  # idle at once (a worker waits QUIET_S without records first)
         await runtime.start()
         producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap)
         await producer.start()
@@ -43,3 +44,18 @@ def test_the_fetch_wait_grows_while_polls_are_empty_and_drops_back_at_the_first_
     assert fetcher_waits == idle_waits  # the consumer's next fetch request carries it (aiokafka's fetcher)
     assert got == [b"after a quiet spell"]
     assert after_record == 5  # records flow again: back to the batch wait
+
+
+def test_the_fetch_wait_stays_short_while_records_arrived_within_the_quiet_time():
+    from types import SimpleNamespace
+
+    from rtrec.workers.fetch_pacing import FetchPacer
+
+    fetcher = SimpleNamespace(_fetch_max_wait_ms=5)  # the pacing rule alone (the test above: a real consumer)
+    pacer = FetchPacer(SimpleNamespace(_fetcher=fetcher), busy_ms=5, idle_ms=100, quiet_s=3600)  # type: ignore[arg-type]
+    assert [pacer.after_poll(False) for _ in range(5)] == [5] * 5  # gaps in traffic: no slowdown
+    pacer.quiet_s = 0
+    assert [pacer.after_poll(False) for _ in range(6)] == [10, 20, 40, 80, 100, 100]
+    assert fetcher._fetch_max_wait_ms == 100
+    assert pacer.after_poll(True) == 5
+    assert fetcher._fetch_max_wait_ms == 5

@@ -57,7 +57,7 @@ class ModelWatcher:
             group_id=None,
             auto_offset_reset="latest",
             client_id="rtrec-model-watch",
-            fetch_max_wait_ms=200,
+            fetch_max_wait_ms=500,  # promotions are rare; the periodic look at CURRENT covers a slow one
             **aiokafka_auth(settings),
         )
 

@@ -20,7 +20,7 @@ from rtrec.workers.lag import LagError, LagMonitor
 from rtrec.workers.lifecycle import serving, worker_redis
 from rtrec.workers.metrics import readiness, record_lag, record_lag_unknown
 from rtrec.workers.quality import QualityJoin
-from rtrec.workers.runtime import ConsumerRuntime
+from rtrec.workers.runtime import BACKGROUND_IDLE_WAIT_MS, ConsumerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ async def export_lag(settings: Settings) -> None:
             settings.quality_group,
             max_records=5000,
             max_wait_ms=100,
+            idle_wait_ms=BACKGROUND_IDLE_WAIT_MS,  # counts, not answers: no hurry when idle
             worker="quality",
         )
 

@@ -54,6 +54,7 @@ from rtrec.workers.supervisor import Supervisor, TaskFactory
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 TOPIC_CHECK_S = 2.0  # how often a worker looks for its topics on the broker
+BACKGROUND_IDLE_WAIT_MS = 1000  # idle fetch wait of readers nobody waits for (the trainer, the quality join)
 
 Handler = Callable[[Sequence[ConsumerRecord]], Awaitable[Awaitable[object] | None]]
 
@@ -73,6 +74,7 @@ class ConsumerRuntime:
         commit_batches: bool = True,
         max_poll_interval_ms: int = 300_000,
         listener: ConsumerRebalanceListener | None = None,
+        idle_wait_ms: int | None = None,
     ) -> None:
         self.settings = settings
         self.topics = list(topics)
@@ -100,7 +102,8 @@ class ConsumerRuntime:
             **aiokafka_auth(settings),
         )
         self.offsets = OffsetGuard(self.consumer, worker)
-        self.pacer = FetchPacer(self.consumer, max_wait_ms, settings.idle_fetch_wait_ms)
+        # background readers (trainer, quality join) may wait longer when idle than the serving path
+        self.pacer = FetchPacer(self.consumer, max_wait_ms, max(idle_wait_ms or 0, settings.idle_fetch_wait_ms))
         self.batches = 0
         self.records = 0
         self.stalled_since: float | None = None

@@ -44,6 +44,9 @@ WORKER_MODULES = {
     "ops": "rtrec.workers.ops",
 }
 EMBEDDED_SESSION_TIMEOUT_MS = 3000  # Tansu accepts it; group joins take ~2 s instead of ~8 s
+# Tansu holds an empty fetch for its whole wait even when data arrives (Kafka answers at once): an idle
+# worker's waits stop growing here, so the first record after a quiet spell waits at most this (fetch_pacing.py)
+EMBEDDED_IDLE_FETCH_WAIT_MS = 100
 
 
 HOME_DIR = ".rtrec"
@@ -209,6 +212,8 @@ class Stack:
             update["kafka_bootstrap"] = bootstrap
             if "RTREC_SESSION_TIMEOUT_MS" not in os.environ:
                 update["session_timeout_ms"] = EMBEDDED_SESSION_TIMEOUT_MS
+            if "RTREC_IDLE_FETCH_WAIT_MS" not in os.environ:
+                update["idle_fetch_wait_ms"] = EMBEDDED_IDLE_FETCH_WAIT_MS
         if not self.settings.redis_url and self.settings.redis_cluster:
             nodes, url = start_redis_cluster(self.settings, self.run_dir, die_with_parent=self.supervised)
             self.servers += nodes

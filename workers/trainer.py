@@ -40,7 +40,7 @@ from rtrec.workers.faust_app import run_module, worker_app
 from rtrec.workers.lifecycle import serving, worker_redis
 from rtrec.workers.metrics import TRAINER_DECISIONS, readiness
 from rtrec.workers.quality import hit_rates
-from rtrec.workers.runtime import ConsumerRuntime
+from rtrec.workers.runtime import BACKGROUND_IDLE_WAIT_MS, ConsumerRuntime
 
 log = logging.getLogger(__name__)
 QUALITY_CHECK_S = 10.0
@@ -359,6 +359,7 @@ class TrainerLoop:
             settings.trainer_group,
             max_records=5000,
             max_wait_ms=200,
+            idle_wait_ms=BACKGROUND_IDLE_WAIT_MS,  # a window waits for events anyway: no hurry when idle
             worker="trainer",
             commit_batches=False,
             max_poll_interval_ms=3_600_000,

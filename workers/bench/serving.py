@@ -13,8 +13,9 @@ folder empty: what `rtrec up` serves before the first training. The trainer fine
 and may promote during the bench (the versions answered are printed).
 
 User histories are filled first; then events for the same users flow at `event_rate` from a thread
-of their own (stamped now, fresh ids) during the whole measurement, and each request asks for a user among those of the newest events (an active user: what a shop asks for), so the
-freshness figure is event -> first response that reflects it for users who are being served.
+of their own (stamped now, fresh ids) during the whole measurement, and each request asks for a user
+among those of the newest events (an active user: what a shop asks for), so the freshness figure is
+event -> first response that reflects it for users who are being served.
 
 For each request rate (lowest first) requests go out for `seconds` from an independent client whose
 responses are stamped on arrival; per rate the bench reports sent / answered, the client's
