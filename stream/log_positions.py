@@ -114,12 +114,11 @@ def assign_positions(
     Pure: the callers read ``known`` from Redis, store the returned changes with a
     compare-and-set, and call again if another owner changed one meanwhile.
     """
-    by_field: dict[str, list[LogRecord]] = {}
-    for rec in records:
-        by_field.setdefault(partition_field(rec), []).append(rec)
-    current: dict[str, LogIdentity] = {}
+    by_partition = _by_partition(records)
+    current: dict[tuple[str, int], tuple[str, LogIdentity]] = {}
     changes: dict[str, LogIdentity] = {}
-    for name, recs in by_field.items():
+    for tp, recs in by_partition.items():
+        name = partition_field(recs[0])  # one string per partition, not per record
         first = min(recs, key=lambda r: r.offset)
         identity = known.get(name)
         if identity is None:
@@ -130,17 +129,31 @@ def assign_positions(
             if at is not None and record_fingerprint(at) != identity.fingerprint:  # a new log
                 identity = LogIdentity(identity.epoch + 1, first.offset, record_fingerprint(first))
                 changes[name] = identity
-        current[name] = identity
+        current[tp] = (name, identity)
     positions: list[LogPosition | None] = []
+    add = positions.append
     for rec in records:
-        name = partition_field(rec)
-        identity = current[name]
-        positions.append(None if rec.offset < identity.offset else LogPosition(name, identity.epoch, rec.offset))
+        name, identity = current[rec.topic, rec.partition]
+        add(None if rec.offset < identity.offset else LogPosition(name, identity.epoch, rec.offset))
     return positions, changes
 
 
+def _by_partition(records: Iterable[LogRecord]) -> dict[tuple[str, int], list[LogRecord]]:
+    """Records by (topic, partition), in batch order: keyed by tuple, not by ``partition_field``'s string,
+    which would format a string per record on the state worker's path."""
+    out: dict[tuple[str, int], list[LogRecord]] = {}
+    for rec in records:
+        tp = (rec.topic, rec.partition)
+        recs = out.get(tp)
+        if recs is None:
+            out[tp] = [rec]
+        else:
+            recs.append(rec)
+    return out
+
+
 def _fields(records: Iterable[LogRecord]) -> list[str]:
-    return sorted({partition_field(r) for r in records})
+    return sorted(partition_field(recs[0]) for recs in _by_partition(records).values())
 
 
 def positions_plan(records: Sequence[LogRecord], key: str = LOGS) -> Plan[list[LogPosition | None]]:
@@ -161,7 +174,7 @@ def _position_steps(records: Sequence[LogRecord], key: str) -> Steps[list[LogPos
         known = dict(zip(fields, map(LogIdentity.decode, stored)))
         positions, changes = assign_positions(records, known)
         bumps = [_bump(key, name, known[name], new) for name, new in changes.items()]
-        got = (yield Round(bumps, pipelined=False, lanes=[range(len(bumps))])) if bumps else []
+        got = (yield Round(bumps, pipelined=False)) if bumps else []  # one key: in order on its node
         if all(reply is not None and redis_calls.text(reply) == bump.args[2] for reply, bump in zip(got, bumps)):
             return positions
     raise RuntimeError(f"{key}: identities kept changing under this batch")

@@ -11,10 +11,11 @@ and recommend workers (asyncio) as well as the CLI, the rebuild and the trainer
 Two runners execute plans, each a few lines: ``run(client, plan)`` with a
 ``redis.Redis`` or ``redis.RedisCluster``, ``await run_async(client, plan)`` with
 their asyncio twins. A round goes out either as one pipeline (one network
-round-trip on one Redis) or, where a pipeline cannot carry it (cluster clients
-refuse scripts in pipelines: each call goes to the master of its first key), call
-by call: in call order with a sync client; with an asyncio client its *lanes*
-(calls that must stay in order, such as one bucket's chunks) run concurrently.
+round-trip on one Redis) or, marked unpipelined, as a cluster round: call by call,
+in call order, with a sync client; with an asyncio client as one pipeline per
+node, sent concurrently, its scripts as raw EVALSHA (redis-py's Script objects
+refuse cluster pipelines) after one SCRIPT LOAD per client. Calls that must stay
+in order (one bucket's chunks) share a hash slot, so they run in order on their node.
 
 A plan marked ``repeatable`` (a read) runs once more on a dropped connection
 (Redis restarted since the last call): redis-py pipelines do not retry one, since a
@@ -23,13 +24,14 @@ pipeline may not be idempotent, but a read is.
 
 from __future__ import annotations
 
-import asyncio
+import weakref
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import redis
 import redis.asyncio
+import redis.exceptions
 from redis.commands.core import AsyncScript, Script
 
 T = TypeVar("T")
@@ -44,7 +46,7 @@ class ScriptCall:
 
     source: str
     keys: Sequence[str]
-    args: Sequence[str | int | float]
+    args: Sequence[str | bytes | int | float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,19 +65,7 @@ class Round:
     """Calls sent together; the plan receives their replies in call order."""
 
     calls: Sequence[Call]
-    pipelined: bool = True  # one pipeline; else call by call (a cluster client, or calls on other keys' masters)
-    lanes: Sequence[Sequence[int]] | None = None  # unpipelined: numbers of calls kept in order; None: each alone
-
-    def lane_numbers(self) -> list[Sequence[int]]:
-        return list(self.lanes) if self.lanes is not None else [[n] for n in range(len(self.calls))]
-
-    def in_call_order(self, lane_replies: Sequence[Sequence[Any]]) -> list[Any]:
-        """The replies of lanes run concurrently, back in the order of the calls."""
-        replies: list[Any] = [None] * len(self.calls)
-        for numbers, outs in zip(self.lane_numbers(), lane_replies):
-            for n, out in zip(numbers, outs):
-                replies[n] = out
-        return replies
+    pipelined: bool = True  # one pipeline on one Redis; else a cluster round (one pipeline per node, or call by call)
 
     def sources(self) -> set[str]:
         return {call.source for call in self.calls if isinstance(call, ScriptCall)}
@@ -174,11 +164,45 @@ async def _send_async(client: AsyncClient, round_: Round) -> list[Any]:
         for call in round_.calls:
             await _call_async(call, scripts, pipe)
         return await pipe.execute()
+    try:
+        return await _cluster_pipeline(client, round_, scripts)
+    except redis.exceptions.NoScriptError:  # a node restarted or was flushed since: load again, run again
+        _LOADED.pop(client, None)  # safe: a read repeats, and a write is deduped by event id
+        return await _cluster_pipeline(client, round_, scripts)
 
-    async def lane(numbers: Sequence[int]) -> list[Any]:
-        return [await _call_async(round_.calls[n], scripts, client) for n in numbers]
 
-    return round_.in_call_order(await asyncio.gather(*map(lane, round_.lane_numbers())))
+async def _cluster_pipeline(client: AsyncClient, round_: Round, scripts: Mapping[str, AsyncScript]) -> list[Any]:
+    """A cluster round as one pipeline per node (redis-py groups the calls by slot and sends the nodes'
+    pipelines concurrently); calls of one lane share a slot, so they run in order on their node.
+
+    Scripts go as raw EVALSHA (redis-py's Script objects refuse cluster pipelines), loaded on every
+    primary first. Measured on the embedded 3-master cluster: 20 script calls in 1.8 ms this way,
+    18 ms as concurrent single calls.
+    """
+    await _load_everywhere(client, scripts)
+    pipe = client.pipeline(transaction=False)
+    for call in round_.calls:
+        if isinstance(call, ScriptCall):
+            pipe.execute_command("EVALSHA", scripts[call.source].sha, len(call.keys), *call.keys, *call.args)
+        else:
+            pipe.execute_command(*call.args, **call.options)
+    return await pipe.execute()
+
+
+_LOADED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()  # client -> sources loaded
+
+
+async def _load_everywhere(client: AsyncClient, scripts: Mapping[str, AsyncScript]) -> None:
+    """SCRIPT LOAD each source once per client before concurrent calls use it (on a cluster: on every primary).
+
+    Concurrent EVALSHA calls that all miss (NOSCRIPT) make redis-py's async cluster client load the script
+    from each of them at once, and some fail on a connection another one is resetting (found on the
+    embedded 3-master cluster: a fresh worker's first batches failed with AttributeError in redis-py).
+    """
+    loaded = _LOADED.setdefault(client, set())
+    for source in scripts.keys() - loaded:
+        await client.script_load(source)
+        loaded.add(source)
 
 
 async def _call_async(call: Call, scripts: Mapping[str, AsyncScript], target: Any) -> Any:

@@ -61,14 +61,15 @@ and L moves forward.
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import json
 import math
 import zlib
-from collections.abc import Sequence
+from binascii import b2a_base64
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from hashlib import blake2b
+from typing import Any, NamedTuple
 
 from rtrec.stream import keys, redis_calls
 from rtrec.stream.events import Event
@@ -76,18 +77,29 @@ from rtrec.stream.log_positions import LogPosition
 from rtrec.stream.redis_calls import AsyncClient, Plan, Round, ScriptCall, Steps, SyncClient
 from rtrec.stream.settings import Settings
 
+_dumps: Callable[[Any], bytes] | None
+try:  # several times faster than json for a chunk's arguments; json when it is not installed
+    from orjson import dumps as _dumps
+except ImportError:  # pragma: no cover - depends on the environment
+    _dumps = None
+
 BOUGHT_CAP = 500
 RESCALE_AFTER_HALF_LIVES = 60.0
 TIE_SLOTS = 1000  # sequence score = ts * 1000 + arrival number: equal timestamps keep arrival order
 ID_BYTES = 8  # an event id's fingerprint in a user's window: 48 bits, base64
 ARGS_PER_EVENT = 9  # event_id, user, item, type, ts, fingerprint, partition field, epoch, offset
-NO_POSITION = ("", 0, 0)
+NO_POSITION = ("", "0", "0")
 
 
 def id_fingerprint(event_id: str) -> str:
     """8 printable characters (48 bits) of the event id's hash: a false duplicate needs a 48-bit
     collision within one user's window (about 1 in 10^12 per event with the default window)."""
-    return base64.b64encode(hashlib.blake2b(event_id.encode(), digest_size=6).digest()).decode()
+    return b2a_base64(blake2b(event_id.encode(), digest_size=6).digest(), newline=False).decode()
+
+
+def _json(fields: list[str]) -> bytes:
+    """A chunk's event fields as one JSON array of strings (APPLY_LUA reads it with cjson)."""
+    return _dumps(fields) if _dumps is not None else json.dumps(fields, separators=(",", ":")).encode()
 
 
 APPLY_LUA = r"""
@@ -107,16 +119,21 @@ local user_ttl, item_ttl = tonumber(ARGV[17]), tonumber(ARGV[18])  -- ms of inac
 local fair_max, fair_window = tonumber(ARGV[19]), tonumber(ARGV[20])
 local id_window = tonumber(ARGV[6]) * ID_BYTES  -- bytes of a user's event-id window
 local FIRST = 21
-local n = (#ARGV - FIRST + 1) / STRIDE
+local A = cjson.decode(ARGV[FIRST])  -- the events' fields, STRIDE each, in one JSON array (one argument, not thousands)
+local n = #A / STRIDE
 local flags = {}
 local applied, dups = 0, 0
 local windows, needs_ttl = {}, {}  -- ids key -> its window as this script left it; keys to give the user TTL
 
 local function fmt(x) return string.format('%.17g', x) end
 
--- add w*2^((t-L)/hl) to member of zset (the caller moved L forward first if t is far ahead)
+-- add w*2^((t-L)/hl) to member of zset (the caller moved L forward first if t is far ahead); returns 0 when
+-- the member was there before (its score is not the increment alone), nil when it may be new (for cap).
+-- The increment goes as a number: redis.call writes numbers with %.17g itself, as fmt would, in C
 local function decayed_add(zkey, member, w, t, hl, L)
-  redis.call('ZINCRBY', zkey, fmt(w * math.pow(2, (t - L) / hl)), member)
+  local inc = w * math.pow(2, (t - L) / hl)
+  if tonumber(redis.call('ZINCRBY', zkey, inc, member)) ~= inc then return 0 end
+  return nil
 end
 
 local function rescale(zkey, factor)
@@ -148,55 +165,184 @@ local function window_of(ids_key)
   return buf
 end
 
+-- keep the n highest-scored members (memory bounded by configuration, not by traffic); called after each
+-- command that may have added a member: `added` says whether it did (1 or 0) where the reply tells, nil where
+-- it does not. cards[zkey] is the set's size as counted in this script plus what was added since: exact while
+-- every addition was known (exact[zkey]), else an upper bound. Nothing runs while that is within n; past it,
+-- ZREMRANGEBYRANK trims exactly what "ZCARD > n, then trim" trimmed (nothing when the set is within n), so
+-- the set ends as before, with one call per event instead of two or three.
+local cards, exact = {}, {}
+local function cap(zkey, n, added)
+  local c = cards[zkey]
+  if c == nil then
+    c = redis.call('ZCARD', zkey)
+    exact[zkey] = true
+  elseif added == nil then
+    c = c + 1
+    exact[zkey] = false
+  else
+    c = c + added
+  end
+  if c > n then
+    local removed = redis.call('ZREMRANGEBYRANK', zkey, 0, -(n + 1))
+    exact[zkey] = exact[zkey] or removed > 0  -- removed nothing: within n, size unknown
+    c = n
+  end
+  cards[zkey] = c
+end
+
+-- whether ZINCRBY by 1 added its member: a count that reads 1 was not there before
+local function new_count(score)
+  if tonumber(score) == 1 then return 1 end
+  return 0
+end
+
+-- A user's hash (h) as this script sees it: fields read once (nothing else writes them while the script runs),
+-- changed in this copy and written back once per user at the end (no one sees the hash meanwhile), instead
+-- of three reads and four writes per event
+local users = {}
+local HOT = {'last_ts', 'first_ts', 'aff_L', 'n', 'browse', 'click', 'purchase'}
+local function user_of(h)
+  local uc = users[h]
+  if uc == nil then
+    local got = redis.call('HMGET', h, unpack(HOT))
+    uc = {v = {}, order = {}, dirty = {}, ttl_checked = false, refreshed = false}
+    for i, name in ipairs(HOT) do uc.v[name] = got[i] end
+    users[h] = uc
+  end
+  return uc
+end
+
+local function hget(uc, h, name)  -- the field's value (false: none)
+  local v = uc.v[name]
+  if v == nil then
+    v = redis.call('HGET', h, name)
+    uc.v[name] = v
+  end
+  return v
+end
+
+local function hset(uc, name, value)
+  uc.v[name] = value
+  if not uc.dirty[name] then uc.dirty[name] = true; uc.order[#uc.order + 1] = name end
+end
+
+local function hincr(uc, h, name)  -- HINCRBY name 1
+  local v = hget(uc, h, name)
+  local x = 0
+  if v then
+    x = tonumber(v)
+    if not x or x ~= math.floor(x) then error('ERR hash value is not an integer') end
+  end
+  hset(uc, name, x + 1)
+  return x + 1
+end
+
+-- HSET of the named fields of values, at most 100 fields a call (unpack has a limit)
+local function hset_fields(key, names, values)
+  for from = 1, #names, 100 do
+    local args = {}
+    for i = from, math.min(from + 99, #names) do args[#args + 1] = names[i]; args[#args + 1] = values[names[i]] end
+    redis.call('HSET', key, unpack(args))
+  end
+end
+
+local function write_users()
+  for h, uc in pairs(users) do
+    if #uc.order > 0 then
+      hset_fields(h, uc.order, uc.v)
+      if uc.refreshed then redis.call('PEXPIRE', h, user_ttl) end  -- a new user's h exists only now
+    end
+  end
+end
+
+-- PEXPIRE with the ttl of this script's (frozen) time: once it took, repeating it changes nothing
+local expired = {}
+local function expire_once(key, ttl)
+  if ttl > 0 and not expired[key] and redis.call('PEXPIRE', key, ttl) == 1 then expired[key] = true end
+end
+
+-- A user's fairness hash (item -> "window:count"), read field by field and written back once at the end like
+-- the user's hash; `cleared`: deleted in this script (over aff_cap items) and started afresh
+local fairs = {}
+local function fair_of(fair, uc)
+  local fc = fairs[fair]
+  if fc == nil then
+    fc = {v = {}, order = {}, dirty = {}, len = redis.call('HLEN', fair), cleared = false, uc = uc}
+    fairs[fair] = fc
+  end
+  return fc
+end
+
+local function fair_get(fc, fair, item)  -- the item's "window:count" (false: none)
+  local v = fc.v[item]
+  if v == nil then
+    if fc.cleared then v = false else v = redis.call('HGET', fair, item) end
+    fc.v[item] = v
+  end
+  return v
+end
+
+local function write_fairs()
+  for fair, fc in pairs(fairs) do
+    if fc.cleared then redis.call('DEL', fair) end
+    hset_fields(fair, fc.order, fc.v)
+    -- a fresh hash gets the user's TTL; so does one a TTL refresh of this script found missing (a new user)
+    if fc.cleared or fc.uc.refreshed then expire(fair, user_ttl) end
+  end
+end
+
 -- redelivered: at or below the user's applied offset of this partition, in the same log epoch
-local function redelivered(h, field, epoch, offset)
+local function redelivered(uc, h, field, epoch, offset)
   if field == '' then return false end
-  local stored = redis.call('HGET', h, 'o:' .. field)
+  local stored = hget(uc, h, 'o:' .. field)
   if not stored then return false end
   local e, o = string.match(stored, '^(%d+):(%d+)$')
   return tonumber(e) == epoch and offset <= tonumber(o)
 end
 
--- keep the n highest-scored members (memory bounded by configuration, not by traffic)
-local function cap(zkey, n)
-  if redis.call('ZCARD', zkey) > n then redis.call('ZREMRANGEBYRANK', zkey, 0, -(n + 1)) end
-end
-
 local pop_key = P .. ':pop'
 local pop_L_key = P .. ':pop:L'
+local items_key = P .. ':items:n'
+local PL = nil  -- the popularity landmark, once read
 
 for i = 0, n - 1 do
-  local b = FIRST + i * STRIDE
-  local eid, uid, item, etype, ts = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], tonumber(ARGV[b + 4])
-  local fp, field, epoch, offset = ARGV[b + 5], ARGV[b + 6], tonumber(ARGV[b + 7]), tonumber(ARGV[b + 8])
+  local b = 1 + i * STRIDE
+  local eid, uid, item, etype, ts = A[b], A[b + 1], A[b + 2], A[b + 3], tonumber(A[b + 4])
+  local fp, field, epoch, offset = A[b + 5], A[b + 6], tonumber(A[b + 7]), tonumber(A[b + 8])
   local u = P .. ':u:' .. uid
   local h, seq, aff, ids = u .. ':h', u .. ':seq', u .. ':aff', u .. ':ids'
   local buf = window_of(ids)
-  if not redelivered(h, field, epoch, offset) and not in_window(buf, fp) then
+  local uc = user_of(h)
+  if not redelivered(uc, h, field, epoch, offset) and not in_window(buf, fp) then
     applied = applied + 1
     flags[#flags + 1] = 1
     buf = buf .. fp
     if #buf > id_window then buf = string.sub(buf, -id_window) end
     windows[ids] = buf
-    if field ~= '' then redis.call('HSET', h, 'o:' .. field, ARGV[b + 7] .. ':' .. ARGV[b + 8]) end  -- as sent
+    if field ~= '' then hset(uc, 'o:' .. field, A[b + 7] .. ':' .. A[b + 8]) end  -- as sent
     local w = weights[etype]
 
     -- fairness: one user adds at most fair_max events per item and window to the shared aggregates
     local fair = u .. ':fair'
+    local fc = fair_of(fair, uc)
     local window_id = math.floor(ts / fair_window)
-    local seen_before = redis.call('HGET', fair, item)
+    local seen_before = fair_get(fc, fair, item)
     local count = 1
     if seen_before then
       local wid, c = string.match(seen_before, '^(%-?%d+):(%d+)$')
       if tonumber(wid) == window_id then count = tonumber(c) + 1 end
     end
-    local fresh = redis.call('HLEN', fair) >= aff_cap and not seen_before
-    if fresh then redis.call('DEL', fair) end
-    redis.call('HSET', fair, item, window_id .. ':' .. count)
-    if fresh then expire(fair, user_ttl) end
+    if fc.len >= aff_cap and not seen_before then  -- a fresh hash (deleted, and given the TTL, at the end)
+      fc.cleared, fc.v, fc.order, fc.dirty, fc.len = true, {}, {}, {}, 0
+    end
+    if not seen_before then fc.len = fc.len + 1 end
+    fc.v[item] = window_id .. ':' .. count
+    if not fc.dirty[item] then fc.dirty[item] = true; fc.order[#fc.order + 1] = item end
     local shares = count <= fair_max
 
     -- co-visitation with the user's events near this one in time (bounded fan-out)
+    local item_key = P .. ':covis:' .. item
     if fanout > 0 and shares then
       local near = redis.call('ZREVRANGEBYSCORE', seq, (ts + window) * TIE + TIE - 1, (ts - window) * TIE,
                               'LIMIT', 0, fanout * 3)
@@ -207,44 +353,41 @@ for i = 0, n - 1 do
           seen[other] = true
           k = k + 1
           local other_key = P .. ':covis:' .. other
-          redis.call('ZINCRBY', P .. ':covis:' .. item, 1, other)
-          if tonumber(redis.call('ZINCRBY', other_key, 1, item)) == 1 then expire(other_key, item_ttl) end
-          cap(P .. ':covis:' .. item, covis_cap)
-          cap(other_key, covis_cap)
+          local here = new_count(redis.call('ZINCRBY', item_key, 1, other))
+          local there = new_count(redis.call('ZINCRBY', other_key, 1, item))
+          if there == 1 then expire_once(other_key, item_ttl) end
+          cap(item_key, covis_cap, here)
+          cap(other_key, covis_cap, there)
           if k >= fanout then break end
         end
       end
     end
 
-    expire(P .. ':covis:' .. item, item_ttl)  -- an item's co-visitation lives while the item has events
+    expire_once(item_key, item_ttl)  -- an item's co-visitation lives while the item has events
 
     -- counts first: the user's event number breaks ties between equal timestamps
-    redis.call('HINCRBY', h, etype, 1)
-    local nth = redis.call('HINCRBY', h, 'n', 1)
+    hincr(uc, h, etype)
+    local nth = hincr(uc, h, 'n')
 
     -- recent sequence, ordered by event time then arrival, capped
-    redis.call('ZADD', seq, ts * TIE + (nth % TIE), item .. '|' .. etype .. '|' .. eid)
-    if redis.call('ZCARD', seq) > seq_len then
-      redis.call('ZREMRANGEBYRANK', seq, 0, -(seq_len + 1))
-    end
+    cap(seq, seq_len, redis.call('ZADD', seq, ts * TIE + (nth % TIE), item .. '|' .. etype .. '|' .. eid))
 
     -- first/last seen
-    local last = tonumber(redis.call('HGET', h, 'last_ts'))
-    if not last or ts > last then redis.call('HSET', h, 'last_ts', ts) end
-    local first = tonumber(redis.call('HGET', h, 'first_ts'))
-    if not first or ts < first then redis.call('HSET', h, 'first_ts', ts) end
+    local last = tonumber(hget(uc, h, 'last_ts'))
+    if not last or ts > last then hset(uc, 'last_ts', ts) end
+    local first = tonumber(hget(uc, h, 'first_ts'))
+    if not first or ts < first then hset(uc, 'first_ts', ts) end
 
     -- time-decayed affinity (per-user landmark)
-    local L = tonumber(redis.call('HGET', h, 'aff_L'))
-    if not L then L = ts; redis.call('HSET', h, 'aff_L', ts) end
+    local L = tonumber(hget(uc, h, 'aff_L'))
+    if not L then L = ts; hset(uc, 'aff_L', ts) end
     if (ts - L) / aff_hl > rescale_after then
       rescale(aff, math.pow(2, -(ts - L) / aff_hl))
       expire(aff, user_ttl)  -- the rescale rewrote the key
       L = ts
-      redis.call('HSET', h, 'aff_L', ts)
+      hset(uc, 'aff_L', ts)
     end
-    decayed_add(aff, item, w, ts, aff_hl, L)
-    cap(aff, aff_cap)
+    cap(aff, aff_cap, decayed_add(aff, item, w, ts, aff_hl, L))
 
     if etype == 'purchase' then
       redis.call('ZADD', u .. ':bought', 'GT', ts, item)
@@ -257,13 +400,18 @@ for i = 0, n - 1 do
 
     -- retention: a user's keys live until RTREC_USER_TTL_DAYS after their latest event; refreshed
     -- when 1/64 of the TTL has passed (one PTTL per event instead of five PEXPIREs)
-    if user_ttl > 0 and redis.call('PTTL', h) < user_ttl - math.floor(user_ttl / 64) then
-      for _, key in ipairs({h, seq, aff, u .. ':bought', fair}) do redis.call('PEXPIRE', key, user_ttl) end
-      needs_ttl[ids] = true  -- expires with the others once written below
+    -- (checked once per user and script: the script's time stands still, so a second PTTL reads the same)
+    if user_ttl > 0 and not uc.ttl_checked then
+      uc.ttl_checked = true
+      if redis.call('PTTL', h) < user_ttl - math.floor(user_ttl / 64) then
+        uc.refreshed = true
+        for _, key in ipairs({h, seq, aff, u .. ':bought', fair}) do redis.call('PEXPIRE', key, user_ttl) end
+        needs_ttl[ids] = true  -- expires with the others once written below
+      end
     end
 
     -- global trending popularity (global landmark) and raw counts
-    local PL = tonumber(redis.call('GET', pop_L_key))
+    if PL == nil then PL = tonumber(redis.call('GET', pop_L_key)) or false end  -- read once per script
     if not PL then PL = ts; redis.call('SET', pop_L_key, ts) end
     if (ts - PL) / pop_hl > rescale_after then
       rescale(pop_key, math.pow(2, -(ts - PL) / pop_hl))
@@ -271,16 +419,16 @@ for i = 0, n - 1 do
       redis.call('SET', pop_L_key, ts)
     end
     if shares then
-      decayed_add(pop_key, item, w, ts, pop_hl, PL)
-      cap(pop_key, items_cap)
+      cap(pop_key, items_cap, decayed_add(pop_key, item, w, ts, pop_hl, PL))
     end
-    redis.call('ZINCRBY', P .. ':items:n', 1, item)
-    cap(P .. ':items:n', items_cap)
+    cap(items_key, items_cap, new_count(redis.call('ZINCRBY', items_key, 1, item)))
   else
     dups = dups + 1
     flags[#flags + 1] = 0
   end
 end
+write_users()
+write_fairs()
 for ids, buf in pairs(windows) do
   redis.call('SET', ids, buf, 'KEEPTTL')
   if needs_ttl[ids] then expire(ids, user_ttl) end
@@ -350,8 +498,10 @@ class StateReads:
     affinities: int = 100  # top affinities
 
 
-@dataclass(frozen=True, slots=True)
-class SeqEntry:
+class SeqEntry(NamedTuple):
+    """One event of a user's sequence. A named tuple, not a frozen dataclass: the recommend worker builds
+    up to 200 per user per request, and a frozen dataclass costs several times as much to create."""
+
     item_id: str
     type: str
     ts: int
@@ -380,7 +530,12 @@ class UserState:
 
 def _pairs(flat: Sequence[Any]) -> list[tuple[str, float]]:
     """A flat WITHSCORES reply, ``[member, score, ...]``, as (member, score) pairs."""
-    return [(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
+    return list(zip(flat[0::2], map(float, flat[1::2])))  # the recommend worker's hottest loop: no Python indexing
+
+
+def _split_member(member: str) -> list[str]:
+    """A sequence member, ``item|type|event_id``, as its three parts (the event id may hold '|')."""
+    return member.split("|", 2)
 
 
 def _relative(pairs: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
@@ -400,7 +555,7 @@ class _Chunk:
 
     prefix: str
     numbers: list[int]  # the events' places in the batch
-    args: list[str | int | float]
+    args: list[str | bytes | int | float]
 
 
 class StateStore:
@@ -488,10 +643,8 @@ class StateStore:
             return []
         chunks = self._chunks(events, positions)
         calls = [ScriptCall(APPLY_LUA, [chunk.prefix], chunk.args) for chunk in chunks]
-        by_prefix: dict[str, list[int]] = {}
-        for n, chunk in enumerate(chunks):
-            by_prefix.setdefault(chunk.prefix, []).append(n)
-        results = yield Round(calls, pipelined=not self.buckets, lanes=list(by_prefix.values()))
+        # on a cluster a bucket's calls share its hash slot: they run in batch order on its master
+        results = yield Round(calls, pipelined=not self.buckets)
         flags = [False] * len(events)
         for chunk, reply in zip(chunks, results):
             for i, flag in zip(chunk.numbers, reply):
@@ -506,11 +659,8 @@ class StateStore:
         would raise the user's watermark above it, so the retry would skip the earlier one as redelivered.
         One user with more than CHUNK events in a batch gets a call of their own.
         """
-        users: dict[str, dict[str, list[int]]] = {}  # prefix -> user -> the user's events, in batch order
-        for number, ev in enumerate(events):
-            users.setdefault(self.user_prefix(ev.user_id), {}).setdefault(ev.user_id, []).append(number)
         chunks = []
-        for prefix, by_user in users.items():
+        for prefix, by_user in self._users_by_prefix(events).items():
             part: list[int] = []
             for numbers in by_user.values():
                 if part and len(part) + len(numbers) > self.CHUNK:
@@ -520,24 +670,36 @@ class StateStore:
             chunks.append(self._chunk(prefix, part, events, positions))
         return chunks
 
+    def _users_by_prefix(self, events: Sequence[Event]) -> dict[str, dict[str, list[int]]]:
+        """prefix -> user -> the user's event numbers, in batch order (one prefix unless clustered)."""
+        if self.buckets:
+            users: dict[str, dict[str, list[int]]] = {}
+            for number, ev in enumerate(events):
+                users.setdefault(self.user_prefix(ev.user_id), {}).setdefault(ev.user_id, []).append(number)
+            return users
+        by_user: dict[str, list[int]] = {}
+        for number, ev in enumerate(events):  # the hot path of one Redis: no prefix per event
+            numbers = by_user.get(ev.user_id)
+            if numbers is None:
+                by_user[ev.user_id] = [number]
+            else:
+                numbers.append(number)
+        return {self.prefix: by_user}
+
     def _chunk(
         self, prefix: str, numbers: list[int], events: Sequence[Event], positions: Sequence[LogPosition | None] | None
     ) -> _Chunk:
-        """One APPLY_LUA call's arguments: the settings, then each event with its log position."""
-        args = [*self._config_args, prefix, TIE_SLOTS, *self._cap_args]
+        """One APPLY_LUA call's arguments: the settings, then every event's fields with its log position in
+        one JSON array. One argument instead of ARGS_PER_EVENT per event: the client encodes each argument
+        on its own, which cost more than the rest of the batch's work in the state worker."""
+        fields: list[str] = []
+        add = fields.extend
         for i in numbers:
             ev = events[i]
             at = positions[i] if positions is not None else None
-            args += [
-                ev.event_id,
-                ev.user_id,
-                ev.item_id,
-                ev.type,
-                ev.ts,
-                id_fingerprint(ev.event_id),
-                *((at.field, at.epoch, at.offset) if at is not None else NO_POSITION),
-            ]
-        return _Chunk(prefix, numbers, args)
+            add((ev.event_id, ev.user_id, ev.item_id, ev.type, str(ev.ts), id_fingerprint(ev.event_id)))
+            add((at.field, str(at.epoch), str(at.offset)) if at is not None else NO_POSITION)
+        return _Chunk(prefix, numbers, [*self._config_args, prefix, TIE_SLOTS, *self._cap_args, _json(fields)])
 
     # ---- reading ---------------------------------------------------------------
     def default_reads(self) -> StateReads:
@@ -652,10 +814,11 @@ def _user_state(
 ) -> UserState:
     """A READ_LUA reply as a UserState; in a cluster the recent items' neighbours come merged from every bucket."""
     h = dict(zip(raw[0][0::2], raw[0][1::2]))
-    sequence = []
-    for member, score in _pairs(raw[1]):
-        item, etype, eid = member.split("|", 2)
-        sequence.append(SeqEntry(item, etype, int(score) // TIE_SLOTS, eid))
+    flat = raw[1]
+    sequence = [
+        SeqEntry(parts[0], parts[1], int(score) // TIE_SLOTS, parts[2])
+        for parts, score in zip(map(_split_member, flat[0::2]), flat[1::2])
+    ]
     recent = range(4, len(raw), 2)  # after hash, sequence, affinities, purchases: item, neighbours, item, ...
     if merged_covis is None:
         covis = {raw[i]: _pairs(raw[i + 1]) for i in recent}

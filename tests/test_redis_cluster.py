@@ -159,3 +159,39 @@ def test_state_and_generation_workers_run_on_the_cluster(cluster, tmp_path) -> N
             assert not r.get("error") and not r["fallback"] and len(r["items"]) == 5
     finally:
         stack.stop()
+
+
+def test_the_async_client_applies_and_reads_in_one_pipeline_per_node_and_survives_a_script_flush(cluster) -> None:
+    """The workers' path on a cluster: scripts as EVALSHA in per-node pipelines; a node that lost its
+    scripts (restarted, flushed) is given them again and the round runs again, deduped."""
+    import asyncio
+    from hashlib import sha1
+
+    from rtrec.stream.connections import async_redis_client
+    from rtrec.stream.state_store import READ_LUA
+
+    read_sha = sha1(READ_LUA.encode()).hexdigest()
+    settings, client, _ = cluster
+    store = StateStore(settings, prefix=f"a{uuid.uuid4().hex[:6]}")
+    events = sample_events(600, settings)
+    users = sorted({e.user_id for e in events})[:20]
+    want = store.fetch(client, users, ALL) if store.apply(client, events[:300]) else None
+
+    async def go() -> tuple[list[bool], list, list[bool]]:
+        aclient = async_redis_client(settings)
+        try:
+            first = await store.apply_async(aclient, events[300:])
+            for node in client.get_primaries():  # every node forgets rtrec's scripts
+                client.execute_command("SCRIPT", "FLUSH", target_nodes=node)
+                assert client.execute_command("SCRIPT", "EXISTS", read_sha, target_nodes=node) == [0]
+            states = await store.fetch_async(aclient, users, ALL)
+            again = await store.apply_async(aclient, events)  # redelivered: every event a duplicate
+            return first, states, again
+        finally:
+            await aclient.aclose()
+
+    first, states, again = asyncio.run(go())
+    assert all(first) and not any(again)
+    assert store.stats(client) == {"applied": 600, "duplicates": 600}
+    assert want is not None and [s.user_id for s in states] == users
+    assert states == store.fetch(client, users, ALL)  # the async read equals the sync one

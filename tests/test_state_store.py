@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import math
 import random
 import uuid
@@ -43,6 +44,12 @@ T0 = 1_767_225_600_000
 FIRST_EVENT_ARG = 20  # settings, prefix, tie slots and caps come first (APPLY_LUA's FIRST = 21, 1-based)
 MINUTE = 60_000
 HOUR = 3_600_000
+
+
+def event_ids(call) -> list[str]:
+    """The event ids an APPLY_LUA call carries (its events' fields are one JSON array after the settings)."""
+    assert len(call.args) == FIRST_EVENT_ARG + 1
+    return json.loads(call.args[FIRST_EVENT_ARG])[::ARGS_PER_EVENT]
 
 
 def new_store(**overrides) -> StateStore:
@@ -98,7 +105,7 @@ def async_twin(client: redis.Redis) -> redis.asyncio.Redis:
 # ---- one plan, two clients -------------------------------------------------------------------------
 
 
-def test_a_batch_is_one_pipeline_on_one_redis_and_lanes_per_bucket_on_a_cluster() -> None:
+def test_a_batch_is_one_pipeline_on_one_redis_and_in_batch_order_per_bucket_on_a_cluster() -> None:
     """The calls of a batch are built without a server; the replies map back to the batch's order."""
     events = [ev(f"user{n % 40}", f"i{n % 9}", T0 + n) for n in range(600)]
     number = {e.event_id: n for n, e in enumerate(events)}
@@ -109,11 +116,12 @@ def test_a_batch_is_one_pipeline_on_one_redis_and_lanes_per_bucket_on_a_cluster(
         steps = store.apply_plan(events).steps()
         round_ = next(steps)
         assert round_.pipelined == (store is single)
-        ids = [[call.args[i] for i in range(FIRST_EVENT_ARG, len(call.args), ARGS_PER_EVENT)] for call in round_.calls]
+        ids = [event_ids(call) for call in round_.calls]
         assert sorted(n for part in ids for n in map(number.get, part)) == list(range(600))
         assert all(len(part) <= store.CHUNK for part in ids)
-        for lane in round_.lane_numbers():  # each lane: one bucket, its calls in batch order
-            assert len({round_.calls[n].keys[0] for n in lane}) == 1
+        for bucket in {call.keys[0] for call in round_.calls}:  # a bucket's calls in batch order (one slot)
+            numbers = [min(map(number.get, ids[n])) for n, call in enumerate(round_.calls) if call.keys[0] == bucket]
+            assert numbers == sorted(numbers)
         with pytest.raises(StopIteration) as done:
             steps.send([[number[eid] % 2 for eid in part] for part in ids])
         assert done.value.value == [n % 2 == 1 for n in range(600)]
@@ -264,7 +272,7 @@ def test_a_call_a_full_redis_refused_loses_no_event_of_its_users(redis_only) -> 
     assert len(round_.calls) > 1
     for call in round_.calls[1:]:  # the first call was refused (OOM), the others ran
         redis_only.register_script(call.source)(keys=call.keys, args=call.args)
-    assert sum(store.apply(redis_only, events, positions)) == len(round_.calls[0].args[FIRST_EVENT_ARG::ARGS_PER_EVENT])
+    assert sum(store.apply(redis_only, events, positions)) == len(event_ids(round_.calls[0]))
     assert sum(int(redis_only.hget(f"{store.prefix}:u:u{k}:h", "n")) for k in range(7)) == n
 
 
@@ -752,3 +760,165 @@ def test_a_read_survives_a_redis_restart_between_two_reads(tmp_path) -> None:
         assert store.fetch(client, ["u"])[0].known  # the CLI's path
     finally:
         server.stop()
+
+
+# ---- the hot path's shortcuts change nothing ---------------------------------------------------------
+
+
+def dump_with_ttls(client, store: StateStore) -> dict:
+    """``dump`` with each key's TTL in whole minutes (two stores written a moment apart agree on those)."""
+    return {
+        name: (value, round(client.pttl(f"{store.prefix}{name}") / MINUTE))
+        for name, value in dump(client, store).items()
+    }
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"sequence_length": 4, "affinity_cap": 3, "covis_cap": 2, "items_cap": 5, "fair_max_per_item": 1},
+        {"affinity_half_life_ms": MINUTE, "trend_half_life_ms": MINUTE, "user_ttl_days": 1.0, "item_ttl_days": 0.5},
+        {"covis_fanout": 0, "user_ttl_days": 0.0, "item_ttl_days": 0.0, "dedupe_window": 3},
+    ],
+    ids=["defaults", "tight-caps", "decay-and-ttls", "no-covis-no-ttl"],
+)
+def test_one_script_call_per_chunk_equals_one_call_per_event(redis_only, overrides) -> None:
+    """APPLY_LUA reads a user's hash once, writes it back once, and counts a set only when it may have
+    outgrown its cap: a chunk must still leave exactly what the same events applied one call each leave
+    (caps crossed again and again, fairness windows, rescaled landmarks, resent and redelivered events)."""
+    rnd = random.Random(7)
+    events: list[Event] = []
+    positions: list[LogPosition | None] = []
+    for n in range(700):
+        if events and rnd.random() < 0.1:  # resent (another offset) or redelivered (the same one)
+            k = rnd.randrange(len(events))
+            events.append(events[k])
+            positions.append(positions[k] if rnd.random() < 0.5 else at(n, field=f"ev:{n % 2}"))
+            continue
+        etype = rnd.choice(["browse", "browse", "click", "purchase"])
+        jump = 400 * 86_400_000 if rnd.random() < 0.01 else 0  # far ahead: the landmarks move
+        events.append(ev(f"u{rnd.randrange(6)}", f"i{rnd.randrange(12)}", T0 + n * MINUTE + jump, etype))
+        positions.append(None if rnd.random() < 0.1 else at(n, field=f"ev:{n % 2}"))
+    assert_one_call_equals_one_call_per_event(redis_only, events, positions, overrides)
+
+
+def assert_one_call_equals_one_call_per_event(client, events, positions, overrides) -> None:
+    batched, single = new_store(**overrides), new_store(**overrides)
+    flags = batched.apply(client, events, positions)
+    first_seen = {e.user_id: n for n, e in reversed(list(enumerate(events)))}
+    order = sorted(range(len(events)), key=lambda n: (first_seen[events[n].user_id], n))  # a batch's calls: by user
+    one_by_one = {n: single.apply(client, [events[n]], [positions[n]])[0] for n in order}
+    assert flags == [one_by_one[n] for n in range(len(events))]
+    assert dump_with_ttls(client, batched) == dump_with_ttls(client, single)
+    assert batched.stats(client) == single.stats(client)
+
+
+def test_a_user_with_hundreds_of_items_in_one_call(redis_only) -> None:
+    """The write-back of a user's hashes at the end of a call goes out in slices (Lua's unpack has a limit)."""
+    events = [ev("many", f"i{n}", T0 + n) for n in range(600)]
+    positions = [at(n) for n in range(600)]
+    assert_one_call_equals_one_call_per_event(redis_only, events, positions, {"affinity_cap": 1000})
+
+
+@pytest.mark.parametrize("encoder", ["orjson", "json"])
+def test_event_fields_travel_as_one_json_argument_whatever_they_hold(redis_only, monkeypatch, encoder) -> None:
+    """A chunk's events are one JSON array for the script, so no character of a field can shift another
+    field (the store takes Events built without validation too); orjson or json (escapes) alike."""
+    from rtrec.stream import state_store
+
+    if encoder == "json":
+        monkeypatch.setattr(state_store, "_dumps", None)
+    elif state_store._dumps is None:
+        pytest.skip("orjson is not installed")
+    store = new_store()
+    odd = ev('u "1"', 'itém,\n"x', T0, eid="e\x00\\1")
+    [call] = next(store.apply_plan([odd]).steps()).calls
+    assert json.loads(call.args[FIRST_EVENT_ARG])[:4] == ["e\x00\\1", 'u "1"', 'itém,\n"x', "browse"]
+    assert store.apply(redis_only, [odd]) == [True]
+    assert store.apply(redis_only, [odd]) == [False]
+    [state] = store.fetch(redis_only, ['u "1"'])
+    assert [(s.item_id, s.event_id) for s in state.sequence] == [('itém,\n"x', "e\x00\\1")]
+
+
+def test_orjson_reads_every_payload_as_json_does(monkeypatch) -> None:
+    """The state worker parses events with orjson when it is installed; whatever it accepts, refuses or reads
+    differently (integers beyond 64 bits, deep nesting, lone surrogates, NaN) must end as json's path ends."""
+    from rtrec.stream import events
+
+    if events._fast_loads is None:
+        pytest.skip("orjson is not installed: json is the only path")
+    settings = BASE
+    valid = b'{"event_id":"e1","user_id":"u1","item_id":"i1","type":"click","ts":%d' % T0
+    payloads = [
+        valid + b"}",
+        valid + b',"session_id":"s1","price":12.5,"quantity":2,"context":{"page":"home","n":[1,2.5,{"a":null}]}}',
+        valid + b',"quantity":123456789012345678901234567890}',
+        valid + b',"price":1e400}',
+        valid + b',"price":NaN}',
+        valid + b',"price":18446744073709551616}',
+        valid + b',"price":9223372036854775808.0}',
+        valid.replace(b"%d" % T0, b"99999999999999999999999") + b"}",
+        valid + b',"context":{"x":' + b"[" * 150 + b"]" * 150 + b"}}",
+        valid + b',"context":{"x":' + b"[" * 99 + b"]" * 99 + b"}}",
+        valid + b',"item_id":"\\ud800"}',
+        valid + b',"user_id":"\xe9"}',
+        b"\xef\xbb\xbf" + valid + b"}",
+        b" \n" + valid + b"} \t",
+        valid + b"}x",
+        valid + b',"ts":true}',
+        b"[1, 2]",
+        b'"text"',
+        b"",
+        b"[" * 5000 + b"]" * 5000,
+        valid + b',"type":"click","type":"browse"}',
+    ]
+
+    def outcome(raw: bytes):
+        try:
+            return events.parse_event(raw, settings, now_ms=T0)
+        except events.InvalidEvent as exc:
+            return exc.reason, exc.detail
+
+    fast = [outcome(raw) for raw in payloads]
+    monkeypatch.setattr(events, "_fast_loads", None)
+    slow = [outcome(raw) for raw in payloads]
+    assert [repr(x) for x in fast] == [repr(x) for x in slow]
+    assert isinstance(fast[0], Event) and isinstance(fast[1], Event)
+
+
+def test_histogram_observed_per_batch_counts_as_observed_per_event() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from rtrec.workers.state import observe_many
+
+    registry = CollectorRegistry()
+    one = Histogram("one_by_one", "", buckets=(0.001, 0.01, 0.1, 1), registry=registry)
+    many = Histogram("per_batch", "", buckets=(0.001, 0.01, 0.1, 1), registry=registry)
+    values = [0.0, 0.001, 0.0010001, 0.005, 0.01, 0.5, 1.0, 2.0, 30.0, 0.0002] * 3
+    for v in values:
+        one.observe(v)
+    observe_many(many, values[:7])
+    observe_many(many, values[7:])
+    observe_many(many, [])
+
+    def samples(name: str) -> dict[str, float]:
+        """The histogram's bucket counts (by bound), count and sum."""
+        [metric] = [m for m in registry.collect() if m.name == name]
+        return {
+            f"{s.name}{s.labels.get('le', '')}".removeprefix(name): s.value
+            for s in metric.samples
+            if not s.name.endswith("_created")  # a timestamp, not an observation
+        }
+
+    got, want = samples("per_batch"), samples("one_by_one")
+    assert got.keys() == want.keys()
+    assert all(math.isclose(got[k], want[k]) for k in want)
+
+
+def test_latency_samples_are_one_entry_per_batch() -> None:
+    from rtrec.workers.state import decode_samples, encode_samples
+
+    lags = [0.0, 1.23456, 40.0, 1234.5]
+    entries = [encode_samples(lags), encode_samples([7.0]).encode()]
+    assert decode_samples(entries) == [0.0, 1.235, 40.0, 1234.5, 7.0]

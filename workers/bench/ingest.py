@@ -35,6 +35,7 @@ from rtrec.stream.state_store import StateStore
 from rtrec.stream.synthetic import SyntheticConfig, generate_events
 from rtrec.workers.bench.stack_load import wait_applied
 from rtrec.workers.stack import Stack
+from rtrec.workers.state import decode_samples
 
 
 def _events(n: int, seed: int) -> list[dict]:
@@ -94,8 +95,8 @@ def run_bench(settings: Settings, n_events: int, baseline_events: int, plot: Pat
         start = time.monotonic()
         end = wait_applied(store, client, n_events, stack, timeout_s=600)
         results["rtrec_events_per_s"] = n_events / (end - start)
-        while client.llen(INGEST_LATENCY) < n_events:  # samples are pushed just after each apply
-            time.sleep(0.01)
+        while len(decode_samples(client.lrange(INGEST_LATENCY, 0, -1))) < n_events:  # pushed just after each apply
+            time.sleep(0.05)
         client.delete(INGEST_LATENCY)
 
         rate = min(5000.0, results["rtrec_events_per_s"] / 2)
@@ -103,7 +104,10 @@ def run_bench(settings: Settings, n_events: int, baseline_events: int, plot: Pat
         console.rule(f"2. latency: {n_paced:,} events at a steady {rate:,.0f}/s")
         _produce(s, _events(n_paced, seed=2), rate=rate, desc="paced")
         wait_applied(store, client, n_events + n_paced, stack, timeout_s=600)
-        lat = np.array([float(x) for x in client.lrange(INGEST_LATENCY, 0, -1)])
+        deadline = time.monotonic() + 10  # the last batch's samples follow its apply
+        while len(decode_samples(client.lrange(INGEST_LATENCY, 0, -1))) < n_paced and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lat = np.array(decode_samples(client.lrange(INGEST_LATENCY, 0, -1)))
         results["p50_ms"], results["p99_ms"] = np.percentile(lat, [50, 99])
 
         console.rule(f"3. naive baseline: {baseline_events:,} events, one Redis round-trip each")
