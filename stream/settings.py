@@ -137,6 +137,9 @@ class RuntimeSettings(_Section):
         ge=1,
         description="longest fetch wait of a worker idle for 1 s; `rtrec up` sets 100 for its embedded broker",
     )
+    commit_interval_ms: int = Field(
+        100, ge=0, description="handled batches' offsets are committed together at most this often (0 = per batch)"
+    )
     max_restarts: int = Field(5, ge=0, description="crashes in a row of one `rtrec up` child before the stack gives up")
     restart_backoff_s: float = Field(
         0.5, gt=0, description="first wait before restarting a crashed child (doubled after each crash, at most 10 s)"

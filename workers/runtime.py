@@ -7,7 +7,10 @@ inside its Faust app, so Faust still owns the process (signals, logging,
 lifecycle) and the runtime owns delivery semantics and fault handling:
 
 * at-least-once: offsets are committed after the handler returned, never before;
-  the handler must be idempotent (the state store dedupes by event_id);
+  the handler must be idempotent (the state store dedupes by event_id); the
+  handled batches' offsets are committed together once per
+  ``RTREC_COMMIT_INTERVAL_MS`` (and at the first empty poll, and at stop), so a
+  crash or a rebalance redelivers at most that long of records;
 * **transient faults** (Redis or broker unreachable, timeouts) retry the *same*
   batch with backoff and jitter; the lag grows (back-pressure) and, past
   ``RTREC_STALL_ALERT_S``, ``/readyz`` fails and
@@ -25,8 +28,9 @@ lifecycle) and the runtime owns delivery semantics and fault handling:
 * side tasks (the model watcher, the lag exporter) run supervised
   (workers/supervisor.py): restarted with backoff and shown in ``/readyz``;
 * a handler may return an awaitable (e.g. the broker's acks of what it produced):
-  the loop fetches and handles the next batch meanwhile, and commits this batch
-  only once the awaitable completed; if it fails, the batch is handled again.
+  the loop fetches and handles the next batches meanwhile (up to ``MAX_IN_FLIGHT``),
+  and commits this batch only once the awaitable completed; if it fails, the batch
+  is handled again.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -54,6 +59,7 @@ from rtrec.workers.supervisor import Supervisor, TaskFactory
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 TOPIC_CHECK_S = 2.0  # how often a worker looks for its topics on the broker
+MAX_IN_FLIGHT = 4  # handled batches whose acks and commit may still be pending while the loop goes on
 BACKGROUND_IDLE_WAIT_MS = 1000  # idle fetch wait of readers nobody waits for (the trainer, the quality join)
 
 Handler = Callable[[Sequence[ConsumerRecord]], Awaitable[Awaitable[object] | None]]
@@ -109,7 +115,10 @@ class ConsumerRuntime:
         self.stalled_since: float | None = None
         self.tasks = Supervisor(worker, max_backoff_s=settings.retry_max_backoff_s)
         self._stopping = asyncio.Event()
-        self._commit_task: asyncio.Task | None = None
+        self._commit_task: asyncio.Task | None = None  # the newest batch's commit step (each awaits the one before)
+        self._in_flight: deque[asyncio.Task] = deque()
+        self._uncommitted: dict[TopicPartition, int] = {}  # handled, not yet committed (commits are coalesced)
+        self._last_commit = time.monotonic()
         CONSUMER_STALLED.labels(group=group).set(0)
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -124,6 +133,7 @@ class ConsumerRuntime:
         await self.tasks.stop()
         if self._commit_task is not None:
             await asyncio.gather(self._commit_task, return_exceptions=True)
+        await self._flush_commits()
         await self.consumer.stop()
 
     def checks(self) -> dict[str, bool]:
@@ -141,18 +151,15 @@ class ConsumerRuntime:
         while not self._stopping.is_set():
             batch = await self.poll()
             if not batch:
+                await self._commit_when_quiet()
                 if idle is not None:
                     await self._handle_idle(idle)
                 continue
             records = [r for tp in sorted(batch, key=_tp_key) for r in batch[tp]]
             readable = await self._screen(records)
             pending = await self._handle(handler, readable) if readable else None
-            # commit in the background while the next batch is fetched and handled; commits stay in
-            # order (each waits for the previous), and each follows its own batch's handling
-            if self._commit_task is not None:
-                await self._commit_task
             if self.commit_batches:
-                self._commit_task = asyncio.create_task(self._commit(batch, handler, readable, pending))
+                await self._follow(batch, handler, readable, pending)
             self.batches += 1
             self.records += len(records)
 
@@ -267,13 +274,34 @@ class ConsumerRuntime:
             self.stalled_since = None
             CONSUMER_STALLED.labels(group=self.group).set(0)
 
-    async def _commit(
+    async def _follow(
         self,
         batch: dict[TopicPartition, list[ConsumerRecord]],
         handler: Handler,
         records: list[ConsumerRecord],
         pending: Awaitable[object] | None,
     ) -> None:
+        """Commit the batch in the background once its handling completed (e.g. its responses acked), while
+        the loop fetches and handles the next ones: up to MAX_IN_FLIGHT batches are in flight, so the loop
+        never waits for the broker's acks of one batch before reading the next. Commits stay in order
+        (each waits for the previous one)."""
+        self._commit_task = asyncio.create_task(self._commit(self._commit_task, batch, handler, records, pending))
+        self._in_flight.append(self._commit_task)
+        while self._in_flight and self._in_flight[0].done():
+            self._in_flight.popleft()
+        if len(self._in_flight) > MAX_IN_FLIGHT:
+            await self._in_flight.popleft()
+
+    async def _commit(
+        self,
+        previous: asyncio.Task | None,
+        batch: dict[TopicPartition, list[ConsumerRecord]],
+        handler: Handler,
+        records: list[ConsumerRecord],
+        pending: Awaitable[object] | None,
+    ) -> None:
+        if previous is not None:  # offsets only move forward: an earlier batch's commit step goes first
+            await asyncio.gather(previous, return_exceptions=True)
         while pending is not None:
             try:
                 await pending
@@ -286,8 +314,23 @@ class ConsumerRuntime:
                 )
                 BATCH_RETRIES.labels(worker=self.worker, reason=type(exc).__name__).inc()
                 pending = await self._handle(handler, records)
-        offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items() if recs}
-        await self.offsets.commit(offsets)
+        self._uncommitted.update({tp: recs[-1].offset + 1 for tp, recs in batch.items() if recs})
+        if time.monotonic() - self._last_commit >= self.settings.commit_interval_ms / 1000:
+            await self._flush_commits()
+
+    async def _commit_when_quiet(self) -> None:
+        """An empty poll commits what was handled since the last commit (after that batch's own commit step)."""
+        if self._commit_task is not None:
+            await self._commit_task
+        await self._flush_commits()
+
+    async def _flush_commits(self) -> None:
+        """Commit every handled batch's offsets at once: one commit request per interval, not one per batch
+        (at a hundred small batches a second, a hundred commit requests for the broker to answer)."""
+        offsets, self._uncommitted = self._uncommitted, {}
+        self._last_commit = time.monotonic()
+        if offsets:
+            await self.offsets.commit(offsets)
 
     async def _keep_topics(self) -> None:
         """Recreate rtrec's topics when the broker lost them (a memory-only broker restarted)."""
