@@ -135,7 +135,7 @@ class RuntimeSettings(_Section):
     idle_fetch_wait_ms: int = Field(
         500,
         ge=1,
-        description="longest fetch wait of a worker idle for 1 s; `rtrec up` sets 100 for its embedded broker",
+        description="longest fetch wait of a worker idle for 1 s; `rtrec up` sets 200 for its embedded broker",
     )
     commit_interval_ms: int = Field(
         100, ge=0, description="handled batches' offsets are committed together at most this often (0 = per batch)"

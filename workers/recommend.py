@@ -1,11 +1,13 @@
 """Recommendation worker: request records -> `RankingPipeline` -> response records.
 
 Run as ``python -m rtrec.workers.recommend``. Per batch it parses and validates the
-requests (bad ones are dead-lettered and answered with an error), asks the ranking
-pipeline (model/ranking.py: state read, scoring, fusion, diversity, reasons — the same
-object `rtrec eval` measures) for every valid one at once, publishes the responses and
-counts them. Responses are produced (and acked by the broker) before the request offsets
-are committed, so a crash re-answers rather than drops. A batch whose ranking fails
+requests (bad ones are dead-lettered and answered with an error) and reads the users'
+states (the ranking pipeline's first stage, model/ranking.py); a ranker task then ranks
+every batch read so far in one call (scoring, fusion, diversity, reasons — the same
+object `rtrec eval` measures), publishes each batch's responses in order and counts them.
+While the model ranks, the loop reads the next batches: neither waits for the other.
+Responses are produced (and acked by the broker) before the request offsets are
+committed, so a crash re-answers rather than drops. A batch whose ranking fails
 (Redis down, a model error) answers every request in it with an error response, once:
 the stats written afterwards are best-effort and never cause a re-publish. A request
 whose reply topic is refused, missing or unsendable is dead-lettered and answered with
@@ -17,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import faust
@@ -44,6 +48,7 @@ from rtrec.workers.reply_topics import ReplyTopics
 from rtrec.workers.runtime import ConsumerRuntime
 
 log = logging.getLogger(__name__)
+GIL_SWITCH_S = 0.0005
 FRESHNESS_USERS = 100_000  # users whose last reflected event the worker remembers
 Answer = tuple[ConsumerRecord, RecResponse, str | None]  # a request record, its response, its reply topic
 
@@ -71,7 +76,8 @@ class RecommendWorker:
         self.pipeline = RankingPipeline(settings, recommender, baseline=fallback)  # fallback: trending, unknown users
         self.reply_topics = ReplyTopics(producer)
         self._reflected: OrderedDict[str, int] = OrderedDict()  # user -> newest event ts already answered from
-        self._published: asyncio.Future[None] | None = None  # set once the latest batch's responses are sent
+        self._queue: list[Queued] = []  # batches read, waiting for the model
+        self._ranker: asyncio.Task | None = None  # ranks the queue while it is not empty
         self.answered = 0
         self.errors = 0
         self.batches = 0
@@ -86,11 +92,10 @@ class RecommendWorker:
         self.pipeline.recommender = recommender
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> Awaitable[object]:
-        """Parse the batch and read its users' states; rank and publish it in a task of its own.
+        """Parse the batch and read its users' states, and queue it for the ranker (`_rank_queued`).
 
-        Returns that task (the loop commits after it): while this batch is ranked, the loop
-        fetches the next batch and reads its states. Batches are published in order: each
-        task waits until the previous one has published.
+        Returns the wait for its responses' acks (the loop commits after it): while queued
+        batches are ranked, the loop fetches the next batches and reads their states.
         """
         valid: list[tuple[ConsumerRecord, RecRequest]] = []
         responses: list[Answer] = []
@@ -105,12 +110,11 @@ class RecommendWorker:
         valid = await self._check_reply_topics(valid, responses, bad)
         read = await self._read(valid)
         await self.dead_letters.publish(bad)
-        previous, published = self._published, asyncio.get_running_loop().create_future()
-        self._published = published
-        task = asyncio.ensure_future(self._rank_and_publish(previous, published, valid, read, responses))
-        # a task cancelled before it ran (the worker stopping) must not hold the next batch back either
-        task.add_done_callback(lambda _: _release(published))
-        return task
+        queued = Queued(valid, read, responses, asyncio.get_running_loop().create_future())
+        self._queue.append(queued)
+        if self._ranker is None or self._ranker.done():
+            self._ranker = asyncio.create_task(self._rank_queued())
+        return self._acked_and_counted(queued)
 
     async def _read(self, valid: list[tuple[ConsumerRecord, RecRequest]]) -> ReadBatch | Exception:
         """Stage one of the pipeline; a failure (Redis down) is kept: the batch is answered with errors."""
@@ -120,28 +124,35 @@ class RecommendWorker:
         except Exception as exc:  # noqa: BLE001 - answered with errors in _answer, never dropped
             return exc
 
-    async def _rank_and_publish(
-        self,
-        previous: asyncio.Future[None] | None,
-        published: asyncio.Future[None],
-        valid: list[tuple[ConsumerRecord, RecRequest]],
-        read: ReadBatch | Exception,
-        responses: list[Answer],
-    ) -> None:
-        """Rank, then publish after the previous batch did (response order = request order); then the acks."""
+    async def _rank_queued(self) -> None:
+        """Rank whatever batches were read meanwhile as one model batch, publish them in order; repeat.
+
+        One ranking at a time (concurrent forwards in threads only contend for the cores), and every
+        batch read while the model was busy joins the next forward: a fixed cost per forward is paid
+        once for all of them, however small the Kafka batches are.
+        """
+        taken: list[Queued] = []
         try:
-            if valid:
-                responses += await self._answer(valid, read)
-            responses.sort(key=lambda r: (r[0].topic, r[0].partition, r[0].offset))  # request order
-            if previous is not None:
-                await asyncio.shield(previous)
-            acks = await self._publish(responses)
-        finally:
-            _release(published)  # the next batch may publish now, even if this one failed
+            while self._queue:
+                taken, self._queue = self._queue, []
+                answers = await self._answer_all(taken)
+                for queued, answered in zip(taken, answers):
+                    try:
+                        responses = sorted(queued.responses + answered, key=_request_order)
+                        queued.published.set_result((await self._publish(responses), len(responses)))
+                    except Exception as exc:  # noqa: BLE001 - the broker's fault: the runtime handles it again
+                        queued.published.set_exception(exc)
+        finally:  # a bug or a cancellation here must not leave a batch's commit waiting forever
+            left, self._queue = [q for q in taken + self._queue if not q.published.done()], []
+            for queued in left:
+                queued.published.set_exception(RuntimeError("the ranking of this batch stopped; handling it again"))
+
+    async def _acked_and_counted(self, queued: Queued) -> None:
+        """After the batch is published: the broker's acks, and the stats (written while the acks come)."""
+        acks, n = await queued.published
         self.batches += 1
-        BATCH_SIZE.labels(worker="recommend").observe(len(responses))
-        # the stats round-trip runs while the broker acks the responses
-        await asyncio.gather(acks, self._count_batch(len(responses)))
+        BATCH_SIZE.labels(worker="recommend").observe(n)
+        await asyncio.gather(acks, self._count_batch(n))
 
     async def _check_reply_topics(
         self, valid: list[tuple[ConsumerRecord, RecRequest]], responses: list[Answer], bad: list[DeadLetter]
@@ -171,22 +182,42 @@ class RecommendWorker:
         except redis.exceptions.RedisError as exc:
             log.warning("recommendation stats not written (%s: %s)", type(exc).__name__, exc)
 
-    async def _answer(
-        self, valid: list[tuple[ConsumerRecord, RecRequest]], read: ReadBatch | Exception
-    ) -> list[Answer]:
-        """The pipeline's rankings as responses; a failed batch is answered with errors, never dropped."""
+    async def _answer_all(self, taken: list[Queued]) -> list[list[Answer]]:
+        """Each queued batch's answers; batches read for the same model are ranked in one pipeline call."""
+        out: list[list[Answer]] = []
+        start = 0
+        while start < len(taken):
+            end = start + 1
+            first = taken[start].read
+            while end < len(taken) and _same_model(first, taken[end].read):
+                end += 1
+            out += await self._answer_group(taken[start:end])
+            start = end
+        return out
+
+    async def _answer_group(self, group: list[Queued]) -> list[list[Answer]]:
+        """The pipeline's rankings as responses; a failed group is answered with errors, never dropped."""
+        valid = [pair for queued in group for pair in queued.valid]
+        reads = [queued.read for queued in group]
         try:
-            if isinstance(read, Exception):
-                raise read
-            rankings = await self.pipeline.finish(self.redis, read)
+            if not valid:
+                rankings: list[Ranking] = []
+            elif isinstance(reads[0], Exception):
+                raise reads[0]
+            else:
+                rankings = await self.pipeline.finish(self.redis, _merged(reads))
         except Exception as exc:  # Redis down, a model error: the batch is answered with errors, never dropped
             log.exception("recommendation batch failed")
-            return [
-                (rec, self._error(req.request_id, req.user_id, f"{type(exc).__name__}: {exc}"), req.reply_topic)
-                for rec, req in valid
-            ]
-        self._observe_freshness([ranking.state for ranking in rankings])
-        return [(rec, self._response(req, ranking), req.reply_topic) for (rec, req), ranking in zip(valid, rankings)]
+            error = f"{type(exc).__name__}: {exc}"
+            answers = [(rec, self._error(req.request_id, req.user_id, error), req.reply_topic) for rec, req in valid]
+        else:
+            self._observe_freshness([ranking.state for ranking in rankings])
+            answers = [(rec, self._response(req, r), req.reply_topic) for (rec, req), r in zip(valid, rankings)]
+        out, at = [], 0
+        for queued in group:
+            out.append(answers[at : at + len(queued.valid)])
+            at += len(queued.valid)
+        return out
 
     def _observe_freshness(self, states: Sequence[UserState]) -> None:
         """Event time of each user's newest event -> the first response computed from it."""
@@ -268,13 +299,38 @@ class RecommendWorker:
         )
 
 
-def _release(published: asyncio.Future[None]) -> None:
-    if not published.done():
-        published.set_result(None)
+@dataclass(slots=True)
+class Queued:
+    """A batch between its state read and its ranking: what the ranker needs, and where the result goes."""
+
+    valid: list[tuple[ConsumerRecord, RecRequest]]
+    read: ReadBatch | Exception  # the states, or why they could not be read (answered with errors)
+    responses: list[Answer]  # answers known before ranking (invalid requests, missing reply topics)
+    published: asyncio.Future[tuple[Awaitable[object], int]]  # the broker's acks and the response count
+
+
+def _request_order(answer: Answer) -> tuple[str, int, int]:
+    rec = answer[0]
+    return rec.topic, rec.partition, rec.offset
+
+
+def _same_model(a: ReadBatch | Exception, b: ReadBatch | Exception) -> bool:
+    """Two reads that can be ranked in one call: both read, for the same served model."""
+    return isinstance(a, ReadBatch) and isinstance(b, ReadBatch) and a.recommender is b.recommender
+
+
+def _merged(reads: Sequence[ReadBatch | Exception]) -> ReadBatch:
+    batches = [r for r in reads if isinstance(r, ReadBatch)]
+    queries = [q for b in batches for q in b.queries]
+    states = [st for b in batches for st in b.states]
+    return ReadBatch(queries, states, batches[0].recommender)
 
 
 async def answer_requests(settings: Settings, recommender: Recommender | None = None) -> None:
     """Requests topic -> rankings -> responses, batch after batch, following model promotions, until stopped."""
+    # the model ranks in a thread while the loop reads the next batches: a short GIL switch interval keeps
+    # the loop's Python (reply parsing) from holding the model's thread up for the default 5 ms at a time
+    sys.setswitchinterval(GIL_SWITCH_S)
     async with worker_redis(settings) as redis, worker_producer(settings, linger_ms=1) as producer:
         dead_letters = DeadLetters(settings, producer, redis)
         consumer = ConsumerRuntime(

@@ -319,10 +319,10 @@ class ConsumerRuntime:
             await self._flush_commits()
 
     async def _commit_when_quiet(self) -> None:
-        """An empty poll commits what was handled since the last commit (after that batch's own commit step)."""
-        if self._commit_task is not None:
-            await self._commit_task
-        await self._flush_commits()
+        """An empty poll commits what was handled since the last commit, once the interval has passed: the
+        loop never waits here for a batch still in flight (its own commit step adds it when acked)."""
+        if self._uncommitted and time.monotonic() - self._last_commit >= self.settings.commit_interval_ms / 1000:
+            await self._flush_commits()
 
     async def _flush_commits(self) -> None:
         """Commit every handled batch's offsets at once: one commit request per interval, not one per batch

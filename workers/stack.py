@@ -46,7 +46,7 @@ WORKER_MODULES = {
 EMBEDDED_SESSION_TIMEOUT_MS = 3000  # Tansu accepts it; group joins take ~2 s instead of ~8 s
 # Tansu holds an empty fetch for its whole wait even when data arrives (Kafka answers at once): an idle
 # worker's waits stop growing here, so the first record after a quiet spell waits at most this (fetch_pacing.py)
-EMBEDDED_IDLE_FETCH_WAIT_MS = 100
+EMBEDDED_IDLE_FETCH_WAIT_MS = 200
 
 
 HOME_DIR = ".rtrec"
