@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Sequence
@@ -48,7 +47,6 @@ from rtrec.workers.reply_topics import ReplyTopics
 from rtrec.workers.runtime import ConsumerRuntime
 
 log = logging.getLogger(__name__)
-GIL_SWITCH_S = 0.0005
 FRESHNESS_USERS = 100_000  # users whose last reflected event the worker remembers
 Answer = tuple[ConsumerRecord, RecResponse, str | None]  # a request record, its response, its reply topic
 
@@ -328,9 +326,6 @@ def _merged(reads: Sequence[ReadBatch | Exception]) -> ReadBatch:
 
 async def answer_requests(settings: Settings, recommender: Recommender | None = None) -> None:
     """Requests topic -> rankings -> responses, batch after batch, following model promotions, until stopped."""
-    # the model ranks in a thread while the loop reads the next batches: a short GIL switch interval keeps
-    # the loop's Python (reply parsing) from holding the model's thread up for the default 5 ms at a time
-    sys.setswitchinterval(GIL_SWITCH_S)
     async with worker_redis(settings) as redis, worker_producer(settings, linger_ms=1) as producer:
         dead_letters = DeadLetters(settings, producer, redis)
         consumer = ConsumerRuntime(

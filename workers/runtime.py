@@ -59,7 +59,7 @@ from rtrec.workers.supervisor import Supervisor, TaskFactory
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 TOPIC_CHECK_S = 2.0  # how often a worker looks for its topics on the broker
-MAX_IN_FLIGHT = 4  # handled batches whose acks and commit may still be pending while the loop goes on
+MAX_IN_FLIGHT = 1  # batches whose acks may be pending while the loop reads on (deeper: slower for a CPU model, GIL)
 BACKGROUND_IDLE_WAIT_MS = 1000  # idle fetch wait of readers nobody waits for (the trainer, the quality join)
 
 Handler = Callable[[Sequence[ConsumerRecord]], Awaitable[Awaitable[object] | None]]
