@@ -536,11 +536,16 @@ def _rate_label(r: dict[str, Any]) -> str:
     return f"{r['rate']:g}" + (f" (n={r['runs']})" if r.get("runs", 1) > 1 else "")
 
 
+def _table(title: str, columns: Sequence[str]) -> Table:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right")
+    return table
+
+
 def _client_table(rows: list[dict[str, Any]], title: str) -> Table:
     """Requests: sent, answered, client p50/p99/p99.9 and the worker's own share (latency_ms), in ms."""
-    table = Table(title=title)
-    for col in ("req/s", "sent", "answered", "errors", "p50", "p99", "p99.9", "worker p50", "worker p99"):
-        table.add_column(col, justify="right")
+    table = _table(title, ("req/s", "sent", "answered", "errors", "p50", "p99", "p99.9", "worker p50", "worker p99"))
     for r in rows:
         table.add_row(
             _rate_label(r),
@@ -557,9 +562,8 @@ def _client_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 def _freshness_table(rows: list[dict[str, Any]], title: str) -> Table:
     """Freshness and event -> Redis from the workers' histograms (ms), and the events that flowed."""
-    table = Table(title=title)
-    for col in ("req/s", "fresh p50", "fresh p99", "observed", "ev->redis p50", "ev->redis p99", "events/s"):
-        table.add_column(col, justify="right")
+    columns = ("req/s", "fresh p50", "fresh p99", "observed", "ev->redis p50", "ev->redis p99", "events/s")
+    table = _table(title, columns)
     for r in rows:
         table.add_row(
             _rate_label(r),
