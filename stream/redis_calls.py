@@ -173,7 +173,7 @@ async def _send_async(client: AsyncClient, round_: Round) -> list[Any]:
 
 async def _cluster_pipeline(client: AsyncClient, round_: Round, scripts: Mapping[str, AsyncScript]) -> list[Any]:
     """A cluster round as one pipeline per node (redis-py groups the calls by slot and sends the nodes'
-    pipelines concurrently); calls of one lane share a slot, so they run in order on their node.
+    pipelines concurrently); calls on one bucket share a slot, so they run in call order on their node.
 
     Scripts go as raw EVALSHA (redis-py's Script objects refuse cluster pipelines), loaded on every
     primary first. Measured on the embedded 3-master cluster: 20 script calls in 1.8 ms this way,

@@ -198,12 +198,9 @@ class RecommendWorker:
         valid = [pair for queued in group for pair in queued.valid]
         reads = [queued.read for queued in group]
         try:
-            if not valid:
-                rankings: list[Ranking] = []
-            elif isinstance(reads[0], Exception):
+            if isinstance(reads[0], Exception):  # a failed read is a group of its own (`_same_model`)
                 raise reads[0]
-            else:
-                rankings = await self.pipeline.finish(self.redis, _merged(reads))
+            rankings = await self.pipeline.finish(self.redis, _merged(reads))  # [] for a batch without queries
         except Exception as exc:  # Redis down, a model error: the batch is answered with errors, never dropped
             log.exception("recommendation batch failed")
             error = f"{type(exc).__name__}: {exc}"

@@ -33,7 +33,7 @@ from rtrec.model.store import CheckpointStore
 from rtrec.stream.connections import aiokafka_auth, kafka_bootstrap, redis_client
 from rtrec.stream.events import InvalidEvent, parse_event
 from rtrec.stream.keys import QUALITY, TRAINER_STATS
-from rtrec.stream.settings import Settings
+from rtrec.stream.settings import Settings, get_settings
 from rtrec.stream.state_store import StateReads, StateStore
 from rtrec.workers.faults import is_transient
 from rtrec.workers.faust_app import run_module, worker_app
@@ -484,7 +484,6 @@ class TrainerLoop:
 
 async def train_continuously(settings: Settings) -> None:
     """Fine-tune on each window of new events, gate, promote and announce, until stopped."""
-    lower_priority(settings.trainer_nice)
     async with worker_redis(settings) as redis:
         loop = TrainerLoop(settings)
         await loop.start()
@@ -497,8 +496,10 @@ async def train_continuously(settings: Settings) -> None:
 
 
 def lower_priority(nice: int) -> None:
-    """Training is background work: at a lower priority it takes the cores only when serving leaves them idle
-    (on 2 cores a fine-tune on both threads otherwise competes with the recommendation worker)."""
+    """Training is background work: at a lower priority it yields the cores to serving (on 2 cores a
+    fine-tune on both threads otherwise competes with the recommendation worker). Linux applies a nice
+    value per thread, inherited by threads started later: so this runs in `main()`, before Faust starts
+    and torch trains, and never inside a test's process (two threads the imports start keep nice 0)."""
     if nice and hasattr(os, "nice"):
         os.nice(nice)  # raises only on invalid values, which the settings bound
 
@@ -509,6 +510,7 @@ def build_app(settings: Settings | None = None) -> faust.App:
 
 
 def main() -> None:
+    lower_priority(get_settings().trainer_nice)
     run_module(build_app)
 
 
