@@ -34,7 +34,13 @@ INGEST_LATENCY = "rt:lat:ingest"
 ``record_latency`` is on; the ingest bench reads them."""
 
 ITEM_CATEGORY = "rt:item:category"
-"""Hash: item -> category, for diversity re-ranking and the demo (stream/catalog.py)."""
+"""Hash: item -> category, for filters, diversity re-ranking and the demo (stream/catalog.py)."""
+
+ITEM_UNAVAILABLE = "rt:item:unavailable"
+"""Set: items the catalog marks unavailable; never recommended (stream/catalog.py)."""
+
+ITEM_INFO = "rt:item:info"
+"""Hash: item -> JSON ``{"title", "price"}`` from the catalog, when it sends them (stream/catalog.py)."""
 
 QUALITY = "rt:quality"
 """Hash: ``<model version>|served`` / ``<model version>|hits`` -> online counts (workers/quality.py)."""

@@ -17,14 +17,43 @@ MAX_REQUEST_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
+class ItemFilter:
+    """A request's business rules: only items of `categories` (when given), never those of
+    `exclude_categories`, never `exclude_items`. Categories come from the catalog."""
+
+    categories: frozenset[str] = frozenset()
+    exclude_categories: frozenset[str] = frozenset()
+    exclude_items: frozenset[str] = frozenset()
+
+    @property
+    def by_category(self) -> bool:
+        """Whether the catalog must be read to apply it."""
+        return bool(self.categories or self.exclude_categories)
+
+    def __bool__(self) -> bool:
+        return bool(self.categories or self.exclude_categories or self.exclude_items)
+
+
+NO_FILTER = ItemFilter()
+
+
+@dataclass(frozen=True, slots=True)
 class RecRequest:
-    """Ask for the top-k items of one user; the answer goes to reply_topic (or the default)."""
+    """Ask for the top-k items of one user; the answer goes to reply_topic (or the default).
+
+    Three forms: a user's top k; with `item_id`, items similar to that item (`user_id` then
+    optional, "" when absent: it only adds personal context); with `candidates`, those items
+    ranked for the user. Any form may carry a `filter`.
+    """
 
     request_id: str
     user_id: str
     k: int = 10
     exclude_seen: bool = True
     reply_topic: str | None = None
+    item_id: str | None = None  # similar items: the anchor
+    candidates: tuple[str, ...] | None = None  # re-ranking: the client's items
+    filter: ItemFilter = NO_FILTER
 
     def to_json(self) -> bytes:
         d: dict[str, Any] = {

@@ -54,6 +54,7 @@ class KafkaSettings(_Section):
     topic_responses: str = Field("rec-responses", description="default topic for recommendation responses")
     topic_dead_letters: str = Field("dead-letters", description="records that could not be handled, with the reason")
     topic_model_updates: str = Field("model-updates", description="promotions are announced here")
+    topic_catalog: str = Field("item-catalog", description="item catalog upserts (the state worker keeps them)")
     partitions: int = Field(4, ge=1, description="partitions of the topics rtrec creates")
     replication_factor: int = Field(1, ge=1, description="replication factor of the topics rtrec creates")
     state_group: str = Field("rtrec-state", description="consumer group of the state workers")
@@ -168,6 +169,10 @@ class LimitsSettings(_Section):
     min_event_ts_ms: int = Field(0, description="older (negative) ts are rejected")
     max_context_keys: int = Field(16, description="events whose context has more keys are rejected")
     max_k: int = Field(100, ge=1, description="largest k a request may ask for")
+    max_candidates: int = Field(500, ge=1, le=10_000, description="most candidates a re-ranking request may send")
+    max_filter_values: int = Field(
+        200, ge=1, le=10_000, description="most values in each list of a request's filter"
+    )
     reply_topic_prefix: str = Field(
         "rec-responses.",
         description="a request's reply_topic must be the response topic or start with this, and "
@@ -199,6 +204,9 @@ class StateSettings(_Section):
     fair_window_ms: int = Field(3_600_000, ge=1, description="the fairness window, in event time")
     user_ttl_days: float = Field(
         90.0, ge=0, description="a user's keys expire this long after their latest event (0: never)"
+    )
+    catalog_max_items: int = Field(
+        1_000_000, ge=1, description="items the catalog keeps (category, availability); upserts of more are dead-lettered"
     )
     item_ttl_days: float = Field(
         90.0, ge=0, description="an item's co-visitation expires this long after the item's latest event (0: never)"
