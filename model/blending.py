@@ -60,7 +60,10 @@ class BlendingRecommender(Recommender):
 
     def recommend_one(self, state: UserState, k: int) -> Scored:
         scores = self.scores(state)
-        candidates = ((item, s) for item, s in scores.items() if item not in state.exclude)
+        allow = state.allow
+        candidates = (
+            (item, s) for item, s in scores.items() if item not in state.exclude and (allow is None or item in allow)
+        )
         return heapq.nlargest(k, candidates, key=lambda pair: (pair[1], pair[0]))
 
     def recommend_batch(self, states: Sequence[UserState], k: int) -> list[Scored]:

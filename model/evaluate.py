@@ -9,6 +9,14 @@ not an idealised offline copy.
 
 The two extra baselines need no Redis: ``PopularityRecommender`` (train counts) and
 ``BiasedMFRecommender`` (river's online biased matrix factorisation, trained in time order).
+
+Three kinds of rows (``KINDS``), each a set of ``RankQuery`` per test user through the same pipelines:
+
+* ``full``       the next item, ranked over the whole catalogue (the leave-one-out protocol);
+* ``similar``    items similar to the user's last training item as an anchor, without the user's
+                 context (``RankQuery("", anchor=...)``); a hit is the held-out item in the top 10;
+* ``rerank100``  the held-out item and 99 sampled items as a re-ranking's candidates
+                 (``RankQuery(user, candidates=...)``), the sampled-candidates protocol.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import math
+import random
 import re
 import time
 import uuid
@@ -41,6 +50,9 @@ DAY_MS = 86_400_000
 APPLY_BATCH = 5_000  # events per StateStore.apply call (one pipelined round-trip each)
 TYPE_TARGET = {"browse": 1.0, "click": 2.0, "purchase": 4.0}  # MF target when an event has no rating
 COLUMNS = ("name", "HR@10", "NDCG@10", "Recall@20", "coverage@10", "novelty@10", "users", "seconds")
+FULL, SIMILAR, RERANK = "full", "similar", "rerank100"
+RERANK_CANDIDATES = 100  # the held-out item and 99 sampled ones
+RERANK_SEED = 100  # the candidates are the same for every recommender and every run
 
 
 # ---- states in the real store ------------------------------------------------------------
@@ -85,7 +97,8 @@ def _delete_prefix(client: redis.Redis, prefix: str) -> None:
 class PopularityRecommender(Recommender):
     """Most-interacted items in the training events, minus the user's history.
 
-    The floor every personalised model must beat; ties break by item id for determinism.
+    The floor every personalised model must beat; ties break by item id for determinism. A
+    re-ranking (``state.allow``) orders its candidates by the same counts.
     """
 
     version = "popularity-v1"
@@ -99,7 +112,9 @@ class PopularityRecommender(Recommender):
         out = []
         for state in states:
             top: Scored = []
-            for item in self.ranked:
+            allow = state.allow
+            items = self.ranked if allow is None else sorted(allow, key=lambda i: (-self.counts.get(i, 0), i))
+            for item in items:
                 if item not in state.exclude:
                     top.append((item, float(self.counts.get(item, 0))))
                     if len(top) >= k:
@@ -121,7 +136,8 @@ class BiasedMFRecommender(Recommender):
     after training the learned parameters are copied into numpy arrays and all items are scored
     with one matrix product per batch: score = mean + b_u + b_i + <v_u, v_i>, exactly the
     model's prediction. Items the model never trained on rank below every known item; users it
-    never saw get zero bias and latent vector (``predict_one`` would draw random ones).
+    never saw get zero bias and latent vector (``predict_one`` would draw random ones). A
+    re-ranking (``state.allow``) ranks only its candidates.
 
     The defaults are river's documented MovieLens-100K setup (MAE 0.7486 progressive validation).
     """
@@ -178,9 +194,12 @@ class BiasedMFRecommender(Recommender):
         for row, state in zip(scores, states):
             if self.known.any() and not self.known.all():
                 row[~self.known] = row[self.known].min() - 1.0
-            banned = [self.index[i] for i in state.exclude if i in self.index]
-            row[banned] = -math.inf
-            n = min(k, len(self.items) - len(banned))
+            if state.allow is not None:  # a re-ranking: only its candidates
+                allowed = np.zeros(len(self.items), dtype=bool)
+                allowed[[self.index[i] for i in state.allow if i in self.index]] = True
+                row[~allowed] = -math.inf
+            row[[self.index[i] for i in state.exclude if i in self.index]] = -math.inf
+            n = min(k, int(np.isfinite(row).sum()))
             if n <= 0:
                 out.append([])
                 continue
@@ -191,10 +210,68 @@ class BiasedMFRecommender(Recommender):
 
 
 # ---- evaluation and reporting ------------------------------------------------------------
+UserQueries = list[tuple[str, RankQuery]]  # (the test user a query is scored for, the query)
+
+
+def _train_items(split: Split, user: str) -> frozenset[str]:
+    return frozenset(e["item_id"] for e in split.history(user))
+
+
 def eval_queries(split: Split, k: int) -> list[RankQuery]:
     """One query per test user; each excludes the user's whole training history (the sequence in Redis is
     capped, so the served exclude_seen alone could let an early item through)."""
-    return [RankQuery(u, k, exclude=frozenset(e["item_id"] for e in split.history(u))) for u in split.test_users]
+    return [RankQuery(u, k, exclude=_train_items(split, u)) for u in split.test_users]
+
+
+def similar_queries(split: Split, k: int) -> UserQueries:
+    """Per test user, a similar-items query without user context: the anchor is the user's last training
+    item, and the user's other training items are excluded, as in the full ranking (so only the held-out
+    item, or another unseen one, can be hit)."""
+    out: UserQueries = []
+    for u in split.test_users:
+        anchor = split.history(u)[-1]["item_id"]
+        out.append((u, RankQuery("", k, exclude_seen=False, exclude=_train_items(split, u), anchor=anchor)))
+    return out
+
+
+def rerank_queries(split: Split, k: int, n: int = RERANK_CANDIDATES, seed: int = RERANK_SEED) -> UserQueries:
+    """Per test user, a re-ranking of ``n`` candidates: the held-out item and ``n - 1`` items drawn uniformly
+    (without replacement) from the training items the user has not seen, shuffled; fixed seed."""
+    pool = sorted(split.item_popularity)
+    rng = random.Random(seed)
+    out: UserQueries = []
+    for u in split.test_users:
+        target = split.target(u)
+        banned = _train_items(split, u) | {target}
+        free = len(pool) - sum(1 for item in banned if item in split.item_popularity)
+        want = min(n - 1, free)
+        if want * 2 >= free:  # a dense draw: sample from the list of the free items
+            sampled = rng.sample([item for item in pool if item not in banned], want)
+        else:  # a sparse one: rejection is much cheaper than listing the catalogue per user
+            picked: dict[str, None] = {}
+            while len(picked) < want:
+                item = pool[rng.randrange(len(pool))]
+                if item not in banned:
+                    picked[item] = None
+            sampled = list(picked)
+        candidates = [*sampled, target]
+        rng.shuffle(candidates)
+        out.append((u, RankQuery(u, k, exclude_seen=True, candidates=tuple(candidates))))
+    return out
+
+
+def kind_queries(kind: str, split: Split, k: int) -> UserQueries:
+    """The (test user, query) pairs of one kind of row."""
+    if kind == FULL:
+        return [(q.user_id, q) for q in eval_queries(split, k)]
+    if kind == SIMILAR:
+        return similar_queries(split, k)
+    if kind == RERANK:
+        return rerank_queries(split, k)
+    raise ValueError(f"unknown kind of row {kind!r}; known: {', '.join(KINDS)}")
+
+
+KINDS = (FULL, SIMILAR, RERANK)
 
 
 def evaluate(
@@ -203,31 +280,41 @@ def evaluate(
     redis_settings: Settings,
     batch_size: int = 256,
     k: int = 20,
+    kind: str = FULL,
 ) -> list[dict[str, Any]]:
     """One metrics row per pipeline over the split's test users, ranked exactly as the recommend worker serves.
 
     Each pipeline reads its users' states from the Redis of ``redis_settings`` (its store's key prefix
     holds the replayed training events) with the served reads, fusion, backfill and filters.
-    Raises AssertionError if a ranking holds an excluded (already seen) item: that is a contract
-    violation, and it would also make hit rates meaningless.
+    ``kind`` picks the queries (see ``KINDS``): ``full`` ranks the catalogue for each test user (the rows
+    are named as the pipelines), ``similar`` ranks what goes with the user's last training item and
+    ``rerank100`` re-ranks 100 candidates holding the held-out item (rows named ``"<kind>: <name>"``).
+    Raises AssertionError if a ranking holds an excluded (already seen) item, or a re-ranking an item
+    that is not a candidate: that is a contract violation, and it would also make hit rates meaningless.
     """
-    return asyncio.run(_evaluate(pipelines, split, redis_settings, batch_size, k))
+    queries = kind_queries(kind, split, k)
+    return asyncio.run(_evaluate(pipelines, split, redis_settings, batch_size, queries, kind))
 
 
 async def _evaluate(
-    pipelines: Mapping[str, RankingPipeline], split: Split, redis_settings: Settings, batch_size: int, k: int
+    pipelines: Mapping[str, RankingPipeline],
+    split: Split,
+    redis_settings: Settings,
+    batch_size: int,
+    queries: UserQueries,
+    kind: str,
 ) -> list[dict[str, Any]]:
-    queries = eval_queries(split, k)
-    targets = {q.user_id: split.target(q.user_id) for q in queries}
+    users = [u for u, _ in queries]
+    targets = {u: split.target(u) for u in users}
     client = async_redis_client(redis_settings)
     rows = []
     try:
         for name, pipeline in pipelines.items():
             t0 = time.perf_counter()
-            ranked = await _ranked(name, pipeline, client, queries, batch_size)
+            ranked = await _ranked(name, pipeline, client, [q for _, q in queries], batch_size)
             seconds = time.perf_counter() - t0
-            row: dict[str, Any] = {"name": name}
-            row.update(summarize(ranked, targets, split.item_popularity, split.items))
+            row: dict[str, Any] = {"name": name if kind == FULL else f"{kind}: {name}", "kind": kind}
+            row.update(summarize(dict(zip(users, ranked)), targets, split.item_popularity, split.items))
             row["seconds"] = seconds
             rows.append(row)
     finally:
@@ -237,9 +324,10 @@ async def _evaluate(
 
 async def _ranked(
     name: str, pipeline: RankingPipeline, client: Any, queries: Sequence[RankQuery], batch_size: int
-) -> dict[str, list[str]]:
-    """Every query's ranked item ids from ``pipeline.rank``, checked against the query's exclusions."""
-    ranked: dict[str, list[str]] = {}
+) -> list[list[str]]:
+    """Every query's ranked item ids from ``pipeline.rank``, in query order, checked against the query's
+    exclusions (and a re-ranking's candidates)."""
+    ranked: list[list[str]] = []
     for start in range(0, len(queries), batch_size):
         chunk = queries[start : start + batch_size]
         rankings = await pipeline.rank(client, chunk)
@@ -247,10 +335,15 @@ async def _ranked(
             raise AssertionError(f"{name}: {len(rankings)} rankings for {len(chunk)} queries")
         for query, ranking in zip(chunk, rankings):
             items = [it.item_id for it in ranking.items]
+            who = query.user_id or f"anchor {query.anchor}"
             leaked = ranking.state.exclude.union(query.exclude).intersection(items)
             if leaked:
-                raise AssertionError(f"{name} recommended excluded items to {query.user_id}: {sorted(leaked)[:5]}")
-            ranked[query.user_id] = items
+                raise AssertionError(f"{name} recommended excluded items to {who}: {sorted(leaked)[:5]}")
+            if query.candidates is not None:
+                foreign = set(items).difference(query.candidates)
+                if foreign:
+                    raise AssertionError(f"{name} re-ranked non-candidates for {who}: {sorted(foreign)[:5]}")
+            ranked.append(items)
     return ranked
 
 
@@ -283,7 +376,9 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, title: 
         writer.writeheader()
         writer.writerows(rows)
 
-    # horizontal bars: recommender names (up to "generative-qwen2+blending") stay readable, never overlap
+    # horizontal bars: recommender names (up to "generative-qwen2+blending") stay readable, never overlap;
+    # the chart is the full-ranking table (the similar-items and re-ranking rows are in the CSV and printed table)
+    rows = [r for r in rows if r.get("kind", FULL) == FULL]
     names = [r["name"] for r in rows]
     y = np.arange(len(names))
     height = 0.38
@@ -311,16 +406,28 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, title: 
     return csv_path, png_path
 
 
+CAPTION = (
+    "similar: the user's last training item as an anchor, no user context; "
+    f"rerank100: the held-out item among {RERANK_CANDIDATES} candidates (the rest sampled uniformly)"
+)
+
+
 def print_table(
     rows: Sequence[Mapping[str, Any]], console: Any, reference: Mapping[str, Mapping[str, float]] | None = None
 ) -> None:
     """A rich table of the rows; ``reference`` rows (e.g. ``published_reference()``) are shown dimmed."""
     from rich.table import Table
 
-    table = Table(title="leave-one-out, full ranking")
+    extra = any(r.get("kind", FULL) != FULL for r in rows)
+    table = Table(title="leave-one-out, full ranking", caption=CAPTION if extra else None)
     for col in COLUMNS:
         table.add_column(col, justify="left" if col == "name" else "right")
+    previous = None
     for r in rows:
+        kind = r.get("kind", FULL)
+        if previous is not None and kind != previous:
+            table.add_section()
+        previous = kind
         table.add_row(
             str(r["name"]),
             *(f"{float(r[c]):.4f}" for c in ("HR@10", "NDCG@10", "Recall@20", "coverage@10")),
@@ -328,6 +435,8 @@ def print_table(
             str(r["users"]),
             f"{float(r['seconds']):.2f}",
         )
+    if reference and rows:
+        table.add_section()
     for name, ref in (reference or {}).items():
         table.add_row(
             f"{name} (published, ML-1M)",

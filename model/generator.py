@@ -50,4 +50,5 @@ class TorchGenerator(GenerativeRecommender):
             return []
         with torch.inference_mode():
             logits = next_item_logits(self.checkpoint.model, [self.token_ids(s) for s in states], self.device)
-            return top_items(logits, self.checkpoint.vocab, [s.exclude for s in states], k)
+            allow = [s.allow for s in states] if any(s.allow is not None for s in states) else None
+            return top_items(logits, self.checkpoint.vocab, [s.exclude for s in states], k, allow)

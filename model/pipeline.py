@@ -168,12 +168,15 @@ def run_eval(
     console: Any,
     baselines: bool = True,
     events: list[dict[str, Any]] | None = None,
+    extra_rows: bool = True,
 ) -> list[dict[str, Any]]:
     """Leave-one-out table: generative families vs blending, popularity and river BiasedMF.
 
     `source` is an event file in rtrec's format or a MovieLens file/folder, or the
     name of a dataset in ../shared/data (ml-100k, ml-1m-partial). Every row is ranked by
     the `RankingPipeline` the recommend worker serves with, so the table measures what is served.
+    With `extra_rows`, similar-items rows ("similar: ...": the user's last training item as the
+    anchor) and re-ranking rows ("rerank100: ...": the held-out item among 100 candidates) follow.
     """
     from rtrec.model.datasets import load_events
     from rtrec.model.evaluate import replayed
@@ -185,6 +188,7 @@ def run_eval(
     split = leave_one_out(events)
     console.print(f"{path}: {len(events):,} events, {len(split.test_users):,} test users, {len(split.items):,} items")
     run = EvalRun(settings, split, Path(out_dir), f"eval {path.stem if path.is_file() else path.name}", console)
+    run.extra_rows, run.tagged = extra_rows, len(families) > 1
     # the training events are replayed through the real store in a real Redis, which every pipeline then reads
     # (first: the cheap steps that can fail on the input run before any training)
     with _eval_redis(settings) as redis_settings:
@@ -230,27 +234,38 @@ class EvalRun:
         self.rows: list[dict[str, Any]] = []
         self.reports: dict[str, TrainReport] = {}
         self.baseline = BlendingRecommender(settings)
+        self.extra_rows = True  # also the similar-items and re-ranking rows
+        self.tagged = False  # several families: their similar-items / re-ranking rows name the family
 
     def pipeline(self, recommender: Recommender, settings: Settings | None = None) -> RankingPipeline:
         """The served ranking of `recommender`, reading the replayed events."""
         return RankingPipeline(settings or self.settings, recommender, baseline=self.baseline, store=self.store)
 
-    def evaluate(self, pipelines: dict[str, RankingPipeline]) -> list[dict[str, Any]]:
+    def evaluate(self, pipelines: dict[str, RankingPipeline], kind: str = "full") -> list[dict[str, Any]]:
         from rtrec.model.evaluate import evaluate
 
-        return evaluate(pipelines, self.split, self.redis_settings)
+        return evaluate(pipelines, self.split, self.redis_settings, kind=kind)
+
+    def evaluate_extra(self, similar: dict[str, RankingPipeline], rerank: dict[str, RankingPipeline]) -> None:
+        """The similar-items and re-ranking rows (with `extra_rows`), added to the rows."""
+        from rtrec.model.evaluate import RERANK, SIMILAR
+
+        if self.extra_rows:
+            self.rows += self.evaluate(similar, SIMILAR) + self.evaluate(rerank, RERANK)
 
     def add_baselines(self) -> None:
         """Blending (what serves without a model), popularity and river BiasedMF."""
         from rtrec.model.evaluate import BiasedMFRecommender, PopularityRecommender, write_report
 
+        blending, popularity = self.pipeline(self.baseline), self.pipeline(PopularityRecommender(self.split))
         self.rows += self.evaluate(
             {
-                "blending": self.pipeline(self.baseline),
-                "popularity": self.pipeline(PopularityRecommender(self.split)),
+                "blending": blending,
+                "popularity": popularity,
                 "river-BiasedMF": self.pipeline(BiasedMFRecommender(self.split)),
             }
         )
+        self.evaluate_extra({"co-visitation": blending}, {"popularity": popularity})
         write_report(self.rows, self.out_dir, self.title)  # results so far are on disk before any training
 
     def add_family(self, family: str, fused: bool) -> None:
@@ -272,6 +287,11 @@ class EvalRun:
         for row in family_rows:
             row["train_seconds"] = round(seconds if row["name"] == name else 0.0, 1)
         self.rows += family_rows
+        tag = f" ({family})" if self.tagged else ""
+        extra = {f"model{tag}": pipelines[name]}
+        if f"{name}+blending" in pipelines:
+            extra[f"fused{tag}"] = pipelines[f"{name}+blending"]
+        self.evaluate_extra(extra, extra)
         (self.out_dir / f"{name}.json").write_text(
             json.dumps(
                 {
@@ -291,10 +311,17 @@ class EvalRun:
         """The rows in table order, the report, the training curves and the printed table."""
         from rtrec.model.evaluate import print_table, published_reference, write_report
 
+        tags = [f" ({f})" if self.tagged else "" for f in families]
         order = (
             [f"generative-{f}" for f in families]
             + ["blending", "popularity", "river-BiasedMF"]
             + [f"generative-{f}+blending" for f in families]
+            + [f"similar: model{t}" for t in tags]
+            + ["similar: co-visitation"]
+            + [f"similar: fused{t}" for t in tags]
+            + [f"rerank100: model{t}" for t in tags]
+            + [f"rerank100: fused{t}" for t in tags]
+            + ["rerank100: popularity"]
         )
         rows = sorted(self.rows, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
         for row in rows:

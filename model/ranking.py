@@ -5,17 +5,23 @@ of `RankQuery` to `RankingPipeline.rank` and get one `Ranking` per query back, c
 the same stages in the same order:
 
 1. read state     one pipelined Redis read; how much is read depends on the recommender
-                  (a generative model reads its window and a few reason anchors)
-2. exclusions     what the query asks not to see (and, with exclude_seen, what the state shows)
-3. candidates     known users go to the served ranking, users without history to trending
-4. score + fuse   a generative model is fused with the blending baseline (`RankFusion`)
-5. backfill       a short ranking is topped up with unseen trending items
-6. filters        `RankingFilter` stages, in order: today the per-category cap
+                  (a generative model reads its window and a few reason anchors); a
+                  similar-items query also reads its anchor item's co-visited neighbours
+2. exclusions     what the query asks not to see (exclude_seen, the filter's exclude_items);
+                  a re-ranking query allows only its candidates (`UserState.allow`)
+3. candidates     known users go to the served ranking, users without history to trending;
+                  a similar-items query ranks what follows its anchor (after the user's history)
+4. score + fuse   a generative model is fused with the blending baseline (`RankFusion`); items it
+                  has no row for get one first, while free rows last (model/new_items.py)
+5. backfill       a short ranking is topped up with unseen trending items; a re-ranking places
+                  every candidate the rankers did not (by popularity)
+6. filters        `RankingFilter` stages, in order: today `CatalogRules` (unavailable items,
+                  the query's category filter, the per-category cap; refilled from trending)
 7. explain        the first k items of each ranking get a reason
 
-Where later features plug in: a per-request input (given candidates, an anchor item for
-similar items) goes on `RankQuery`; a rule that drops or reorders ranked items is one more
-`RankingFilter`; another source of candidates is a `Recommender` fused in `ranker`.
+Where later features plug in: a per-request input goes on `RankQuery`; a rule that drops or
+reorders ranked items is one more `RankingFilter`; another source of candidates is a
+`Recommender` fused in `ranker`.
 
 The recommender is read once per `rank` call: a hot swap (`recommender` is reassigned by the
 model watcher) takes effect at the next call, and a ranking names the version that made it.
@@ -24,31 +30,39 @@ model watcher) takes effect at the next call, and a ranking names the version th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rtrec.model.blending import BlendingRecommender
 from rtrec.model.fusion import RankFusion, versioned
+from rtrec.model.new_items import NewItemRows
 from rtrec.model.reasons import explain_all
 from rtrec.model.recommender import GenerativeRecommender, Recommender, Scored
-from rtrec.stream.keys import ITEM_CATEGORY
-from rtrec.stream.rec_messages import RecItem
+from rtrec.stream.catalog import item_rules
+from rtrec.stream.rec_messages import NO_FILTER, ItemFilter, RecItem
 from rtrec.stream.settings import Settings
-from rtrec.stream.state_store import StateReads, StateStore, UserState
+from rtrec.stream.state_store import Neighbours, SeqEntry, StateReads, StateStore, UserState
 
 FALLBACK_VERSION = "trending"  # what made the ranking of a user without history
 REASON_NEIGHBOURS = 20  # co-visited neighbours read per reason anchor for a generative model
+SIMILAR_NEIGHBOURS = 50  # co-visited neighbours read for a similar-items query's anchor
+TRENDING_REFILL = 200  # trending items checked against the catalog to refill a filtered ranking
+ANCHOR_EVENT = "similar-to"  # event id of the anchor appended to a similar-items query's history
+REASON_PLACED = "not ranked for you yet: placed by popularity"
 
 
 @dataclass(frozen=True, slots=True)
 class RankQuery:
     """One user's ask: the top k, never an item of `exclude` (nor, with exclude_seen, one the state shows)."""
 
-    user_id: str
+    user_id: str  # "" for a similar-items query without personal context
     k: int
     exclude_seen: bool = True
     exclude: frozenset[str] = frozenset()  # e.g. the evaluation's whole training history of the user
+    anchor: str | None = None  # similar items: rank what goes with this item
+    candidates: tuple[str, ...] | None = None  # re-ranking: only these items, every one of them placed
+    filter: ItemFilter = NO_FILTER
 
 
 @dataclass(slots=True)
@@ -76,30 +90,79 @@ class ReadBatch:
 
 
 class RankingFilter(Protocol):
-    """A stage after scoring that drops or reorders each user's ranked items (diversity, business rules)."""
+    """A stage after scoring that drops or reorders each user's ranked items (catalog, business rules)."""
 
     overfetch: int  # how many times k the stages before it should rank, so enough survive
 
-    async def apply(self, redis: Any, states: Sequence[UserState], rows: list[Scored]) -> list[Scored]:
-        """The rows with this stage's rule applied, one per state, best first."""
+    async def apply(
+        self, redis: Any, queries: Sequence[RankQuery], states: Sequence[UserState], rows: list[Scored]
+    ) -> list[Scored]:
+        """The rows with this stage's rule applied, one per query, best first."""
         ...
 
 
-class CategoryCap:
-    """At most `cap` items per category (categories from `rtrec catalog`); items without one are free."""
+class CatalogRules:
+    """What the catalog rules out: unavailable items, items outside a query's category filter, and
+    (with `cap`) more than `cap` items of one category. A ranking left short is refilled from
+    trending items that pass the same rules, so a response still has k items when enough remain.
+
+    One Redis round-trip per batch reads the categories and availability of every ranked item (the
+    rankings are over-fetched, `overfetch` times k); a second, only when a ranking is left short,
+    those of the trending items a refill may use.
+    """
 
     overfetch = 3
 
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
+    def __init__(self, cap: int = 0) -> None:
+        self.cap = cap  # 0: no per-category cap
 
-    async def apply(self, redis: Any, states: Sequence[UserState], rows: list[Scored]) -> list[Scored]:
-        items = sorted({item for row in rows for item, _ in row})
-        categories = dict(zip(items, await redis.hmget(ITEM_CATEGORY, items))) if items else {}
-        return [self.capped(row, categories) for row in rows]
+    async def apply(
+        self, redis: Any, queries: Sequence[RankQuery], states: Sequence[UserState], rows: list[Scored]
+    ) -> list[Scored]:
+        categories, unavailable = await item_rules(redis, sorted({item for row in rows for item, _ in row}))
+        admitted = [self.admits(query.filter, categories, unavailable) for query in queries]
+        out = [self.capped([(i, s) for i, s in row if admits(i)], categories) for row, admits in zip(rows, admitted)]
+        short = [n for n, (query, row) in enumerate(zip(queries, out)) if len(row) < query.k]
+        if short:  # rare: a filter or the catalog left a ranking short; refill it from trending
+            trending = [item for item, _ in states[0].trending[:TRENDING_REFILL]]
+            more_categories, more_unavailable = await item_rules(redis, [i for i in trending if i not in categories])
+            categories.update(more_categories)
+            unavailable |= more_unavailable
+            for n in short:
+                query, state = queries[n], states[n]
+                admits = self.admits(query.filter, categories, unavailable)
+                have = {item for item, _ in out[n]}
+                refill = [
+                    (item, 0.0)
+                    for item in trending
+                    if item not in have and item not in state.exclude and admits(item) and allowed(state, item)
+                ]
+                out[n] = self.capped(out[n] + refill, categories)
+        return out
+
+    @staticmethod
+    def admits(rules: ItemFilter, categories: dict[str, str | None], unavailable: set[str]) -> Callable[[str], bool]:
+        """Whether an item may be shown under a query's filter (items without a category pass an
+        exclude_categories rule and fail a categories rule)."""
+        only, never = rules.categories, rules.exclude_categories
+
+        def admit(item: str) -> bool:
+            if item in unavailable:
+                return False
+            if only or never:
+                category = categories.get(item)
+                if only and category not in only:
+                    return False
+                if category is not None and category in never:
+                    return False
+            return True
+
+        return admit
 
     def capped(self, row: Scored, categories: dict[str, str | None]) -> Scored:
         """One ranking, items over their category's cap dropped, order kept."""
+        if not self.cap:
+            return row
         seen: dict[str, int] = {}
         kept = []
         for item, score in row:
@@ -113,23 +176,56 @@ class CategoryCap:
 
 
 def filters_from(settings: Settings) -> list[RankingFilter]:
-    """The filter stages the settings switch on, in the order they run."""
-    return [CategoryCap(settings.diversity_max_per_category)] if settings.diversity_max_per_category else []
+    """The filter stages, in the order they run: the catalog's rules always (availability can change
+    at any time), with the per-category cap the settings ask for."""
+    return [CatalogRules(settings.diversity_max_per_category)]
 
 
-def backfilled(items: Scored, state: UserState, k: int) -> Scored:
-    """Fill a ranking shorter than k with trending items the user may still see (score 0: after the rest)."""
-    if len(items) >= k:
+def allowed(state: UserState, item: str) -> bool:
+    """Whether a re-ranking query's candidates include the item (any item when it is not a re-ranking)."""
+    return state.allow is None or item in state.allow
+
+
+def backfilled(items: Scored, state: UserState, k: int, candidates: Sequence[str] | None = None) -> Scored:
+    """Fill a ranking shorter than k with trending items the user may still see (score 0: after the rest).
+
+    A re-ranking's candidates are all placed: those the rankers did not rank follow, trending ones
+    first, then the rest in the order the client sent them.
+    """
+    if len(items) >= k and candidates is None:
         return items
     have = {item for item, _ in items}
-    extra = [(item, 0.0) for item, _ in state.trending if item not in have and item not in state.exclude]
+    extra = [
+        (item, 0.0)
+        for item, _ in state.trending
+        if item not in have and item not in state.exclude and allowed(state, item)
+    ]
+    if candidates is not None:
+        placed = have | {item for item, _ in extra}
+        extra += [(item, 0.0) for item in candidates if item not in placed and allowed(state, item)]
+        return items + extra
     return items + extra[: k - len(items)]
 
 
 def excluding(state: UserState, query: RankQuery) -> UserState:
-    """The state with the query's exclusions set (what the recommenders must never return)."""
+    """The state with the query's exclusions set (what the recommenders must never return), and a
+    re-ranking's candidates as the only items allowed."""
     seen = frozenset(e.item_id for e in state.sequence) | state.purchased if query.exclude_seen else frozenset()
-    state.exclude = query.exclude | seen
+    state.exclude = query.exclude | seen | query.filter.exclude_items
+    if query.candidates is not None:
+        state.allow = frozenset(query.candidates) - state.exclude
+    return state
+
+
+def anchored(state: UserState, anchor: str, neighbours: Neighbours) -> UserState:
+    """A similar-items query's state: the anchor appended to the user's history as its newest event, so
+    the model ranks what follows it and the baseline what is co-visited with it; never the anchor itself."""
+    ts = state.last_ts or 0
+    state.sequence = [*state.sequence, SeqEntry(anchor, "click", ts, ANCHOR_EVENT)]
+    state.covis = {**state.covis, anchor: neighbours.get(anchor, [])}
+    state.exclude = state.exclude | {anchor}
+    if state.allow is not None:
+        state.allow = state.allow - {anchor}
     return state
 
 
@@ -149,6 +245,7 @@ class RankingPipeline:
         self.baseline = baseline or BlendingRecommender(settings)  # trending for unknown users, fused with a model
         self.store = store or StateStore(settings)  # the evaluation passes one with its own key prefix
         self.filters = list(filters_from(settings) if filters is None else filters)
+        self.new_items = NewItemRows(settings.serve_new_item_rows)  # rows for items the model has not seen yet
 
     async def rank(self, redis: Any, queries: Sequence[RankQuery]) -> list[Ranking]:
         """One ranking per query, in order: read state, score and fuse, backfill, filter, explain."""
@@ -162,6 +259,7 @@ class RankingPipeline:
         """
         recommender = self.recommender  # one model per batch, even if a swap happens meanwhile
         states = await self.read(redis, queries, recommender) if queries else []
+        await self.new_items.prepare(redis, recommender, states)
         return ReadBatch(list(queries), states, recommender)
 
     async def finish(self, redis: Any, batch: ReadBatch) -> list[Ranking]:
@@ -171,9 +269,9 @@ class RankingPipeline:
             return []
         depth = max(q.k for q in queries) * max((f.overfetch for f in self.filters), default=1)
         rows, version = await asyncio.to_thread(self.score, batch.recommender, states, depth)
-        rows = [backfilled(row, state, depth) for row, state in zip(rows, states)]
+        rows = [backfilled(row, state, depth, q.candidates) for q, row, state in zip(queries, rows, states)]
         for stage in self.filters:
-            rows = await stage.apply(redis, states, rows)
+            rows = await stage.apply(redis, queries, states, rows)
         return [self.explained(q, state, row, version) for q, state, row in zip(queries, states, rows)]
 
     def reads(self, recommender: Recommender) -> StateReads:
@@ -191,9 +289,15 @@ class RankingPipeline:
         )
 
     async def read(self, redis: Any, queries: Sequence[RankQuery], recommender: Recommender) -> list[UserState]:
-        """The queried users' states in one round-trip, each with its query's exclusions set."""
+        """The queried users' states in one round-trip, each with its query's exclusions set (and a
+        second for the anchors' neighbours when the batch has similar-items queries)."""
         states = await self.store.fetch_async(redis, [q.user_id for q in queries], self.reads(recommender))
-        return [excluding(state, q) for state, q in zip(states, queries)]
+        states = [excluding(state, q) for state, q in zip(states, queries)]
+        anchors = sorted({q.anchor for q in queries if q.anchor is not None})
+        if anchors:
+            neighbours = await self.store.neighbours_async(redis, anchors, SIMILAR_NEIGHBOURS)
+            states = [anchored(s, q.anchor, neighbours) if q.anchor else s for s, q in zip(states, queries)]
+        return states
 
     def blend_weight(self, recommender: Recommender) -> float:
         """The baseline's weight in the fused ranking: 0 unless a model (not the baseline) serves."""
@@ -210,6 +314,7 @@ class RankingPipeline:
         Returns the rankings and the model version that made them: a backend whose weights are
         updated in place reports the version under its own lock.
         """
+        self.new_items.register(recommender, states)  # before the forward pass, in its thread
         rows: list[Scored] = [[] for _ in states]
         version = recommender.version
         known = [i for i, s in enumerate(states) if s.known]
@@ -226,6 +331,27 @@ class RankingPipeline:
     def explained(self, query: RankQuery, state: UserState, row: Scored, version: str) -> Ranking:
         """The query's first k items, each with the reason it is shown."""
         top = row[: query.k]
-        reasons = explain_all(state, [item for item, _ in top])
+        if query.anchor is not None:
+            reasons = similar_reasons(state, query.anchor, top)
+        else:
+            reasons = explain_all(state, [item for item, _ in top])
+        if query.candidates is not None:  # a candidate no ranker knew, placed after the rest
+            reasons = [
+                REASON_PLACED if score == 0.0 and reason == "popular pick" else reason
+                for (_, score), reason in zip(top, reasons)
+            ]
         items = [RecItem(item, score, reason) for (item, score), reason in zip(top, reasons)]
         return Ranking(query, state, items, version if state.known else FALLBACK_VERSION)
+
+
+def similar_reasons(state: UserState, anchor: str, row: Scored) -> list[str]:
+    """Why each item is similar to the anchor: co-visited with it, else ranked after it by the rankers,
+    else trending (a refill)."""
+    covisited = {item for item, _ in state.covis.get(anchor) or ()}
+    trending = {item for item, _ in state.trending[:50]}
+    return [
+        f"often bought together with {anchor}"
+        if item in covisited
+        else (f"similar to {anchor}" if score > 0 else ("trending now" if item in trending else "popular pick"))
+        for item, score in row
+    ]

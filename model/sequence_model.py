@@ -99,14 +99,29 @@ def next_item_logits(model: PreTrainedModel, seqs: list[list[int]], device: torc
 
 
 def top_items(
-    logits: torch.Tensor, vocab: ItemVocab, exclude: Sequence[set[str] | frozenset[str]], k: int
+    logits: torch.Tensor,
+    vocab: ItemVocab,
+    exclude: Sequence[set[str] | frozenset[str]],
+    k: int,
+    allow: Sequence[frozenset[str] | None] | None = None,
 ) -> list[list[tuple[str, float]]]:
-    """Softmax over recommendable item tokens only; excluded items removed; top-k per row."""
+    """Softmax over recommendable item tokens only; excluded items removed; top-k per row.
+
+    A row with an `allow` set ranks only those items (a re-ranking's candidates): the softmax is
+    then over them alone, as vLLM's ``allowed_token_ids`` makes it.
+    """
     items = vocab.item_token_range()
     scores = logits[:, items.start : items.stop]
     if scores.shape[1] == 0:
         return [[] for _ in range(logits.shape[0])]
     scores = scores.clone()
+    for row, allowed in enumerate(allow or ()):
+        if allowed is not None:
+            keep = [vocab.token(i) - items.start for i in allowed if i in vocab]
+            masked = torch.full_like(scores[row], float("-inf"))
+            if keep:
+                masked[keep] = scores[row, keep]
+            scores[row] = masked
     for row, excluded in enumerate(exclude):
         cols = [vocab.token(i) - items.start for i in excluded if i in vocab]
         if cols:

@@ -286,8 +286,14 @@ class VllmGenerator(GenerativeRecommender):
         """The prompt for one user: identical to `TorchGenerator.token_ids`."""
         return encode([(e.item_id, e.type) for e in state.sequence], self.vocab, self.layout, self.max_events)
 
-    def allowed_tokens(self, exclude: Sequence[str] | frozenset[str] | set[str]) -> list[int]:
-        """Assigned item tokens minus the excluded items (unknown excluded ids are ignored)."""
+    def allowed_tokens(
+        self, exclude: Sequence[str] | frozenset[str] | set[str], allow: frozenset[str] | None = None
+    ) -> list[int]:
+        """Assigned item tokens minus the excluded items (unknown excluded ids are ignored); with `allow`
+        (a re-ranking's candidates), only those of its items the vocabulary knows."""
+        if allow is not None:
+            banned_ids = set(exclude)
+            return sorted({self.vocab.token(i) for i in allow if i in self.vocab and i not in banned_ids})
         if not exclude:
             return self._all_items
         banned = {self.vocab.token(i) for i in exclude if i in self.vocab}
@@ -328,7 +334,7 @@ class VllmGenerator(GenerativeRecommender):
         unrestricted = None  # one SamplingParams shared by every request without exclusions
         prompts, sampling, rows = [], [], []
         for row, state in enumerate(states):
-            allowed = self.allowed_tokens(state.exclude)
+            allowed = self.allowed_tokens(state.exclude, state.allow)
             if not allowed:  # every item excluded: nothing to recommend (vLLM refuses an empty list)
                 continue
             if allowed is self._all_items:

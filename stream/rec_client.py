@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
 from rtrec.stream.connections import kafka_bootstrap, kafka_connect_kwargs, kafka_python_auth
 from rtrec.stream.producer import make_kafka_producer
-from rtrec.stream.rec_messages import RecRequest
+from rtrec.stream.rec_messages import NO_FILTER, ItemFilter, RecRequest, parse_filter
 from rtrec.stream.settings import Settings
 
 
@@ -54,15 +54,34 @@ class RecClient:
                 raise RuntimeError(f"topic {self.reply_topic!r} does not exist (is `rtrec up` running?)")
             time.sleep(0.1)
 
-    def send(self, user_id: str, k: int = 10, exclude_seen: bool = True) -> str:
+    def send(
+        self,
+        user_id: str = "",
+        k: int = 10,
+        exclude_seen: bool = True,
+        *,
+        item_id: str | None = None,
+        candidates: Iterable[str] | None = None,
+        filter: ItemFilter | Mapping[str, Any] | None = None,
+    ) -> str:
+        """Send one request; returns its request_id. The form follows the arguments: a user's top k; with
+        `item_id`, items similar to it (`user_id` may be ""); with `candidates`, those items ranked for the
+        user. `filter` is an ItemFilter or its wire form ({"categories": [...], ...}), checked here like the
+        worker checks it (InvalidEvent); item_id and candidates are sent as given, for the worker to judge."""
+        if isinstance(candidates, str):
+            raise TypeError("candidates must be a sequence of item ids, not one string")
         request = RecRequest(
             request_id=uuid.uuid4().hex,
             user_id=user_id,
             k=k,
             exclude_seen=exclude_seen,
             reply_topic=None if self.reply_topic == self.settings.topic_responses else self.reply_topic,
+            item_id=item_id,
+            candidates=None if candidates is None else tuple(candidates),
+            filter=as_item_filter(filter, self.settings),
         )
-        self.producer.send(self.settings.topic_requests, key=user_id.encode(), value=request.to_json())
+        key = user_id or item_id or request.request_id  # a similar-items request without a user: by its anchor
+        self.producer.send(self.settings.topic_requests, key=key.encode(), value=request.to_json())
         return request.request_id
 
     def poll(self, timeout_ms: int = 50) -> None:
@@ -87,8 +106,19 @@ class RecClient:
             self.poll()
         return {rid: self.responses[rid] for rid in wanted if rid in self.responses}
 
-    def recommend(self, user_id: str, k: int = 10, exclude_seen: bool = True, timeout_s: float = 30) -> dict[str, Any]:
-        request_id = self.send(user_id, k, exclude_seen)
+    def recommend(
+        self,
+        user_id: str = "",
+        k: int = 10,
+        exclude_seen: bool = True,
+        timeout_s: float = 30,
+        *,
+        item_id: str | None = None,
+        candidates: Iterable[str] | None = None,
+        filter: ItemFilter | Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Send one request (any form, see send) and wait for its answer; TimeoutError when none comes."""
+        request_id = self.send(user_id, k, exclude_seen, item_id=item_id, candidates=candidates, filter=filter)
         got = self.collect([request_id], timeout_s)
         if request_id not in got:
             raise TimeoutError(f"no response to request {request_id} within {timeout_s}s")
@@ -103,3 +133,12 @@ class RecClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def as_item_filter(value: ItemFilter | Mapping[str, Any] | None, settings: Settings) -> ItemFilter:
+    """An ItemFilter from one, from its wire form (validated as the worker does: InvalidEvent), or from None."""
+    if value is None:
+        return NO_FILTER
+    if isinstance(value, ItemFilter):
+        return value
+    return parse_filter(dict(value), settings)

@@ -170,9 +170,7 @@ class LimitsSettings(_Section):
     max_context_keys: int = Field(16, description="events whose context has more keys are rejected")
     max_k: int = Field(100, ge=1, description="largest k a request may ask for")
     max_candidates: int = Field(500, ge=1, le=10_000, description="most candidates a re-ranking request may send")
-    max_filter_values: int = Field(
-        200, ge=1, le=10_000, description="most values in each list of a request's filter"
-    )
+    max_filter_values: int = Field(200, ge=1, le=10_000, description="most values in each list of a request's filter")
     reply_topic_prefix: str = Field(
         "rec-responses.",
         description="a request's reply_topic must be the response topic or start with this, and "
@@ -206,7 +204,9 @@ class StateSettings(_Section):
         90.0, ge=0, description="a user's keys expire this long after their latest event (0: never)"
     )
     catalog_max_items: int = Field(
-        1_000_000, ge=1, description="items the catalog keeps (category, availability); upserts of more are dead-lettered"
+        1_000_000,
+        ge=1,
+        description="items the catalog keeps (category, availability); upserts of more are dead-lettered",
     )
     item_ttl_days: float = Field(
         90.0, ge=0, description="an item's co-visitation expires this long after the item's latest event (0: never)"
@@ -246,6 +246,9 @@ class ServeSettings(_Section):
         "0: the model alone)",
     )
     serve_max_events: int = Field(50, description="history length read when serving (<= training)")
+    serve_new_item_rows: bool = Field(
+        True, description="transformers backend: an item new to the model gets a free vocabulary row while serving"
+    )
     reason_recent_items: int = Field(
         5, ge=0, description="recent items whose co-visited neighbours explain a model's recommendations"
     )
@@ -256,6 +259,12 @@ class ServeSettings(_Section):
     blend_trending: float = Field(0.3, description="blending baseline: weight of trending items")
     blend_recent_items: int = Field(10, description="recent items whose neighbours are used")
     trending_pool: int = Field(200, description="trending items fetched as candidates")
+    ab_candidate: str | None = Field(
+        None, description="A/B split: serve RTREC_AB_SHARE of users from this model version (unset: no split)"
+    )
+    ab_share: float = Field(
+        0.1, gt=0, lt=1, description="A/B split: share of users (sticky by user id) served by ab_candidate"
+    )
 
 
 class ModelSettings(_Section):

@@ -483,6 +483,9 @@ return {L, redis.call('ZREVRANGE', ARGV[1] .. ':pop', 0, tonumber(ARGV[2]) - 1, 
 """
 
 
+Neighbours = dict[str, list[tuple[str, float]]]  # item -> its co-visited neighbours, most counted first
+
+
 @dataclass(frozen=True, slots=True)
 class StateReads:
     """How much of a user's state a read returns; a recommender that needs less asks for less.
@@ -522,6 +525,7 @@ class UserState:
     covis: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # recent item -> neighbours
     trending: list[tuple[str, float]] = field(default_factory=list)
     exclude: frozenset[str] = frozenset()  # items the request asked not to see
+    allow: frozenset[str] | None = None  # when set, the only items that may be returned (a re-ranking's candidates)
 
     @property
     def known(self) -> bool:
@@ -757,6 +761,25 @@ class StateStore:
         covis = _merged_covis(items, covis_parts, reads.neighbours)
         return [_user_state(uid, raw, trending, covis) for uid, raw in zip(user_ids, raws)]
 
+    async def neighbours_async(self, client: AsyncClient, items: Sequence[str], n: int) -> Neighbours:
+        """Each item's `n` most co-visited neighbours (similar-item queries), merged over the buckets in a cluster."""
+        return await redis_calls.run_async(client, self.neighbours_plan(items, n))
+
+    def neighbours_plan(self, items: Sequence[str], n: int) -> Plan[Neighbours]:
+        """The Redis work of ``neighbours_async``: one COVIS_LUA call per bucket (one on a single Redis)."""
+
+        def steps() -> Steps[Neighbours]:
+            if not items:
+                return {}
+            shards = self.shard_prefixes()
+            calls = [ScriptCall(COVIS_LUA, [p] if self.buckets else [], [p, n, *items]) for p in shards]
+            parts = yield Round(calls, pipelined=not self.buckets)
+            if not self.buckets:
+                return {item: _pairs(flat) for item, flat in zip(items, parts[0])}
+            return _merged_covis(items, parts, n)
+
+        return Plan(steps, repeatable=True)
+
     def _merged_trending(self, parts: Sequence[Any]) -> list[tuple[str, float]]:
         """The buckets' partial popularity (TRENDING_LUA replies) brought to one landmark and summed."""
         hl = self.settings.trend_half_life_ms
@@ -837,7 +860,7 @@ def _user_state(
     )
 
 
-def _merged_covis(items: Sequence[str], parts: Sequence[Any], neighbours: int) -> dict[str, list[tuple[str, float]]]:
+def _merged_covis(items: Sequence[str], parts: Sequence[Any], neighbours: int) -> Neighbours:
     """The buckets' co-visitation of `items` (COVIS_LUA replies) summed, each item's top `neighbours` kept."""
     sums: dict[str, dict[str, float]] = {item: {} for item in items}
     for part in parts:

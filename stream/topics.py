@@ -13,8 +13,10 @@ from rtrec.stream.settings import Settings
 
 
 def topic_names(settings: Settings) -> list[str]:
+    """Every topic rtrec creates and uses (internal_topics: all but the default response topic)."""
     return [
         settings.topic_events,
+        settings.topic_catalog,
         settings.topic_requests,
         settings.topic_responses,
         settings.topic_dead_letters,

@@ -185,7 +185,19 @@ def test_eval_runs_on_a_csv_without_event_ids(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     [csv_path] = list(out.glob("*.csv"))
     names = [line.split(",")[0] for line in csv_path.read_text().splitlines()[1:]]
-    assert names == ["generative-llama", "blending", "popularity", "river-BiasedMF", "generative-llama+blending"]
+    assert names == [
+        "generative-llama",
+        "blending",
+        "popularity",
+        "river-BiasedMF",
+        "generative-llama+blending",
+        "similar: model",
+        "similar: co-visitation",
+        "similar: fused",
+        "rerank100: model",
+        "rerank100: fused",
+        "rerank100: popularity",
+    ]
     assert json.loads((out / "generative-llama.json").read_text())["family"] == "llama"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import math
+import random
 import time
 
 import pytest
@@ -19,12 +20,17 @@ from rtrec.model.datasets import (
     shared_dataset,
 )
 from rtrec.model.evaluate import (
+    RERANK,
+    RERANK_CANDIDATES,
+    SIMILAR,
     BiasedMFRecommender,
     PopularityRecommender,
     evaluate,
     print_table,
     published_reference,
     replayed,
+    rerank_queries,
+    similar_queries,
     write_report,
 )
 from rtrec.model.fusion import RankFusion
@@ -374,18 +380,161 @@ def test_every_eval_row_is_ranked_by_the_serving_pipeline(tmp_path, monkeypatch)
     ranked: dict[tuple[str, float, int | None], int] = {}
     for name, weight, window, n in calls:
         ranked[(name, weight, window)] = ranked.get((name, weight, window), 0) + n
-    # every row: each test user once, through the pipeline; the model with the served window, alone and fused
+    # every row: each test user once, through the pipeline; the model with the served window, alone and fused;
+    # the similar-items rows (model, co-visitation, fused) and re-ranking rows (model, fused, popularity) too
     assert ranked == {
-        ("BlendingRecommender", 0.0, None): users,
-        ("PopularityRecommender", 0.0, None): users,
+        ("BlendingRecommender", 0.0, None): 2 * users,
+        ("PopularityRecommender", 0.0, None): 2 * users,
         ("BiasedMFRecommender", 0.0, None): users,
-        (TorchGenerator.__name__, 0.0, 10): users,
-        (TorchGenerator.__name__, 0.5, 10): users,
+        (TorchGenerator.__name__, 0.0, 10): 3 * users,
+        (TorchGenerator.__name__, 0.5, 10): 3 * users,
     }
-    assert {r["name"] for r in rows} == {
+    assert [r["name"] for r in rows] == [
         "generative-llama",
-        "generative-llama+blending",
         "blending",
         "popularity",
         "river-BiasedMF",
-    }
+        "generative-llama+blending",
+        "similar: model",
+        "similar: co-visitation",
+        "similar: fused",
+        "rerank100: model",
+        "rerank100: fused",
+        "rerank100: popularity",
+    ]
+    for r in rows:
+        assert r["users"] == users and 0.0 <= r["NDCG@10"] <= r["HR@10"] <= 1.0
+    by_name = {r["name"]: r for r in rows}
+    for name in ("model", "fused", "popularity"):  # the target is always among the candidates
+        full = by_name["popularity" if name == "popularity" else f"generative-llama{'+blending' * (name == 'fused')}"]
+        assert by_name[f"rerank100: {name}"]["HR@10"] >= full["HR@10"]
+
+
+# ---- similar items and re-ranking rows ----------------------------------------------------------------
+def test_popularity_respects_allow_and_exclude():
+    split = _toy_split()
+    pop = PopularityRecommender(split)
+    allow = frozenset({"i1", "i4", "i9", "i12", "nope"})
+    [row] = pop.recommend_batch([UserState("u", exclude=frozenset({"i4"}), allow=allow)], 10)
+    expected = sorted(allow - {"i4"}, key=lambda i: (-split.item_popularity.get(i, 0), i))
+    assert [item for item, _ in row] == expected
+    assert [score for _, score in row] == [float(split.item_popularity.get(i, 0)) for i in expected]
+    [mf] = BiasedMFRecommender(split, seed=1, progress=False).recommend_batch(
+        [UserState("u1", exclude=frozenset({"i4"}), allow=allow)], 10
+    )
+    assert {item for item, _ in mf} == {"i1", "i9", "i12"}  # "nope" is no item of the split
+
+
+def test_rerank_queries_hold_the_target_and_unseen_training_items():
+    events = generate_events(SyntheticConfig(n_users=60, n_items=300, n_events=4000, seed=3))
+    split = leave_one_out(events)
+    pairs = rerank_queries(split, 10)
+    assert pairs == rerank_queries(split, 10)  # fixed seed: the same candidates for every recommender and run
+    assert [u for u, _ in pairs] == split.test_users
+    positions = []
+    for user, query in pairs:
+        cands = query.candidates
+        assert query.user_id == user and query.exclude_seen and cands is not None
+        seen = {e["item_id"] for e in split.history(user)}
+        target = split.target(user)
+        assert len(cands) == len(set(cands)) == RERANK_CANDIDATES
+        assert target in cands and not (seen - {target}) & set(cands)  # (a repeat target is seen: a miss, as in full)
+        assert set(cands) - {target} <= set(split.item_popularity)  # sampled from the training items
+        positions.append(cands.index(target))
+    assert len(set(positions)) > 10  # shuffled: the target is not always in one place
+    # a user who has seen nearly every training item gets the few items left
+    tiny = leave_one_out([ev("u", i, t) for t, i in enumerate("abcd")] + [ev("v", "e", 9), ev("v", "a", 10)])
+    [(_, q)] = rerank_queries(tiny, 10)
+    assert sorted(q.candidates or ()) == ["d", "e"]
+
+
+def chain_split(n_items: int = 40, n_users: int = 80, seed: int = 5):
+    """Users walk one cycle of items in order (c7 -> c8 -> c9 ...), a minute apart: co-visitation of the
+    last training item names the held-out next one."""
+    rng = random.Random(seed)
+    events = []
+    for u in range(n_users):
+        start, length = rng.randrange(n_items), rng.randint(4, 8)
+        t0 = u * 10 * 3_600_000
+        for j in range(length):
+            item = f"c{(start + j) % n_items}"
+            events.append(ev(f"u{u}", item, t0 + j * 60_000))
+    return leave_one_out(events)
+
+
+def test_similar_items_rows_on_a_chain(redis_only):
+    settings = Settings(kafka_bootstrap=None, redis_url=None)
+    split = chain_split()
+    queries = similar_queries(split, 10)
+    assert all(q.user_id == "" and q.anchor == split.history(u)[-1]["item_id"] for u, q in queries)
+    with replayed(split, settings, redis_only, progress=False) as store:
+        rows = evaluate(
+            {
+                "co-visitation": RankingPipeline(settings, BlendingRecommender(settings), store=store),
+                "popularity": RankingPipeline(settings, PopularityRecommender(split), store=store),
+            },
+            split,
+            redis_settings(redis_only),
+            kind=SIMILAR,
+        )
+    covis, pop = rows
+    assert [covis["name"], pop["name"]] == ["similar: co-visitation", "similar: popularity"]
+    assert covis["users"] == len(split.test_users) and covis["kind"] == SIMILAR
+    assert covis["HR@10"] >= 0.95 and covis["NDCG@10"] >= 0.8  # the next item is the anchor's top neighbour
+    assert pop["HR@10"] < covis["HR@10"]
+
+
+def test_rerank_rows_and_popularity_order(redis_only):
+    settings = Settings(kafka_bootstrap=None, redis_url=None)
+    events = generate_events(SyntheticConfig(n_users=60, n_items=300, n_events=4000, seed=1))
+    split = leave_one_out(events)
+    with replayed(split, settings, redis_only, progress=False) as store:
+        pipelines = {
+            "popularity": RankingPipeline(settings, PopularityRecommender(split), store=store),
+            "blending": RankingPipeline(settings, BlendingRecommender(settings), store=store),
+            "biasedmf": RankingPipeline(settings, BiasedMFRecommender(split, seed=0, progress=False), store=store),
+        }
+        full = evaluate(pipelines, split, redis_settings(redis_only))
+        rerank = evaluate(pipelines, split, redis_settings(redis_only), kind=RERANK)
+        pairs = rerank_queries(split, 10)
+        rankings = asyncio.run(_rank(pipelines["popularity"], redis_settings(redis_only), [q for _, q in pairs]))
+    assert [r["name"] for r in rerank] == ["rerank100: popularity", "rerank100: blending", "rerank100: biasedmf"]
+    for f, r in zip(full, rerank):
+        assert 0.0 <= r["NDCG@10"] <= r["HR@10"] <= 1.0 and r["users"] == len(split.test_users)
+        assert r["HR@10"] >= f["HR@10"]  # the target is always among the candidates
+    counts = split.item_popularity
+    for (_, query), ranking in zip(pairs, rankings):
+        seen = ranking.state.exclude  # a target the user had already seen is excluded, as in the full ranking
+        expected = sorted(set(query.candidates or ()) - seen, key=lambda i: (-counts.get(i, 0), i))[:10]
+        assert [it.item_id for it in ranking.items] == expected
+
+
+async def _rank(pipeline: RankingPipeline, settings: Settings, queries: list[RankQuery]):
+    client = async_redis_client(settings)
+    try:
+        return await pipeline.rank(client, queries)
+    finally:
+        await client.aclose()
+
+
+def test_evaluate_rejects_items_outside_the_candidates(redis_only):
+    settings = Settings(kafka_bootstrap=None, redis_url=None)
+    split = leave_one_out(generate_events(SyntheticConfig(n_users=20, n_items=300, n_events=600, seed=1)))
+    with (
+        replayed(split, settings, redis_only, progress=False) as store,
+        pytest.raises(AssertionError, match="non-candidates"),
+    ):
+        pipeline = RankingPipeline(settings, IgnoresAllow(split.items), store=store)
+        evaluate({"ignores-allow": pipeline}, split, redis_settings(redis_only), kind=RERANK)
+
+
+class IgnoresAllow:
+    """Ranks every unseen item of the catalogue, candidates or not."""
+
+    version = "ignores-allow"
+
+    def __init__(self, items: list[str]) -> None:
+        self.items = items
+
+    def recommend_batch(self, states, k):
+        return [[(i, 1.0) for i in self.items if i not in s.exclude][:k] for s in states]

@@ -18,13 +18,13 @@ from rtrec.model.fusion import FUSION_DEPTH, fuse
 from rtrec.model.generator import TorchGenerator
 from rtrec.model.histories import user_histories
 from rtrec.model.pipeline import model_meta
-from rtrec.model.ranking import RankingPipeline, RankQuery
+from rtrec.model.ranking import REASON_PLACED, RankingPipeline, RankQuery
 from rtrec.model.sequence_model import build_model
 from rtrec.model.train import train_model, vocab_for
 from rtrec.stream.connections import async_redis_client, kafka_bootstrap
 from rtrec.stream.keys import ITEM_CATEGORY
 from rtrec.stream.rec_messages import RecRequest
-from rtrec.stream.state_store import StateReads, StateStore
+from rtrec.stream.state_store import SeqEntry, StateReads, StateStore, UserState
 from rtrec.stream.synthetic import SyntheticConfig, generate_events
 from rtrec.stream.topics import ensure_topics
 from rtrec.workers.dead_letters import DeadLetters
@@ -235,7 +235,6 @@ def test_a_user_whose_candidates_are_exhausted_gets_trending_backfill(settings, 
 
 def test_backfill_tops_up_with_unseen_trending_items_or_gives_nothing():
     from rtrec.model.ranking import backfilled
-    from rtrec.stream.state_store import UserState
 
     state = UserState("u", trending=[("a", 3.0), ("b", 2.0), ("c", 1.0)], exclude=frozenset({"b"}))
     assert backfilled([("x", 0.9)], state, 3) == [("x", 0.9), ("a", 0.0), ("c", 0.0)]
@@ -310,3 +309,45 @@ def test_a_swapped_in_model_answers_the_next_batch(settings, producer, redis, ui
     [response] = run_batch(settings, generator, [request(user, k=3)], swap_to=swapped)
     assert response["model_version"] == "fixed-2"
     assert [it["item_id"] for it in response["items"]] == ["p", "q", "r"]
+
+
+def test_candidates_are_ranked_by_the_models_scores_from_one_forward_pass(
+    settings, producer, redis, synthetic, generator
+):
+    """A re-ranking keeps the model's order among the candidates (softmax over them alone); an item the
+    model does not know is still placed, after them, with a reason saying so."""
+    user = synthetic[2]["user_id"]
+    tag = uuid.uuid4().hex[:6]
+    mine = [e for e in synthetic if e["user_id"] == user][-15:]
+    for e in mine:
+        producer.send({**e, "event_id": f"{e['event_id']}-{tag}", "user_id": f"{user}-{tag}"})
+    producer.flush()
+    known = f"{user}-{tag}"
+    wait_for(lambda: redis.hget(f"rt:u:{known}:h", "n") == str(len(mine)), what="history applied")
+    s = settings.model_copy(update={"serve_blend_weight": 0.0})  # the model alone
+    [full] = pipeline_rankings(s, generator, [RankQuery(known, 50, True)])
+    in_model_order = [it.item_id for it in full.items][::5][:8]
+    sent = [*reversed(in_model_order), f"never-seen-{tag}"]
+    [ranked] = pipeline_rankings(s, generator, [RankQuery(known, len(sent), True, candidates=tuple(sent))])
+    assert [it.item_id for it in ranked.items] == [*in_model_order, f"never-seen-{tag}"]
+    assert sum(it.score for it in ranked.items[:8]) == pytest.approx(1.0, abs=1e-4)
+    assert ranked.items[-1].reason == REASON_PLACED and ranked.version == generator.version
+    raws = [RecRequest(uuid.uuid4().hex, known, len(sent), candidates=tuple(sent)).to_json()]
+    [response] = run_batch(s, generator, raws)
+    assert [it["item_id"] for it in response["items"]] == [it.item_id for it in ranked.items]
+
+
+def test_similar_items_are_what_the_model_ranks_after_the_anchor(settings, synthetic, generator):
+    """Without a user, a similar-items query is the model's next item after [anchor], never the anchor."""
+    anchor = synthetic[0]["item_id"]
+    s = settings.model_copy(update={"serve_blend_weight": 0.0})
+    [ranked] = pipeline_rankings(s, generator, [RankQuery("", 5, True, anchor=anchor)])
+    state = UserState("", sequence=[SeqEntry(anchor, "click", 0, "x")], exclude=frozenset({anchor}))
+    [direct] = generator.recommend_batch([state], 5)
+    assert [it.item_id for it in ranked.items] == [item for item, _ in direct]
+    assert anchor not in [it.item_id for it in ranked.items]
+    assert all(it.reason.endswith(anchor) for it in ranked.items)
+    [response] = run_batch(s, generator, [RecRequest(uuid.uuid4().hex, "", 5, item_id=anchor).to_json()])
+    assert response["item_id"] == anchor and [it["item_id"] for it in response["items"]] == [
+        it.item_id for it in ranked.items
+    ]

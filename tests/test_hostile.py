@@ -169,7 +169,7 @@ def test_hostile_requests_never_reach_internal_topics_and_every_partition_is_ans
     tag = uuid.uuid4().hex[:8]
     before = topics_on_broker(settings)
     reply_topics = hostile_reply_topics(settings, tag)
-    assert len(reply_topics) == 3 + 4 + 20
+    assert len(reply_topics) == 3 + 5 + 20  # 5 internal topics
     with RecClient(settings) as client:  # reads the default response topic from its end
         producer = raw_producer(settings)
         try:

@@ -61,7 +61,14 @@ def test_lag_grows_while_the_state_worker_is_down_and_returns_to_zero(settings, 
         assert state_metrics["rtrec_event_to_state_seconds_count"] == 10
         assert 0 < state_metrics["rtrec_event_to_state_seconds_sum"] < 10 * 5  # seconds, plausibly small
         ready = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports[worker.name]}/readyz", timeout=5)
-        assert json.loads(ready.read()) == {"broker": True, "redis": True, "consuming": True, "task:topics": True}
+        assert json.loads(ready.read()) == {
+            "broker": True,
+            "redis": True,
+            "consuming": True,
+            "task:topics": True,
+            "catalog_consuming": True,  # the catalog topic's loop
+            "catalog_task:topics": True,
+        }
         stack.stop_worker(worker)
 
         producer.send_many(events[10:])
@@ -158,6 +165,7 @@ def test_rtrec_groups_names_every_group_the_stack_runs():
     s = Settings()
     assert rtrec_groups(s) == {
         s.state_group: [s.topic_events],
+        f"{s.state_group}-catalog": [s.topic_catalog],
         s.recommend_group: [s.topic_requests],
         s.trainer_group: [s.topic_events],
         s.quality_group: [s.topic_events, s.topic_responses],

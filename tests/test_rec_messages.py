@@ -298,6 +298,7 @@ def test_response_to_dict_shape() -> None:
         "generated_at": 1_767_225_600_000,
         "latency_ms": 1.235,
         "fallback": False,
+        "arm": "control",
     }
 
 
@@ -352,5 +353,7 @@ def test_is_legal_topic_name(name: str, legal: bool) -> None:
 
 
 def test_internal_topics_are_all_but_the_default_response_topic() -> None:
-    assert internal_topics(CFG) == frozenset({"events", "rec-requests", "dead-letters", "model-updates"})
+    assert internal_topics(CFG) == frozenset(
+        {"events", "item-catalog", "rec-requests", "dead-letters", "model-updates"}
+    )
     assert set(topic_names(CFG)) - internal_topics(CFG) == {CFG.topic_responses}

@@ -91,9 +91,9 @@ def backends(checkpoint):
         yield torch_gen, vllm_gen
 
 
-def as_state(user: str, history: list[tuple[str, str]], exclude=frozenset()) -> UserState:
+def as_state(user: str, history: list[tuple[str, str]], exclude=frozenset(), allow=None) -> UserState:
     seq = [SeqEntry(item, etype, n, f"{user}-{n}") for n, (item, etype) in enumerate(history)]
-    return UserState(user, sequence=seq, exclude=frozenset(exclude))
+    return UserState(user, sequence=seq, exclude=frozenset(exclude), allow=None if allow is None else frozenset(allow))
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +144,101 @@ def test_same_top_k_and_scores_as_transformers(backends, states):
 
 def _ids(rows) -> list[list[str]]:
     return [[item for item, _ in row] for row in rows]
+
+
+def assert_ranks_like_transformers(torch_gen, vllm_gen, states, k) -> list:
+    """vLLM's top-k is transformers' (near-ties within TIE may swap), with the same probabilities; vLLM's rows."""
+    expected = torch_gen.recommend_batch(states, k)
+    full = torch_gen.recommend_batch(states, len(torch_gen.checkpoint.vocab))  # every rankable item's probability
+    got = vllm_gen.recommend_batch(states, k)
+    assert len(got) == len(states)
+    swaps = 0
+    for state, want, ranked, everything in zip(states, expected, got, full):
+        prob = dict(everything)
+        assert len(ranked) == len(want), f"{state.user_id}: vLLM {_ids([ranked])} vs torch {_ids([want])}"
+        for pos, ((item, p), (want_item, want_p)) in enumerate(zip(ranked, want)):
+            assert item in prob, f"{state.user_id}: {item} is not an allowed item"
+            if item != want_item:
+                swaps += 1
+                assert abs(prob[item] - want_p) < TIE, (
+                    f"{state.user_id} #{pos}: vLLM {item} ({prob[item]:.7f}) vs torch {want_item} ({want_p:.7f})"
+                )
+            assert p == pytest.approx(prob[item], rel=1e-3), f"{state.user_id} #{pos} {item}"
+    assert swaps <= 2, f"{swaps} near-tie swaps: suspiciously many"
+    return got
+
+
+@pytest.fixture(scope="module")
+def rerank_states(histories, backends) -> list[UserState]:
+    """Re-ranking requests: `allow` = ~10 known candidates (some from the user's own history) + 2 unknown
+    ids, an `exclude` overlapping it; then edge cases. A plain state is mixed in (allow None beside allow)."""
+    rng = random.Random(17)
+    vocab = backends[0].checkpoint.vocab
+    users = sorted(histories)[:8]
+    out = []
+    for n, user in enumerate(users):
+        hist = histories[user]
+        seen = sorted({item for item, _ in hist if item in vocab})
+        from_history = rng.sample(seen, min(4, len(seen)))
+        others = rng.sample([i for i in vocab.items if i not in seen], 10 - len(from_history))
+        known = from_history + others
+        allow = set(known) | {f"unknown-{n}-a", f"unknown-{n}-b"}
+        # overlaps allow: one seen candidate, one other candidate, plus items outside allow / unknown
+        exclude = {from_history[0], others[0], rng.choice(vocab.items), "never-seen-item", f"unknown-{n}-a"}
+        out.append(as_state(user, hist, exclude, allow))
+    out.append(as_state("plain", histories[users[0]]))  # no allow: every item, in the same batch
+    out.append(as_state("all-excluded", histories[users[1]], {"x", *vocab.items[:5]}, vocab.items[:5]))
+    out.append(as_state("only-unknown", histories[users[2]], allow={"unknown-1", "unknown-2"}))
+    out.append(as_state("one-left", histories[users[3]], vocab.items[:4], vocab.items[:5]))
+    return out
+
+
+@pytest.mark.parametrize("k", [K, 3])
+def test_allow_ranks_only_the_candidates_like_transformers(backends, rerank_states, k):
+    torch_gen, vllm_gen = backends
+    vocab = torch_gen.checkpoint.vocab
+    got = assert_ranks_like_transformers(torch_gen, vllm_gen, rerank_states, k)
+    for state, ranked in zip(rerank_states, got):
+        items = [item for item, _ in ranked]
+        assert len(items) == len(set(items)), state.user_id
+        assert not set(items) & state.exclude, f"{state.user_id}: excluded item returned"
+        if state.allow is None:
+            assert len(items) == k
+            continue
+        assert set(items) <= state.allow, f"{state.user_id}: {set(items) - state.allow} outside allow"
+        rankable = {i for i in state.allow if i in vocab} - state.exclude
+        assert len(items) == min(k, len(rankable)), state.user_id
+        if k >= len(rankable):  # every candidate returned: the distribution is over the candidates only
+            assert set(items) == rankable, state.user_id
+            if rankable:
+                assert sum(p for _, p in ranked) == pytest.approx(1.0, abs=1e-4), state.user_id
+    by_user = {s.user_id: row for s, row in zip(rerank_states, got)}
+    assert by_user["all-excluded"] == [] and by_user["only-unknown"] == []
+    assert _ids([by_user["one-left"]]) == [[vocab.items[4]]] and by_user["one-left"][0][1] == pytest.approx(1.0)
+    # transformers says the same about the edge cases
+    want = {s.user_id: row for s, row in zip(rerank_states, torch_gen.recommend_batch(rerank_states, k))}
+    assert want["all-excluded"] == [] and want["only-unknown"] == []
+
+
+def test_allow_fully_excluded_is_empty_on_both_backends(backends, histories):
+    torch_gen, vllm_gen = backends
+    items = torch_gen.checkpoint.vocab.items
+    user = sorted(histories)[0]
+    state = as_state(user, histories[user], exclude={*items[10:20], "unknown-x"}, allow={*items[10:20], "unknown-x"})
+    assert torch_gen.recommend_batch([state], K) == [[]]
+    assert vllm_gen.recommend_batch([state], K) == [[]]
+
+
+def test_similar_items_state_ranks_like_transformers(backends):
+    """A similar-items request: no user, the anchor as a one-event sequence, the anchor itself excluded."""
+    torch_gen, vllm_gen = backends
+    items = torch_gen.checkpoint.vocab.items
+    anchors = [items[0], items[7], items[31], items[len(items) // 2], items[-1]]
+    states = [UserState("", sequence=[SeqEntry(a, "click", 0, "x")], exclude=frozenset({a})) for a in anchors]
+    got = assert_ranks_like_transformers(torch_gen, vllm_gen, states, K)
+    for anchor, ranked in zip(anchors, got):
+        assert len(ranked) == K and anchor not in {item for item, _ in ranked}, anchor
+    assert len({tuple(_ids([row])[0]) for row in got}) > 1  # the anchor matters: not one list for every anchor
 
 
 @pytest.fixture(scope="module")

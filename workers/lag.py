@@ -26,6 +26,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from kafka.errors import AuthorizationError, GroupIdNotFoundError, KafkaError, SaslAuthenticationFailedError
 
+from rtrec.stream.catalog import catalog_group
 from rtrec.stream.connections import kafka_bootstrap, kafka_python_auth
 from rtrec.stream.settings import Settings
 
@@ -67,6 +68,7 @@ def rtrec_groups(settings: Settings) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for group, topics in (
         (settings.state_group, [settings.topic_events]),
+        (catalog_group(settings), [settings.topic_catalog]),
         (settings.recommend_group, [settings.topic_requests]),
         (settings.trainer_group, [settings.topic_events]),
         (settings.quality_group, [settings.topic_events, settings.topic_responses]),

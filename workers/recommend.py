@@ -12,6 +12,10 @@ committed, so a crash re-answers rather than drops. A batch whose ranking fails
 the stats written afterwards are best-effort and never cause a re-publish. A request
 whose reply topic is refused, missing or unsendable is dead-lettered and answered with
 an error on the default response topic; it never holds the batch.
+
+With an A/B split (RTREC_AB_CANDIDATE, workers/ab_split.py) each batch's requests are split by their
+user's arm; each arm is read and ranked by its own `RankingPipeline` (one model per call, as without a
+split) and the responses, each naming its arm and the version that made it, go out in request order.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faust
@@ -37,6 +41,7 @@ from rtrec.stream.keys import RECOMMEND_STATS
 from rtrec.stream.rec_messages import RecRequest, RecResponse, best_effort_ids, parse_request
 from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import UserState
+from rtrec.workers.ab_split import CANDIDATE, CONTROL, arm_of, candidate_or_none
 from rtrec.workers.dead_letters import DeadLetter, DeadLetters
 from rtrec.workers.faults import is_transient
 from rtrec.workers.faust_app import run_module, worker_app
@@ -66,12 +71,15 @@ class RecommendWorker:
         dead_letters: DeadLetters,
         recommender: Recommender,
         fallback: Recommender | None = None,
+        candidate: Recommender | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis_client
         self.producer = producer
         self.dead_letters = dead_letters
         self.pipeline = RankingPipeline(settings, recommender, baseline=fallback)  # fallback: trending, unknown users
+        # the A/B candidate arm: a fixed named version (never hot-swapped), the same baseline and filters
+        self.candidate = None if candidate is None else RankingPipeline(settings, candidate, self.pipeline.baseline)
         self.reply_topics = ReplyTopics(producer)
         self._reflected: OrderedDict[str, int] = OrderedDict()  # user -> newest event ts already answered from
         self._queue: list[Queued] = []  # batches read, waiting for the model
@@ -103,24 +111,32 @@ class RecommendWorker:
                 valid.append((rec, parse_request(rec.value, self.settings)))
             except InvalidEvent as exc:
                 bad.append(DeadLetter(rec, exc.reason, exc.detail))
-                request_id, user_id = best_effort_ids(rec.value or b"")
+                request_id, user_id = best_effort_ids(rec.value or b"", self.settings)
                 responses.append((rec, self._error(request_id, user_id, f"invalid request: {exc}"), None))
         valid = await self._check_reply_topics(valid, responses, bad)
         read = await self._read(valid)
         await self.dead_letters.publish(bad)
-        queued = Queued(valid, read, responses, asyncio.get_running_loop().create_future())
+        queued = Queued(read, responses, asyncio.get_running_loop().create_future())
         self._queue.append(queued)
         if self._ranker is None or self._ranker.done():
             self._ranker = asyncio.create_task(self._rank_queued())
         return self._acked_and_counted(queued)
 
-    async def _read(self, valid: list[tuple[ConsumerRecord, RecRequest]]) -> ReadBatch | Exception:
-        """Stage one of the pipeline; a failure (Redis down) is kept: the batch is answered with errors."""
-        queries = [RankQuery(req.user_id, req.k, req.exclude_seen) for _, req in valid]
-        try:
-            return await self.pipeline.start(self.redis, queries)
-        except Exception as exc:  # noqa: BLE001 - answered with errors in _answer, never dropped
-            return exc
+    def arm_of(self, request: RecRequest) -> str:
+        """The request's A/B arm: sticky per user; "control" without a candidate loaded."""
+        return CONTROL if self.candidate is None else arm_of(request.user_id, self.settings.ab_share)
+
+    def _pipeline(self, arm: str) -> RankingPipeline:
+        return self.candidate if arm == CANDIDATE and self.candidate is not None else self.pipeline
+
+    async def _read(self, valid: list[tuple[ConsumerRecord, RecRequest]]) -> list[Part]:
+        """Stage one of the pipeline, per arm; a failure (Redis down) is kept: that part is answered with errors."""
+        by_arm: dict[str, list[tuple[ConsumerRecord, RecRequest]]] = {}
+        for pair in valid:
+            by_arm.setdefault(self.arm_of(pair[1]), []).append(pair)
+        starts = [self._pipeline(arm).start(self.redis, [query_of(r) for _, r in by_arm[arm]]) for arm in by_arm]
+        reads = await asyncio.gather(*starts, return_exceptions=True)  # errors: answered in _answer_group, not dropped
+        return [Part(arm, pairs, read) for (arm, pairs), read in zip(by_arm.items(), reads)]
 
     async def _rank_queued(self) -> None:
         """Rank whatever batches were read meanwhile as one model batch, publish them in order; repeat.
@@ -181,38 +197,39 @@ class RecommendWorker:
             log.warning("recommendation stats not written (%s: %s)", type(exc).__name__, exc)
 
     async def _answer_all(self, taken: list[Queued]) -> list[list[Answer]]:
-        """Each queued batch's answers; batches read for the same model are ranked in one pipeline call."""
-        out: list[list[Answer]] = []
-        start = 0
-        while start < len(taken):
-            end = start + 1
-            first = taken[start].read
-            while end < len(taken) and _same_model(first, taken[end].read):
-                end += 1
-            out += await self._answer_group(taken[start:end])
-            start = end
-        return out
+        """Each queued batch's answers; the parts read for the same arm and model are ranked in one pipeline call."""
+        groups: dict[tuple[str, int], list[Part]] = {}
+        for part in (part for queued in taken for part in queued.parts):
+            model = part.read.recommender if isinstance(part.read, ReadBatch) else part  # a failed read: on its own
+            groups.setdefault((part.arm, id(model)), []).append(part)
+        for (arm, _), group in groups.items():
+            await self._answer_group(arm, group)
+        return [[answer for part in queued.parts for answer in part.answers] for queued in taken]
 
-    async def _answer_group(self, group: list[Queued]) -> list[list[Answer]]:
-        """The pipeline's rankings as responses; a failed group is answered with errors, never dropped."""
-        valid = [pair for queued in group for pair in queued.valid]
-        reads = [queued.read for queued in group]
+    async def _answer_group(self, arm: str, group: list[Part]) -> None:
+        """The arm pipeline's rankings as each part's responses; a failed group is answered with errors, never
+        dropped."""
+        valid = [pair for part in group for pair in part.valid]
+        first = group[0].read
         try:
-            if isinstance(reads[0], Exception):  # a failed read is a group of its own (`_same_model`)
-                raise reads[0]
-            rankings = await self.pipeline.finish(self.redis, _merged(reads))  # [] for a batch without queries
+            if isinstance(first, BaseException):  # a failed read is a group of its own (`_answer_all`)
+                raise first
+            rankings = await self._pipeline(arm).finish(self.redis, _merged([part.read for part in group]))
         except Exception as exc:  # Redis down, a model error: the batch is answered with errors, never dropped
             log.exception("recommendation batch failed")
             error = f"{type(exc).__name__}: {exc}"
-            answers = [(rec, self._error(req.request_id, req.user_id, error), req.reply_topic) for rec, req in valid]
+            version = first.recommender.version if isinstance(first, ReadBatch) else None
+            answers = [
+                (rec, self._error(req.request_id, req.user_id, error, arm, version), req.reply_topic)
+                for rec, req in valid
+            ]
         else:
             self._observe_freshness([ranking.state for ranking in rankings])
-            answers = [(rec, self._response(req, r), req.reply_topic) for (rec, req), r in zip(valid, rankings)]
-        out, at = [], 0
-        for queued in group:
-            out.append(answers[at : at + len(queued.valid)])
-            at += len(queued.valid)
-        return out
+            answers = [(rec, self._response(req, r, arm), req.reply_topic) for (rec, req), r in zip(valid, rankings)]
+        at = 0
+        for part in group:
+            part.answers = answers[at : at + len(part.valid)]
+            at += len(part.valid)
 
     def _observe_freshness(self, states: Sequence[UserState]) -> None:
         """Event time of each user's newest event -> the first response computed from it."""
@@ -226,11 +243,11 @@ class RecommendWorker:
             if len(self._reflected) > FRESHNESS_USERS:
                 self._reflected.popitem(last=False)
 
-    def _response(self, req: RecRequest, ranking: Ranking) -> RecResponse:
+    def _response(self, req: RecRequest, ranking: Ranking, arm: str = CONTROL) -> RecResponse:
         """A ranking as the response to its request; never an empty answer without a reason."""
         if not ranking.items:
             error = "nothing to recommend: every candidate was seen or excluded, or no events have arrived yet"
-            empty = self._error(req.request_id, req.user_id, error)
+            empty = self._error(req.request_id, req.user_id, error, arm, ranking.version)
             empty.fallback = ranking.fallback  # an unknown user was answered from (empty) trending
             return empty
         return RecResponse(
@@ -239,10 +256,15 @@ class RecommendWorker:
             items=ranking.items,
             model_version=ranking.version,
             fallback=ranking.fallback,
+            item_id=req.item_id,
+            arm=arm,
         )
 
-    def _error(self, request_id: str, user_id: str, message: str) -> RecResponse:
-        return RecResponse(request_id, user_id, [], self.recommender.version, error=message)
+    def _error(
+        self, request_id: str, user_id: str, message: str, arm: str = CONTROL, version: str | None = None
+    ) -> RecResponse:
+        version = version or self._pipeline(arm).recommender.version
+        return RecResponse(request_id, user_id, [], version, error=message, arm=arm)
 
     async def _publish(self, responses: list[Answer]) -> Awaitable[object]:
         """Send the responses in order; returns their acks to await (not awaited here: the next batch
@@ -287,7 +309,7 @@ class RecommendWorker:
         detail = f"reply_topic {topic!r} refused the response ({type(exc).__name__}: {exc})"
         log.warning("%s", detail)
         await self.dead_letters.publish([DeadLetter(rec, "reply_unsendable", detail)])
-        error = self._error(resp.request_id, resp.user_id, detail)
+        error = self._error(resp.request_id, resp.user_id, detail, resp.arm, resp.model_version)
         error.generated_at, error.latency_ms = resp.generated_at, resp.latency_ms
         await (
             await self.producer.send(self.settings.topic_responses, key=resp.user_id.encode(), value=error.to_json())
@@ -295,11 +317,20 @@ class RecommendWorker:
 
 
 @dataclass(slots=True)
+class Part:
+    """One arm's share of a batch: its requests, their states (or why they could not be read), then answers."""
+
+    arm: str
+    valid: list[tuple[ConsumerRecord, RecRequest]]
+    read: ReadBatch | BaseException  # the states, or why they could not be read (answered with errors)
+    answers: list[Answer] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class Queued:
     """A batch between its state read and its ranking: what the ranker needs, and where the result goes."""
 
-    valid: list[tuple[ConsumerRecord, RecRequest]]
-    read: ReadBatch | Exception  # the states, or why they could not be read (answered with errors)
+    parts: list[Part]  # one per arm with requests in this batch
     responses: list[Answer]  # answers known before ranking (invalid requests, missing reply topics)
     published: asyncio.Future[tuple[Awaitable[object], int]]  # the broker's acks and the response count
 
@@ -309,12 +340,7 @@ def _request_order(answer: Answer) -> tuple[str, int, int]:
     return rec.topic, rec.partition, rec.offset
 
 
-def _same_model(a: ReadBatch | Exception, b: ReadBatch | Exception) -> bool:
-    """Two reads that can be ranked in one call: both read, for the same served model."""
-    return isinstance(a, ReadBatch) and isinstance(b, ReadBatch) and a.recommender is b.recommender
-
-
-def _merged(reads: Sequence[ReadBatch | Exception]) -> ReadBatch:
+def _merged(reads: Sequence[ReadBatch | BaseException]) -> ReadBatch:
     batches = [r for r in reads if isinstance(r, ReadBatch)]
     queries = [q for b in batches for q in b.queries]
     states = [st for b in batches for st in b.states]
@@ -334,7 +360,10 @@ async def answer_requests(settings: Settings, recommender: Recommender | None = 
             worker="recommend",
             dead_letters=dead_letters,
         )
-        worker = RecommendWorker(settings, redis, producer, dead_letters, recommender or load_recommender(settings))
+        served = recommender or load_recommender(settings)
+        candidate = await asyncio.to_thread(candidate_or_none, settings)  # None: no split, or refused (logged)
+        worker = RecommendWorker(settings, redis, producer, dead_letters, served, candidate=candidate)
+        await _note_split(redis, settings, candidate)
         watcher = ModelWatcher(settings, worker, redis, RECOMMEND_STATS)
         await watcher.start()
         try:
@@ -353,9 +382,32 @@ async def answer_requests(settings: Settings, recommender: Recommender | None = 
             await watcher.stop()
 
 
+async def _note_split(redis_client: Any, settings: Settings, candidate: Recommender | None) -> None:
+    """The A/B split in the recommend stats (`rtrec status`, operators): the candidate, or why it is not served."""
+    if not settings.ab_candidate:
+        return
+    state = f"serving {settings.ab_share:g} of users" if candidate is not None else "refused: everyone on CURRENT"
+    try:
+        await redis_client.hset(RECOMMEND_STATS, "ab_candidate", f"{settings.ab_candidate}: {state}")
+    except redis.exceptions.RedisError as exc:
+        log.warning("A/B split not noted in the stats (%s: %s)", type(exc).__name__, exc)
+
+
 def build_app(settings: Settings | None = None, recommender: Recommender | None = None) -> faust.App:
     """The worker's Faust app (tests pass their own recommender)."""
     return worker_app("rtrec-recommend-app", functools.partial(answer_requests, recommender=recommender), settings)
+
+
+def query_of(request: RecRequest) -> RankQuery:
+    """What the ranking pipeline is asked for one request (the three forms and a filter)."""
+    return RankQuery(
+        request.user_id,
+        request.k,
+        request.exclude_seen,
+        anchor=request.item_id,
+        candidates=request.candidates,
+        filter=request.filter,
+    )
 
 
 def main() -> None:

@@ -1,23 +1,37 @@
-"""State worker: events topic -> validated -> user state in Redis (idempotent), bad input -> DLQ.
+"""State worker: events topic -> validated -> user state in Redis (idempotent), bad input -> DLQ;
+and the catalog topic -> item categories, availability and info in Redis (stream/catalog.py).
+
+The two topics are read by two consumer loops in one process, each in its own group
+(``RTREC_STATE_GROUP`` and ``<that>-catalog``): a failed catalog batch is retried (or split)
+without handling events again, and each topic keeps its own offsets and lag.
 
 Run as ``python -m rtrec.workers.state`` (``rtrec up`` starts it). Scale out by running
-more of them: they share the consumer group, Kafka spreads the partitions.
+more of them: they share the consumer groups, Kafka spreads the partitions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import faust
 from aiokafka import ConsumerRecord
 from prometheus_client import Histogram
 
 from rtrec.stream import redis_calls
+from rtrec.stream.catalog import (
+    CatalogEntry,
+    catalog_full_detail,
+    catalog_group,
+    parse_catalog_record,
+    store_catalog_async,
+)
 from rtrec.stream.events import Event, InvalidEvent, parse_event
 from rtrec.stream.keys import INGEST_LATENCY
 from rtrec.stream.log_positions import AsyncLogEpochs, LogPosition
@@ -31,6 +45,39 @@ from rtrec.workers.metrics import BATCH_SIZE, EVENT_TO_STATE, EVENTS_DUPLICATE, 
 from rtrec.workers.runtime import ConsumerRuntime
 
 log = logging.getLogger(__name__)
+
+
+class CatalogWorker:
+    """Catalog upserts -> item metadata in Redis; a bad record, or a new item the full catalog refuses, is
+    dead-lettered with its reason and the rest of the batch applies. Upserts are idempotent, so a batch
+    handled again (at-least-once) changes nothing more."""
+
+    def __init__(self, settings: Settings, redis_client: AsyncClient, dead_letters: DeadLetters) -> None:
+        self.settings = settings
+        self.redis = redis_client
+        self.dead_letters = dead_letters
+        self.applied = 0
+        self.refused = 0
+
+    async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        entries: list[CatalogEntry] = []
+        kept: list[ConsumerRecord] = []
+        bad: list[DeadLetter] = []
+        for rec in records:
+            try:
+                entries.append(parse_catalog_record(rec.value, self.settings))
+            except InvalidEvent as exc:
+                bad.append(DeadLetter(rec, exc.reason, exc.detail))
+                continue
+            kept.append(rec)
+        refusals = await store_catalog_async(self.redis, entries, self.settings)
+        refused = [
+            DeadLetter(rec, reason, catalog_full_detail(self.settings)) for rec, reason in zip(kept, refusals) if reason
+        ]
+        await self.dead_letters.publish(bad + refused)
+        self.applied += len(entries) - len(refused)
+        self.refused += len(refused)
+        BATCH_SIZE.labels(worker="state-catalog").observe(len(records))
 
 
 class StateWorker:
@@ -114,9 +161,19 @@ def decode_samples(entries: Sequence[str | bytes]) -> list[float]:
 
 
 async def consume_events(settings: Settings) -> None:
-    """Events topic -> state updates in Redis and dead letters, batch after batch, until stopped."""
+    """Events topic -> state updates, catalog topic -> item metadata, in Redis, and dead letters, batch
+    after batch, until stopped."""
     async with worker_redis(settings) as redis, worker_producer(settings) as producer:
         dead_letters = DeadLetters(settings, producer, redis)
+        catalog = ConsumerRuntime(
+            settings,
+            [settings.topic_catalog],
+            catalog_group(settings),
+            settings.state_batch_max,
+            settings.state_batch_wait_ms,
+            worker="state-catalog",
+            dead_letters=dead_letters,
+        )
         consumer = ConsumerRuntime(
             settings,
             [settings.topic_events],
@@ -127,9 +184,33 @@ async def consume_events(settings: Settings) -> None:
             dead_letters=dead_letters,
         )
         worker = StateWorker(settings, redis, dead_letters)
-        async with consuming(consumer), serving(settings, "state", redis, lambda: readiness(consumer, redis)):
-            log.info("state worker consuming %s as %s", settings.topic_events, settings.state_group)
-            await consumer.run(worker.handle)
+        items = CatalogWorker(settings, redis, dead_letters)
+
+        async def ready() -> dict[str, bool]:
+            return await readiness(consumer, redis, **{f"catalog_{k}": v for k, v in catalog.checks().items()})
+
+        async with consuming(consumer), consuming(catalog), serving(settings, "state", redis, ready):
+            log.info(
+                "state worker consuming %s as %s and %s as %s",
+                settings.topic_events,
+                settings.state_group,
+                settings.topic_catalog,
+                catalog_group(settings),
+            )
+            await run_together(consumer.run(worker.handle), catalog.run(items.handle))
+
+
+async def run_together(*loops: Coroutine[Any, Any, None]) -> None:
+    """Run the loops until one ends or fails (its exception raised here); the others are then cancelled."""
+    tasks = [asyncio.ensure_future(loop) for loop in loops]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def build_app(settings: Settings | None = None) -> faust.App:

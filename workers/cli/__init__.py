@@ -2,7 +2,7 @@
 
 Each command lives in the module of its group: stack_commands (up, down, status, demo),
 data_commands (generate, produce, replay, catalog, rebuild-state), ops_commands (recommend,
-state, dlq, lag, quality), model_commands (train, eval, trainer, model ...) and bench_commands
+similar, state, dlq, lag, quality), model_commands (train, eval, trainer, model ...) and bench_commands
 (bench ...). Every command runs inside the error boundary of errors.py (`BoundaryTyper`); the
 commands import their heavy dependencies when they run, so `rtrec --help` stays fast.
 """
@@ -30,6 +30,7 @@ app.command()(data_commands.generate)
 app.command()(data_commands.produce)
 app.command()(data_commands.replay)
 app.command()(ops_commands.recommend)
+app.command()(ops_commands.similar)
 app.command()(ops_commands.state)
 app.command()(ops_commands.dlq)
 app.command()(model_commands.train)

@@ -46,6 +46,11 @@ def bench_generate(
         "--rate; up: the stack as `rtrec up` runs it (trainer, ops, events flowing), swept over --rates",
     ),
     batches: str = typer.Option("1,8,32,128", help="--stack minimal: batch sizes to time"),
+    forms: str = typer.Option(
+        "topk",
+        help="--stack minimal: request forms to time in turn at --rate (topk, similar, candidates: 100 of them, "
+        "filter: 3 of 20 categories); topk is the baseline of the ratios",
+    ),
     rate: float = typer.Option(200.0, help="--stack minimal: requests/s for the over-Kafka latency run"),
     seconds: float = typer.Option(10.0, help="duration of the over-Kafka run (--stack up: of each rate)"),
     rates: str = typer.Option(
@@ -74,6 +79,12 @@ def bench_generate(
         rate_list = check_inputs(rates, seconds, event_rate, runs)
         if stack is StackMode.minimal and not rate > 0:
             raise BenchInputError("bench generate: need --rate > 0")
+        form_list = tuple(f.strip() for f in forms.split(",") if f.strip())
+        unknown = [f for f in form_list if f not in ("topk", "similar", "candidates", "filter")]
+        if unknown or not form_list:
+            raise BenchInputError(
+                f"bench generate: --forms takes topk, similar, candidates, filter (comma-separated), not {forms!r}"
+            )
         if serve not in ("model", "blend"):
             raise BenchInputError(f"bench generate: --serve must be 'model' or 'blend', not {serve!r}")
     except BenchInputError as exc:  # one line before anything starts, not a traceback
@@ -89,7 +100,7 @@ def bench_generate(
         return
     from rtrec.workers.bench.generate import run_bench
 
-    run_bench(get_settings(), [int(b) for b in batches.split(",")], rate, seconds, plot, console)
+    run_bench(get_settings(), [int(b) for b in batches.split(",")], rate, seconds, plot, console, form_list)
 
 
 @bench_app.command("idle")
@@ -177,3 +188,24 @@ def bench_memory(
         console.print(f"[red]{escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     run_memory_bench(settings, users, items, events, days, rate, project_users, samples, plot, console)
+
+
+@bench_app.command("new-items")
+def bench_new_items(
+    events: int = typer.Option(20_000, help="synthetic events (the first half trains the model)"),
+    items: int = typer.Option(1000, help="synthetic items (categories: one per 50 items)"),
+    holdout: float = typer.Option(0.1, help="share of the second half's items held out of the first half"),
+    sample: float = typer.Option(0.15, help="share of the second half's first-touch events ranked"),
+    k: int = typer.Option(10, help="recommendations per ranking"),
+    seed: int = typer.Option(7, help="which items are held out, which events are sampled"),
+    plot: Path | None = typer.Option(
+        Path("bench-new-items.png"), help="bar chart PNG (figures in the same name .json)"
+    ),
+) -> None:
+    """Items new after training: their share of recommendations and hit rate, today vs rows given while serving."""
+    from rtrec.workers.bench.new_items import run_bench
+
+    if not 0 < holdout < 1 or not 0 < sample <= 1 or k < 1 or events < 1000:
+        console.print("[red]need 0 < --holdout < 1, 0 < --sample <= 1, --k >= 1, --events >= 1000[/red]")
+        raise typer.Exit(2)
+    run_bench(get_settings(), events, items, holdout, sample, k, seed, plot, console)

@@ -26,6 +26,9 @@ def generate(
     days: float = typer.Option(14.0, help="event-time span"),
     seed: int = typer.Option(7),
     sample: bool = typer.Option(False, help="write the bundled demo sample instead"),
+    catalog: Path | None = typer.Option(
+        None, help="also write the items as a catalog CSV (item_id,category,available,price) for `rtrec catalog`"
+    ),
 ) -> None:
     """Write deterministic synthetic events (tastes, Zipf popularity, funnels, drifting trends)."""
     from rtrec.stream.eventfile import write_events
@@ -46,6 +49,17 @@ def generate(
     )
     n = write_events(out, generate_events(cfg))
     console.print(f"wrote {n} events to {out}")
+    if catalog is not None:
+        import csv
+
+        from rtrec.stream.synthetic import item_catalog
+
+        rows = item_catalog(cfg)
+        with open(catalog, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["item_id", "category", "available", "price"])
+            writer.writerows([r["item_id"], f"c{r['cluster']}", "true", r["price"]] for r in rows)
+        console.print(f"wrote {len(rows)} items to {catalog}")
 
 
 def produce(
@@ -159,13 +173,33 @@ def replay(
     _finish_replay(report)
 
 
-def catalog(file: Path = typer.Argument(..., help="JSON lines/CSV with item_id and category")) -> None:
-    """Load item categories into Redis (used by diversity re-ranking)."""
-    from rtrec.stream.catalog import read_catalog, store_categories
+def catalog(
+    file: Path = typer.Argument(..., help="JSON lines/CSV with item_id and any of category, available, title, price"),
+) -> None:
+    """Load the item catalog into Redis: categories (filters, diversity), availability, title and price.
 
-    pairs = read_catalog(file)  # the file is checked before connecting
-    n = store_categories(connected_settings(), pairs)
-    console.print(f"loaded {n} item categories")
+    The file is checked before connecting (a bad row is named by line); items beyond
+    RTREC_CATALOG_MAX_ITEMS are refused, reported, and the command exits 1."""
+    from rtrec.stream.catalog import read_catalog, store_catalog
+    from rtrec.stream.connections import redis_client
+
+    entries = read_catalog(file)  # the file is checked before connecting
+    settings = connected_settings()
+    client = redis_client(settings)
+    try:
+        refusals = store_catalog(client, entries, settings)
+    finally:
+        client.close()
+    latest = {e.item_id: e for e, refused in zip(entries, refusals) if refused is None}
+    unavailable = sum(e.available is False for e in latest.values())
+    console.print(f"loaded {len(latest)} items ({unavailable} unavailable)")
+    refused = {e.item_id for e, reason in zip(entries, refusals) if reason is not None}
+    if refused:
+        error_line(
+            f"{len(refused)} new items refused: the catalog is full "
+            f"(RTREC_CATALOG_MAX_ITEMS={settings.catalog_max_items})"
+        )
+        raise typer.Exit(1)
 
 
 def rebuild_state(

@@ -144,7 +144,10 @@ def evaluate_cmd(
     out: Path = typer.Option(Path("eval-out"), help="CSV, bar chart and training curves go here"),
     epochs: int | None = typer.Option(None, help="max epochs per family"),
 ) -> None:
-    """Leave-one-out HR@10/NDCG@10/Recall@20/coverage/novelty: generative vs blending, popularity, BiasedMF."""
+    """Leave-one-out HR@10/NDCG@10/Recall@20/coverage/novelty: generative vs blending, popularity, BiasedMF.
+
+    Also "similar: ..." rows (items similar to each user's last training item, without the user) and
+    "rerank100: ..." rows (the held-out item among 100 candidates); see docs/evaluation.md."""
     if ctx.invoked_subcommand is not None:
         return
     if events is None:

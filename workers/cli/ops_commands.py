@@ -1,4 +1,4 @@
-"""`rtrec recommend`, `state`, `dlq`, `lag` and `quality`: ask the running stack how it is doing.
+"""`rtrec recommend`, `similar`, `state`, `dlq`, `lag` and `quality`: ask the running stack how it is doing.
 
 Each reads what the workers keep (Redis, committed offsets) or sends one request; none changes state.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -16,29 +17,105 @@ from rtrec.workers.cli.errors import UserError
 from rtrec.workers.cli.running_stack import connected_settings
 from rtrec.workers.cli.terminal import console, error_line
 
+_CATEGORY_HELP = "only items of this category (repeatable)"
+_EXCLUDE_CATEGORY_HELP = "never items of this category (repeatable)"
+_EXCLUDE_ITEM_HELP = "never this item (repeatable)"
+
 
 def recommend(
     user: str = typer.Argument(..., help="user_id"),
     k: int = typer.Option(10, "-k", min=1, help="how many items (1 to RTREC_MAX_K)"),
     include_seen: bool = typer.Option(False, help="allow items the user already interacted with"),
+    candidates: str | None = typer.Option(
+        None, "--candidates", help="rank only these items, comma-separated (a,b,c; at most RTREC_MAX_CANDIDATES)"
+    ),
+    category: list[str] | None = typer.Option(None, "--category", help=_CATEGORY_HELP),
+    exclude_category: list[str] | None = typer.Option(None, "--exclude-category", help=_EXCLUDE_CATEGORY_HELP),
+    exclude_item: list[str] | None = typer.Option(None, "--exclude-item", help=_EXCLUDE_ITEM_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the raw response"),
     timeout: float = typer.Option(30.0, min=0.1, help="seconds to wait for the answer"),
 ) -> None:
     """Send a recommendation request and print its response. Exit 1 on an error response."""
-    from rtrec.stream.rec_client import RecClient
+    wire: dict[str, Any] = {"user_id": user}
+    if candidates is not None:
+        wire["candidates"] = _candidate_list(candidates)
+    _ask(wire, k, include_seen, _filter(category, exclude_category, exclude_item), as_json, timeout)
 
-    if k > get_settings().max_k:
-        raise UserError(f"-k {k}: more than RTREC_MAX_K ({get_settings().max_k}); ask for fewer items")
+
+def similar(
+    item: str = typer.Argument(..., help="item_id: recommend items like this one"),
+    user: str | None = typer.Option(None, "--user", help="user_id, for personal context (optional)"),
+    k: int = typer.Option(10, "-k", min=1, help="how many items (1 to RTREC_MAX_K)"),
+    include_seen: bool = typer.Option(False, help="allow items the user already interacted with"),
+    category: list[str] | None = typer.Option(None, "--category", help=_CATEGORY_HELP),
+    exclude_category: list[str] | None = typer.Option(None, "--exclude-category", help=_EXCLUDE_CATEGORY_HELP),
+    exclude_item: list[str] | None = typer.Option(None, "--exclude-item", help=_EXCLUDE_ITEM_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the raw response"),
+    timeout: float = typer.Option(30.0, min=0.1, help="seconds to wait for the answer"),
+) -> None:
+    """Ask for the items most similar to ITEM and print the response. Exit 1 on an error response."""
+    wire: dict[str, Any] = {"item_id": item}
+    if user is not None:
+        wire["user_id"] = user
+    title = f"similar to {item}" + (f" for user {user}" if user else "")
+    _ask(wire, k, include_seen, _filter(category, exclude_category, exclude_item), as_json, timeout, title)
+
+
+def _candidate_list(text: str) -> list[str]:
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    if not ids:
+        raise UserError("--candidates: no item ids; give them comma-separated, e.g. --candidates i1,i2,i3")
+    return ids
+
+
+def _filter(category: list[str] | None, exclude_category: list[str] | None, exclude_item: list[str] | None) -> dict:
+    given = {"categories": category, "exclude_categories": exclude_category, "exclude_items": exclude_item}
+    return {key: values for key, values in given.items() if values}
+
+
+def _ask(
+    wire: dict[str, Any],
+    k: int,
+    include_seen: bool,
+    filter_: dict[str, list[str]],
+    as_json: bool,
+    timeout: float,
+    title: str | None = None,
+) -> None:
+    """Check the request as the worker will (a mistake is one line before any connection), send it, print the
+    answer; exit 1 on an error response."""
+    from rtrec.stream.events import InvalidEvent
+    from rtrec.stream.rec_client import RecClient
+    from rtrec.stream.rec_messages import parse_request
+
+    limits = get_settings()
+    if k > limits.max_k:
+        raise UserError(f"-k {k}: more than RTREC_MAX_K ({limits.max_k}); ask for fewer items")
+    wire = {"request_id": "cli", **wire, "k": k, "exclude_seen": not include_seen}
+    if filter_:
+        wire["filter"] = filter_
+    try:
+        request = parse_request(json.dumps(wire).encode(), limits)
+    except InvalidEvent as exc:
+        raise UserError(f"invalid request ({exc.reason}): {exc.detail}") from None
     settings = connected_settings()
     with RecClient(settings) as client:
         try:
-            resp = client.recommend(user, k=k, exclude_seen=not include_seen, timeout_s=timeout)
+            resp = client.recommend(
+                request.user_id,
+                k=request.k,
+                exclude_seen=request.exclude_seen,
+                timeout_s=timeout,
+                item_id=request.item_id,
+                candidates=request.candidates,
+                filter=request.filter,
+            )
         except TimeoutError as exc:
             raise UserError(f"{exc}; is a recommendation worker running (`rtrec status`)?", code=1) from None
     if as_json:
         print(json.dumps(resp, indent=2))
     else:
-        print_response(resp)
+        print_response(resp, title)
     if resp.get("error"):
         error_line(f"the recommendation worker answered with an error: {resp['error']}")
         raise typer.Exit(1)
@@ -163,14 +240,18 @@ def lag(
 
 
 def quality() -> None:
-    """Online hit rate per model version: responses whose items the user then browsed/clicked/bought."""
+    """Online hit rate per model version: responses whose items the user then browsed/clicked/bought.
+
+    With an A/B split, also per arm with a 95 % (Wilson) interval; when the intervals separate it names the
+    winner and prints the `rtrec model promote` command for it."""
     from rtrec.model.store import CheckpointStore
     from rtrec.stream.connections import redis_client
     from rtrec.stream.keys import QUALITY
-    from rtrec.workers.quality import hit_rates
+    from rtrec.workers.quality import arm_hit_rates, hit_rates
 
     settings = connected_settings()
-    rates = hit_rates(redis_client(settings).hgetall(QUALITY))
+    raw = redis_client(settings).hgetall(QUALITY)
+    rates = hit_rates(raw)
     current = CheckpointStore(settings.checkpoint_dir).current_version()
     table = Table(title=f"online hit rate (window {settings.quality_window_s:g} s)")
     for col in ("", "model version", "served", "hits", "hit rate"):
@@ -184,3 +265,30 @@ def quality() -> None:
             f"{r['hit_rate']:.4f}",
         )
     console.print(table)
+    arms = arm_hit_rates(raw)
+    if any(arm == "candidate" for arm, _ in arms):
+        _print_arms(arms, current, settings.ab_candidate)
+
+
+def _print_arms(arms: dict, current: str | None, candidate: str | None) -> None:
+    """The A/B table, and the verdict: the winner and its promote command, or why there is none yet."""
+    from rtrec.workers.quality import arm_rows, arm_winner
+
+    table = Table(title="A/B split: hit rate per arm (95 % Wilson interval)")
+    for col in ("arm", "model version", "responses", "hits", "hit rate", "95 % interval"):
+        table.add_column(col, justify="left" if col in ("arm", "model version") else "right")
+    for (arm, version), r in arms.items():
+        interval = f"{r['low']:.4f} - {r['high']:.4f}"
+        table.add_row(arm, version, str(int(r["served"])), str(int(r["hits"])), f"{r['hit_rate']:.4f}", interval)
+    console.print(table)
+    rows = arm_rows(arms, current, candidate)
+    winner = arm_winner(arms, current, candidate)
+    judged = ", ".join(f"{arm} {version} ({int(r['served'])} responses)" for arm, (version, r) in sorted(rows.items()))
+    if winner is None:
+        print(f"no winner yet: the intervals of {judged} overlap; keep the split running", flush=True)
+        return
+    arm, version = winner
+    print(f"winner: {arm} {version} (its interval is above the other arm's; judged {judged})", flush=True)
+    print(f"promote it: rtrec model promote {version}", flush=True)
+    already = " (it is CURRENT already)" if version == current else ""
+    print(f"then end the split{already}: unset RTREC_AB_CANDIDATE and restart the recommend workers", flush=True)
