@@ -189,10 +189,10 @@ def allowed(state: UserState, item: str) -> bool:
 def backfilled(items: Scored, state: UserState, k: int, candidates: Sequence[str] | None = None) -> Scored:
     """Fill a ranking shorter than k with trending items the user may still see (score 0: after the rest).
 
-    A re-ranking's candidates are all placed: those the rankers did not rank follow, trending ones
-    first, then the rest in the order the client sent them.
+    A re-ranking's candidates are placed up to k: those the rankers did not rank follow, trending
+    ones first, then the rest in the order the client sent them.
     """
-    if len(items) >= k and candidates is None:
+    if len(items) >= k:
         return items
     have = {item for item, _ in items}
     extra = [
@@ -200,10 +200,9 @@ def backfilled(items: Scored, state: UserState, k: int, candidates: Sequence[str
         for item, _ in state.trending
         if item not in have and item not in state.exclude and allowed(state, item)
     ]
-    if candidates is not None:
+    if candidates is not None and len(items) + len(extra) < k:
         placed = have | {item for item, _ in extra}
         extra += [(item, 0.0) for item in candidates if item not in placed and allowed(state, item)]
-        return items + extra
     return items + extra[: k - len(items)]
 
 
@@ -267,9 +266,13 @@ class RankingPipeline:
         queries, states = batch.queries, batch.states
         if not queries:
             return []
-        depth = max(q.k for q in queries) * max((f.overfetch for f in self.filters), default=1)
+        overfetch = max((f.overfetch for f in self.filters), default=1)
+        depth = max(q.k for q in queries) * overfetch  # one model call ranks the batch this deep
         rows, version = await asyncio.to_thread(self.score, batch.recommender, states, depth)
-        rows = [backfilled(row, state, depth, q.candidates) for q, row, state in zip(queries, rows, states)]
+        rows = [  # each query only as deep as its own k needs (the catalog stage reads every item ranked)
+            backfilled(row[: q.k * overfetch], state, q.k * overfetch, q.candidates)
+            for q, row, state in zip(queries, rows, states)
+        ]
         for stage in self.filters:
             rows = await stage.apply(redis, queries, states, rows)
         return [self.explained(q, state, row, version) for q, state, row in zip(queries, states, rows)]

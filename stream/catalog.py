@@ -13,7 +13,6 @@ Every field of an upsert comes from a client: a record is validated like an even
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 from rtrec.stream import redis_calls
 from rtrec.stream.connections import is_cluster, redis_client
 from rtrec.stream.eventfile import file_format, open_text
-from rtrec.stream.events import InvalidEvent, canonical_id, decode_json
+from rtrec.stream.events import InvalidEvent, canonical_id, checked_price, decode_json
 from rtrec.stream.keys import ITEM_CATEGORY, ITEM_INFO, ITEM_UNAVAILABLE
 from rtrec.stream.redis_calls import AsyncClient, Command, Plan, Round, ScriptCall, SyncClient
 from rtrec.stream.settings import Settings
@@ -86,14 +85,7 @@ def catalog_entry(data: Any) -> CatalogEntry:
             raise InvalidEvent("bad_value", f"title is longer than {MAX_TITLE} characters")
     price = data.get("price")
     if price is not None:
-        if isinstance(price, bool) or not isinstance(price, (int, float)):
-            raise InvalidEvent("wrong_type", "price must be a number")
-        try:
-            price = float(price)
-        except OverflowError:
-            raise InvalidEvent("bad_value", "price is out of range") from None
-        if not math.isfinite(price) or price < 0:
-            raise InvalidEvent("bad_value", "price must be finite and >= 0")
+        price = checked_price(price)
     return CatalogEntry(item_id, category, available, title, price)
 
 
@@ -271,17 +263,16 @@ def store_categories(settings: Settings, categories: Iterable[tuple[str, str]]) 
     """Set item categories (the demo's clusters), availability untouched; returns how many were stored
     (items beyond RTREC_CATALOG_MAX_ITEMS are not)."""
     entries = [CatalogEntry(canonical_id(item, "item_id"), str(cat)[:MAX_CATEGORY], None) for item, cat in categories]
-    client = redis_client(settings)
-    try:
-        refused = store_catalog(client, entries, settings)
-    finally:
-        client.close()
-    return sum(r is None for r in refused)
+    return _stored(settings, entries)
 
 
 def load_catalog(settings: Settings, path: Path) -> int:
     """Read a catalog file (``read_catalog``) and store it; returns how many entries were stored."""
-    entries = read_catalog(path)
+    return _stored(settings, read_catalog(path))
+
+
+def _stored(settings: Settings, entries: Sequence[CatalogEntry]) -> int:
+    """Store entries on the configured Redis; how many were stored (the rest refused at the cap)."""
     client = redis_client(settings)
     try:
         refused = store_catalog(client, entries, settings)

@@ -102,6 +102,19 @@ def _check_ts(value: Any, settings: Settings, now_ms: int) -> int:
     return value
 
 
+def checked_price(value: Any) -> float:
+    """A price as sent in an event or a catalog upsert: a finite number >= 0 (never a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidEvent("wrong_type", "price must be a number")
+    try:
+        price = float(value)
+    except OverflowError:
+        raise InvalidEvent("bad_value", "price is out of range") from None
+    if not math.isfinite(price) or price < 0:
+        raise InvalidEvent("bad_value", "price must be finite and >= 0")
+    return price
+
+
 def _check_optional(data: dict[str, Any], settings: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {}
     session_id = data.get("session_id")
@@ -109,15 +122,7 @@ def _check_optional(data: dict[str, Any], settings: Settings) -> dict[str, Any]:
         out["session_id"] = canonical_id(session_id, "session_id")
     price = data.get("price")
     if price is not None:
-        if isinstance(price, bool) or not isinstance(price, (int, float)):
-            raise InvalidEvent("wrong_type", "price must be a number")
-        try:
-            price = float(price)
-        except OverflowError:
-            raise InvalidEvent("bad_value", "price is out of range") from None
-        if not math.isfinite(price) or price < 0:
-            raise InvalidEvent("bad_value", "price must be finite and >= 0")
-        out["price"] = float(price)
+        out["price"] = checked_price(price)
     quantity = data.get("quantity")
     if quantity is not None:
         if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 1:

@@ -155,3 +155,99 @@ def assert_state_matches_reference(s: Settings, redis, events: list[dict], tag: 
     assert live_pop.keys() == ref_pop.keys() == items
     for item in items:
         assert math.isclose(live_pop[item], ref_pop[item], rel_tol=1e-6), item
+
+
+TINY_TRAINED = {
+    "model_hidden": 64,
+    "model_heads": 1,
+    "model_layers": 1,
+    "model_intermediate": 128,
+    "model_max_events": 20,
+    "model_item_capacity": 120,
+    "train_epochs": 2,
+}
+"""A model small enough to train in seconds that still ranks its training users' next items."""
+
+
+def trained_checkpoint(root: Path, events: list[dict], settings: Settings | None = None, seed: int = 0) -> Path:
+    """A saved checkpoint of a model trained on `events` (TINY_TRAINED unless `settings` says otherwise)."""
+    import torch
+
+    from rtrec.model.checkpoint import save_checkpoint
+    from rtrec.model.histories import user_histories
+    from rtrec.model.pipeline import model_meta
+    from rtrec.model.sequence_model import build_model
+    from rtrec.model.train import train_model, vocab_for
+
+    s = settings or Settings(**TINY_TRAINED)
+    hist = list(user_histories(events).values())
+    vocab = vocab_for(hist, s)
+    torch.manual_seed(seed)
+    model = build_model(s, vocab)
+    train_model(model, vocab, hist, s, torch.device("cpu"), progress=False)
+    return save_checkpoint(model, vocab, root, model_meta(s))
+
+
+def run_worker_batch(
+    settings: Settings,
+    recommender,
+    requests: list[bytes],
+    *,
+    diversity: int = 0,
+    expected: int | None = None,
+    swap_to=None,
+    candidate=None,
+) -> list[dict]:
+    """Hand `requests` to an in-process RecommendWorker as one batch (on the real broker and Redis);
+    return the responses read back from a response topic of its own.
+
+    `swap_to`: a recommender swapped in before the batch, as the model watcher does; `candidate`:
+    the worker's A/B candidate.
+    """
+    import asyncio
+    import json
+    import uuid
+
+    from aiokafka import AIOKafkaProducer, ConsumerRecord
+    from kafka import KafkaConsumer, TopicPartition
+
+    from rtrec.stream.connections import async_redis_client, kafka_bootstrap
+    from rtrec.stream.topics import ensure_topics
+    from rtrec.workers.dead_letters import DeadLetters
+    from rtrec.workers.recommend import RecommendWorker
+
+    topic = f"responses-{uuid.uuid4().hex[:8]}"
+    s = settings.model_copy(update={"topic_responses": topic, "diversity_max_per_category": diversity})
+    ensure_topics(s)
+
+    async def go() -> None:
+        redis = async_redis_client(s)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap(s))
+        await producer.start()
+        try:
+            dead_letters = DeadLetters(s, producer, redis)
+            worker = RecommendWorker(s, redis, producer, dead_letters, recommender, candidate=candidate)
+            if swap_to is not None:
+                worker.recommender = swap_to
+            now = int(time.time() * 1000)
+            records = [
+                ConsumerRecord(s.topic_requests, 0, n, now, 0, b"k", raw, None, len(b"k"), len(raw), [])
+                for n, raw in enumerate(requests)
+            ]
+            await (await worker.handle(records))  # the responses, then their acks
+        finally:
+            await producer.stop()
+            await redis.aclose()
+
+    asyncio.run(go())
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap(s), group_id=None, auto_offset_reset="earliest")
+    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    out: list[dict] = []
+    deadline = time.monotonic() + 20
+    while len(out) < (expected or len(requests)) and time.monotonic() < deadline:
+        for recs in consumer.poll(timeout_ms=200).values():
+            out += [json.loads(r.value) for r in recs]
+    consumer.close()
+    return out

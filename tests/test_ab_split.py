@@ -8,28 +8,18 @@ import time
 import uuid
 
 import pytest
-import torch
-from aiokafka import AIOKafkaProducer, ConsumerRecord
-from kafka import KafkaConsumer, TopicPartition
+from aiokafka import ConsumerRecord
 
-from rtrec.model.checkpoint import save_checkpoint
 from rtrec.model.generator import TorchGenerator
-from rtrec.model.histories import user_histories
-from rtrec.model.pipeline import model_meta
-from rtrec.model.sequence_model import build_model
-from rtrec.model.train import train_model, vocab_for
-from rtrec.stream.connections import async_redis_client, kafka_bootstrap
+from rtrec.stream.connections import async_redis_client
 from rtrec.stream.keys import QUALITY
 from rtrec.stream.rec_messages import RecRequest
 from rtrec.stream.settings import Settings
 from rtrec.stream.synthetic import SyntheticConfig, generate_events
-from rtrec.stream.topics import ensure_topics
 from rtrec.workers.ab_split import AB_CANDIDATE_LOADED, CANDIDATE, CONTROL, arm_of, candidate_or_none
-from rtrec.workers.dead_letters import DeadLetters
 from rtrec.workers.ops import QualityCounts
 from rtrec.workers.quality import QualityJoin, arm_hit_rates, arm_winner, hit_rates, wilson
-from rtrec.workers.recommend import RecommendWorker
-from tests.helpers import run_cli, stack_env, wait_for
+from tests.helpers import run_cli, run_worker_batch, stack_env, trained_checkpoint, wait_for
 
 
 class Fixed:
@@ -40,44 +30,6 @@ class Fixed:
 
     def recommend_batch(self, states, k):
         return [[(item, 1.0 - n / 100) for n, item in enumerate(self.items[:k])] for _ in states]
-
-
-def run_batch(settings, recommender, requests: list[bytes], candidate=None) -> list[dict]:
-    """Hand `requests` to a RecommendWorker (with `candidate` as its A/B candidate) as one batch; return the
-    responses from its topic (as tests/test_generation_worker.py's run_batch)."""
-    topic = f"responses-{uuid.uuid4().hex[:8]}"
-    s = settings.model_copy(update={"topic_responses": topic})
-    ensure_topics(s)
-
-    async def go() -> None:
-        redis = async_redis_client(s)
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap(s))
-        await producer.start()
-        try:
-            dead_letters = DeadLetters(s, producer, redis)
-            worker = RecommendWorker(s, redis, producer, dead_letters, recommender, candidate=candidate)
-            now = int(time.time() * 1000)
-            records = [
-                ConsumerRecord(s.topic_requests, 0, n, now, 0, b"k", raw, None, len(b"k"), len(raw), [])
-                for n, raw in enumerate(requests)
-            ]
-            await (await worker.handle(records))  # the responses, then their acks
-        finally:
-            await producer.stop()
-            await redis.aclose()
-
-    asyncio.run(go())
-    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap(s), group_id=None, auto_offset_reset="earliest")
-    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    out: list = []
-    deadline = time.monotonic() + 20
-    while len(out) < len(requests) and time.monotonic() < deadline:
-        for recs in consumer.poll(timeout_ms=200).values():
-            out += [json.loads(r.value) for r in recs]
-    consumer.close()
-    return out
 
 
 def test_arms_are_sticky_and_the_share_is_close_to_the_setting():
@@ -103,21 +55,7 @@ def test_an_unloadable_candidate_is_refused_and_everyone_is_served_by_control(tm
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory):
     events = generate_events(SyntheticConfig(n_users=30, n_items=80, n_clusters=4, n_events=1500, seed=4))
-    s = Settings(
-        model_hidden=64,
-        model_heads=1,
-        model_layers=1,
-        model_intermediate=128,
-        model_max_events=20,
-        model_item_capacity=120,
-        train_epochs=2,
-    )
-    hist = list(user_histories(events).values())
-    vocab = vocab_for(hist, s)
-    torch.manual_seed(0)
-    model = build_model(s, vocab)
-    train_model(model, vocab, hist, s, torch.device("cpu"), progress=False)
-    return TorchGenerator.from_path(save_checkpoint(model, vocab, tmp_path_factory.mktemp("ck"), model_meta(s)))
+    return TorchGenerator.from_path(trained_checkpoint(tmp_path_factory.mktemp("ck"), events))
 
 
 @pytest.mark.integration
@@ -143,7 +81,7 @@ def test_the_worker_serves_each_arm_from_its_own_model(settings, producer, redis
     s = settings.model_copy(update={"ab_candidate": bad.version, "ab_share": 0.5})
     raws = [RecRequest(uuid.uuid4().hex, user, 5).to_json() for user in chosen]
     raws.append(RecRequest(uuid.uuid4().hex, "", 5, item_id=items[0]).to_json())  # similar items, no user
-    responses = run_batch(s, generator, raws, candidate=bad)
+    responses = run_worker_batch(s, generator, raws, candidate=bad)
     assert len(responses) == len(raws)
     by_user = {r["user_id"]: r for r in responses}
     for user in chosen:
@@ -158,7 +96,7 @@ def test_the_worker_serves_each_arm_from_its_own_model(settings, producer, redis
     assert by_user[""]["arm"] == CONTROL and by_user[""]["model_version"] == generator.version
 
     # without a candidate loaded (none configured, or refused) everyone is control
-    plain = run_batch(settings, generator, raws[:8])
+    plain = run_worker_batch(settings, generator, raws[:8])
     assert {(r["arm"], r["model_version"]) for r in plain} == {(CONTROL, generator.version)}
 
 

@@ -8,28 +8,17 @@ import time
 import uuid
 
 import pytest
-import torch
-from aiokafka import AIOKafkaProducer, ConsumerRecord
-from kafka import KafkaConsumer, TopicPartition
 
 from rtrec.model.blending import BlendingRecommender
-from rtrec.model.checkpoint import save_checkpoint
 from rtrec.model.fusion import FUSION_DEPTH, fuse
 from rtrec.model.generator import TorchGenerator
-from rtrec.model.histories import user_histories
-from rtrec.model.pipeline import model_meta
 from rtrec.model.ranking import REASON_PLACED, RankingPipeline, RankQuery
-from rtrec.model.sequence_model import build_model
-from rtrec.model.train import train_model, vocab_for
-from rtrec.stream.connections import async_redis_client, kafka_bootstrap
+from rtrec.stream.connections import async_redis_client
 from rtrec.stream.keys import ITEM_CATEGORY
 from rtrec.stream.rec_messages import RecRequest
 from rtrec.stream.state_store import SeqEntry, StateReads, StateStore, UserState
 from rtrec.stream.synthetic import SyntheticConfig, generate_events
-from rtrec.stream.topics import ensure_topics
-from rtrec.workers.dead_letters import DeadLetters
-from rtrec.workers.recommend import RecommendWorker
-from tests.helpers import wait_for
+from tests.helpers import run_worker_batch, trained_checkpoint, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -48,67 +37,7 @@ def synthetic():
 
 @pytest.fixture(scope="module")
 def generator(synthetic, tmp_path_factory):
-    from rtrec.stream.settings import Settings
-
-    s = Settings(
-        model_hidden=64,
-        model_heads=1,
-        model_layers=1,
-        model_intermediate=128,
-        model_max_events=20,
-        model_item_capacity=120,
-        train_epochs=2,
-    )
-    hist = list(user_histories(synthetic).values())
-    vocab = vocab_for(hist, s)
-    torch.manual_seed(0)
-    model = build_model(s, vocab)
-    train_model(model, vocab, hist, s, torch.device("cpu"), progress=False)
-    path = save_checkpoint(model, vocab, tmp_path_factory.mktemp("ck"), model_meta(s))
-    return TorchGenerator.from_path(path, device="cpu")
-
-
-def run_batch(
-    settings, recommender, requests: list[bytes], diversity: int = 0, expected: int | None = None, swap_to=None
-) -> list[dict]:
-    """Hand `requests` to a RecommendWorker as one batch; return the responses from its topic.
-
-    With `swap_to`, that recommender is swapped in before the batch, as the model watcher does.
-    """
-    topic = f"responses-{uuid.uuid4().hex[:8]}"
-    s = settings.model_copy(update={"topic_responses": topic, "diversity_max_per_category": diversity})
-    ensure_topics(s)
-
-    async def go():
-        redis = async_redis_client(s)
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap(s))
-        await producer.start()
-        try:
-            worker = RecommendWorker(s, redis, producer, DeadLetters(s, producer, redis), recommender)
-            if swap_to is not None:
-                worker.recommender = swap_to
-            now = int(time.time() * 1000)
-            records = [
-                ConsumerRecord(s.topic_requests, 0, n, now, 0, b"k", raw, None, len(b"k"), len(raw), [])
-                for n, raw in enumerate(requests)
-            ]
-            await (await worker.handle(records))  # the responses, then their acks
-        finally:
-            await producer.stop()
-            await redis.aclose()
-
-    asyncio.run(go())
-    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap(s), group_id=None, auto_offset_reset="earliest")
-    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    out: list = []
-    deadline = time.monotonic() + 20
-    while len(out) < (expected or len(requests)) and time.monotonic() < deadline:
-        for recs in consumer.poll(timeout_ms=200).values():
-            out += [json.loads(r.value) for r in recs]
-    consumer.close()
-    return out
+    return TorchGenerator.from_path(trained_checkpoint(tmp_path_factory.mktemp("ck"), synthetic), device="cpu")
 
 
 def request(user: str, k: int = 5, **kw) -> bytes:
@@ -122,7 +51,7 @@ def test_a_failing_model_answers_every_request_with_an_error(settings, producer,
     )
     producer.flush()
     wait_for(lambda: redis.hget(f"rt:u:{user}:h", "n"), what="user state")
-    responses = run_batch(settings, Broken(), [request(user), request(user), request(user)])
+    responses = run_worker_batch(settings, Broken(), [request(user), request(user), request(user)])
     assert len(responses) == 3
     assert all("model exploded" in r["error"] and r["items"] == [] for r in responses)
 
@@ -135,7 +64,7 @@ def test_generative_model_answers_known_users_with_its_version(settings, produce
         producer.send({**e, "event_id": f"{e['event_id']}-{tag}", "user_id": f"{user}-{tag}"})
     producer.flush()
     wait_for(lambda: redis.hget(f"rt:u:{user}-{tag}:h", "n") == "5", what="history applied")
-    responses = run_batch(settings, generator, [request(f"{user}-{tag}", k=5), request(f"nobody-{tag}", k=5)])
+    responses = run_worker_batch(settings, generator, [request(f"{user}-{tag}", k=5), request(f"nobody-{tag}", k=5)])
     # responses are keyed by user, so two users' answers may sit on different partitions
     by_user = {r["user_id"]: r for r in responses}
     known, unknown = by_user[f"{user}-{tag}"], by_user[f"nobody-{tag}"]
@@ -167,8 +96,8 @@ def test_fused_serving_ranks_by_the_model_and_the_baseline(settings, producer, r
         ],
         10,
     )
-    [fused] = run_batch(fused_settings, generator, [request(f"{user}-{tag}", k=10)])
-    [alone] = run_batch(alone_settings, generator, [request(f"{user}-{tag}", k=10)])
+    [fused] = run_worker_batch(fused_settings, generator, [request(f"{user}-{tag}", k=10)])
+    [alone] = run_worker_batch(alone_settings, generator, [request(f"{user}-{tag}", k=10)])
     assert [it["item_id"] for it in fused["items"]] == [item for item, _ in expected]
     assert [it["score"] for it in fused["items"]] == pytest.approx([score for _, score in expected], rel=1e-4)
     assert [it["item_id"] for it in alone["items"]] == [item for item, _ in generator.recommend_batch([state], 10)[0]]
@@ -180,7 +109,7 @@ def test_responses_keep_request_order(settings, generator):
     user = "order-" + uuid.uuid4().hex[:6]  # one key: one response partition, read back in offset order
     raws = [RecRequest(rid, user, 3).to_json() for rid in ids]
     raws.insert(5, b"{broken")  # an invalid request in the middle does not reorder the others
-    responses = run_batch(settings, generator, raws, expected=len(ids))
+    responses = run_worker_batch(settings, generator, raws, expected=len(ids))
     assert [r["request_id"] for r in responses] == ids
 
 
@@ -197,8 +126,8 @@ def test_diversity_caps_items_per_category(settings, producer, redis, generator,
     producer.flush()
     wait_for(lambda: redis.hget(f"rt:u:{shopper}:h", "n") == "8", what="trending filled")
     user = "div-" + uuid.uuid4().hex[:6]
-    [plain] = run_batch(settings, generator, [request(user, k=10)])  # unknown user: trending fallback
-    [capped] = run_batch(settings, generator, [request(user, k=10)], diversity=1)
+    [plain] = run_worker_batch(settings, generator, [request(user, k=10)])  # unknown user: trending fallback
+    [capped] = run_worker_batch(settings, generator, [request(user, k=10)], diversity=1)
     categories = redis.hmget(ITEM_CATEGORY, [it["item_id"] for it in capped["items"]])
     assert categories.count("same") <= 1
     assert len(capped["items"]) >= 1 and plain["items"]
@@ -226,7 +155,7 @@ def test_a_user_whose_candidates_are_exhausted_gets_trending_backfill(settings, 
     )
     producer.flush()
     wait_for(lambda: redis.hget(f"rt:u:{user}:h", "n"), what="user state")
-    [response] = run_batch(settings, Exhausted(), [request(user, k=5)])
+    [response] = run_worker_batch(settings, Exhausted(), [request(user, k=5)])
     assert "error" not in response and len(response["items"]) == 5  # backfilled, never an empty answer
     trending = {item for item, _ in redis.zrevrange("rt:pop", 0, settings.trending_pool - 1, withscores=True)}
     assert {it["item_id"] for it in response["items"]} <= trending
@@ -273,7 +202,7 @@ def test_the_worker_answers_exactly_what_the_ranking_pipeline_ranks(settings, pr
     known, unknown = f"{user}-{tag}", f"nobody-{tag}"
     queries = [RankQuery(known, 10, True), RankQuery(unknown, 7, True), RankQuery(known, 4, False)]
     raws = [RecRequest(uuid.uuid4().hex, q.user_id, q.k, exclude_seen=q.exclude_seen).to_json() for q in queries]
-    responses = run_batch(s, generator, raws, diversity=2)
+    responses = run_worker_batch(s, generator, raws, diversity=2)
     direct = pipeline_rankings(s, generator, queries)
     by_request = {r["request_id"]: r for r in responses}
     for raw, ranking in zip(raws, direct):
@@ -306,7 +235,7 @@ def test_a_swapped_in_model_answers_the_next_batch(settings, producer, redis, ui
     producer.flush()
     wait_for(lambda: redis.hget(f"rt:u:{user}:h", "n"), what="user state")
     swapped = Fixed("fixed-2", ["p", "q", "r"])
-    [response] = run_batch(settings, generator, [request(user, k=3)], swap_to=swapped)
+    [response] = run_worker_batch(settings, generator, [request(user, k=3)], swap_to=swapped)
     assert response["model_version"] == "fixed-2"
     assert [it["item_id"] for it in response["items"]] == ["p", "q", "r"]
 
@@ -333,7 +262,7 @@ def test_candidates_are_ranked_by_the_models_scores_from_one_forward_pass(
     assert sum(it.score for it in ranked.items[:8]) == pytest.approx(1.0, abs=1e-4)
     assert ranked.items[-1].reason == REASON_PLACED and ranked.version == generator.version
     raws = [RecRequest(uuid.uuid4().hex, known, len(sent), candidates=tuple(sent)).to_json()]
-    [response] = run_batch(s, generator, raws)
+    [response] = run_worker_batch(s, generator, raws)
     assert [it["item_id"] for it in response["items"]] == [it.item_id for it in ranked.items]
 
 
@@ -347,7 +276,7 @@ def test_similar_items_are_what_the_model_ranks_after_the_anchor(settings, synth
     assert [it.item_id for it in ranked.items] == [item for item, _ in direct]
     assert anchor not in [it.item_id for it in ranked.items]
     assert all(it.reason.endswith(anchor) for it in ranked.items)
-    [response] = run_batch(s, generator, [RecRequest(uuid.uuid4().hex, "", 5, item_id=anchor).to_json()])
+    [response] = run_worker_batch(s, generator, [RecRequest(uuid.uuid4().hex, "", 5, item_id=anchor).to_json()])
     assert response["item_id"] == anchor and [it["item_id"] for it in response["items"]] == [
         it.item_id for it in ranked.items
     ]

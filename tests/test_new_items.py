@@ -8,31 +8,23 @@ import uuid
 import pytest
 import torch
 
-from rtrec.model.checkpoint import save_checkpoint
+from rtrec.model.checkpoint import VOCAB
 from rtrec.model.generator import TorchGenerator
-from rtrec.model.histories import user_histories
-from rtrec.model.pipeline import model_meta
 from rtrec.model.ranking import RankingPipeline, RankQuery
-from rtrec.model.sequence_model import build_model
-from rtrec.model.train import train_model, vocab_for
+from rtrec.model.vocab import ItemVocab
 from rtrec.stream.connections import async_redis_client
 from rtrec.stream.events import event_from_dict
 from rtrec.stream.keys import ITEM_CATEGORY
 from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import SeqEntry, StateStore, UserState
 from rtrec.stream.synthetic import SyntheticConfig, generate_events, item_cluster_map
+from tests.helpers import TINY_TRAINED, trained_checkpoint
 
 CFG = SyntheticConfig(n_users=30, n_items=80, n_clusters=4, n_events=1500, seed=4)
 SETTINGS = Settings(
     kafka_bootstrap=None,
     redis_url=None,
-    model_hidden=64,
-    model_heads=1,
-    model_layers=1,
-    model_intermediate=128,
-    model_max_events=20,
-    model_item_capacity=120,
-    train_epochs=2,
+    **TINY_TRAINED,
     serve_blend_weight=0.0,  # the model alone: the baseline could place a new item from trending without a row
 )
 
@@ -46,12 +38,8 @@ def trained(tmp_path_factory):
     for e in events:
         counts[e["item_id"]] = counts.get(e["item_id"], 0) + 1
     new = min(counts, key=lambda item: (counts[item], item))  # a rare item: the model learns without it
-    hist = list(user_histories([e for e in events if e["item_id"] != new]).values())
-    vocab = vocab_for(hist, SETTINGS)
-    torch.manual_seed(0)
-    model = build_model(SETTINGS, vocab)
-    train_model(model, vocab, hist, SETTINGS, torch.device("cpu"), progress=False)
-    path = save_checkpoint(model, vocab, tmp_path_factory.mktemp("ck"), model_meta(SETTINGS))
+    path = trained_checkpoint(tmp_path_factory.mktemp("ck"), [e for e in events if e["item_id"] != new], SETTINGS)
+    vocab = ItemVocab.load(path / VOCAB)
     return path, new, {item: c for item, c in clusters.items() if item in vocab or item == new}
 
 

