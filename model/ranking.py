@@ -275,7 +275,8 @@ class RankingPipeline:
         ]
         for stage in self.filters:
             rows = await stage.apply(redis, queries, states, rows)
-        return [self.explained(q, state, row, version) for q, state, row in zip(queries, states, rows)]
+        by_model = isinstance(batch.recommender, GenerativeRecommender)
+        return [self.explained(q, state, row, version, by_model) for q, state, row in zip(queries, states, rows)]
 
     def reads(self, recommender: Recommender) -> StateReads:
         """What to read per user: a generative model reads its window and a few reason anchors.
@@ -331,11 +332,13 @@ class RankingPipeline:
                 rows[i] = items
         return rows, version
 
-    def explained(self, query: RankQuery, state: UserState, row: Scored, version: str) -> Ranking:
+    def explained(
+        self, query: RankQuery, state: UserState, row: Scored, version: str, by_model: bool = False
+    ) -> Ranking:
         """The query's first k items, each with the reason it is shown."""
         top = row[: query.k]
         if query.anchor is not None:
-            reasons = similar_reasons(state, query.anchor, top)
+            reasons = similar_reasons(state, query.anchor, top, by_model)
         else:
             reasons = explain_all(state, [item for item, _ in top])
         if query.candidates is not None:  # a candidate no ranker knew, placed after the rest
@@ -347,14 +350,17 @@ class RankingPipeline:
         return Ranking(query, state, items, version if state.known else FALLBACK_VERSION)
 
 
-def similar_reasons(state: UserState, anchor: str, row: Scored) -> list[str]:
-    """Why each item is similar to the anchor: co-visited with it, else ranked after it by the rankers,
-    else trending (a refill)."""
+def similar_reasons(state: UserState, anchor: str, row: Scored, by_model: bool) -> list[str]:
+    """Why each item goes with the anchor: co-visited with it; else, when a model ranked, what the model
+    ranks after it; else trending (the baseline's own signal, or a refill)."""
     covisited = {item for item, _ in state.covis.get(anchor) or ()}
     trending = {item for item, _ in state.trending[:50]}
-    return [
-        f"often bought together with {anchor}"
-        if item in covisited
-        else (f"similar to {anchor}" if score > 0 else ("trending now" if item in trending else "popular pick"))
-        for item, score in row
-    ]
+    reasons = []
+    for item, score in row:
+        if item in covisited:
+            reasons.append(f"often bought together with {anchor}")
+        elif by_model and score > 0:
+            reasons.append(f"similar to {anchor}")
+        else:
+            reasons.append("trending now" if item in trending else "popular pick")
+    return reasons
