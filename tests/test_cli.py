@@ -202,6 +202,16 @@ def test_train_writes_a_promoted_checkpoint_and_eval_writes_the_table(tmp_path):
         "river-BiasedMF",
         "generative-llama+blending",
         "generative-t5+blending",
+        "similar: model (llama)",
+        "similar: model (t5)",
+        "similar: co-visitation",
+        "similar: fused (llama)",
+        "similar: fused (t5)",
+        "rerank100: model (llama)",
+        "rerank100: model (t5)",
+        "rerank100: fused (llama)",
+        "rerank100: fused (t5)",
+        "rerank100: popularity",
     ]
     assert list(out.glob("*.png")) and (out / "training-curves.png").exists()
 
