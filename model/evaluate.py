@@ -7,8 +7,9 @@ ranks through a ``RankingPipeline``, the object the recommend worker serves with
 state reads, fusion, backfill and filters. So the numbers measure what production would serve,
 not an idealised offline copy.
 
-The two extra baselines need no Redis: ``PopularityRecommender`` (train counts) and
-``BiasedMFRecommender`` (river's online biased matrix factorisation, trained in time order).
+The extra baselines need no Redis: ``PopularityRecommender`` (train counts),
+``BiasedMFRecommender`` (river's online biased matrix factorisation, trained in time order) and
+``rtrec.model.ease.EaseRecommender`` (EASE, the closed-form item-item linear model).
 
 Three kinds of rows (``KINDS``), each a set of ``RankQuery`` per test user through the same pipelines:
 

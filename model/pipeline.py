@@ -170,7 +170,7 @@ def run_eval(
     events: list[dict[str, Any]] | None = None,
     extra_rows: bool = True,
 ) -> list[dict[str, Any]]:
-    """Leave-one-out table: generative families vs blending, popularity and river BiasedMF.
+    """Leave-one-out table: generative families vs blending, popularity, river BiasedMF and EASE.
 
     `source` is an event file in rtrec's format or a MovieLens file/folder, or the
     name of a dataset in ../shared/data (ml-100k, ml-1m-partial). Every row is ranked by
@@ -254,18 +254,21 @@ class EvalRun:
             self.rows += self.evaluate(similar, SIMILAR) + self.evaluate(rerank, RERANK)
 
     def add_baselines(self) -> None:
-        """Blending (what serves without a model), popularity and river BiasedMF."""
+        """Blending (what serves without a model), popularity, river BiasedMF and EASE (closed-form item-item)."""
+        from rtrec.model.ease import EaseRecommender
         from rtrec.model.evaluate import BiasedMFRecommender, PopularityRecommender, write_report
 
         blending, popularity = self.pipeline(self.baseline), self.pipeline(PopularityRecommender(self.split))
+        ease = self.pipeline(EaseRecommender(self.split))
         self.rows += self.evaluate(
             {
                 "blending": blending,
                 "popularity": popularity,
                 "river-BiasedMF": self.pipeline(BiasedMFRecommender(self.split)),
+                "EASE": ease,
             }
         )
-        self.evaluate_extra({"co-visitation": blending}, {"popularity": popularity})
+        self.evaluate_extra({"co-visitation": blending}, {"popularity": popularity, "EASE": ease})
         write_report(self.rows, self.out_dir, self.title)  # results so far are on disk before any training
 
     def add_family(self, family: str, fused: bool) -> None:
@@ -314,14 +317,14 @@ class EvalRun:
         tags = [f" ({f})" if self.tagged else "" for f in families]
         order = (
             [f"generative-{f}" for f in families]
-            + ["blending", "popularity", "river-BiasedMF"]
+            + ["blending", "popularity", "river-BiasedMF", "EASE"]
             + [f"generative-{f}+blending" for f in families]
             + [f"similar: model{t}" for t in tags]
             + ["similar: co-visitation"]
             + [f"similar: fused{t}" for t in tags]
             + [f"rerank100: model{t}" for t in tags]
             + [f"rerank100: fused{t}" for t in tags]
-            + ["rerank100: popularity"]
+            + ["rerank100: popularity", "rerank100: EASE"]
         )
         rows = sorted(self.rows, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
         for row in rows:

@@ -200,6 +200,7 @@ def test_train_writes_a_promoted_checkpoint_and_eval_writes_the_table(tmp_path):
         "blending",
         "popularity",
         "river-BiasedMF",
+        "EASE",
         "generative-llama+blending",
         "generative-t5+blending",
         "similar: model (llama)",
@@ -212,6 +213,7 @@ def test_train_writes_a_promoted_checkpoint_and_eval_writes_the_table(tmp_path):
         "rerank100: fused (llama)",
         "rerank100: fused (t5)",
         "rerank100: popularity",
+        "rerank100: EASE",
     ]
     assert list(out.glob("*.png")) and (out / "training-curves.png").exists()
 

@@ -190,6 +190,7 @@ def test_eval_runs_on_a_csv_without_event_ids(tmp_path):
         "blending",
         "popularity",
         "river-BiasedMF",
+        "EASE",
         "generative-llama+blending",
         "similar: model",
         "similar: co-visitation",
@@ -197,6 +198,7 @@ def test_eval_runs_on_a_csv_without_event_ids(tmp_path):
         "rerank100: model",
         "rerank100: fused",
         "rerank100: popularity",
+        "rerank100: EASE",
     ]
     assert json.loads((out / "generative-llama.json").read_text())["family"] == "llama"
 

@@ -8,6 +8,7 @@ import math
 import random
 import time
 
+import numpy as np
 import pytest
 
 from rtrec.model.blending import BlendingRecommender
@@ -19,6 +20,7 @@ from rtrec.model.datasets import (
     load_movielens_100k,
     shared_dataset,
 )
+from rtrec.model.ease import EaseRecommender, ease_weights
 from rtrec.model.evaluate import (
     RERANK,
     RERANK_CANDIDATES,
@@ -40,7 +42,7 @@ from rtrec.model.recommender import Recommender
 from rtrec.stream.connections import async_redis_client
 from rtrec.stream.eventfile import write_events
 from rtrec.stream.settings import Settings
-from rtrec.stream.state_store import UserState
+from rtrec.stream.state_store import SeqEntry, UserState
 from rtrec.stream.synthetic import SyntheticConfig, generate_events
 
 
@@ -201,6 +203,81 @@ def test_baselines_respect_exclude_and_k():
     assert pop.recommend_batch([UserState("x")], 1)[0][0][0] in {
         i for i, c in split.item_popularity.items() if c == best[1]
     }
+
+
+# ---- EASE ------------------------------------------------------------------------------------------
+def test_ease_equals_the_closed_form():
+    events = [ev("a", "x", 1), ev("a", "y", 2), ev("a", "x", 3), ev("b", "y", 4), ev("b", "z", 5)]
+    events += [ev("c", "x", 6), ev("c", "z", 7), ev("c", "w", 8), ev("d", "w", 9), ev("d", "y", 10)]
+    split = leave_one_out(events, min_events=4)  # nobody is held out: every event trains
+    lam = 2.0
+    items = ["w", "x", "y", "z"]
+    x = np.array([[0, 1, 1, 0], [0, 0, 1, 1], [1, 1, 0, 1], [1, 0, 1, 0]], dtype=float)  # users a, b, c, d
+    p = np.linalg.inv(x.T @ x + lam * np.eye(4))
+    b = np.array([[0.0 if i == j else -p[i, j] / p[j, j] for j in range(4)] for i in range(4)])
+    assert ease_weights(x, lam) == pytest.approx(b)
+    rec = EaseRecommender(split, lam=lam)
+    assert rec.items == items and rec.weights == pytest.approx(b)
+    rows = rec.recommend_batch([UserState(u) for u in "abcd"], 4)
+    for user_row, ranked in zip(x @ b, rows):
+        assert dict(ranked) == pytest.approx(dict(zip(items, user_row)))
+        assert [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
+    # a user unknown to the matrix is scored from the state's sequence; one with nothing gets []
+    seq = [SeqEntry("x", "click", 1, "e1"), SeqEntry("y", "click", 2, "e2"), SeqEntry("nope", "click", 3, "e3")]
+    [from_seq, empty] = rec.recommend_batch([UserState("new", sequence=seq), UserState("ghost")], 4)
+    assert dict(from_seq) == pytest.approx(dict(zip(items, x[0] @ b)))
+    assert empty == []
+    with pytest.raises(ValueError):
+        EaseRecommender(split, lam=0.0)
+
+
+def test_ease_respects_allow_exclude_and_the_item_cap():
+    split = _toy_split()
+    rec = EaseRecommender(split)
+    allow = frozenset({"i1", "i4", "i9", "i12", "nope"})
+    [row] = rec.recommend_batch([UserState("u1", exclude=frozenset({"i4"}), allow=allow)], 10)
+    assert {item for item, _ in row} == {"i1", "i9", "i12"}
+    exclude = frozenset({"i0", "i1", "i2", "i3"})
+    [row] = rec.recommend_batch([UserState("u1", exclude=exclude)], 100)
+    assert len(row) == len(split.items) - len(exclude) and not exclude & {i for i, _ in row}
+    capped = EaseRecommender(split, max_items=5)
+    top5 = sorted(split.item_popularity, key=lambda i: (-split.item_popularity[i], i))[:5]
+    assert capped.truncated and set(capped.items) == set(top5)
+    [row] = capped.recommend_batch([UserState("u1")], 100)
+    assert {item for item, _ in row} == set(top5)  # items outside the cap are never recommended
+
+
+def test_ease_learns_co_occurrence_that_popularity_misses():
+    """Each group's item a is followed by its b; b is rare, the p items popular: popularity misses b, EASE finds it."""
+    rng = random.Random(5)
+    events, ts = [], 0
+
+    def add(user, items):
+        nonlocal ts
+        for item in items:
+            ts += 1
+            events.append(ev(user, item, ts))
+
+    groups, popular = 20, [f"p{j}" for j in range(15)]
+    for n in range(300):  # background: pairs of popular items
+        add(f"bg{n}", rng.sample(popular, 2))
+    for g in range(groups):
+        for n in range(6):  # who saw a_g also saw b_g (two events: always training)
+            add(f"pair{g}-{n}", [f"a{g}", f"b{g}"])
+        for n in range(3):  # the evaluated: a popular item, a_g, then (held out) b_g
+            add(f"t{g}-{n}", [rng.choice(popular), f"a{g}", f"b{g}"])
+    split = leave_one_out(events)
+    assert len(split.test_users) == 3 * groups
+
+    def hr10(rec):
+        states = [UserState(u, exclude=frozenset(e["item_id"] for e in split.history(u))) for u in split.test_users]
+        ranked = rec.recommend_batch(states, 10)
+        return sum(hit_rate_at([i for i, _ in r], split.target(u), 10) for r, u in zip(ranked, split.test_users)) / len(
+            states
+        )
+
+    ease, pop = hr10(EaseRecommender(split)), hr10(PopularityRecommender(split))
+    assert ease >= 0.9 and pop <= 0.1 and ease > pop
 
 
 # ---- end to end through Redis -------------------------------------------------------------------
@@ -386,6 +463,7 @@ def test_every_eval_row_is_ranked_by_the_serving_pipeline(tmp_path, monkeypatch)
         ("BlendingRecommender", 0.0, None): 2 * users,
         ("PopularityRecommender", 0.0, None): 2 * users,
         ("BiasedMFRecommender", 0.0, None): users,
+        ("EaseRecommender", 0.0, None): 2 * users,
         (TorchGenerator.__name__, 0.0, 10): 3 * users,
         (TorchGenerator.__name__, 0.5, 10): 3 * users,
     }
@@ -394,6 +472,7 @@ def test_every_eval_row_is_ranked_by_the_serving_pipeline(tmp_path, monkeypatch)
         "blending",
         "popularity",
         "river-BiasedMF",
+        "EASE",
         "generative-llama+blending",
         "similar: model",
         "similar: co-visitation",
@@ -401,12 +480,13 @@ def test_every_eval_row_is_ranked_by_the_serving_pipeline(tmp_path, monkeypatch)
         "rerank100: model",
         "rerank100: fused",
         "rerank100: popularity",
+        "rerank100: EASE",
     ]
     for r in rows:
         assert r["users"] == users and 0.0 <= r["NDCG@10"] <= r["HR@10"] <= 1.0
     by_name = {r["name"]: r for r in rows}
-    for name in ("model", "fused", "popularity"):  # the target is always among the candidates
-        full = by_name["popularity" if name == "popularity" else f"generative-llama{'+blending' * (name == 'fused')}"]
+    for name in ("model", "fused", "popularity", "EASE"):  # the target is always among the candidates
+        full = by_name[name if name in ("popularity", "EASE") else f"generative-llama{'+blending' * (name == 'fused')}"]
         assert by_name[f"rerank100: {name}"]["HR@10"] >= full["HR@10"]
 
 
