@@ -44,6 +44,7 @@ PER_BATCH = 64  # registrations per batch at most
 MAX_ATTEMPTS = 20  # batches an item without peers is retried in, per served model
 MAX_PENDING = 50_000  # items remembered (categories read, attempts): cleared beyond, re-read later
 HMGET_CHUNK = 1000  # items per HMGET when the vocabulary's categories are read
+UNREAD = object()  # an item whose category is not (or no longer) read
 
 
 @dataclass
@@ -136,8 +137,10 @@ class NewItemRows:
             for item in ready:
                 if vocab.free_rows == 0:
                     break
-                category = rows.categories[item]
-                peers = rows.by_category.get(category, []) if category is not None else []
+                category = rows.categories.get(item, UNREAD)  # `prepare` may clear it meanwhile (event loop)
+                if category is UNREAD:
+                    continue
+                peers = rows.by_category.get(category, []) if isinstance(category, str) else []
                 peers = peers or sorted(covisited.get(item, ()))
                 if not peers:
                     rows.attempts[item] = rows.attempts.get(item, 0) + 1
@@ -145,7 +148,7 @@ class NewItemRows:
                 index = torch.tensor(peers, device=weight.device)
                 token = vocab.add(item)
                 weight[token] = initial_row(weight.index_select(0, index).float(), self.match_norm).to(weight.dtype)
-                if category is not None:
+                if isinstance(category, str):
                     rows.by_category.setdefault(category, []).append(token)
                 rows.categories.pop(item, None)
                 rows.attempts.pop(item, None)

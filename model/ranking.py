@@ -125,7 +125,9 @@ class CatalogRules:
         short = [n for n, (query, row) in enumerate(zip(queries, out)) if len(row) < query.k]
         if short:  # rare: a filter or the catalog left a ranking short; refill it from trending
             trending = [item for item, _ in states[0].trending[:TRENDING_REFILL]]
-            more_categories, more_unavailable = await item_rules(redis, [i for i in trending if i not in categories])
+            # a re-ranking's own candidates come after trending: every one that passes may be placed
+            pool = dict.fromkeys(trending + [c for n in short for c in queries[n].candidates or ()])
+            more_categories, more_unavailable = await item_rules(redis, [i for i in pool if i not in categories])
             categories.update(more_categories)
             unavailable |= more_unavailable
             for n in short:
@@ -134,7 +136,7 @@ class CatalogRules:
                 have = {item for item, _ in out[n]}
                 refill = [
                     (item, 0.0)
-                    for item in trending
+                    for item in dict.fromkeys([*trending, *(query.candidates or ())])
                     if item not in have and item not in state.exclude and admits(item) and allowed(state, item)
                 ]
                 out[n] = self.capped(out[n] + refill, categories)

@@ -21,7 +21,7 @@ from typing import Any
 from rtrec.stream import redis_calls
 from rtrec.stream.connections import is_cluster, redis_client
 from rtrec.stream.eventfile import file_format, open_text
-from rtrec.stream.events import InvalidEvent, canonical_id, checked_price, decode_json
+from rtrec.stream.events import InvalidEvent, canonical_id, checked_price, decode_json, encodable
 from rtrec.stream.keys import ITEM_CATEGORY, ITEM_INFO, ITEM_UNAVAILABLE
 from rtrec.stream.redis_calls import AsyncClient, Command, Plan, Round, ScriptCall, SyncClient
 from rtrec.stream.settings import Settings
@@ -69,7 +69,7 @@ def catalog_entry(data: Any) -> CatalogEntry:
     if category is not None:
         if not isinstance(category, str):
             raise InvalidEvent("wrong_type", "category must be a string")
-        category = category.strip()
+        category = encodable(category.strip(), "category")
         if not 1 <= len(category) <= MAX_CATEGORY:
             raise InvalidEvent("bad_value", f"category must be 1..{MAX_CATEGORY} characters (after strip)")
     available = data.get("available")
@@ -81,7 +81,7 @@ def catalog_entry(data: Any) -> CatalogEntry:
     if title is not None:
         if not isinstance(title, str):
             raise InvalidEvent("wrong_type", "title must be a string")
-        if len(title) > MAX_TITLE:
+        if len(encodable(title, "title")) > MAX_TITLE:
             raise InvalidEvent("bad_value", f"title is longer than {MAX_TITLE} characters")
     price = data.get("price")
     if price is not None:

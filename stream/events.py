@@ -102,6 +102,16 @@ def _check_ts(value: Any, settings: Settings, now_ms: int) -> int:
     return value
 
 
+def encodable(value: str, name: str) -> str:
+    """`value`, if it can be written as UTF-8 (JSON lets a lone surrogate through as an escape; Redis
+    and Kafka cannot store it) — else InvalidEvent, so the record is dead-lettered with its reason."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidEvent("bad_value", f"{name} is not valid UTF-8 text (a lone surrogate)") from None
+    return value
+
+
 def checked_price(value: Any) -> float:
     """A price as sent in an event or a catalog upsert: a finite number >= 0 (never a bool)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from rtrec.stream.events import InvalidEvent, canonical_id, decode_json
+from rtrec.stream.events import InvalidEvent, canonical_id, decode_json, encodable
 from rtrec.stream.settings import LimitsSettings, Settings
 from rtrec.stream.topics import internal_topics, is_legal_topic_name
 
@@ -274,7 +274,7 @@ def parse_filter(value: Any, settings: Settings) -> ItemFilter:
 def _category(value: Any, key: str, n: int) -> str:
     if type(value) is not str:
         raise InvalidEvent("wrong_type", f"filter.{key}[{n}] must be a string (a category name)")
-    name = value.strip()
+    name = encodable(value.strip(), f"filter.{key}[{n}]")
     if not 1 <= len(name) <= MAX_CATEGORY_CHARS:
         raise InvalidEvent(
             "bad_value",

@@ -385,3 +385,12 @@ def test_the_catalog_command_stores_a_file_and_reports_refusals(catalog_worker, 
         r.hdel(ITEM_CATEGORY, *items)
         r.srem(ITEM_UNAVAILABLE, *items)
         r.hdel(ITEM_INFO, *items)
+
+
+@pytest.mark.parametrize("field", ["category", "title"])
+def test_a_lone_surrogate_is_refused_at_validation_not_by_redis(field):
+    """Valid JSON (an escape) that UTF-8 cannot carry: dead-lettered with its reason, never a store error."""
+    raw = ('{"item_id": "i1", "' + field + '": "x\\ud800"}').encode()
+    with pytest.raises(InvalidEvent) as refused:
+        parse_catalog_record(raw, Settings())
+    assert refused.value.reason == "bad_value" and field in str(refused.value)

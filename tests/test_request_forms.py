@@ -391,3 +391,10 @@ def test_cli_mistakes_are_one_line(cli, args: list[str], words: list[str]) -> No
 def test_cli_a_valid_similar_request_goes_on_to_look_for_the_stack(cli) -> None:
     code, stderr = cli(["similar", "i1", "--user", "u1", "-k", "3", "--category", "shoes"])
     assert code == 2 and "rtrec up" in one_line(stderr)
+
+
+def test_a_filter_category_with_a_lone_surrogate_is_refused():
+    raw = b'{"request_id": "r", "user_id": "u", "filter": {"categories": ["x\\ud800"]}}'
+    with pytest.raises(InvalidEvent) as refused:
+        parse_request(raw, Settings())
+    assert refused.value.reason == "bad_value" and "filter.categories[0]" in str(refused.value)

@@ -163,3 +163,13 @@ def test_candidates_and_a_filter_apply_both(rec_client, producer, redis, covisit
     assert ids(got) == [c, d]  # b is a candidate but filtered out; nothing outside the candidates comes in
     got = rec_client.recommend(user, candidates=[d, c, b], filter={"exclude_items": [c]})
     assert ids(got) == [b, d]
+
+
+def test_a_filtered_re_ranking_places_the_candidates_that_pass_however_low_they_rank(rec_client, redis, uid):
+    """Only the last five of 50 candidates pass the filter, and no ranker knows any of them: the answer is
+    still k of those five (the client's own list refills a filtered re-ranking, not only trending)."""
+    candidates = [uid(f"c{n}") for n in range(50)]
+    redis.hset(ITEM_CATEGORY, mapping={c: "books" if n >= 45 else "toys" for n, c in enumerate(candidates)})
+    got = rec_client.recommend(uid("reader"), candidates=candidates, k=3, filter={"categories": ["books"]})
+    assert ids(got) == candidates[45:48]
+    assert all(it["reason"] == REASON_PLACED for it in got["items"])
