@@ -13,13 +13,12 @@ EASE (a catalogue that large backfills from the served pipeline's trending list 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from rtrec.model.datasets import Split
-from rtrec.model.recommender import Recommender, Scored
+from rtrec.model.recommender import Recommender, Scored, top_of_scores
 from rtrec.stream.state_store import UserState
 
 DEFAULT_LAMBDA = 500.0
@@ -97,19 +96,7 @@ class EaseRecommender(Recommender):
             if vec is None:
                 out.append([])
                 continue
-            row = next(scores)
-            if state.allow is not None:  # a re-ranking: only its candidates
-                allowed = np.zeros(len(self.items), dtype=bool)
-                allowed[_indices(self.index, state.allow)] = True
-                row[~allowed] = -math.inf
-            row[_indices(self.index, state.exclude)] = -math.inf
-            n = min(k, int(np.isfinite(row).sum()))
-            if n <= 0:
-                out.append([])
-                continue
-            top = np.argpartition(-row, n - 1)[:n]
-            top = top[np.lexsort((top, -row[top]))]  # best first, ties by catalogue order
-            out.append([(self.items[j], float(row[j])) for j in top])
+            out.append(top_of_scores(next(scores), self.items, self.index, state, k))
         return out
 
 

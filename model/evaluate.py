@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import math
 import random
 import re
 import time
@@ -41,7 +40,7 @@ from tqdm import tqdm
 from rtrec.model.datasets import Split
 from rtrec.model.metrics import summarize
 from rtrec.model.ranking import RankingPipeline, RankQuery
-from rtrec.model.recommender import Recommender, Scored
+from rtrec.model.recommender import Recommender, Scored, top_of_scores
 from rtrec.stream.connections import async_redis_client
 from rtrec.stream.events import event_from_dict
 from rtrec.stream.settings import Settings
@@ -195,18 +194,7 @@ class BiasedMFRecommender(Recommender):
         for row, state in zip(scores, states):
             if self.known.any() and not self.known.all():
                 row[~self.known] = row[self.known].min() - 1.0
-            if state.allow is not None:  # a re-ranking: only its candidates
-                allowed = np.zeros(len(self.items), dtype=bool)
-                allowed[[self.index[i] for i in state.allow if i in self.index]] = True
-                row[~allowed] = -math.inf
-            row[[self.index[i] for i in state.exclude if i in self.index]] = -math.inf
-            n = min(k, int(np.isfinite(row).sum()))
-            if n <= 0:
-                out.append([])
-                continue
-            top = np.argpartition(-row, n - 1)[:n]
-            top = top[np.lexsort((top, -row[top]))]  # best first, ties by catalogue order
-            out.append([(self.items[j], float(row[j])) for j in top])
+            out.append(top_of_scores(row, self.items, self.index, state, k))
         return out
 
 

@@ -14,6 +14,8 @@ from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from rtrec.model.vocab import ItemVocab
 from rtrec.stream.state_store import UserState
 
@@ -53,3 +55,22 @@ class GenerativeRecommender(Recommender):
 
     def close(self) -> None:
         """Frees what the model holds outside the Python heap (an engine process); nothing by default."""
+
+
+def top_of_scores(row: np.ndarray, items: Sequence[str], index: dict[str, int], state: UserState, k: int) -> Scored:
+    """The k best of one user's score row over `items` (index: item -> column), never an item of
+    ``state.exclude`` and, for a re-ranking, only its candidates (``state.allow``); ties by column order.
+
+    For the numpy baselines of the evaluation (BiasedMF, EASE); `row` is changed in place.
+    """
+    if state.allow is not None:  # a re-ranking: only its candidates
+        allowed = np.zeros(len(items), dtype=bool)
+        allowed[[index[i] for i in state.allow if i in index]] = True
+        row[~allowed] = -np.inf
+    row[[index[i] for i in state.exclude if i in index]] = -np.inf
+    n = min(k, int(np.isfinite(row).sum()))
+    if n <= 0:
+        return []
+    top = np.argpartition(-row, n - 1)[:n]
+    top = top[np.lexsort((top, -row[top]))]  # best first, ties by column order
+    return [(items[j], float(row[j])) for j in top]
