@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from rtrec.model.blending import BlendingRecommender
 from rtrec.model.fusion import RankFusion, versioned
 from rtrec.model.new_items import NewItemRows
-from rtrec.model.reasons import explain_all
+from rtrec.model.reasons import POPULAR, explain_all, similar_reasons
 from rtrec.model.recommender import GenerativeRecommender, Recommender, Scored
 from rtrec.stream.catalog import item_rules
 from rtrec.stream.rec_messages import NO_FILTER, ItemFilter, RecItem
@@ -136,8 +136,8 @@ class CatalogRules:
                 have = {item for item, _ in out[n]}
                 refill = [
                     (item, 0.0)
-                    for item in dict.fromkeys([*trending, *(query.candidates or ())])
-                    if item not in have and item not in state.exclude and admits(item) and allowed(state, item)
+                    for item in refill_order(state, trending, query.candidates)
+                    if item not in have and admits(item)
                 ]
                 out[n] = self.capped(out[n] + refill, categories)
         return out
@@ -188,23 +188,21 @@ def allowed(state: UserState, item: str) -> bool:
     return state.allow is None or item in state.allow
 
 
-def backfilled(items: Scored, state: UserState, k: int, candidates: Sequence[str] | None = None) -> Scored:
-    """Fill a ranking shorter than k with trending items the user may still see (score 0: after the rest).
+def refill_order(state: UserState, trending: Sequence[str], candidates: Sequence[str] | None) -> list[str]:
+    """What may top up a short ranking, in order: trending items, then a re-ranking's own candidates
+    in the client's order; never an excluded item, and for a re-ranking only its candidates."""
+    pool = dict.fromkeys([*trending, *(candidates or ())])
+    return [item for item in pool if item not in state.exclude and allowed(state, item)]
 
-    A re-ranking's candidates are placed up to k: those the rankers did not rank follow, trending
-    ones first, then the rest in the order the client sent them.
-    """
+
+def backfilled(items: Scored, state: UserState, k: int, candidates: Sequence[str] | None = None) -> Scored:
+    """Fill a ranking shorter than k from `refill_order` (score 0: after the rest): trending items the
+    user may still see, and a re-ranking's candidates the rankers did not rank, up to k."""
     if len(items) >= k:
         return items
     have = {item for item, _ in items}
-    extra = [
-        (item, 0.0)
-        for item, _ in state.trending
-        if item not in have and item not in state.exclude and allowed(state, item)
-    ]
-    if candidates is not None and len(items) + len(extra) < k:
-        placed = have | {item for item, _ in extra}
-        extra += [(item, 0.0) for item in candidates if item not in placed and allowed(state, item)]
+    order = refill_order(state, [item for item, _ in state.trending], candidates)
+    extra = [(item, 0.0) for item in order if item not in have]
     return items + extra[: k - len(items)]
 
 
@@ -345,24 +343,8 @@ class RankingPipeline:
             reasons = explain_all(state, [item for item, _ in top])
         if query.candidates is not None:  # a candidate no ranker knew, placed after the rest
             reasons = [
-                REASON_PLACED if score == 0.0 and reason == "popular pick" else reason
+                REASON_PLACED if score == 0.0 and reason == POPULAR else reason
                 for (_, score), reason in zip(top, reasons)
             ]
         items = [RecItem(item, score, reason) for (item, score), reason in zip(top, reasons)]
         return Ranking(query, state, items, version if state.known else FALLBACK_VERSION)
-
-
-def similar_reasons(state: UserState, anchor: str, row: Scored, by_model: bool) -> list[str]:
-    """Why each item goes with the anchor: co-visited with it; else, when a model ranked, what the model
-    ranks after it; else trending (the baseline's own signal, or a refill)."""
-    covisited = {item for item, _ in state.covis.get(anchor) or ()}
-    trending = {item for item, _ in state.trending[:50]}
-    reasons = []
-    for item, score in row:
-        if item in covisited:
-            reasons.append(f"often bought together with {anchor}")
-        elif by_model and score > 0:
-            reasons.append(f"similar to {anchor}")
-        else:
-            reasons.append("trending now" if item in trending else "popular pick")
-    return reasons
