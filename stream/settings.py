@@ -308,6 +308,12 @@ class TrainSettings(_Section):
         0.0, ge=0, lt=1, description="dropout on each decoder layer's output in training (decoder families)"
     )
     train_warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up (0: none)")
+    train_length_buckets: bool = Field(
+        True, description="cut batches from length-sorted pools, so little compute goes to padding"
+    )
+    train_valid_users: int = Field(
+        1000, ge=0, description="validation users ranked per epoch for early stopping (a fixed sample; 0: all)"
+    )
     train_refit: bool = Field(
         False,
         description="after early stopping, train a fresh model on the held-out events too, for the best epoch count",

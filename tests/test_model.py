@@ -17,7 +17,7 @@ from rtrec.model.pipeline import model_meta, train_generator
 from rtrec.model.recommender import GenerativeRecommender
 from rtrec.model.sequence_model import build_model, resize_for
 from rtrec.model.tokens import encode
-from rtrec.model.train import ValidationCase, evaluate_cases, train_model, vocab_for
+from rtrec.model.train import ValidationCase, _batches, evaluate_cases, train_model, validation_sample, vocab_for
 from rtrec.model.vocab import BOS, N_SPECIAL, TYPE_TOKENS, ItemVocab
 from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import SeqEntry, UserState
@@ -404,3 +404,27 @@ def test_a_vllm_that_cannot_name_its_platform_is_an_error_not_a_cpu(monkeypatch)
     monkeypatch.setitem(sys.modules, "vllm.platforms", Platforms("vllm.platforms"))
     with pytest.raises(VllmUnavailableError, match=r"cannot tell which device.*no platform plugin matched"):
         resolve_vllm_device("auto", sys.modules["vllm"])
+
+
+def test_length_buckets_pad_little_and_still_cover_every_example_once():
+    import random
+
+    rng = random.Random(3)
+    examples = [[1] * rng.randint(2, 200) for _ in range(2000)]
+    for by_length in (False, True):
+        batches = _batches(examples, 32, random.Random(0), by_length=by_length)
+        assert sorted(id(e) for b in batches for e in b) == sorted(id(e) for e in examples)
+        padded = sum(len(b) * max(len(e) for e in b) for b in batches) / sum(len(e) for e in examples)
+        if by_length:
+            assert padded < 1.1  # batches of like lengths
+            assert len({len(b[0]) for b in batches[:5]}) > 1  # ... in shuffled order, not shortest first
+        else:
+            assert padded > 1.5
+
+
+def test_validation_sample_is_fixed_for_a_seed_and_whole_when_small():
+    cases = [ValidationCase([("a", "click")], str(n), frozenset()) for n in range(50)]
+    a, b = validation_sample(cases, 10, seed=1), validation_sample(cases, 10, seed=1)
+    assert [c.target for c in a] == [c.target for c in b] and len(a) == 10
+    assert [c.target for c in validation_sample(cases, 10, seed=2)] != [c.target for c in a]
+    assert validation_sample(cases, 0, seed=1) == cases == validation_sample(cases, 80, seed=1)

