@@ -215,7 +215,7 @@ def _eval_redis(settings: Settings) -> Iterator[Settings]:
     from rtrec.stream.embedded import start_redis
 
     with tempfile.TemporaryDirectory(prefix="rtrec-eval-") as tmp:
-        server, url = start_redis(settings, Path(tmp))
+        server, url = start_redis(settings, Path(tmp), die_with_parent=True)  # an interrupted eval leaves none
         try:
             yield settings.model_copy(update={"redis_url": url})
         finally:

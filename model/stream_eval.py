@@ -141,7 +141,7 @@ def _replay_in_redis(
     from rtrec.stream.embedded import start_redis
 
     with tempfile.TemporaryDirectory(prefix="rtrec-stream-eval-") as tmp:
-        server, url = start_redis(settings, Path(tmp))
+        server, url = start_redis(settings, Path(tmp), die_with_parent=True)  # an interrupted run leaves none
         try:
             client = redis_client(settings.model_copy(update={"redis_url": url}))
             return replay_periods(events, settings, client, start_ts, period_ms, sample, settings.train_seed)

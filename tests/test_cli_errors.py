@@ -183,6 +183,34 @@ def test_eval_of_a_wheel_dataset_that_is_not_installed_names_the_pip_command(tmp
     ]
 
 
+def test_a_killed_eval_takes_its_redis_server_with_it(tmp_path):
+    import psutil
+
+    events = generate_events(SyntheticConfig(n_users=15, n_items=30, n_clusters=3, n_events=300, seed=5))
+    write_events(tmp_path / "e.jsonl", events)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RTREC_")}
+    env.update(TINY, PYTHONPATH=str(REPO), RTREC_TRAIN_EPOCHS="1000", RTREC_TRAIN_MIN_EPOCHS="1000")
+    proc = subprocess.Popen(
+        [*RTREC, "eval", "--events", "e.jsonl", "--families", "llama"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        servers: list[psutil.Process] = []
+        deadline = time.monotonic() + 60
+        while not servers and time.monotonic() < deadline and proc.poll() is None:
+            servers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "server" in c.name()]
+            time.sleep(0.1)
+        assert servers, "the eval never started its Redis server"
+    finally:
+        proc.kill()  # SIGKILL: no finally block of the eval runs
+        proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs(servers, timeout=30)
+    assert not alive, f"the eval's Redis server outlived it: {alive}"
+
+
 def test_eval_runs_on_a_csv_without_event_ids(tmp_path):
     events = generate_events(SyntheticConfig(n_users=15, n_items=30, n_clusters=3, n_events=300, seed=5))
     path = tmp_path / "no-ids.csv"

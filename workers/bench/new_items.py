@@ -98,7 +98,7 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="rtrec-bench-new-items-") as tmp:
         from rtrec.stream.embedded import start_redis
 
-        server, url = start_redis(s, Path(tmp))
+        server, url = start_redis(s, Path(tmp), die_with_parent=True)  # an interrupted bench leaves none
         try:
             s = s.model_copy(update={"redis_url": url})
             variants = asyncio.run(_replay(replay, mid, new, clusters, path, s, sample, k, seed))
