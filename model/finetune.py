@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from rtrec.model.checkpoint import Checkpoint, load_checkpoint
-from rtrec.model.histories import user_histories
+from rtrec.model.histories import newest, user_histories
 from rtrec.model.sequence_model import build_model, resize_for
 from rtrec.model.tokens import History
 from rtrec.model.train import TrainReport, ValidationCase, evaluate_cases, seed_everything, train_model, vocab_for
@@ -35,19 +35,27 @@ class FineTuneData:
 
 
 def build_data(
-    window: Sequence[dict[str, Any]], context: Mapping[str, History], replay: Sequence[History], settings: Settings
+    window: Sequence[dict[str, Any]],
+    context: Mapping[str, History],
+    replay: Sequence[History],
+    settings: Settings,
+    max_history: int | None = None,
 ) -> FineTuneData:
     """Training histories and held-out cases from a window (time-ordered events).
 
     A window user with at least two events (window + context) gives one
     held-out case: their newest event, predicted from everything before it.
+    With `max_history` (the trainer passes `finetune_history_events`) each
+    history is cut to its newest that many events, a window user's and a
+    replayed one's alike: serving reads a short recent history, and a
+    fine-tune's cost grows with the tokens it trains on.
     """
     per_user = user_histories(window)
     train: list[History] = []
     holdout: list[ValidationCase] = []
     items: set[str] = set()
     for user, recent in per_user.items():
-        full = list(context.get(user, ())) + recent
+        full = _newest(list(context.get(user, ())) + recent, max_history)
         items.update(i for i, _ in full)
         if len(full) >= settings.finetune_min_history:
             holdout.append(ValidationCase(full[:-1], full[-1][0], frozenset()))
@@ -56,9 +64,14 @@ def build_data(
             train.append(full)
     for hist in replay:
         if len(hist) >= 2:
-            train.append(list(hist))
-            items.update(i for i, _ in hist)
+            kept = _newest(list(hist), max_history)
+            train.append(kept)
+            items.update(i for i, _ in kept)
     return FineTuneData(train, holdout, len(per_user), len(window), items)
+
+
+def _newest(history: History, keep: int | None) -> History:
+    return newest(history, keep) if keep else history
 
 
 def _tuning_settings(settings: Settings, layout: str, max_events: int) -> Settings:

@@ -328,12 +328,19 @@ class TrainerSettings(_Section):
     trainer_nice: int = Field(
         10, ge=0, le=19, description="CPU priority the trainer lowers itself by (serving wins when cores are busy)"
     )
-    trainer_every_s: float = Field(600.0, gt=0, description="... or after this long with new events")
+    trainer_every_s: float = Field(20.0, gt=0, description="... or this long after the last decision, with new events")
     trainer_min_events: int = Field(100, ge=1, description="smallest window a timer or drift trigger trains on")
+    trainer_max_window_events: int = Field(
+        5000, ge=1, description="a window trains on its newest this many events (older ones only move the offsets)"
+    )
+    trainer_torch_threads: int = Field(1, ge=0, description="CPU threads of the trainer's torch (0: torch's default)")
     finetune_lr: float = Field(5e-4, description="learning rate when continuing a checkpoint")
     finetune_epochs: int = Field(3, ge=1, description="passes over a window when continuing a checkpoint")
     finetune_first_epochs: int = Field(20, ge=1, description="epochs when there is no checkpoint yet")
     finetune_replay_users: int = Field(200, ge=0, description="older users' histories replayed per fine-tune")
+    finetune_history_events: int = Field(
+        50, ge=2, description="newest events of each user's history a fine-tune trains on (window and context)"
+    )
     finetune_min_history: int = Field(3, ge=2, description="events a window user needs to give a held-out case")
     promote_tolerance: float = Field(0.005, ge=0, description="candidate NDCG@10 may be this much lower")
     promote_min_cases: int = Field(20, ge=1, description="held-out cases needed to judge a candidate")

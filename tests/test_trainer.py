@@ -105,6 +105,26 @@ def test_a_sound_fine_tune_is_promoted_and_grows_the_vocabulary(settings, tmp_pa
     assert ck.manifest["training_window"]["parent"] == decision["current"]
 
 
+def test_a_young_version_is_judged_against_its_predecessor_as_it_was_when_replaced(
+    settings, redis, tmp_path, events
+) -> None:
+    """The online judge compares like with like: the version a promotion replaced counts as it was then (its
+    newest responses not yet hit), not with every response matured since; a worse one is still rolled back."""
+    from rtrec.stream.keys import QUALITY
+
+    trainer = Trainer(trainer_settings(settings, tmp_path, promote_tolerance=1.0, quality_min_served=100))
+    v1 = trainer.run_window(events[:400], "test: first")["version"]
+    redis.hset(QUALITY, mapping={f"{v1}|served": 300, f"{v1}|hits": 60})  # 0.20 when v2 replaces it
+    v2 = trainer.run_window(events[400:800], "test: second")["version"]
+    redis.hset(QUALITY, mapping={f"{v1}|hits": 120, f"{v2}|served": 300, f"{v2}|hits": 57})  # v1 matured: 0.40
+    assert trainer.judge_online() is None  # v2's 0.19 is judged against v1's 0.20, not its matured 0.40
+    assert trainer.store.current_version() == v2
+    v3 = trainer.run_window(events[800:], "test: third")["version"]
+    redis.hset(QUALITY, mapping={f"{v3}|served": 300, f"{v3}|hits": 15})  # 0.05 against v2's 0.19: worse
+    decision = trainer.judge_online()
+    assert decision and decision["rolled_back"] == v3 and trainer.store.current_version() == v2
+
+
 def test_drift_watch_fires_when_the_popular_items_change() -> None:
     watch = DriftWatch(head_items=5, delta=0.002)
     watch.reset([{"item_id": f"i{n % 5}"} for n in range(100)])
@@ -120,9 +140,9 @@ class RecordingTrainer(Trainer):
         super().__init__(settings)
         self.windows_seen: list[list[str]] = []
 
-    def run_window(self, window, trigger, offsets=None):
+    def run_window(self, window, trigger, offsets=None, read=None):
         self.windows_seen.append([e["event_id"] for e in window])
-        return super().run_window(window, trigger, offsets)
+        return super().run_window(window, trigger, offsets, read)
 
 
 def run_loop_until(s: Settings, trainer: Trainer, decisions: int, commit: bool = True) -> TrainerLoop:

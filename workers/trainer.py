@@ -8,11 +8,22 @@ offsets are committed only after its decision is on disk, and every decision
 records the offsets it covered: on restart the trainer starts from the later
 of the committed offsets and the last decision's, so no window is skipped and
 none is trained on twice, even if it stopped between the two writes.
+
+Freshness (how old the newest event the served model learned from is) is what
+the windows are sized for (`rtrec bench freshness`): a due window first reads
+what arrived while the last cycle ran, then trains on its newest
+`trainer_max_window_events` events only, each user's history cut to
+`finetune_history_events` — so a cycle's cost stays bounded at any rate, cycles
+run back to back on the newest events, and a trainer slower than the flow
+skips ahead instead of falling further behind. The older events of a window
+still move its offsets and stay in the users' histories in Redis (the next
+windows' context).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -44,24 +55,46 @@ from rtrec.workers.runtime import BACKGROUND_IDLE_WAIT_MS, ConsumerRuntime
 
 log = logging.getLogger(__name__)
 QUALITY_CHECK_S = 10.0
+REPLACED_KEPT = 20  # replaced versions whose online counts the trainer keeps for judging their successors
 
 
 @dataclass
 class Window:
-    """Events read since the last decision, and the offsets just past them."""
+    """Events read since the last decision, and the offsets just past them.
+
+    `keep` bounds the events held (a backlog read after a long cycle): past twice that many, the oldest
+    are dropped; they still count in `read` and their offsets are covered.
+    """
 
     events: list[dict[str, Any]] = field(default_factory=list)
     next_offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> offset
     opened: float = field(default_factory=time.monotonic)
+    opened_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    keep: int = 0  # 0: no bound
+    read: int = 0  # events added, dropped ones included
+    newest_record_ms: int = -1  # the newest broker timestamp (producer's send time) of a record read
+    due_since: float | None = None  # when the window was first due (monotonic)
 
-    def add(self, topic: str, partition: int, offset: int, event: dict[str, Any] | None) -> None:
+    def add(
+        self, topic: str, partition: int, offset: int, event: dict[str, Any] | None, record_ms: int | None = None
+    ) -> None:
         """Add one record's event; a record already in the window (a retried batch) is skipped."""
         key = f"{topic}:{partition}"
         if offset < self.next_offsets.get(key, -1):
             return
         if event is not None:
             self.events.append(event)
+            self.read += 1
+            if self.keep and len(self.events) >= 2 * self.keep:
+                del self.events[: len(self.events) - self.keep]
+        if record_ms is not None:
+            self.newest_record_ms = max(self.newest_record_ms, record_ms)
         self.next_offsets[key] = offset + 1
+
+    def newest(self) -> list[dict[str, Any]]:
+        """The window's newest `keep` events (all when unbounded), oldest first: what a cycle trains on."""
+        ordered = sorted(self.events, key=lambda e: e["ts"])
+        return ordered[-self.keep :] if self.keep else ordered
 
 
 def history_only(max_events: int) -> StateReads:
@@ -76,10 +109,13 @@ def _train_window(
     current: Checkpoint | None,
     data: FineTuneData,
     replayed: int,
+    read: int | None = None,
 ) -> dict[str, Any]:
-    """What a candidate was trained on, saved with it so a checkpoint names its window."""
+    """What a candidate was trained on, saved with it so a checkpoint names its window; `last_ts` (its newest
+    event's time) is what the served model's freshness counts from."""
     return {
         "events": len(window),
+        "read": len(window) if read is None else read,
         "users": data.window_users,
         "held_out": len(data.holdout),
         "replayed": replayed,
@@ -101,6 +137,7 @@ class Trainer:
         self.device = resolve_device(settings.device)
         self.windows = 0
         self._judged: set[str] = set()  # versions whose online quality was already compared
+        self._replaced: dict[str, dict[str, float]] = {}  # version -> its online counts when a promotion replaced it
 
     # ---- data for one window -------------------------------------------------------------
     def context(self, client, window: Sequence[dict[str, Any]], max_events: int) -> dict[str, list]:
@@ -110,7 +147,7 @@ class Trainer:
         for e in window:
             first_ts.setdefault(str(e["user_id"]), int(e["ts"]))
         users = list(first_ts)
-        reads = history_only(max_events)
+        reads = history_only(min(max_events, self.settings.finetune_history_events))
         out = {}
         for start in range(0, len(users), 500):
             chunk = users[start : start + 500]
@@ -138,14 +175,20 @@ class Trainer:
                 break
         rng = random.Random(self.settings.train_seed + self.windows)
         chosen = rng.sample(candidates, min(n, len(candidates)))
-        reads = history_only(max_events)
+        reads = history_only(min(max_events, self.settings.finetune_history_events))
         return [[(s.item_id, s.type) for s in st.sequence] for st in self.state.fetch(client, chosen, reads)]
 
     # ---- the decision ---------------------------------------------------------------------
     def run_window(
-        self, window: Sequence[dict[str, Any]], trigger: str, offsets: dict[str, int] | None = None
+        self,
+        window: Sequence[dict[str, Any]],
+        trigger: str,
+        offsets: dict[str, int] | None = None,
+        read: int | None = None,
     ) -> dict[str, Any]:
-        """Fine-tune, gate, and (if not worse) save + promote; returns the recorded decision."""
+        """Fine-tune, gate, and (if not worse) save + promote; returns the recorded decision (with the cycle's
+        `seconds` and `decided_ms`, when it was decided). `read`: events the window read, when it trains on
+        fewer (its newest)."""
         s = self.settings
         started = time.monotonic()
         self.windows += 1
@@ -156,7 +199,9 @@ class Trainer:
         try:
             context = self.context(client, window, max_events)
             replay = self.replay(client, set(context), max_events)
-            decision = self._decide(window, trigger, offsets, current, context, replay)
+            decision = self._decide(window, trigger, offsets, current, context, replay, read, started)
+            if decision.get("version") and current is not None:
+                self._note_replaced(client, current.version)
             client.hincrby(TRAINER_STATS, "promoted" if decision["promoted"] else "kept", 1)
             client.hset(
                 TRAINER_STATS,
@@ -167,7 +212,13 @@ class Trainer:
             )
         finally:
             client.close()
+        return decision
+
+    def _record(self, decision: dict[str, Any], started: float) -> dict[str, Any]:
+        """Stamp the cycle's duration and end on a decision and append it to the store's log."""
         decision["seconds"] = round(time.monotonic() - started, 2)
+        decision["decided_ms"] = int(time.time() * 1000)
+        self.store.record_decision(decision)
         return decision
 
     def _decide(
@@ -178,14 +229,16 @@ class Trainer:
         current: Checkpoint | None,
         context: dict[str, list],
         replay: list[list],
+        read: int | None,
+        started: float,
     ) -> dict[str, Any]:
         s = self.settings
-        data: FineTuneData = build_data(window, context, replay, s)
+        data: FineTuneData = build_data(window, context, replay, s, max_history=s.finetune_history_events)
         if not data.train:
-            return self._skip(window, trigger, offsets, current)
+            return self._skip(window, trigger, offsets, current, started)
         candidate, report = fine_tune(current, data, s, self.device)  # trains a copy; `current` is scored after
         result = gate(candidate, current, data.holdout, s.promote_tolerance, self.device, s.promote_min_cases)
-        train_window = _train_window(window, trigger, offsets, current, data, len(replay))
+        train_window = _train_window(window, trigger, offsets, current, data, len(replay), read)
         decision: dict[str, Any] = {
             "promoted": result.promote,
             "reason": result.reason,
@@ -199,8 +252,7 @@ class Trainer:
         }
         if result.promote:
             decision.update(self._promote(candidate, result, len(data.holdout), report.seconds, train_window, trigger))
-        self.store.record_decision(decision)
-        return decision
+        return self._record(decision, started)
 
     def _skip(
         self,
@@ -208,6 +260,7 @@ class Trainer:
         trigger: str,
         offsets: dict[str, int] | None,
         current: Checkpoint | None,
+        started: float,
     ) -> dict[str, Any]:
         """Record a window with nothing to train on, so its offsets still count as covered."""
         skipped: dict[str, Any] = {
@@ -218,8 +271,7 @@ class Trainer:
             "offsets": offsets or {},
             "window": {"events": len(window)},
         }
-        self.store.record_decision(skipped)
-        return skipped
+        return self._record(skipped, started)
 
     def _promote(
         self,
@@ -243,6 +295,14 @@ class Trainer:
         self.store.promote(path.name, reason=f"trainer: {trigger}")
         return {"version": path.name, "pruned": self.store.prune(self.settings.checkpoint_keep)}
 
+    def _note_replaced(self, client, version: str) -> None:
+        """Keep the online counts of a version this trainer just replaced, as they are now (`judge_online`)."""
+        row = hit_rates(client.hgetall(QUALITY)).get(version)
+        if row:
+            self._replaced[version] = row
+            while len(self._replaced) > REPLACED_KEPT:
+                del self._replaced[next(iter(self._replaced))]
+
     def resume_offsets(self) -> dict[str, int]:
         """Offsets covered by the last window decision ({} when there is none)."""
         for decision in reversed(self.store.decisions()):
@@ -251,7 +311,14 @@ class Trainer:
         return {}
 
     def judge_online(self) -> dict[str, Any] | None:
-        """Roll CURRENT back if its online hit rate fell below its predecessor's (judged once per version)."""
+        """Roll CURRENT back if its online hit rate fell below its predecessor's (judged once per version).
+
+        Like is compared with like: a version is judged soon after its promotion, while its newest responses
+        have had no time to be hit yet, so its predecessor counts as it was when this trainer replaced it (the
+        same young tail), not with every response matured since. Measured with promotions every ~15 s (`rtrec
+        bench freshness`), comparing against the matured counts rolled back 2 of 3 fine-tunes that the
+        offline gate had scored better, each time to the first, stalest model. A predecessor this process
+        did not replace (promoted by hand, or before a restart) counts as it is."""
         s, store = self.settings, self.store
         current = store.current_version()
         if not current or current in self._judged:
@@ -271,7 +338,7 @@ class Trainer:
             rates = hit_rates(client.hgetall(QUALITY))
         finally:
             client.close()
-        cur, prev = rates.get(current), rates.get(previous)
+        cur, prev = rates.get(current), self._replaced.get(previous) or rates.get(previous)
         if not cur or not prev or min(cur["served"], prev["served"]) < s.quality_min_served:
             return None  # not enough traffic yet to judge
         self._judged.add(current)
@@ -285,6 +352,7 @@ class Trainer:
             "trigger": "online quality",
             "reason": f"online hit rate {cur['hit_rate']:.4f} ({int(cur['served'])} served) < "
             f"{previous} {prev['hit_rate']:.4f} - tolerance {s.quality_tolerance}",
+            "decided_ms": int(time.time() * 1000),
         }
         store.record_decision(decision)
         return decision
@@ -349,7 +417,7 @@ class TrainerLoop:
         self.settings = settings
         self.trainer = trainer or Trainer(settings)
         self.drift = DriftWatch(settings.drift_head_items, settings.drift_delta) if settings.drift_enabled else None
-        self.window = Window()
+        self.window = self.new_window()
         self.decisions: list[dict[str, Any]] = []
         # a window's offsets are committed after its decision, not per batch; a fine-tune may take long
         self.resume = _SeekPastDecisions()
@@ -379,9 +447,12 @@ class TrainerLoop:
         await self.runtime.stop()
         await self.producer.stop()
 
+    def new_window(self) -> Window:
+        return Window(keep=self.settings.trainer_max_window_events)
+
     def due(self) -> str | None:
         """Why the open window should close now, or None."""
-        s, n = self.settings, len(self.window.events)
+        s, n = self.settings, self.window.read  # a bounded window holds fewer than it read
         if n >= s.trainer_every_events:
             return f"every {s.trainer_every_events} events"
         if n >= s.trainer_min_events and time.monotonic() - self.window.opened >= s.trainer_every_s:
@@ -389,6 +460,17 @@ class TrainerLoop:
         if n >= s.trainer_min_events and self.drift is not None and self.drift.fired:
             return self.drift.describe()
         return None
+
+    def caught_up(self, now: float | None = None) -> bool:
+        """Whether the window read up to what the broker held when it opened (the end of the last cycle): it holds
+        a record sent after that. A cycle leaves a backlog of what arrived meanwhile; closing on its first batch
+        would train on the oldest of it, and a trainer slower than the flow would fall further behind each time.
+        A due window waits at most `trainer_every_s` for it (a producer whose clock lags never gets there)."""
+        w = self.window
+        if w.newest_record_ms >= w.opened_ms:
+            return True
+        now = time.monotonic() if now is None else now
+        return w.due_since is not None and now - w.due_since >= self.settings.trainer_every_s
 
     async def poll_once(self, timeout_ms: int = 500) -> str | None:
         """One fetch added to the window; returns why the window should close now, or None."""
@@ -403,7 +485,7 @@ class TrainerLoop:
                 event = parse_event(rec.value, self.settings, now_ms).to_dict()
             except InvalidEvent:
                 event = None  # the state worker dead-letters it; here it only moves the offset
-            self.window.add(rec.topic, rec.partition, rec.offset, event)
+            self.window.add(rec.topic, rec.partition, rec.offset, event, rec.timestamp)
             if event is not None and self.drift is not None:
                 self.drift.update(event["item_id"])
 
@@ -412,31 +494,39 @@ class TrainerLoop:
         self.add(records)
         await self.close_if_due()
 
-    async def close_if_due(self) -> None:
+    async def close_if_due(self, drained: bool = False) -> None:
+        """Close the window when it is due and caught up (`drained`: an empty poll said nothing is left to read)."""
         trigger = self.due()
-        if trigger:
+        if not trigger:
+            return
+        if self.window.due_since is None:
+            self.window.due_since = time.monotonic()
+        if drained or self.caught_up():
             await self.close_window(trigger)
 
     async def close_window(self, trigger: str) -> dict[str, Any]:
-        """Decide on the open window; a transient fault keeps it open (retried), any other failure closes it."""
+        """Decide on the open window (its newest events); a transient fault keeps it open (retried), any other
+        failure closes it."""
         window = self.window
-        window.events.sort(key=lambda e: e["ts"])
+        events = window.newest()
         try:
-            decision = await asyncio.to_thread(self.trainer.run_window, window.events, trigger, window.next_offsets)
+            decision = await asyncio.to_thread(
+                self.trainer.run_window, events, trigger, window.next_offsets, read=window.read
+            )
         except Exception as exc:
             if is_transient(exc):
                 raise  # the runtime retries with backoff; the window stays as it is
-            log.exception("trainer: window of %d events failed; skipping it", len(window.events))
+            log.exception("trainer: window of %d events failed; skipping it", len(events))
             decision = {
                 "promoted": False,
                 "failed": True,
                 "trigger": trigger,
                 "offsets": window.next_offsets,
                 "reason": f"failed: {type(exc).__name__}: {exc}",
-                "window": {"events": len(window.events)},
+                "window": {"events": len(events)},
             }
             self.trainer.store.record_decision(decision)
-        self.window = Window()
+        self.window = self.new_window()
         await self._commit(window.next_offsets)
         if decision.get("version"):
             await self.producer.send_and_wait(
@@ -461,7 +551,7 @@ class TrainerLoop:
     async def run(self) -> None:
         """Windows close on new batches, or on an empty poll when their timer ran out."""
         self.runtime.supervise("online-quality", self._judge_periodically)
-        await self.runtime.run(self.handle, idle=self.close_if_due)
+        await self.runtime.run(self.handle, idle=functools.partial(self.close_if_due, drained=True))
 
     async def _judge_periodically(self) -> None:
         while True:
@@ -509,8 +599,20 @@ def build_app(settings: Settings | None = None) -> faust.App:
     return worker_app("rtrec-trainer-app", train_continuously, settings)
 
 
+def limit_threads(threads: int) -> None:
+    """Torch's CPU threads for training (0: torch's default, one per core). On a small machine whose cores
+    serving and others share, one thread trains at a steady pace; a pool of one per core stalls whenever one
+    of its threads waits for a core. Process-wide, so it runs in `main()`, never inside a test's process."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def main() -> None:
-    lower_priority(get_settings().trainer_nice)
+    settings = get_settings()
+    lower_priority(settings.trainer_nice)
+    limit_threads(settings.trainer_torch_threads)
     run_module(build_app)
 
 

@@ -136,6 +136,31 @@ def bench_hotswap(
         raise typer.Exit(1)
 
 
+@bench_app.command("freshness")
+def bench_freshness(
+    rate: float = typer.Option(1000.0, help="events/s, stamped with the wall clock as sent"),
+    seconds: float = typer.Option(300.0, help="duration of the load"),
+    request_rate: float = typer.Option(20.0, help="steady requests/s during the load"),
+    plot: Path | None = typer.Option(
+        Path("bench-freshness.png"), help="freshness-over-time PNG (figures in the same name .json)"
+    ),
+) -> None:
+    """Model freshness on the stack `rtrec up` runs (trainer included) under steady events and requests: now -
+    the newest event the served model learned from, p50/p99/max; trainer cycles; requests sent/answered/failed."""
+    from rich.markup import escape
+
+    from rtrec.workers.bench.freshness import BenchInputError, check_inputs, run_freshness_bench
+
+    try:
+        check_inputs(rate, seconds, request_rate)
+    except BenchInputError as exc:  # one line before anything starts, not a traceback
+        console.print(f"[red]{escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    result = run_freshness_bench(get_settings(), rate, seconds, request_rate, plot, console)
+    if result["requests"]["failed"] or result["requests"]["unanswered"]:
+        raise typer.Exit(1)
+
+
 @bench_app.command("soak")
 def bench_soak(
     minutes: float = typer.Option(10.0, help="duration of the load"),
