@@ -207,7 +207,7 @@ def test_a_killed_eval_takes_its_redis_server_with_it(tmp_path):
     finally:
         proc.kill()  # SIGKILL: no finally block of the eval runs
         proc.wait(timeout=30)
-    gone, alive = psutil.wait_procs(servers, timeout=30)
+    _, alive = psutil.wait_procs(servers, timeout=30)
     assert not alive, f"the eval's Redis server outlived it: {alive}"
 
 
