@@ -244,22 +244,34 @@ def _train_epoch(
     s = settings
     model.train()
     total, count = 0.0, 0
+    # every target weighs the same, whichever batch it is in: a batch's summed loss is divided by the epoch's
+    # mean targets per batch, not by its own count (length-bucketed batches of short histories would
+    # otherwise count each of their few targets many times over)
+    per_batch = max(1.0, sum(_targets(batch, vocab, seq2seq) for batch in batches) / max(1, len(batches)))
     bar = tqdm(batches, desc=tqdm_label, unit="batch", disable=not progress, leave=False)
     for batch in bar:
         warmup = min(1.0, (step + 1) / s.train_warmup_steps) if s.train_warmup_steps else 1.0
         for group in optimizer.param_groups:
             group["lr"] = s.train_lr * warmup
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = _loss(model, batch, vocab, seq2seq, device)
+            summed, targets = _loss(model, batch, vocab, seq2seq, device)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (summed / per_batch).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        total += loss.item() * len(batch)
-        count += len(batch)
-        bar.set_postfix(loss=f"{total / count:.3f}")
+        total += summed.item()
+        count += targets
+        bar.set_postfix(loss=f"{total / max(1, count):.3f}")
     return total / max(1, count), step
+
+
+def _targets(batch: list, vocab: ItemVocab, seq2seq: bool) -> int:
+    """Next-item targets in a batch: one per example for T5, one per item token after the first for a decoder."""
+    if seq2seq:
+        return len(batch)
+    items = vocab.item_token_range()
+    return sum(1 for ids in batch for t in ids[1:] if t in items)
 
 
 def _finish(
@@ -329,8 +341,11 @@ def _dropout_hooks(model: PreTrainedModel, embedding_p: float, hidden_p: float) 
     return hooks
 
 
-def _loss(model: PreTrainedModel, batch: list, vocab: ItemVocab, seq2seq: bool, device: torch.device) -> torch.Tensor:
-    """Cross-entropy of the next item, a full softmax over the assigned item tokens only.
+def _loss(
+    model: PreTrainedModel, batch: list, vocab: ItemVocab, seq2seq: bool, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of the next item (a full softmax over the assigned item tokens only), and the
+    number of targets it sums over.
 
     Only positions followed by an item are projected (half of them in the
     item_type layout), and only onto item rows: cheaper than the full-vocabulary
@@ -346,9 +361,10 @@ def _loss(model: PreTrainedModel, batch: list, vocab: ItemVocab, seq2seq: bool, 
         if model.config.tie_word_embeddings:  # T5 rescales before its tied head
             hidden = hidden * (model.config.d_model**-0.5)
         targets = torch.tensor([t for _, t in batch], dtype=torch.long, device=device)
-        return F.cross_entropy((hidden @ head.T).float(), targets - items.start)
+        return F.cross_entropy((hidden @ head.T).float(), targets - items.start, reduction="sum"), len(batch)
     inputs = right_padded(batch, [item_labels(ids, vocab) for ids in batch], device=device)
     labels = inputs.pop("labels")[:, 1:]
     hidden = model.base_model(**inputs).last_hidden_state[:, :-1]
     keep = labels != -100
-    return F.cross_entropy((hidden[keep] @ head.T).float(), labels[keep] - items.start)
+    summed = F.cross_entropy((hidden[keep] @ head.T).float(), labels[keep] - items.start, reduction="sum")
+    return summed, int(keep.sum())
