@@ -293,7 +293,10 @@ class EvalRun:
         seconds = time.monotonic() - started
         self.reports[family] = report
         refit = f" (refit {report.refit_seconds:.0f}s)" if report.refit_seconds else ""
-        self.console.print(f"{name}: trained in {seconds:.0f}s{refit}, best epoch {report.best_epoch}")
+        to_best = report.seconds_to_best_epoch()
+        self.console.print(
+            f"{name}: trained in {seconds:.0f}s{refit}, best epoch {report.best_epoch} (reached at {to_best:.0f}s)"
+        )
         served = served_generator(self.settings, generator)
         pipelines = {name: self.pipeline(served, self.settings.model_copy(update={"serve_blend_weight": 0.0}))}
         if fused and self.settings.serve_blend_weight:  # the fused ranking the worker serves
@@ -312,9 +315,11 @@ class EvalRun:
                 {
                     "family": family,
                     "best_epoch": report.best_epoch,
+                    "seconds_to_best_epoch": round(to_best, 1),
                     "validation": report.best,
                     "test": family_rows,
                     "train_seconds": round(seconds, 1),
+                    "epochs": report.history,
                 },
                 indent=2,
                 default=float,

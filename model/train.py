@@ -42,6 +42,13 @@ class TrainReport:
     examples: int = 0
     refit_seconds: float = 0.0  # the refit on all training events, when there was one
 
+    def seconds_to_best_epoch(self) -> float:
+        """Training time until the end of the best epoch (with its validation): what early stopping's patience
+        adds after it is not counted. The whole run's time without a best epoch."""
+        if 1 <= self.best_epoch <= len(self.history):
+            return self.history[self.best_epoch - 1]["seconds"]
+        return self.seconds
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -192,12 +199,14 @@ def train_model(
         examples = fixed or t5_examples(histories, vocab, layout, max_events, s.t5_targets_per_sequence, rng)
         report.examples = len(examples)
         batches = _batches(examples, batch_size(len(examples), s), rng, by_length=s.train_length_buckets)
+        total_steps = total_epochs * len(batches)
         loss, step = _train_epoch(
-            model, optimizer, batches, vocab, seq2seq, s, device, step, tqdm_label=f"epoch {epoch}", progress=progress
+            model, optimizer, batches, vocab, seq2seq, s, device, step, total_steps, f"epoch {epoch}", progress
         )
         row = {"epoch": epoch, "loss": loss, "seconds": time.monotonic() - started}
         if validation:
             row.update(evaluate_cases(model, vocab, validation, layout, max_events, device))
+            row["seconds"] = time.monotonic() - started  # an epoch's time includes its validation
             best.update(model, epoch, row, report)
         report.history.append(row)
         stopping = bool(validation) and best.stale >= s.train_patience and epoch >= s.train_min_epochs
@@ -237,6 +246,7 @@ def _train_epoch(
     settings: Settings,
     device: torch.device,
     step: int,
+    total_steps: int,
     tqdm_label: str,
     progress: bool,
 ) -> tuple[float, int]:
@@ -250,9 +260,8 @@ def _train_epoch(
     per_batch = max(1.0, sum(_targets(batch, vocab, seq2seq) for batch in batches) / max(1, len(batches)))
     bar = tqdm(batches, desc=tqdm_label, unit="batch", disable=not progress, leave=False)
     for batch in bar:
-        warmup = min(1.0, (step + 1) / s.train_warmup_steps) if s.train_warmup_steps else 1.0
         for group in optimizer.param_groups:
-            group["lr"] = s.train_lr * warmup
+            group["lr"] = learning_rate(step, total_steps, s)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             summed, targets = _loss(model, batch, vocab, seq2seq, device)
         optimizer.zero_grad(set_to_none=True)
@@ -264,6 +273,18 @@ def _train_epoch(
         count += targets
         bar.set_postfix(loss=f"{total / max(1, count):.3f}")
     return total / max(1, count), step
+
+
+def learning_rate(step: int, total_steps: int, settings: Settings) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warm-up to `train_lr`, then constant, or with
+    `train_lr_decay` down a cosine to 0 at `total_steps`: a fixed epoch budget ends at its best weights instead
+    of still oscillating at the peak rate."""
+    s = settings
+    rate = s.train_lr * (min(1.0, (step + 1) / s.train_warmup_steps) if s.train_warmup_steps else 1.0)
+    if s.train_lr_decay and total_steps > s.train_warmup_steps:
+        done = max(0.0, (step - s.train_warmup_steps) / (total_steps - s.train_warmup_steps))
+        rate *= 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+    return rate
 
 
 def _targets(batch: list, vocab: ItemVocab, seq2seq: bool) -> int:

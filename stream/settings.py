@@ -308,6 +308,9 @@ class TrainSettings(_Section):
         0.0, ge=0, lt=1, description="dropout on each decoder layer's output in training (decoder families)"
     )
     train_warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up (0: none)")
+    train_lr_decay: bool = Field(
+        False, description="after warm-up, decay the learning rate down a cosine to 0 at the last of train_epochs"
+    )
     train_length_buckets: bool = Field(
         True, description="cut batches from length-sorted pools, so little compute goes to padding"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import math
 import random
 import time
@@ -451,7 +452,9 @@ def test_a_late_failure_keeps_the_results_computed_before_it(tmp_path, monkeypat
     [csv_path] = (tmp_path / "out").glob("*.csv")
     names = [line.split(",")[0] for line in csv_path.read_text().splitlines()[1:]]
     assert {"blending", "popularity", "river-BiasedMF", "generative-llama"} <= set(names)
-    assert (tmp_path / "out" / "generative-llama.json").is_file()
+    kept = json.loads((tmp_path / "out" / "generative-llama.json").read_text())
+    assert [r["epoch"] for r in kept["epochs"]] == [1, 2]  # the curve, with each epoch's cumulative seconds
+    assert kept["seconds_to_best_epoch"] == round(kept["epochs"][kept["best_epoch"] - 1]["seconds"], 1)
 
 
 def test_every_eval_row_is_ranked_by_the_serving_pipeline(tmp_path, monkeypatch):

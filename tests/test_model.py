@@ -17,7 +17,15 @@ from rtrec.model.pipeline import model_meta, train_generator
 from rtrec.model.recommender import GenerativeRecommender
 from rtrec.model.sequence_model import build_model, resize_for
 from rtrec.model.tokens import encode
-from rtrec.model.train import ValidationCase, _batches, evaluate_cases, train_model, validation_sample, vocab_for
+from rtrec.model.train import (
+    ValidationCase,
+    _batches,
+    evaluate_cases,
+    learning_rate,
+    train_model,
+    validation_sample,
+    vocab_for,
+)
 from rtrec.model.vocab import BOS, N_SPECIAL, TYPE_TOKENS, ItemVocab
 from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import SeqEntry, UserState
@@ -283,6 +291,9 @@ def test_early_stopping_keeps_the_best_epoch(events):
     _, report = train_generator(settings, leave_one_out(events), progress=False)
     assert 1 <= report.best_epoch <= len(report.history)
     assert report.best["NDCG@10"] == max(r["NDCG@10"] for r in report.history)
+    seconds = [r["seconds"] for r in report.history]  # cumulative, each epoch's validation included
+    assert seconds == sorted(seconds) and report.seconds_to_best_epoch() == seconds[report.best_epoch - 1]
+    assert 0 < report.seconds_to_best_epoch() <= report.seconds
 
 
 def test_refit_trains_on_the_events_early_stopping_held_out():
@@ -428,3 +439,13 @@ def test_validation_sample_is_fixed_for_a_seed_and_whole_when_small():
     assert [c.target for c in a] == [c.target for c in b] and len(a) == 10
     assert [c.target for c in validation_sample(cases, 10, seed=2)] != [c.target for c in a]
     assert validation_sample(cases, 0, seed=1) == cases == validation_sample(cases, 80, seed=1)
+
+
+def test_learning_rate_warms_up_then_stays_or_decays_to_zero_by_the_last_step():
+    flat = tiny(train_lr=1e-3, train_warmup_steps=10, train_lr_decay=False)
+    decay = flat.model_copy(update={"train_lr_decay": True})
+    assert learning_rate(0, 110, flat) == pytest.approx(1e-4)  # warm-up: 1/10 of the peak
+    assert learning_rate(9, 110, flat) == learning_rate(109, 110, flat) == pytest.approx(1e-3)
+    assert learning_rate(9, 110, decay) == pytest.approx(1e-3)  # the peak, at the end of warm-up
+    assert learning_rate(60, 110, decay) == pytest.approx(0.5e-3)  # half-way down the cosine
+    assert learning_rate(109, 110, decay) < 1e-5 and learning_rate(110, 110, decay) == pytest.approx(0)
