@@ -27,6 +27,7 @@ from rtrec.model.histories import user_histories
 from rtrec.model.ranking import RankingPipeline
 from rtrec.model.recommender import Recommender
 from rtrec.model.sequence_model import build_model
+from rtrec.model.threads import training_threads
 from rtrec.model.train import TrainReport, ValidationCase, seed_everything, train_model, vocab_for
 from rtrec.stream.settings import Settings
 from rtrec.stream.state_store import StateStore
@@ -67,7 +68,7 @@ def train_generator(
     """
     settings = family_settings(settings)
     device = resolve_device(settings.device)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(training_threads(settings.train_torch_threads))
     vocab = vocab_for(user_histories(split.events).values(), settings)
     seed_everything(settings.train_seed)  # weight initialisation too, so a run is reproducible
     model = build_model(settings, vocab)

@@ -317,6 +317,11 @@ class TrainSettings(_Section):
     train_valid_users: int = Field(
         1000, ge=0, description="validation users ranked per epoch for early stopping (a fixed sample; 0: all)"
     )
+    train_torch_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads of rtrec train / eval (0: the cores this process may use, cgroup quota included)",
+    )
     train_refit: bool = Field(
         False,
         description="after early stopping, train a fresh model on the held-out events too, for the best epoch count",

@@ -449,3 +449,20 @@ def test_learning_rate_warms_up_then_stays_or_decays_to_zero_by_the_last_step():
     assert learning_rate(9, 110, decay) == pytest.approx(1e-3)  # the peak, at the end of warm-up
     assert learning_rate(60, 110, decay) == pytest.approx(0.5e-3)  # half-way down the cosine
     assert learning_rate(109, 110, decay) < 1e-5 and learning_rate(110, 110, decay) == pytest.approx(0)
+
+
+def test_training_threads_follow_the_cores_this_process_may_use(tmp_path):
+    import os
+
+    from rtrec.model.threads import training_threads, usable_cores
+
+    mine = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    assert usable_cores(cpu_max) == mine  # no cgroup file: the affinity
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(cpu_max) == mine
+    cpu_max.write_text("50000 100000\n")  # half a CPU: still one thread
+    assert usable_cores(cpu_max) == 1
+    cpu_max.write_text(f"{(mine + 8) * 100000} 100000\n")  # a quota above the affinity: the affinity
+    assert usable_cores(cpu_max) == mine
+    assert training_threads(3) == 3 and training_threads(0) == usable_cores()
