@@ -30,8 +30,8 @@ eval_app = typer.Typer(help="Offline evaluation: leave-one-out table, or a prequ
 
 
 def train(
-    events: Path | None = typer.Option(
-        None, exists=True, dir_okay=True, readable=True, help="event file (JSON lines/CSV, or a MovieLens file)"
+    events: str | None = typer.Option(
+        None, help="event file (JSON lines/CSV), MovieLens file/folder, or ml-100k / ml-1m-partial / ml-1m"
     ),
     from_topic: bool = typer.Option(False, help="train on the events topic instead of a file"),
     since_hours: float = typer.Option(0.0, min=0.0, help="with --from-topic: only events this recent (0 = all)"),
@@ -75,9 +75,9 @@ def train(
     _promote_through_gate(settings, store, data, path, current_path)
 
 
-def _training_input(settings: Settings, events: Path | None, from_topic: bool, since_hours: float):
-    """The events to train on and where they came from (a file, or the events topic)."""
-    from rtrec.model.datasets import load_events
+def _training_input(settings: Settings, events: str | None, from_topic: bool, since_hours: float):
+    """The events to train on and where they came from (a file, a named dataset, or the events topic)."""
+    from rtrec.model.datasets import load_events, resolve_source
 
     if from_topic:
         from rtrec.stream.topic_window import read_topic_events
@@ -87,7 +87,7 @@ def _training_input(settings: Settings, events: Path | None, from_topic: bool, s
             f"topic {settings.topic_events}",
         )
     if events is not None:
-        return load_events(events), events
+        return load_events(resolve_source(events)), events
     raise UserError("give --events FILE or --from-topic")
 
 
