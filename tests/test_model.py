@@ -429,6 +429,11 @@ def test_length_buckets_pad_little_and_still_cover_every_example_once():
         if by_length:
             assert padded < 1.1  # batches of like lengths
             assert len({len(b[0]) for b in batches[:5]}) > 1  # ... in shuffled order, not shortest first
+            # ... each about a random batch's tokens (32 x ~101): many short histories or a few long ones, so
+            # every optimizer step covers about as many targets
+            tokens = sorted(sum(map(len, b)) for b in batches)[2:]  # the last of each of 2 pools: what is left
+            assert max(tokens) <= 32 * 101.5 * 1.05 and min(tokens) > 32 * 101.5 * 0.6
+            assert max(map(len, batches)) > 3 * 32 and min(map(len, batches)) < 32 / 2
         else:
             assert padded > 1.5
 
