@@ -19,6 +19,7 @@ from rtrec.workers.bench.serving import (
     median_by_rate,
     parse_histogram,
     parse_rates,
+    save_figures,
     sustainable_rate,
 )
 from rtrec.workers.cli import app
@@ -213,3 +214,16 @@ def test_generate_up_smoke_writes_plot_and_json(tmp_path, monkeypatch):
     assert row["rate"] == 20 and row["sent"] == 40 and row["answered"] == 40
     assert {"tansu", "state-1", "recommend-1", "trainer-1", "ops-1"} <= set(row["cpu"])
     assert plot.stat().st_size > 0
+
+
+def test_a_bench_leaves_its_plot_and_its_figures_as_strict_json(tmp_path):
+    from rich.console import Console
+
+    drawn: list = []
+    result = {"p99_ms": math.nan, "max_ms": math.inf, "runs": [{"rate": 100, "p50_ms": 1.5}]}
+    save_figures(result, tmp_path / "b.png", lambda r, path: drawn.append((r, path)), Console(quiet=True))
+    assert drawn == [(result, tmp_path / "b.png")]
+    saved = json.loads((tmp_path / "b.json").read_text())  # strict JSON: no NaN / Infinity tokens
+    assert saved == {"p99_ms": None, "max_ms": "inf", "runs": [{"rate": 100, "p50_ms": 1.5}]}
+    save_figures(result, None, lambda r, path: drawn.append(path), Console(quiet=True))
+    assert len(drawn) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]

@@ -43,7 +43,7 @@ from rtrec.model.store import CheckpointStore
 from rtrec.stream.rec_client import RecClient
 from rtrec.stream.replay import Pacer
 from rtrec.stream.settings import Settings
-from rtrec.workers.bench.serving import EventFlow, _jsonable, full_stack, wait_for_answers_to
+from rtrec.workers.bench.serving import EventFlow, full_stack, save_figures, wait_for_answers_to
 from rtrec.workers.bench.stack_load import responses_read_in_background
 
 TARGET_S = 60.0  # acceptance: p99 freshness under this at 1k events/s
@@ -264,11 +264,7 @@ def run_freshness_bench(
     requests = request_figures(sent, responses, arrivals)
     result = _result(settings, rate, seconds, request_rate, events_sent, samples, decisions, requests, start_ms)
     _print_report(result, console)
-    if plot is not None:
-        _plot(result, plot)
-        json_path = plot.with_suffix(".json")
-        json_path.write_text(json.dumps(_jsonable(result), indent=2))
-        console.print(f"plot: {plot}  figures: {json_path}", soft_wrap=True)
+    save_figures(result, plot, _plot, console)
     return result
 
 

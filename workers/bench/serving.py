@@ -44,7 +44,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -478,11 +478,7 @@ def run_serving_bench(
         console.print(f"[red]the event flow stopped: {type(flow_error).__name__}: {flow_error}", soft_wrap=True)
     result = _result(all_runs, rates, seconds, event_rate, events_sent, settings)
     _print_report(result, console)
-    if plot is not None:
-        _plot(result, plot)
-        json_path = plot.with_suffix(".json")
-        json_path.write_text(json.dumps(_jsonable(result), indent=2))
-        console.print(f"plot: {plot}  figures: {json_path}", soft_wrap=True)
+    save_figures(result, plot, _plot, console)
     return result
 
 
@@ -662,6 +658,18 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def save_figures(
+    result: dict[str, Any], plot: Path | None, draw: Callable[[dict[str, Any], Path], Any], console: Console
+) -> None:
+    """What a bench run leaves behind: `draw`'s PNG at `plot` and the figures beside it (same name, .json)."""
+    if plot is None:
+        return
+    draw(result, plot)
+    json_path = plot.with_suffix(".json")
+    json_path.write_text(json.dumps(_jsonable(result), indent=2))
+    console.print(f"plot: {plot}  figures: {json_path}", soft_wrap=True)
 
 
 def _jsonable(value: Any) -> Any:
