@@ -43,7 +43,7 @@ from rtrec.model.store import CheckpointStore
 from rtrec.stream.rec_client import RecClient
 from rtrec.stream.replay import Pacer
 from rtrec.stream.settings import Settings
-from rtrec.workers.bench.serving import EventFlow, full_stack, save_figures, wait_for_answers_to
+from rtrec.workers.bench.serving import BenchInputError, EventFlow, full_stack, save_figures, wait_for_answers_to
 from rtrec.workers.bench.stack_load import responses_read_in_background
 
 TARGET_S = 60.0  # acceptance: p99 freshness under this at 1k events/s
@@ -51,10 +51,6 @@ SAMPLE_S = 1.0  # one freshness sample a second
 WARM_FLOW_S = 3.0  # events flow this long before the first request (a user with no event has nothing to rank)
 DRAIN_S = 60.0  # after the load, answers are awaited this long
 NEWEST_SENT = 200  # a sample looks for the newest answer among this many newest requests
-
-
-class BenchInputError(ValueError):
-    """Options the bench cannot run with (checked before anything starts)."""
 
 
 def check_inputs(rate: float, seconds: float, request_rate: float) -> None:
