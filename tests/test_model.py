@@ -296,6 +296,25 @@ def test_early_stopping_keeps_the_best_epoch(events):
     assert 0 < report.seconds_to_best_epoch() <= report.seconds
 
 
+def test_a_weight_average_is_what_is_validated_and_kept(events):
+    hist = user_histories(events)
+    cases = _cases(events)
+    train = [h[:-1] for h in hist.values()]
+    kept = []
+    for decay in (0.0, 0.9):
+        settings = tiny(train_epochs=2, train_ema_decay=decay)
+        vocab = vocab_for(hist.values(), settings)
+        torch.manual_seed(0)
+        model = build_model(settings, vocab)
+        report = train_model(model, vocab, train, settings, torch.device("cpu"), validation=cases, progress=False)
+        again = evaluate_cases(
+            model, vocab, cases, settings.model_layout, settings.model_max_events, torch.device("cpu")
+        )
+        assert again["NDCG@10"] == pytest.approx(report.best["NDCG@10"])  # the kept weights are the validated ones
+        kept.append(model.get_input_embeddings().weight.detach().clone())
+    assert not torch.equal(kept[0], kept[1])
+
+
 def test_refit_trains_on_the_events_early_stopping_held_out():
     # each user clicks along a chain of items, purchases the next one, then clicks "z", which
     # occurs nowhere else: early stopping trains without each user's last two events (so it never
