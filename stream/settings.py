@@ -312,11 +312,11 @@ class TrainSettings(_Section):
         False, description="after warm-up, decay the learning rate down a cosine to 0 at the last of train_epochs"
     )
     train_ema_decay: float = Field(
-        0.0,
+        0.99,
         ge=0,
         lt=1,
         description="with early stopping, validate and keep an exponential moving average of the weights, this"
-        " much of it kept per optimizer step (0: the weights as they are)",
+        " much of it kept per optimizer step (0: the weights as they are; fine-tunes keep theirs)",
     )
     train_length_buckets: bool = Field(
         True, description="cut batches from length-sorted pools, so little compute goes to padding"
