@@ -315,8 +315,7 @@ class TrainSettings(_Section):
         0.99,
         ge=0,
         lt=1,
-        description="with early stopping, validate and keep an exponential moving average of the weights, this"
-        " much of it kept per optimizer step (0: the weights as they are; fine-tunes keep theirs)",
+        description="early stopping judges and keeps a moving average of the weights: its decay per step (0: off)",
     )
     train_length_buckets: bool = Field(
         True, description="cut batches from length-sorted pools, so little compute goes to padding"
