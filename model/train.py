@@ -250,8 +250,8 @@ class _BestEpoch:
 class _Ema:
     """An exponential moving average of a model's parameters (Polyak averaging).
 
-    The average of the last few hundred steps ranks better and varies less between seeds than the
-    weights of the last step, which still move with the last batches.
+    The average over the last ~1/(1 - decay) steps varies less between seeds than the weights of the
+    last step, which still move with the last batches (measured: docs/configuration.md).
     """
 
     def __init__(self, model: PreTrainedModel, decay: float) -> None:
