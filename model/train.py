@@ -425,5 +425,23 @@ def _loss(
     labels = inputs.pop("labels")[:, 1:]
     hidden = model.base_model(**inputs).last_hidden_state[:, :-1]
     keep = labels != -100
-    summed = F.cross_entropy((hidden[keep] @ head.T).float(), labels[keep] - items.start, reduction="sum")
-    return summed, int(keep.sum())
+    return _chunked_cross_entropy(hidden[keep], head, labels[keep] - items.start), int(keep.sum())
+
+
+CE_ROWS = 512
+"""Targets per slice of the training loss: a slice's logits (512 x 3,706 floats on MovieLens-1M) fit in the
+CPU's last-level cache."""
+
+
+def _chunked_cross_entropy(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The summed cross-entropy of `hidden @ head.T`, computed `CE_ROWS` targets at a time: the same loss and
+    gradient, but no logits matrix of every target by every item (7,000 x 3,706 on a MovieLens-1M batch).
+    Measured on the 2 cores: the head and loss of such a batch 0.28 s forward and backward at once, 0.16 s
+    sliced."""
+    return sum(
+        (
+            F.cross_entropy((hidden[s : s + CE_ROWS] @ head.T).float(), targets[s : s + CE_ROWS], reduction="sum")
+            for s in range(0, len(targets), CE_ROWS)
+        ),
+        hidden[:0].sum(),  # zero, in the graph, for a batch without targets
+    )

@@ -18,8 +18,10 @@ from rtrec.model.recommender import GenerativeRecommender
 from rtrec.model.sequence_model import build_model, resize_for
 from rtrec.model.tokens import encode
 from rtrec.model.train import (
+    CE_ROWS,
     ValidationCase,
     _batches,
+    _chunked_cross_entropy,
     evaluate_cases,
     learning_rate,
     train_model,
@@ -455,6 +457,21 @@ def test_length_buckets_pad_little_and_still_cover_every_example_once():
             assert max(map(len, batches)) > 3 * 32 and min(map(len, batches)) < 32 / 2
         else:
             assert padded > 1.5
+
+
+def test_the_sliced_loss_is_the_whole_cross_entropy_with_its_gradients():
+    torch.manual_seed(0)
+    hidden = torch.randn(2 * CE_ROWS + 7, 16, requires_grad=True)  # two full slices and a short one
+    head = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (len(hidden),))
+    whole = torch.nn.functional.cross_entropy(hidden @ head.T, targets, reduction="sum")
+    expected = torch.autograd.grad(whole, (hidden, head))
+    sliced = _chunked_cross_entropy(hidden, head, targets)
+    assert sliced.item() == pytest.approx(whole.item(), rel=1e-5)
+    for got, want in zip(torch.autograd.grad(sliced, (hidden, head)), expected):
+        assert torch.allclose(got, want, atol=1e-4)
+    empty = _chunked_cross_entropy(hidden[:0], head, targets[:0])  # a batch without targets
+    assert empty.item() == 0 and empty.requires_grad
 
 
 def test_validation_sample_is_fixed_for_a_seed_and_whole_when_small():
