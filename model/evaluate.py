@@ -380,7 +380,7 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, title: 
     names = [r["name"] for r in rows]
     y = np.arange(len(names))
     height = 0.38
-    fig = Figure(figsize=(8, max(3.0, 0.6 * len(names) + 1.6)))
+    fig = Figure(figsize=(8, max(3.0, 0.6 * len(names) + 1.6)), layout="constrained")
     ax = fig.subplots()
     for offset, metric in ((-height / 2, "HR@10"), (height / 2, "NDCG@10")):
         values = [float(r[metric]) for r in rows]
@@ -397,9 +397,8 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, title: 
         f"(leave-one-out, full ranking, {users:,} test users; higher is better)",
         fontsize=10,
     )
-    ax.legend(loc="lower right")
+    fig.legend(loc="outside lower center", ncols=2)  # outside the axes: never over a bar's label
     ax.margins(x=0.15)
-    fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     return csv_path, png_path
 
